@@ -1,0 +1,87 @@
+"""tokenrelay: stream large-language-model text to people as it is generated.
+
+>>> import tokenrelay
+>>> with tokenrelay.stream("Why is the sky blue?", max_tokens=64) as s:
+...     for text in s.text_stream():
+...         print(text, end="", flush=True)
+"""
+
+from __future__ import annotations
+
+from . import errors, events, providers
+from ._api import abatch, acomplete, astream, batch, complete, stream
+from ._stream import AsyncStream, Result, Stream, ToolCall
+from .errors import (
+    APIStatusError,
+    AuthenticationError,
+    BadRequestError,
+    ConfigurationError,
+    ConnectionError,
+    ProviderError,
+    RateLimitError,
+    ServerError,
+    StreamError,
+    TimeoutError,
+    TokenrelayError,
+    UsageError,
+)
+from .events import (
+    Done,
+    ErrorEvent,
+    Metrics,
+    RawChunk,
+    StreamEvent,
+    StructuredPartial,
+    TextDelta,
+    ToolCallDelta,
+    ToolCallDone,
+    Usage,
+    UsageEvent,
+)
+from .request import Message, Request, RetryPolicy, Timeouts
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "APIStatusError",
+    "AsyncStream",
+    "AuthenticationError",
+    "BadRequestError",
+    "ConfigurationError",
+    "ConnectionError",
+    "Done",
+    "ErrorEvent",
+    "Message",
+    "Metrics",
+    "ProviderError",
+    "RateLimitError",
+    "RawChunk",
+    "Request",
+    "Result",
+    "RetryPolicy",
+    "ServerError",
+    "Stream",
+    "StreamError",
+    "StreamEvent",
+    "StructuredPartial",
+    "TextDelta",
+    "TimeoutError",
+    "Timeouts",
+    "TokenrelayError",
+    "ToolCall",
+    "ToolCallDelta",
+    "ToolCallDone",
+    "Usage",
+    "UsageError",
+    "UsageEvent",
+    "__version__",
+    "abatch",
+    "acomplete",
+    "astream",
+    "batch",
+    "complete",
+    "errors",
+    "events",
+    "providers",
+    "stream",
+]

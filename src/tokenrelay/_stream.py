@@ -1,0 +1,557 @@
+"""The stream: provider chunks in, typed events out.
+
+``AsyncStream`` is where the behaviour shared by every provider lives:
+
+* accumulation (text snapshot, tool calls) and the final :class:`Result`;
+* usage: the provider's when it reports it, otherwise counted and marked estimated;
+* metrics: time to first token, inter-token latency, tokens/s;
+* retries, only before the first token, with exponential backoff and jitter,
+  ``Retry-After`` honoured up to a cap;
+* deadlines: first token, idle between chunks, total (connect is the provider's);
+* cancellation: ``aclose()``, leaving the ``async with`` block, breaking the loop or
+  cancelling the task closes the provider iterator, which aborts the upstream
+  request or stops local decoding; the result keeps the partial text.
+
+``Stream`` is the sync twin: it runs the same ``AsyncStream`` on a background event
+loop thread (see ``_portal.py``) and hands events over through a queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import json
+import random
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import _portal
+from .errors import (
+    ProviderError,
+    RateLimitError,
+    ServerError,
+    StreamError,
+    TimeoutError,
+    TokenrelayError,
+)
+from .events import (
+    Done,
+    ErrorEvent,
+    FinishReason,
+    Metrics,
+    RawChunk,
+    StreamEvent,
+    TextDelta,
+    ToolCallDelta,
+    ToolCallDone,
+    Usage,
+    UsageEvent,
+)
+from .providers.base import Chunk, Provider
+from .request import Request, RetryPolicy, Timeouts
+
+__all__ = ["AsyncStream", "Stream", "Result", "ToolCall"]
+
+_FINISH_REASONS = {"stop", "length", "tool_calls", "content_filter"}
+
+
+@dataclass(slots=True)
+class ToolCall:
+    index: int
+    id: str | None
+    name: str
+    arguments: str
+
+
+@dataclass(slots=True)
+class Result:
+    """The outcome of one stream.
+
+    Attributes:
+        text: everything generated (partial when cancelled or failed).
+        finish_reason: stop | length | tool_calls | content_filter | cancelled | error.
+        usage: token usage; ``usage.estimated`` when counted by tokenrelay.
+        metrics: timing (time to first token, inter-token latency, tokens/s, ...).
+        raw_chunks: the raw provider chunks, when the stream was opened with ``raw=True``.
+        error: the failure, when ``finish_reason == "error"``.
+    """
+
+    text: str
+    finish_reason: FinishReason
+    usage: Usage
+    metrics: Metrics
+    model: str
+    provider: str
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    raw_chunks: list[Any] | None = None
+    error: TokenrelayError | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "text": self.text,
+            "finish_reason": self.finish_reason,
+            "model": self.model,
+            "provider": self.provider,
+            "usage": self.usage.to_dict(),
+            "metrics": self.metrics.to_dict(),
+            "error": None if self.error is None else {
+                "code": self.error.code, "message": self.error.message
+            },
+        }
+
+
+def _percentile(sorted_values: list[float], q: float) -> float | None:
+    if not sorted_values:
+        return None
+    k = (len(sorted_values) - 1) * q
+    lo = int(k)
+    hi = min(lo + 1, len(sorted_values) - 1)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (k - lo)
+
+
+class _Accumulator:
+    """Pure state: chunks in, events out. No I/O, no clock of its own."""
+
+    __slots__ = (
+        "text", "tool_calls", "usage", "finish_reason", "first_token_at", "last_token_at",
+        "token_times", "chunk_count", "raw_chunks", "_keep_raw",
+    )
+
+    def __init__(self, *, keep_raw: bool) -> None:
+        self.text = ""
+        self.tool_calls: dict[int, ToolCall] = {}
+        self.usage: Usage | None = None
+        self.finish_reason: str | None = None
+        self.first_token_at: float | None = None
+        self.last_token_at: float | None = None
+        self.token_times: list[float] = []
+        self.chunk_count = 0
+        self._keep_raw = keep_raw
+        self.raw_chunks: list[Any] | None = [] if keep_raw else None
+
+    @property
+    def started(self) -> bool:
+        return self.first_token_at is not None
+
+    def feed(self, chunk: Chunk, now: float) -> list[StreamEvent]:
+        events: list[StreamEvent] = []
+        if self._keep_raw and chunk.raw is not None:
+            self.raw_chunks.append(chunk.raw)  # type: ignore[union-attr]
+            events.append(RawChunk(chunk.raw))
+        if chunk.text or chunk.tool_calls:
+            self.chunk_count += 1
+            if self.first_token_at is None:
+                self.first_token_at = now
+            self.last_token_at = now
+            self.token_times.append(now)
+        if chunk.text:
+            self.text += chunk.text
+            events.append(TextDelta(chunk.text, self.text))
+        if chunk.tool_calls:
+            for piece in chunk.tool_calls:
+                call = self.tool_calls.get(piece.index)
+                if call is None:
+                    call = self.tool_calls[piece.index] = ToolCall(
+                        piece.index, piece.id, piece.name or "", ""
+                    )
+                else:
+                    call.id = call.id or piece.id
+                    if piece.name:
+                        call.name = call.name or piece.name
+                call.arguments += piece.arguments
+                events.append(
+                    ToolCallDelta(piece.index, call.id, call.name or None, piece.arguments,
+                                  call.arguments)
+                )
+        if chunk.usage is not None:
+            self.usage = chunk.usage
+            events.append(UsageEvent(chunk.usage))
+        if chunk.finish_reason is not None:
+            self.finish_reason = chunk.finish_reason
+        return events
+
+    def tool_call_done_events(self) -> list[StreamEvent]:
+        events: list[StreamEvent] = []
+        for call in sorted(self.tool_calls.values(), key=lambda c: c.index):
+            try:
+                args = json.loads(call.arguments) if call.arguments.strip() else {}
+            except ValueError as exc:
+                raise StreamError(
+                    f"tool call {call.name!r} has malformed JSON arguments: {exc}",
+                    code="malformed_tool_call",
+                ) from exc
+            events.append(ToolCallDone(call.index, call.id, call.name, args))
+        return events
+
+    def metrics(self, started_at: float, now: float) -> Metrics:
+        ttft = None if self.first_token_at is None else self.first_token_at - started_at
+        gaps = sorted(b - a for a, b in zip(self.token_times, self.token_times[1:]))
+        tps = None
+        if self.first_token_at is not None and self.last_token_at is not None:
+            n = self.usage.completion_tokens if self.usage else self.chunk_count
+            span = self.last_token_at - self.first_token_at
+            if span > 0 and n > 1:
+                # Decode rate: tokens after the first over the time they took.
+                tps = (n - 1) / span
+        return Metrics(
+            time_to_first_token=ttft,
+            inter_token_latency_p50=_percentile(gaps, 0.5),
+            inter_token_latency_p95=_percentile(gaps, 0.95),
+            tokens_per_second=tps,
+            total_seconds=now - started_at,
+            chunk_count=self.chunk_count,
+        )
+
+
+def _backoff_delay(policy: RetryPolicy, attempt: int, retry_after: float | None) -> float:
+    delay = min(policy.max_backoff, policy.backoff * (2**attempt))
+    delay = delay * (0.5 + random.random() / 2)  # jitter: spread retries of many clients
+    if retry_after is not None:
+        delay = max(delay, retry_after)
+    return delay
+
+
+class AsyncStream:
+    """An async stream of events. Use it as an async context manager::
+
+        async with tokenrelay.astream("Why is the sky blue?") as stream:
+            async for event in stream:
+                ...
+        print(stream.result.usage)
+
+    Iterate it once: for events (``async for event in stream``) or for text
+    (``stream.text_stream()``); ``await stream.final()`` consumes what is left.
+    """
+
+    def __init__(
+        self,
+        request: Request,
+        provider: Provider,
+        *,
+        timeouts: Timeouts | None = None,
+        retry: RetryPolicy | None = None,
+        raw: bool = False,
+        raise_errors: bool = True,
+        on_finish: Callable[[Request, Result], Any] | None = None,
+    ) -> None:
+        self.request = request
+        self.provider = provider
+        self.timeouts = timeouts or Timeouts()
+        self.retry = retry or RetryPolicy()
+        self.raw = raw
+        self.raise_errors = raise_errors
+        self._on_finish = on_finish
+        self._acc = _Accumulator(keep_raw=raw)
+        self._result: Result | None = None
+        self._iterating = False
+        self._agen: AsyncIterator[StreamEvent] | None = None
+        self._upstream: Any = None
+        self._started_at = time.monotonic()
+
+    # -- public surface --------------------------------------------------------------
+
+    @property
+    def text(self) -> str:
+        """The text so far."""
+        return self._acc.text
+
+    @property
+    def result(self) -> Result:
+        """The final result; only once the stream has ended (or been closed)."""
+        if self._result is None:
+            raise RuntimeError("the stream has not finished: iterate it or await final()")
+        return self._result
+
+    async def __aenter__(self) -> AsyncStream:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    def __aiter__(self) -> AsyncIterator[StreamEvent]:
+        if self._agen is None:
+            if self._iterating:
+                raise RuntimeError("a stream can be iterated only once")
+            self._iterating = True
+            self._agen = self._run()
+        return self._agen
+
+    async def text_stream(self) -> AsyncIterator[str]:
+        """Only the new text of each delta."""
+        async for event in self:
+            if isinstance(event, TextDelta):
+                yield event.delta
+
+    async def final(self) -> Result:
+        """Consume the rest of the stream and return the result (raises its error)."""
+        if self._result is None:
+            async for _ in self:
+                pass
+        result = self.result
+        if result.error is not None:
+            raise result.error
+        return result
+
+    async def aclose(self) -> None:
+        """Stop the stream: abort the upstream request / local decoding, keep the partial text."""
+        if self._agen is not None:
+            agen, self._agen = self._agen, None
+            await agen.aclose()  # type: ignore[attr-defined]
+        if self._result is None:
+            await self._close_upstream()
+            await self._finish("cancelled", None)
+
+    # -- internals -------------------------------------------------------------------
+
+    async def _close_upstream(self) -> None:
+        upstream, self._upstream = self._upstream, None
+        if upstream is not None:
+            await upstream.aclose()
+
+    async def _next_chunk(self, deadline: float | None) -> Chunk:
+        if deadline is None:
+            return await self._upstream.__anext__()  # type: ignore[no-any-return]
+        # asyncio.timeout_at schedules one timer; wait_for would create a task per chunk.
+        async with asyncio.timeout_at(deadline):
+            return await self._upstream.__anext__()  # type: ignore[no-any-return]
+
+    def _deadline(self, loop_now: float, total_deadline: float | None) -> tuple[float | None, str]:
+        per = self.timeouts.idle if self._acc.started else self.timeouts.first_token
+        kind = "idle" if self._acc.started else "first_token"
+        deadline = None if per is None else loop_now + per
+        if total_deadline is not None and (deadline is None or total_deadline <= deadline):
+            return total_deadline, "total"
+        return deadline, kind
+
+    async def _run(self) -> AsyncIterator[StreamEvent]:
+        loop = asyncio.get_running_loop()
+        total_deadline = (
+            None if self.timeouts.total is None else loop.time() + self.timeouts.total
+        )
+        attempt = 0
+        acc = self._acc
+        try:
+            while True:
+                self._upstream = self.provider.stream(self.request, raw=self.raw).__aiter__()
+                try:
+                    while True:
+                        deadline, kind = self._deadline(loop.time(), total_deadline)
+                        try:
+                            chunk = await self._next_chunk(deadline)
+                        except StopAsyncIteration:
+                            break
+                        except TokenrelayError:
+                            raise
+                        except builtins.TimeoutError as exc:
+                            raise _timeout_error(kind, self.timeouts, self._acc.started) from exc
+                        for event in acc.feed(chunk, time.monotonic()):
+                            yield event
+                    if acc.finish_reason is None:
+                        raise StreamError(
+                            "the stream ended without its terminator (no finish_reason / [DONE]);"
+                            " the answer is truncated",
+                            code="truncated",
+                        )
+                    break
+                except ProviderError as exc:
+                    await self._close_upstream()
+                    if acc.started or not exc.retryable or attempt >= self.retry.max_retries:
+                        raise
+                    retry_after = getattr(exc, "retry_after", None)
+                    if retry_after is not None and retry_after > self.retry.max_retry_after:
+                        exc.message += (
+                            f" (Retry-After {retry_after:g}s exceeds the"
+                            f" {self.retry.max_retry_after:g}s cap; not retrying)"
+                        )
+                        exc.args = (exc.message,)
+                        raise
+                    delay = _backoff_delay(self.retry, attempt, retry_after)
+                    if total_deadline is not None and loop.time() + delay >= total_deadline:
+                        raise
+                    attempt += 1
+                    await asyncio.sleep(delay)
+            await self._close_upstream()
+            for event in acc.tool_call_done_events():
+                yield event
+            reason = acc.finish_reason if acc.finish_reason in _FINISH_REASONS else "stop"
+            result = await self._finish(reason, None)  # type: ignore[arg-type]
+            if not acc.usage or acc.usage is not result.usage:
+                yield UsageEvent(result.usage)
+            yield Done(result.finish_reason, result.usage, result.metrics)
+        except TokenrelayError as exc:
+            await self._close_upstream()
+            exc.partial_text = acc.text
+            result = await self._finish("error", exc)
+            yield ErrorEvent(exc.code, exc.message, exc.retryable)
+            yield Done("error", result.usage, result.metrics)
+            if self.raise_errors:
+                raise
+        finally:
+            # Reached on normal end, on error, and on GeneratorExit / CancelledError
+            # (loop broken, aclose(), task cancelled): abort the upstream first.
+            await self._close_upstream()
+            if self._result is None:
+                await self._finish("cancelled", None)
+
+    async def _finish(self, reason: FinishReason, error: TokenrelayError | None) -> Result:
+        if self._result is not None:
+            return self._result
+        acc = self._acc
+        usage = acc.usage
+        if usage is None:
+            try:
+                prompt_tokens = self.provider.count_prompt_tokens(self.request)
+                completion_tokens = (
+                    self.provider.count_tokens(acc.text, model=self.request.model)
+                    + sum(self.provider.count_tokens(c.arguments) for c in acc.tool_calls.values())
+                )
+            except Exception:  # counting must never turn a result into a failure
+                prompt_tokens, completion_tokens = 0, 0
+            usage = Usage(prompt_tokens, completion_tokens, estimated=True)
+            acc.usage = usage
+        now = time.monotonic()
+        self._result = Result(
+            text=acc.text,
+            finish_reason=reason,
+            usage=usage,
+            metrics=acc.metrics(self._started_at, now),
+            model=self.request.model or "",
+            provider=self.provider.name,
+            tool_calls=sorted(acc.tool_calls.values(), key=lambda c: c.index),
+            raw_chunks=acc.raw_chunks,
+            error=error,
+        )
+        if self._on_finish is not None:
+            try:
+                self._on_finish(self.request, self._result)
+            except Exception:  # a broken log must not break the answer
+                pass
+        return self._result
+
+
+def _timeout_error(kind: str, timeouts: Timeouts, started: bool) -> TimeoutError:
+    if kind == "total":
+        return TimeoutError(
+            f"the stream took longer than the total timeout of {timeouts.total:g}s",
+            kind="total",
+        )
+    if kind == "idle":
+        return TimeoutError(
+            f"no chunk for {timeouts.idle:g}s after the stream started (idle timeout);"
+            " the provider stalled",
+            kind="idle",
+        )
+    return TimeoutError(
+        f"no first token within {timeouts.first_token:g}s (first-token timeout)",
+        kind="first_token",
+    )
+
+
+_END = object()
+
+
+class Stream:
+    """A sync stream of events: the same stream as :class:`AsyncStream`.
+
+    Use it as a context manager; leaving the block, ``close()``, ``break`` or Ctrl-C
+    stops generation::
+
+        with tokenrelay.stream("Why is the sky blue?") as stream:
+            for text in stream.text_stream():
+                print(text, end="", flush=True)
+        print(stream.result.usage)
+    """
+
+    def __init__(self, astream: AsyncStream) -> None:
+        self._astream = astream
+        self._iterating = False
+        self._closed = False
+
+    @property
+    def request(self) -> Request:
+        return self._astream.request
+
+    @property
+    def text(self) -> str:
+        return self._astream.text
+
+    @property
+    def result(self) -> Result:
+        return self._astream.result
+
+    def __enter__(self) -> Stream:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __iter__(self) -> Iterator[StreamEvent]:
+        if self._iterating:
+            raise RuntimeError("a stream can be iterated only once")
+        self._iterating = True
+        return self._events()
+
+    def _events(self) -> Iterator[StreamEvent]:
+        import queue
+
+        q: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        astream = self._astream
+
+        async def pump() -> None:
+            try:
+                async for event in astream:
+                    q.put(event)
+            except BaseException as exc:  # handed to the consumer thread
+                q.put(_Raised(exc))
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
+            finally:
+                q.put(_END)
+
+        handle = _portal.submit(pump())
+        try:
+            while True:
+                item = q.get()
+                if item is _END:
+                    break
+                if isinstance(item, _Raised):
+                    if isinstance(item.exc, asyncio.CancelledError):
+                        break
+                    raise item.exc
+                yield item
+        finally:
+            # Loop broken, generator closed, KeyboardInterrupt: stop the pump (this
+            # closes the provider iterator on the loop thread) and wait for it.
+            if not handle.finished.is_set():
+                handle.cancel()
+            self.close()
+
+    def text_stream(self) -> Iterator[str]:
+        """Only the new text of each delta."""
+        for event in self:
+            if isinstance(event, TextDelta):
+                yield event.delta
+
+    def final(self) -> Result:
+        """Consume the rest of the stream and return the result (raises its error)."""
+        if not self._iterating:
+            for _ in self:
+                pass
+        result = self.result
+        if result.error is not None:
+            raise result.error
+        return result
+
+    def close(self) -> None:
+        """Stop the stream: abort the upstream request / local decoding."""
+        if self._closed:
+            return
+        self._closed = True
+        _portal.run(self._astream.aclose())
+
+
+@dataclass(slots=True)
+class _Raised:
+    exc: BaseException

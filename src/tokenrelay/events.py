@@ -1,0 +1,224 @@
+"""The typed events of a token stream.
+
+Every stream, whatever the provider, yields one union of frozen dataclasses. Each has a
+``type`` tag, so consumers can ``match`` on them::
+
+    for event in stream:
+        match event:
+            case TextDelta(delta=d):
+                print(d, end="", flush=True)
+            case Done(finish_reason=reason):
+                ...
+            case _:
+                pass
+
+Delta events carry the running snapshot, as openai-python's ``_events.py`` does, so a
+consumer that only wants "the text so far" never has to accumulate it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeAlias
+
+__all__ = [
+    "FinishReason",
+    "Usage",
+    "Metrics",
+    "TextDelta",
+    "ToolCallDelta",
+    "ToolCallDone",
+    "StructuredPartial",
+    "UsageEvent",
+    "RawChunk",
+    "Done",
+    "ErrorEvent",
+    "StreamEvent",
+]
+
+FinishReason: TypeAlias = Literal[
+    "stop", "length", "tool_calls", "content_filter", "cancelled", "error"
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """Token usage of one exchange.
+
+    ``estimated`` is true when the provider did not report usage and tokenrelay counted
+    the tokens itself with the model's tokenizer (or an offline tiktoken encoding).
+    """
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    estimated: bool = False
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.total_tokens,
+            "estimated": self.estimated,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Metrics:
+    """Timing of one stream, in seconds (``None`` when there was nothing to time)."""
+
+    time_to_first_token: float | None = None
+    inter_token_latency_p50: float | None = None
+    inter_token_latency_p95: float | None = None
+    tokens_per_second: float | None = None
+    total_seconds: float = 0.0
+    chunk_count: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "time_to_first_token": self.time_to_first_token,
+            "inter_token_latency_p50": self.inter_token_latency_p50,
+            "inter_token_latency_p95": self.inter_token_latency_p95,
+            "tokens_per_second": self.tokens_per_second,
+            "total_seconds": self.total_seconds,
+            "chunk_count": self.chunk_count,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class TextDelta:
+    """New text from the model, with the whole text so far."""
+
+    delta: str
+    snapshot: str
+    type: Literal["text_delta"] = "text_delta"
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCallDelta:
+    """A growing tool call: the new argument text and the arguments so far."""
+
+    index: int
+    id: str | None
+    name: str | None
+    arguments_delta: str
+    arguments_snapshot: str
+    type: Literal["tool_call_delta"] = "tool_call_delta"
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCallDone:
+    """A finished tool call with its parsed arguments."""
+
+    index: int
+    id: str | None
+    name: str
+    arguments: dict[str, Any]
+    type: Literal["tool_call_done"] = "tool_call_done"
+
+
+@dataclass(frozen=True, slots=True)
+class StructuredPartial:
+    """The structured output so far, while its JSON is still arriving."""
+
+    value: Any
+    path: tuple[str | int, ...] = ()
+    type: Literal["structured_partial"] = "structured_partial"
+
+
+@dataclass(frozen=True, slots=True)
+class UsageEvent:
+    """Token usage, as reported by the provider or counted (``usage.estimated``)."""
+
+    usage: Usage
+    type: Literal["usage"] = "usage"
+
+
+@dataclass(frozen=True, slots=True)
+class RawChunk:
+    """One raw provider chunk (an SSE ``data:`` payload, a llama.cpp token, ...).
+
+    Only emitted when the stream was opened with ``raw=True``.
+    """
+
+    data: Any
+    type: Literal["raw_chunk"] = "raw_chunk"
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorEvent:
+    """A failure. In the event stream it is followed by a ``done`` with reason ``error``."""
+
+    code: str
+    message: str
+    retryable: bool = False
+    type: Literal["error"] = "error"
+
+
+@dataclass(frozen=True, slots=True)
+class Done:
+    """The end of a stream, with the final usage and timing."""
+
+    finish_reason: FinishReason
+    usage: Usage = field(default_factory=Usage)
+    metrics: Metrics = field(default_factory=Metrics)
+    type: Literal["done"] = "done"
+
+
+StreamEvent: TypeAlias = (
+    TextDelta
+    | ToolCallDelta
+    | ToolCallDone
+    | StructuredPartial
+    | UsageEvent
+    | RawChunk
+    | ErrorEvent
+    | Done
+)
+
+
+def event_to_dict(event: StreamEvent) -> dict[str, Any]:
+    """A JSON-ready dict of an event (used by ``tokenrelay --json``)."""
+    match event:
+        case TextDelta():
+            return {"type": event.type, "delta": event.delta}
+        case ToolCallDelta():
+            return {
+                "type": event.type,
+                "index": event.index,
+                "id": event.id,
+                "name": event.name,
+                "arguments_delta": event.arguments_delta,
+            }
+        case ToolCallDone():
+            return {
+                "type": event.type,
+                "index": event.index,
+                "id": event.id,
+                "name": event.name,
+                "arguments": event.arguments,
+            }
+        case StructuredPartial():
+            return {"type": event.type, "value": event.value, "path": list(event.path)}
+        case UsageEvent():
+            return {"type": event.type, "usage": event.usage.to_dict()}
+        case RawChunk():
+            return {"type": event.type, "data": event.data}
+        case ErrorEvent():
+            return {
+                "type": event.type,
+                "code": event.code,
+                "message": event.message,
+                "retryable": event.retryable,
+            }
+        case Done():
+            return {
+                "type": event.type,
+                "finish_reason": event.finish_reason,
+                "usage": event.usage.to_dict(),
+                "metrics": event.metrics.to_dict(),
+            }
+    raise TypeError(f"not a stream event: {event!r}")  # pragma: no cover

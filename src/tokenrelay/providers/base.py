@@ -1,0 +1,88 @@
+"""The provider contract: one async method that turns a Request into Chunks.
+
+A provider knows a wire format and an endpoint. It does not accumulate text, time
+anything, retry or enforce deadlines other than its own connect timeout: the stream
+above it does all of that the same way for every provider.
+
+Contract of ``Provider.stream``:
+
+* yield :class:`Chunk` objects as the provider produces them;
+* the last chunk carries a ``finish_reason``; an iterator that ends without one is
+  treated as a truncated stream (``StreamError``), never as success;
+* raise the errors of :mod:`tokenrelay.errors` (translate library exceptions once);
+* closing the iterator (``aclose()``, task cancellation) must stop generation:
+  close the upstream connection or stop local decoding.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from ..events import Usage
+from ..request import Request
+
+__all__ = ["Chunk", "ToolCallChunk", "Provider", "ModelInfo"]
+
+
+@dataclass(slots=True)
+class ToolCallChunk:
+    """A piece of a tool call, as OpenAI-compatible servers stream them."""
+
+    index: int
+    id: str | None = None
+    name: str | None = None
+    arguments: str = ""
+
+
+@dataclass(slots=True)
+class Chunk:
+    """What a provider yields: new text, tool-call pieces, usage and/or the finish."""
+
+    text: str = ""
+    tool_calls: list[ToolCallChunk] | None = None
+    finish_reason: str | None = None
+    usage: Usage | None = None
+    raw: Any = None
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    name: str
+    provider: str
+    description: str = ""
+    default: bool = False
+
+
+class Provider(ABC):
+    """Base of every provider."""
+
+    #: Short name shown by ``tokenrelay models`` and in logs.
+    name: str = "provider"
+
+    @abstractmethod
+    def stream(self, request: Request, *, raw: bool = False) -> AsyncIterator[Chunk]:
+        """Stream the answer to ``request``; see the module docstring for the contract.
+
+        Args:
+            request: the validated request (``request.model`` is already resolved).
+            raw: attach each raw provider chunk to ``Chunk.raw``.
+        """
+
+    def count_tokens(self, text: str, *, model: str | None = None) -> int:
+        """Tokens in ``text`` by this provider's tokenizer (used when usage is missing)."""
+        from ..usage import estimate_tokens
+
+        return estimate_tokens(text, model=model)
+
+    def count_prompt_tokens(self, request: Request) -> int:
+        """Prompt tokens of ``request``, estimated (chat framing included roughly)."""
+        return sum(self.count_tokens(m.content, model=request.model) + 4 for m in request.messages) + 3
+
+    async def list_models(self) -> list[ModelInfo]:
+        return []
+
+    async def aclose(self) -> None:
+        """Release connections, models and threads."""

@@ -1,0 +1,143 @@
+"""What a caller asks for: messages and sampling options, validated at the edge."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import UsageError
+
+__all__ = ["Message", "Request", "Timeouts", "RetryPolicy", "build_request"]
+
+Role = Literal["system", "user", "assistant", "tool"]
+
+
+class Message(BaseModel):
+    """One chat message."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    role: Role
+    content: str
+
+
+class Timeouts(BaseModel):
+    """Deadlines, in seconds. ``None`` disables one.
+
+    Args:
+        connect: opening the connection to the provider.
+        first_token: from the request to the first generated text.
+        idle: the longest gap between two chunks once the stream started.
+        total: the whole exchange.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    connect: float | None = Field(10.0, gt=0)
+    first_token: float | None = Field(120.0, gt=0)
+    idle: float | None = Field(60.0, gt=0)
+    total: float | None = Field(None, gt=0)
+
+
+class RetryPolicy(BaseModel):
+    """Retries, only ever before the first token (retrying later would duplicate text).
+
+    Args:
+        max_retries: attempts after the first one.
+        backoff: base delay of the exponential backoff (doubled per attempt, with jitter).
+        max_backoff: the longest computed delay.
+        max_retry_after: the longest ``Retry-After`` honoured; a longer one fails at once.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_retries: int = Field(2, ge=0, le=20)
+    backoff: float = Field(0.5, ge=0)
+    max_backoff: float = Field(8.0, ge=0)
+    max_retry_after: float = Field(30.0, ge=0)
+
+
+class Request(BaseModel):
+    """A validated generation request."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    messages: tuple[Message, ...] = Field(min_length=1)
+    model: str | None = None
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    max_tokens: int | None = Field(None, ge=1)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    stop: tuple[str, ...] | None = None
+    seed: int | None = None
+    #: Provider-specific extras passed through unchanged (e.g. ``{"ignore_eos": True}``).
+    extra: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop_as_tuple(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return (value,)
+        return value
+
+    def prompt_text(self) -> str:
+        """All message contents, for token estimation and logs."""
+        return "\n".join(m.content for m in self.messages)
+
+    def last_user_text(self) -> str:
+        for m in reversed(self.messages):
+            if m.role == "user":
+                return m.content
+        return self.messages[-1].content
+
+
+def _as_messages(
+    prompt: str | Sequence[Message | dict[str, Any]], system: str | None
+) -> list[Message]:
+    messages: list[Message] = []
+    if isinstance(prompt, str):
+        if system is not None:
+            messages.append(Message(role="system", content=system))
+        messages.append(Message(role="user", content=prompt))
+        return messages
+    for item in prompt:
+        messages.append(item if isinstance(item, Message) else Message.model_validate(item))
+    if system is not None:
+        messages = [m for m in messages if m.role != "system"]
+        messages.insert(0, Message(role="system", content=system))
+    return messages
+
+
+def build_request(
+    prompt: str | Sequence[Message | dict[str, Any]],
+    *,
+    model: str | None = None,
+    system: str | None = None,
+    temperature: float | None = None,
+    max_tokens: int | None = None,
+    top_p: float | None = None,
+    stop: str | Sequence[str] | None = None,
+    seed: int | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Request:
+    """Validate the arguments of ``stream()`` / ``complete()`` into a Request.
+
+    Raises:
+        UsageError: naming the first invalid field.
+    """
+    try:
+        return Request(
+            messages=tuple(_as_messages(prompt, system)),
+            model=model,
+            temperature=temperature,
+            max_tokens=max_tokens,
+            top_p=top_p,
+            stop=stop,  # type: ignore[arg-type]
+            seed=seed,
+            extra=extra or {},
+        )
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = ".".join(str(p) for p in err["loc"]) or "request"
+        raise UsageError(f"invalid {field}: {err['msg']}") from exc
