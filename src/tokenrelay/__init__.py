@@ -6,8 +6,6 @@
 ...         print(text, end="", flush=True)
 """
 
-from __future__ import annotations
-
 from . import errors, events, providers
 from ._api import abatch, acomplete, astream, batch, complete, stream
 from ._stream import AsyncStream, Result, Stream, ToolCall

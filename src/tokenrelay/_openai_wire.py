@@ -1,0 +1,172 @@
+"""The OpenAI Chat Completions wire format, as a pure state machine (no I/O).
+
+``ChatChunkParser.feed(bytes) -> list[Chunk]`` turns the SSE body of a streamed
+``/chat/completions`` response into provider chunks; ``end()`` is called at EOF. What it
+guards against (each an error, never a silent success):
+
+* an ``{"error": {...}}`` payload mid-stream (vLLM, llama.cpp and OpenAI send them
+  after a 200 when generation fails) → ``StreamError`` with the payload's code;
+* a chunk that is not JSON → ``StreamError(code="malformed_chunk")``;
+* EOF without ``data: [DONE]`` → ``StreamError(code="truncated")``, even after a
+  ``finish_reason``: a proxy that cut the body could have cut the usage chunk too.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from ._sse import SSEDecoder
+from .errors import StreamError
+from .events import Usage
+from .providers.base import Chunk, ToolCallChunk
+
+__all__ = ["ChatChunkParser", "completion_to_chunks", "error_message", "parse_usage"]
+
+_loads = json.loads
+
+
+def error_message(payload: Any) -> tuple[str, str | None]:
+    """``(message, code)`` of an OpenAI-style error body (or anything else)."""
+    if isinstance(payload, dict):
+        err = payload.get("error", payload)
+        if isinstance(err, dict):
+            message = err.get("message") or err.get("detail") or json.dumps(err)[:500]
+            code = err.get("code") or err.get("type")
+            return str(message), None if code is None else str(code)
+        if isinstance(err, str):
+            return err, None
+        detail = payload.get("detail")
+        if detail is not None:
+            return str(detail), None
+    return str(payload)[:500], None
+
+
+def parse_usage(usage: Any) -> Usage | None:
+    if not isinstance(usage, dict):
+        return None
+    try:
+        return Usage(int(usage.get("prompt_tokens") or 0),
+                     int(usage.get("completion_tokens") or 0))
+    except (TypeError, ValueError):
+        return None
+
+
+def _tool_calls(pieces: Any) -> list[ToolCallChunk]:
+    calls: list[ToolCallChunk] = []
+    for i, piece in enumerate(pieces):
+        fn = piece.get("function") or {}
+        calls.append(
+            ToolCallChunk(
+                index=piece.get("index", i),
+                id=piece.get("id"),
+                name=fn.get("name"),
+                arguments=fn.get("arguments") or "",
+            )
+        )
+    return calls
+
+
+class ChatChunkParser:
+    """SSE bytes of a chat completion stream in, :class:`Chunk` objects out.
+
+    Args:
+        raw: attach each parsed JSON payload to ``Chunk.raw`` (and emit a chunk for
+            every payload, even one that carries nothing else).
+    """
+
+    __slots__ = ("_sse", "_raw", "done", "started")
+
+    def __init__(self, *, raw: bool = False) -> None:
+        self._sse = SSEDecoder()
+        self._raw = raw
+        #: ``data: [DONE]`` was seen.
+        self.done = False
+        #: Some text or tool call was produced.
+        self.started = False
+
+    def feed(self, data: bytes) -> list[Chunk]:
+        """Parse one network read; return the chunks it completed."""
+        chunks: list[Chunk] = []
+        for event in self._sse.feed(data):
+            if self.done:
+                continue  # nothing counts after the terminator
+            payload = event.data
+            if payload == "[DONE]":
+                self.done = True
+                continue
+            try:
+                obj = _loads(payload)
+            except ValueError as exc:
+                raise StreamError(
+                    f"the provider sent a malformed chunk ({exc}): {payload[:200]!r}",
+                    code="malformed_chunk",
+                ) from exc
+            if not isinstance(obj, dict):
+                raise StreamError(
+                    f"the provider sent a chunk that is not a JSON object: {payload[:200]!r}",
+                    code="malformed_chunk",
+                )
+            if event.event == "error" or obj.get("error"):
+                message, code = error_message(obj)
+                raise StreamError(
+                    f"the provider failed mid-stream: {message}", code=code or "upstream_error"
+                )
+            chunk = self._chunk(obj)
+            if chunk is not None:
+                chunks.append(chunk)
+        return chunks
+
+    def _chunk(self, obj: dict[str, Any]) -> Chunk | None:
+        text = ""
+        tool_calls = finish = None
+        choices = obj.get("choices")
+        if choices:
+            choice = choices[0]
+            delta = choice.get("delta")
+            if delta:
+                text = delta.get("content") or ""
+                pieces = delta.get("tool_calls")
+                if pieces:
+                    tool_calls = _tool_calls(pieces)
+                if text or tool_calls:
+                    self.started = True
+            finish = choice.get("finish_reason")
+        usage = obj.get("usage")
+        if usage is not None:
+            usage = parse_usage(usage)
+        if text or tool_calls or finish or usage or self._raw:
+            return Chunk(text, tool_calls, finish, usage, obj if self._raw else None)
+        return None
+
+    def end(self) -> None:
+        """The body ended. Raises ``StreamError(code="truncated")`` without ``[DONE]``."""
+        self._sse.end()
+        if not self.done:
+            raise StreamError(
+                "the stream ended without its terminator (data: [DONE]); the answer may be"
+                " truncated (a proxy or the server cut the connection)",
+                code="truncated",
+            )
+
+
+def completion_to_chunks(obj: Any, *, raw: bool = False) -> list[Chunk]:
+    """Chunks of a non-streamed ``chat.completion`` body (a server that ignored stream)."""
+    if isinstance(obj, dict) and obj.get("error"):
+        message, code = error_message(obj)
+        raise StreamError(f"the provider failed: {message}", code=code or "upstream_error")
+    if not isinstance(obj, dict) or not isinstance(obj.get("choices"), list):
+        raise StreamError(
+            f"the provider answered with JSON that is not a chat completion: {str(obj)[:200]}",
+            code="malformed_chunk",
+        )
+    text, tool_calls, finish = "", None, None
+    if obj["choices"]:
+        choice = obj["choices"][0]
+        message = choice.get("message") or {}
+        text = message.get("content") or ""
+        if message.get("tool_calls"):
+            tool_calls = _tool_calls(message["tool_calls"])
+        finish = choice.get("finish_reason")
+    return [Chunk(text, tool_calls, finish or "stop", parse_usage(obj.get("usage")),
+                  obj if raw else None)]
