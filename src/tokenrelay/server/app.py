@@ -1,0 +1,415 @@
+"""The gateway app: OpenAI-compatible endpoints over the tokenrelay core.
+
+Every request walks the same path as the library: body → validated request → provider
+(from config, never from the request) → ``AsyncStream`` → encoder → ``SSEResponse``.
+No ``BaseHTTPMiddleware`` anywhere: it roughly doubles the per-chunk cost (DEVELOPERS.md);
+the body cap is a pure ASGI middleware and auth is a function call in each endpoint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import AsyncIterator
+from importlib import resources
+from typing import Any
+
+from pydantic import ValidationError
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request as HTTPRequest
+from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.routing import Route
+
+from .._stream import AsyncStream
+from ..config import resolve
+from ..errors import TokenrelayError, UsageError
+from ..providers.base import Provider
+from ..request import Message, Request, RetryPolicy, Timeouts
+from .config import ServerConfig
+from .encode import ChunkEncoder, completion_body, dumps, error_body, error_status, simple_frames
+from .metrics import CONTENT_TYPE_LATEST, GatewayMetrics
+from .reqlog import RequestLog
+from .schema import ChatCompletionRequest, SimpleChatRequest
+from .security import Authenticator, GatewayHTTPError, Lease, Limiter
+from .sse import EarlyResponse, SSEResponse
+
+__all__ = ["create_app", "Gateway"]
+
+log = logging.getLogger("tokenrelay.server")
+
+
+class BodyLimit:
+    """Pure ASGI middleware: 413 for bodies over the cap, before anything parses them."""
+
+    def __init__(self, app: Any, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope["headers"]:
+            if name == b"content-length":
+                try:
+                    too_big = int(value) > self.max_bytes
+                except ValueError:
+                    too_big = True
+                if too_big:
+                    await _send_error(send, 413, f"request body over {self.max_bytes} bytes",
+                                      "invalid_request_error", "body_too_large")
+                    return
+        received = 0
+
+        async def limited_receive() -> Any:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise _BodyTooLarge()
+            return message
+
+        try:
+            await self.app(scope, limited_receive, send)
+        except _BodyTooLarge:
+            await _send_error(send, 413, f"request body over {self.max_bytes} bytes",
+                              "invalid_request_error", "body_too_large")
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+async def _send_error(send: Any, status: int, message: str, type: str, code: str) -> None:
+    body = dumps(error_body(message, type=type, code=code))
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _error_response(exc: GatewayHTTPError) -> JSONResponse:
+    return JSONResponse(
+        error_body(exc.message, type=exc.type, code=exc.code, param=exc.param),
+        status_code=exc.status, headers=exc.headers)
+
+
+def _validation_error(exc: ValidationError) -> GatewayHTTPError:
+    err = exc.errors()[0]
+    field = ".".join(str(p) for p in err["loc"]) or "body"
+    return GatewayHTTPError(400, f"invalid {field}: {err['msg']}", param=field,
+                            code="invalid_value")
+
+
+class Gateway:
+    """The state behind the app: routes, limits, log, metrics."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.auth = Authenticator(config.keys)
+        self.limiter = Limiter()
+        self.metrics = GatewayMetrics()
+        self.timeouts = Timeouts()
+        self.retry = RetryPolicy()
+        self.models: dict[str, tuple[Provider, str]] = {}
+        self._pending_logs: set[asyncio.Task[None]] = set()
+        for route in config.models:
+            from ..providers.openai_compat import OpenAIProvider
+
+            key = route.api_key or (os.environ.get(route.api_key_env)
+                                    if route.api_key_env else None)
+            provider = OpenAIProvider(base_url=route.base_url, api_key=key)
+            self.models[route.name] = (provider, route.upstream_model or route.name)
+        if config.serve_local and "smollm2" not in self.models:
+            self.models["smollm2"] = resolve("smollm2")
+        if config.serve_mock and "mock" not in self.models:
+            self.models["mock"] = resolve("mock")
+        self.reqlog: RequestLog | None = None
+        if config.log.enabled:
+            from ..log import default_log_path
+
+            path = config.log.path or default_log_path().with_name("requests.db")
+            self.reqlog = RequestLog(path, redact=config.log.redact)
+
+    # -- helpers -------------------------------------------------------------------
+
+    def lookup(self, model: str) -> tuple[Provider, str]:
+        found = self.models.get(model)
+        if found is not None:
+            return found
+        if model.startswith("mock:") and self.config.serve_mock:
+            # Scripted behaviour chosen by the client: only ever the in-process mock.
+            try:
+                return resolve(model)
+            except UsageError as exc:
+                raise GatewayHTTPError(400, exc.message, param="model") from exc
+        raise GatewayHTTPError(404, f"model {model!r} not found; GET /v1/models lists them",
+                               param="model", code="model_not_found")
+
+    async def read_body(self, request: HTTPRequest) -> Any:
+        raw = await request.body()
+        try:
+            import orjson
+
+            return orjson.loads(raw)
+        except ValueError as exc:
+            raise GatewayHTTPError(400, f"request body is not valid JSON: {exc}",
+                                   code="invalid_json") from exc
+
+    def open(self, request: Request, provider: Provider) -> AsyncStream:
+        return AsyncStream(request, provider, timeouts=self.timeouts, retry=self.retry,
+                           raise_errors=False)
+
+    def finish(self, *, stream: AsyncStream, lease: Lease, key_id: str, endpoint: str,
+               model: str, started: float, http_status: int) -> None:
+        """Release limits, count metrics and log one finished (or cancelled) request."""
+        result = stream.result
+        lease.release(result.usage.total_tokens)
+        status = {"cancelled": "cancelled", "error": "error"}.get(result.finish_reason, "ok")
+        m = self.metrics
+        m.requests.labels(endpoint, model, status).inc()
+        if result.metrics.time_to_first_token is not None:
+            m.ttft.labels(model).observe(result.metrics.time_to_first_token)
+        if result.metrics.tokens_per_second is not None:
+            m.tokens_per_second.labels(model).observe(result.metrics.tokens_per_second)
+        m.completion_tokens.labels(model).inc(result.usage.completion_tokens)
+        if status == "cancelled":
+            m.cancellations.labels(model, "client_disconnect").inc()
+        if result.error is not None:
+            m.errors.labels(result.error.code).inc()
+            m.upstream_status.labels(
+                model, str(getattr(result.error, "status_code", result.error.code))).inc()
+        else:
+            m.upstream_status.labels(model, "ok").inc()
+        if self.reqlog is not None:
+            error = None if result.error is None else f"{result.error.code}: {result.error.message}"
+            task = asyncio.ensure_future(self.reqlog.record(
+                key_id=key_id, endpoint=endpoint, model=model, status=status,
+                http_status=http_status, prompt_tokens=result.usage.prompt_tokens,
+                completion_tokens=result.usage.completion_tokens,
+                usage_estimated=int(result.usage.estimated),
+                time_to_first_token=result.metrics.time_to_first_token,
+                duration=time.monotonic() - started,
+                prompt=[m.model_dump() for m in stream.request.messages],
+                answer=result.text, error=error))
+            self._pending_logs.add(task)
+            task.add_done_callback(self._pending_logs.discard)
+
+    async def drain_logs(self) -> None:
+        if self._pending_logs:
+            await asyncio.gather(*self._pending_logs, return_exceptions=True)
+
+    # -- the streaming path ----------------------------------------------------------
+
+    async def relay(self, stream: AsyncStream, frames: AsyncIterator[bytes], *,
+                    lease: Lease, key_id: str, endpoint: str, model: str) -> AsyncIterator[bytes]:
+        """Frames of one stream; bookkeeping in ``finally`` (end, error or disconnect)."""
+        started = time.monotonic()
+        gauge = self.metrics.active_streams.labels(model)
+        gauge.inc()
+        http_status = 200
+        try:
+            first = True
+            async for frame in frames:
+                if first:
+                    first = False
+                    result = stream._result
+                    if result is not None and result.error is not None and not stream.text:
+                        # Failed before anything was sent: a real HTTP error status.
+                        http_status = error_status(result.error)
+                        body = dumps(_core_error_body(result.error))
+                        raise EarlyResponse(http_status, body, [
+                            (b"content-type", b"application/json"),
+                            (b"content-length", str(len(body)).encode()),
+                        ] + _retry_after(result.error), frame=frame)
+                yield frame
+        finally:
+            gauge.dec()
+            await stream.aclose()
+            self.finish(stream=stream, lease=lease, key_id=key_id, endpoint=endpoint,
+                        model=model, started=started, http_status=http_status)
+
+    # -- endpoints -------------------------------------------------------------------
+
+    async def chat_completions(self, request: HTTPRequest) -> Any:
+        try:
+            key = self.auth.check(request.headers)  # type: ignore[arg-type]
+            body = await self.read_body(request)
+            try:
+                chat = ChatCompletionRequest.model_validate(body)
+            except ValidationError as exc:
+                raise _validation_error(exc) from exc
+            provider, upstream_model = self.lookup(chat.model)
+            max_tokens = self.limiter.clamp_max_tokens(
+                key, chat.effective_max_tokens(), self.config.max_tokens_default)
+            try:
+                core = Request(
+                    messages=tuple(Message(role=m.core_role(), content=m.text())  # type: ignore[arg-type]
+                                   for m in chat.messages),
+                    model=upstream_model, temperature=chat.temperature, max_tokens=max_tokens,
+                    top_p=chat.top_p, stop=chat.stop, seed=chat.seed)  # type: ignore[arg-type]
+            except (ValidationError, ValueError) as exc:
+                raise GatewayHTTPError(400, f"invalid messages: {exc}", param="messages") from exc
+            lease = self.limiter.acquire(key, max_tokens or 0)
+        except GatewayHTTPError as exc:
+            self.metrics.errors.labels(exc.code or "http_" + str(exc.status)).inc()
+            return _error_response(exc)
+
+        stream = self.open(core, provider)
+        if not chat.stream:
+            return await self._complete(stream, lease=lease, key_id=key.id, model=chat.model)
+        encoder = ChunkEncoder(chat.model, include_usage=bool(
+            chat.stream_options and chat.stream_options.include_usage))
+
+        async def frames() -> AsyncIterator[bytes]:
+            async for event in stream:
+                for frame in encoder.encode(event):
+                    yield frame
+
+        return SSEResponse(
+            self.relay(stream, frames(), lease=lease, key_id=key.id,
+                       endpoint="chat.completions", model=_label(chat.model)),
+            heartbeat=self.config.heartbeat, send_timeout=self.config.send_timeout,
+            wait_first=min(self.config.heartbeat, 10.0))
+
+    async def _complete(self, stream: AsyncStream, *, lease: Lease, key_id: str,
+                        model: str) -> Response:
+        label = _label(model)
+        started = time.monotonic()
+        http_status = 200
+        self.metrics.active_streams.labels(label).inc()
+        try:
+            async for _ in stream:
+                pass
+            result = stream.result
+            if result.error is not None:
+                http_status = error_status(result.error)
+                return JSONResponse(_core_error_body(result.error), status_code=http_status,
+                                    headers=dict((k.decode(), v.decode())
+                                                 for k, v in _retry_after(result.error)))
+            return Response(dumps(completion_body(model, result)),
+                            media_type="application/json")
+        finally:
+            self.metrics.active_streams.labels(label).dec()
+            await stream.aclose()
+            self.finish(stream=stream, lease=lease, key_id=key_id, endpoint="chat.completions",
+                        model=label, started=started, http_status=http_status)
+
+    async def simple_chat(self, request: HTTPRequest) -> Any:
+        try:
+            key = self.auth.check(request.headers)  # type: ignore[arg-type]
+            body = await self.read_body(request)
+            try:
+                chat = SimpleChatRequest.model_validate(body)
+            except ValidationError as exc:
+                raise _validation_error(exc) from exc
+            model = chat.model or ("smollm2" if "smollm2" in self.models else
+                                   next(iter(self.models)))
+            provider, upstream_model = self.lookup(model)
+            messages: list[Message] = []
+            if chat.system:
+                messages.append(Message(role="system", content=chat.system))
+            for item in chat.history or []:
+                try:
+                    messages.append(Message.model_validate(item))
+                except ValidationError as exc:
+                    raise GatewayHTTPError(400, f"invalid history item: {item!r}",
+                                           param="history") from exc
+            messages.append(Message(role="user", content=chat.prompt))
+            max_tokens = self.limiter.clamp_max_tokens(
+                key, chat.max_tokens, self.config.max_tokens_default)
+            core = Request(messages=tuple(messages), model=upstream_model,
+                           max_tokens=max_tokens, temperature=chat.temperature)
+            lease = self.limiter.acquire(key, max_tokens or 0)
+        except GatewayHTTPError as exc:
+            self.metrics.errors.labels(exc.code or "http_" + str(exc.status)).inc()
+            return _error_response(exc)
+        stream = self.open(core, provider)
+        return SSEResponse(
+            self.relay(stream, simple_frames(stream.__aiter__()), lease=lease, key_id=key.id,
+                       endpoint="chat", model=_label(model)),
+            heartbeat=self.config.heartbeat, send_timeout=self.config.send_timeout,
+            wait_first=min(self.config.heartbeat, 10.0))
+
+    async def list_models(self, request: HTTPRequest) -> Response:
+        try:
+            self.auth.check(request.headers)  # type: ignore[arg-type]
+        except GatewayHTTPError as exc:
+            return _error_response(exc)
+        created = int(time.time())
+        data = [{"id": name, "object": "model", "created": created,
+                 "owned_by": provider.name} for name, (provider, _) in self.models.items()]
+        return JSONResponse({"object": "list", "data": data})
+
+    async def healthz(self, request: HTTPRequest) -> Response:
+        return JSONResponse({"status": "ok", "active_streams": self.limiter.total_active(),
+                             "models": list(self.models)})
+
+    async def metrics_endpoint(self, request: HTTPRequest) -> Response:
+        return Response(self.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    async def index(self, request: HTTPRequest) -> Response:
+        page = resources.files("tokenrelay.server") / "static" / "index.html"
+        return HTMLResponse(page.read_text(encoding="utf-8"),
+                            headers={"cache-control": "no-store"})
+
+    async def aclose(self) -> None:
+        await self.drain_logs()
+        if self.reqlog is not None:
+            self.reqlog.close()
+
+
+def _label(model: str) -> str:
+    """The model as a metrics/log label: scripted mock options would explode cardinality."""
+    return "mock" if model.startswith("mock:") else model
+
+
+def _core_error_body(exc: TokenrelayError) -> dict[str, Any]:
+    kind = {"invalid_request": "invalid_request_error",
+            "rate_limited": "rate_limit_error"}.get(exc.code, "upstream_error")
+    return error_body(exc.message, type=kind, code=exc.code)
+
+
+def _retry_after(exc: TokenrelayError) -> list[tuple[bytes, bytes]]:
+    retry_after = getattr(exc, "retry_after", None)
+    if retry_after is None:
+        return []
+    return [(b"retry-after", str(max(1, int(retry_after + 0.999))).encode())]
+
+
+def create_app(config: ServerConfig | None = None) -> Starlette:
+    """The gateway as an ASGI app (``app.state.gateway`` holds its state)."""
+    config = config or ServerConfig()
+    gateway = Gateway(config)
+    routes = [
+        Route("/v1/chat/completions", gateway.chat_completions, methods=["POST"]),
+        Route("/chat/completions", gateway.chat_completions, methods=["POST"]),
+        Route("/v1/models", gateway.list_models, methods=["GET"]),
+        Route("/chat", gateway.simple_chat, methods=["POST"]),
+        Route("/healthz", gateway.healthz, methods=["GET"]),
+        Route("/metrics", gateway.metrics_endpoint, methods=["GET"]),
+        Route("/", gateway.index, methods=["GET"]),
+    ]
+    middleware = [Middleware(BodyLimit, max_bytes=config.max_body_bytes)]
+    if config.cors_origins:
+        middleware.append(Middleware(
+            CORSMiddleware, allow_origins=config.cors_origins,
+            allow_credentials=config.cors_credentials, allow_methods=["GET", "POST"],
+            allow_headers=["authorization", "content-type", "api-key", "x-api-key"]))
+
+    from contextlib import asynccontextmanager
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        yield
+        await gateway.aclose()
+
+    app = Starlette(routes=routes, middleware=middleware, lifespan=lifespan)
+    app.state.gateway = gateway
+    return app
+

@@ -1,0 +1,154 @@
+"""Gateway configuration: TOML file + command line, validated before the server starts.
+
+```toml
+host = "127.0.0.1"
+port = 8000
+heartbeat = 15.0          # seconds of silence before an SSE ": ping" comment
+send_timeout = 30.0       # a client that stops reading is dropped after this
+max_body_bytes = 1048576  # 413 above this, before parsing
+cors_origins = ["https://app.example.com"]
+cors_credentials = false
+
+[log]
+path = "/var/lib/tokenrelay/requests.db"   # default: the user data dir
+redact = false                              # true: prompts and answers are not stored
+
+[[models]]                # served model name → OpenAI-compatible upstream
+name = "qwen"
+base_url = "http://10.0.0.5:8000/v1"
+upstream_model = "Qwen/Qwen2.5-7B-Instruct"   # default: name
+api_key_env = "VLLM_KEY"                      # the key is read from this env var
+
+[[keys]]                  # gateway API keys, stored hashed (tokenrelay hash-key KEY)
+id = "alice"
+sha256 = "…"
+max_concurrent = 4
+requests_per_minute = 60
+tokens_per_minute = 20000
+max_tokens = 1024
+```
+
+Upstream base URLs come only from here, never from a request (LiteLLM leaked provider
+keys that way, CVE-2024-6587).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from ..errors import ConfigurationError
+
+__all__ = ["ServerConfig", "ModelRoute", "KeyConfig", "LogConfig", "hash_key", "load_config"]
+
+
+def hash_key(key: str) -> str:
+    """The stored form of an API key (hex SHA-256)."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+class ModelRoute(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1)
+    base_url: str = Field(min_length=1)
+    upstream_model: str | None = None
+    api_key: str | None = Field(None, repr=False)
+    api_key_env: str | None = None
+
+
+class KeyConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(min_length=1)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$", repr=False)
+    max_concurrent: int | None = Field(None, ge=1)
+    requests_per_minute: int | None = Field(None, ge=1)
+    tokens_per_minute: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1)
+
+
+class LogConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = True
+    path: str | None = None
+    redact: bool = False
+
+
+class ServerConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    heartbeat: float = Field(15.0, gt=0)
+    send_timeout: float = Field(30.0, gt=0)
+    max_body_bytes: int = Field(1 << 20, ge=1024)
+    max_tokens_default: int | None = Field(None, ge=1)
+    cors_origins: list[str] = Field(default_factory=list)
+    cors_credentials: bool = False
+    models: list[ModelRoute] = Field(default_factory=list)
+    keys: list[KeyConfig] = Field(default_factory=list)
+    log: LogConfig = Field(default_factory=LogConfig)
+    #: Serve the embedded local model and the scripted mock besides the routes.
+    serve_local: bool = True
+    serve_mock: bool = True
+
+    @model_validator(mode="after")
+    def _check(self) -> ServerConfig:
+        if "*" in self.cors_origins and self.cors_credentials:
+            raise ValueError(
+                "cors_origins '*' together with cors_credentials would let any site use"
+                " visitors' credentials; list the allowed origins instead"
+            )
+        names = [m.name for m in self.models]
+        if len(names) != len(set(names)):
+            raise ValueError("model names must be unique")
+        return self
+
+    @property
+    def loopback_only(self) -> bool:
+        host = self.host.strip("[]")
+        if host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            return False
+
+    def check_exposure(self) -> None:
+        """Refuse to listen beyond loopback without API keys."""
+        if not self.keys and not self.loopback_only:
+            raise ConfigurationError(
+                f"refusing to listen on {self.host} without API keys: anyone who can reach"
+                " it could use the models. Add [[keys]] to the config (or --api-key), or"
+                " bind 127.0.0.1"
+            )
+
+
+def load_config(path: str | Path | None = None, **overrides: Any) -> ServerConfig:
+    """Read a TOML config (if given) and apply command-line overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError as exc:
+            raise ConfigurationError(f"config file not found: {path}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigurationError(f"bad TOML in {path}: {exc}") from exc
+    extra_models = overrides.pop("models", None) or []
+    extra_keys = overrides.pop("keys", None) or []
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    data["models"] = list(data.get("models", [])) + extra_models
+    data["keys"] = list(data.get("keys", [])) + extra_keys
+    try:
+        return ServerConfig.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]) or "config"
+        raise ConfigurationError(f"invalid config {where}: {err['msg']}") from exc

@@ -1,0 +1,189 @@
+"""Our events → the OpenAI wire format (and the simple ``/chat`` format), as SSE frames.
+
+Chunks are re-serialised from tokenrelay events against the OpenAI schema, never copied
+from upstream bytes: whatever the provider (an upstream API, the embedded model, the mock),
+clients get the same well-formed ``chat.completion.chunk`` objects.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from ..errors import APIStatusError, TimeoutError, TokenrelayError
+from ..events import (
+    Done,
+    ErrorEvent,
+    StreamEvent,
+    TextDelta,
+    ToolCallDelta,
+    Usage,
+)
+
+try:  # orjson: ~5x faster than json.dumps on these small objects
+    import orjson
+
+    def dumps(obj: Any) -> bytes:
+        return orjson.dumps(obj)
+
+except ImportError:  # pragma: no cover - the [server] extra installs orjson
+    import json
+
+    def dumps(obj: Any) -> bytes:
+        return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+__all__ = [
+    "ChunkEncoder",
+    "completion_body",
+    "error_body",
+    "error_status",
+    "simple_frames",
+    "dumps",
+]
+
+
+def usage_dict(usage: Usage) -> dict[str, int]:
+    return {
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.total_tokens,
+    }
+
+
+def error_status(exc: TokenrelayError) -> int:
+    """The HTTP status a gateway client should see for a core error."""
+    if isinstance(exc, APIStatusError):
+        if exc.status_code in (401, 403):
+            # The gateway's own key was fine; the upstream refused ours: a gateway fault.
+            return 502
+        return exc.status_code
+    if isinstance(exc, TimeoutError):
+        return 504
+    code = getattr(exc, "code", "")
+    if code == "invalid_request":
+        return 400
+    return 502
+
+
+def error_body(message: str, *, type: str, code: str | None = None,
+               param: str | None = None) -> dict[str, Any]:
+    """An OpenAI error object."""
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def error_from_exc(exc: TokenrelayError | ErrorEvent) -> dict[str, Any]:
+    code = exc.code
+    kind = "invalid_request_error" if code == "invalid_request" else "upstream_error"
+    if code == "rate_limited":
+        kind = "rate_limit_error"
+    return error_body(exc.message, type=kind, code=code)
+
+
+class ChunkEncoder:
+    """Builds ``chat.completion.chunk`` SSE frames for one response."""
+
+    def __init__(self, model: str, *, include_usage: bool) -> None:
+        self.id = "chatcmpl-" + uuid.uuid4().hex
+        self.model = model
+        self.created = int(time.time())
+        self.include_usage = include_usage
+        self._event_id = 0
+        self._sent_role = False
+        # Every chunk shares this prefix; only the choices differ (saves a dict per chunk).
+        self._head = (
+            b'{"id":"' + self.id.encode() + b'","object":"chat.completion.chunk","created":'
+            + str(self.created).encode() + b',"model":' + dumps(model)
+            + b',"system_fingerprint":null,"choices":'
+        )
+
+    def frame(self, payload: bytes) -> bytes:
+        self._event_id += 1
+        return b"id: %d\ndata: %s\n\n" % (self._event_id, payload)
+
+    def _chunk(self, delta: dict[str, Any], finish_reason: str | None = None) -> bytes:
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        return self.frame(self._head + dumps([choice]) + b"}")
+
+    def encode(self, event: StreamEvent) -> list[bytes]:
+        frames: list[bytes] = []
+        if isinstance(event, TextDelta):
+            if not self._sent_role:
+                self._sent_role = True
+                return [self._chunk({"role": "assistant", "content": event.delta})]
+            frames.append(self._chunk({"content": event.delta}))
+        elif isinstance(event, ToolCallDelta):
+            call: dict[str, Any] = {"index": event.index,
+                                    "function": {"arguments": event.arguments_delta}}
+            if event.id and event.arguments_snapshot == event.arguments_delta:
+                call.update(id=event.id, type="function")
+                call["function"]["name"] = event.name
+            delta: dict[str, Any] = {"tool_calls": [call]}
+            if not self._sent_role:
+                self._sent_role = True
+                delta = {"role": "assistant", "content": None, **delta}
+            frames.append(self._chunk(delta))
+        elif isinstance(event, Done):
+            if event.finish_reason in ("error", "cancelled"):
+                return []  # an error frame was sent, or nobody is listening
+            if not self._sent_role:
+                self._sent_role = True
+                frames.append(self._chunk({"role": "assistant", "content": ""}))
+            frames.append(self._chunk({}, event.finish_reason))
+            if self.include_usage:
+                frames.append(self.frame(
+                    self._head + b'[],"usage":' + dumps(usage_dict(event.usage)) + b"}"
+                ))
+            frames.append(b"data: [DONE]\n\n")
+        elif isinstance(event, ErrorEvent):
+            # Exactly one error event, then the end: never a silent end, never a fake stop.
+            frames.append(self.frame(dumps(error_from_exc(event))))
+        return frames
+
+
+def completion_body(model: str, result: Any) -> dict[str, Any]:
+    """A ``chat.completion`` object for ``stream: false``."""
+    message: dict[str, Any] = {"role": "assistant", "content": result.text or None,
+                               "refusal": None}
+    if result.tool_calls:
+        message["tool_calls"] = [
+            {"id": c.id, "type": "function",
+             "function": {"name": c.name, "arguments": c.arguments}}
+            for c in result.tool_calls
+        ]
+    elif message["content"] is None:
+        message["content"] = ""
+    return {
+        "id": "chatcmpl-" + uuid.uuid4().hex,
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "system_fingerprint": None,
+        "choices": [{"index": 0, "message": message, "logprobs": None,
+                     "finish_reason": result.finish_reason}],
+        "usage": usage_dict(result.usage),
+    }
+
+
+async def simple_frames(events: AsyncIterator[StreamEvent]) -> AsyncIterator[bytes]:
+    """The ``/chat`` format: ``event: text`` frames, then ``usage`` / ``done`` or ``error``."""
+    n = 0
+    async for event in events:
+        if isinstance(event, TextDelta):
+            name, data = b"text", dumps({"text": event.delta})
+        elif isinstance(event, ErrorEvent):
+            name, data = b"error", dumps(error_from_exc(event)["error"])
+        elif isinstance(event, Done):
+            if event.finish_reason in ("error", "cancelled"):
+                continue
+            name, data = b"done", dumps({
+                "finish_reason": event.finish_reason,
+                "usage": event.usage.to_dict(),
+                "metrics": event.metrics.to_dict(),
+            })
+        else:
+            continue
+        n += 1
+        yield b"id: %d\nevent: %s\ndata: %s\n\n" % (n, name, data)

@@ -1,0 +1,176 @@
+"""API keys and per-key limits.
+
+* Keys are stored hashed (SHA-256) and compared in constant time against every configured
+  key, whichever header carried them: ``Authorization: Bearer``, ``api-key`` (Azure style)
+  or ``x-api-key``. One function extracts, one function checks.
+* Limits per key: concurrent streams, requests per minute, tokens per minute, a
+  ``max_tokens`` clamp. The gateway runs on one event loop and no ``await`` separates a
+  check from its update, so each check-and-reserve is atomic under concurrency.
+  Tokens are reserved up front (``max_tokens``) and reconciled with the real usage at the
+  end. For several replicas this state would move to Redis (ARCHITECTURE.md).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from .config import KeyConfig
+
+__all__ = ["Authenticator", "Limiter", "Lease", "GatewayHTTPError", "ANONYMOUS"]
+
+ANONYMOUS = KeyConfig(id="anonymous", sha256="0" * 64)
+
+
+class GatewayHTTPError(Exception):
+    """An error answered as an OpenAI error object with ``status``."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
+                 code: str | None = None, param: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.code = code
+        self.param = param
+        self.headers = headers or {}
+
+
+def extract_key(headers: dict[str, str]) -> str | None:
+    """The presented API key, from any accepted header form."""
+    auth = headers.get("authorization")
+    if auth:
+        scheme, _, token = auth.strip().partition(" ")
+        if scheme.lower() == "bearer" and token.strip():
+            return token.strip()
+        return ""  # present but malformed: never anonymous
+    for name in ("api-key", "x-api-key"):
+        value = headers.get(name)
+        if value is not None:
+            return value.strip()
+    return None
+
+
+class Authenticator:
+    def __init__(self, keys: list[KeyConfig]) -> None:
+        self.keys = keys
+        self._digests = [(bytes.fromhex(k.sha256), k) for k in keys]
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.keys)
+
+    def check(self, headers: dict[str, str]) -> KeyConfig:
+        """The key's config, or a 401. Without configured keys, everyone is anonymous."""
+        if not self.keys:
+            return ANONYMOUS
+        presented = extract_key(headers)
+        if not presented:
+            raise GatewayHTTPError(401, "missing API key: send Authorization: Bearer <key>",
+                                   type="authentication_error", code="invalid_api_key",
+                                   headers={"www-authenticate": "Bearer"})
+        digest = hashlib.sha256(presented.encode()).digest()
+        found: KeyConfig | None = None
+        # Compare against every key, without an early exit, in constant time each.
+        for stored, config in self._digests:
+            if hmac.compare_digest(stored, digest):
+                found = config
+        if found is None:
+            raise GatewayHTTPError(401, "invalid API key", type="authentication_error",
+                                   code="invalid_api_key",
+                                   headers={"www-authenticate": "Bearer"})
+        return found
+
+
+@dataclass
+class _KeyState:
+    active: int = 0
+    requests: deque[float] = field(default_factory=deque)
+    tokens: deque[tuple[float, int]] = field(default_factory=deque)
+    tokens_in_window: int = 0
+
+
+class Lease:
+    """One admitted request's hold on its key's limits; ``release()`` exactly once."""
+
+    def __init__(self, limiter: Limiter, key: KeyConfig, reserved: int) -> None:
+        self._limiter = limiter
+        self.key = key
+        self.reserved = reserved
+        self._released = False
+
+    def release(self, used_tokens: int | None = None) -> None:
+        if self._released:
+            return
+        self._released = True
+        self._limiter._release(self, used_tokens)
+
+
+class Limiter:
+    """Per-key concurrency, request-rate and token-rate limits (sliding 60 s windows)."""
+
+    def __init__(self, *, clock: callable = time.monotonic) -> None:  # type: ignore[valid-type]
+        self._states: dict[str, _KeyState] = {}
+        self._clock = clock
+
+    def active(self, key_id: str) -> int:
+        state = self._states.get(key_id)
+        return 0 if state is None else state.active
+
+    def total_active(self) -> int:
+        return sum(s.active for s in self._states.values())
+
+    def clamp_max_tokens(self, key: KeyConfig, requested: int | None,
+                         default: int | None) -> int | None:
+        value = requested if requested is not None else default
+        if key.max_tokens is not None:
+            value = key.max_tokens if value is None else min(value, key.max_tokens)
+        return value
+
+    def acquire(self, key: KeyConfig, reserve_tokens: int) -> Lease:
+        """Admit a request or raise a 429. No await inside: atomic on the event loop."""
+        now = self._clock()
+        state = self._states.setdefault(key.id, _KeyState())
+        window = now - 60.0
+        while state.requests and state.requests[0] <= window:
+            state.requests.popleft()
+        while state.tokens and state.tokens[0][0] <= window:
+            state.tokens_in_window -= state.tokens.popleft()[1]
+        if key.max_concurrent is not None and state.active >= key.max_concurrent:
+            raise GatewayHTTPError(
+                429, f"too many concurrent streams for this key (limit {key.max_concurrent})",
+                type="rate_limit_error", code="concurrency_limit",
+                headers={"retry-after": "1"})
+        if key.requests_per_minute is not None and \
+                len(state.requests) >= key.requests_per_minute:
+            retry = max(1, int(state.requests[0] + 60.0 - now) + 1)
+            raise GatewayHTTPError(
+                429, f"request rate limit reached ({key.requests_per_minute}/min)",
+                type="rate_limit_error", code="rate_limit",
+                headers={"retry-after": str(retry)})
+        if key.tokens_per_minute is not None and \
+                state.tokens_in_window + reserve_tokens > key.tokens_per_minute:
+            retry = max(1, int(state.tokens[0][0] + 60.0 - now) + 1) if state.tokens else 60
+            raise GatewayHTTPError(
+                429, f"token rate limit reached ({key.tokens_per_minute} tokens/min)",
+                type="rate_limit_error", code="token_limit",
+                headers={"retry-after": str(retry)})
+        state.active += 1
+        state.requests.append(now)
+        if reserve_tokens:
+            state.tokens.append((now, reserve_tokens))
+            state.tokens_in_window += reserve_tokens
+        return Lease(self, key, reserve_tokens)
+
+    def _release(self, lease: Lease, used_tokens: int | None) -> None:
+        state = self._states[lease.key.id]
+        state.active -= 1
+        if used_tokens is not None and lease.reserved and used_tokens != lease.reserved:
+            # Reconcile the reservation with what was really used.
+            delta = used_tokens - lease.reserved
+            state.tokens.append((self._clock(), delta))
+            state.tokens_in_window += delta

