@@ -1,9 +1,11 @@
-"""Drive a command in a pseudo-terminal, the way a person at a terminal would.
+"""Drive the ``tokenrelay`` command the way a person would: in a terminal, or piped.
 
 The child gets the pty as its controlling terminal, so ``\\x03`` sent to the master is
 turned into SIGINT by the line discipline, exactly as Ctrl-C at a keyboard. Reads use
 ``select`` with deadlines, so a hung child fails a test instead of hanging it, and
 assertions look at the output with ANSI escape sequences removed.
+
+:func:`tokenrelay` runs the real entry point (the console script) with pipes.
 """
 
 from __future__ import annotations
@@ -16,11 +18,39 @@ import select
 import signal
 import struct
 import subprocess
+import sys
 import termios
 import time
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Self
 
-__all__ = ["PtyProcess", "strip_ansi"]
+__all__ = ["PtyProcess", "cli_env", "strip_ansi", "tokenrelay", "tokenrelay_argv"]
+
+
+def tokenrelay_argv(*args: str) -> list[str]:
+    """The real entry point: the console script beside the interpreter, else ``-m``."""
+    script = Path(sys.executable).with_name("tokenrelay")
+    base = [str(script)] if script.exists() else [sys.executable, "-m", "tokenrelay.cli"]
+    return [*base, *args]
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    """The test's environment (conftest isolates it) plus a wide, colour-capable terminal."""
+    env = dict(os.environ)
+    env.update(TERM="xterm-256color", COLUMNS="200", LINES="50")
+    env.pop("NO_COLOR", None)
+    env.update(extra)
+    return env
+
+
+def tokenrelay(*args: str, input: str | None = None, env: dict[str, str] | None = None,
+               timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+    """Run ``tokenrelay ARGS`` with pipes; stdin is empty unless ``input`` is given."""
+    return subprocess.run(
+        tokenrelay_argv(*args), input=input if input is not None else "", text=True,
+        capture_output=True, env=env or cli_env(), timeout=timeout, check=False,
+    )
 
 _ANSI = re.compile(
     r"\x1b\[[0-?]*[ -/]*[@-~]"  # CSI: colours, cursor moves, erase
@@ -62,7 +92,10 @@ class PtyProcess:
             self.proc = subprocess.Popen(
                 list(argv), stdin=slave, stderr=slave,
                 stdout=subprocess.PIPE if stdout_pipe else slave,
-                env=env, cwd=cwd, start_new_session=True, preexec_fn=_controlling_tty,
+                # preexec_fn: the only way to hand the child a controlling terminal;
+                # it only calls ioctl, which is safe between fork and exec.
+                env=env, cwd=cwd, start_new_session=True,
+                preexec_fn=_controlling_tty,  # noqa: PLW1509
                 close_fds=True,
             )
         finally:
@@ -174,7 +207,7 @@ class PtyProcess:
         except OSError:
             pass
 
-    def __enter__(self) -> PtyProcess:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc_info: object) -> None:

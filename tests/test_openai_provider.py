@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -61,6 +60,15 @@ def test_parser_text_with_usage_chunk(step: int | None) -> None:
     assert [c.finish_reason for c in chunks if c.finish_reason] == ["stop"]
     assert [c.usage for c in chunks if c.usage] == [Usage(14, 20)]
     assert all(c.raw is None for c in chunks)
+
+
+def test_parser_on_a_llama_cpp_python_recording() -> None:
+    # Recorded from llama-cpp-python 0.3.36's server: spaced JSON, no usage chunk even
+    # when stream_options asks for one (the stream then estimates usage).
+    chunks = parse(fixture("llama_cpp_python_text"), step=64)
+    assert "".join(c.text for c in chunks) == "Hello, welcome to my little corner of the world!"
+    assert chunks[-1].finish_reason == "stop"
+    assert not any(c.usage for c in chunks)
 
 
 def test_parser_two_interleaved_tool_calls() -> None:
@@ -137,7 +145,7 @@ def test_invalid_base_url_is_a_usage_error() -> None:
 
 # -- the whole path against a loopback server ------------------------------------------------
 
-FAST = {
+FAST: dict[str, Any] = {
     "timeouts": tokenrelay.Timeouts(connect=2, first_token=3, idle=0.5, total=10),
     "retry": tokenrelay.RetryPolicy(backoff=0.01, max_backoff=0.05),
 }
@@ -201,10 +209,12 @@ def test_usage_is_estimated_when_the_server_sends_none(upstream: Upstream) -> No
 
 
 def test_error_frame_mid_stream_keeps_partial_text(upstream: Upstream) -> None:
-    with tokenrelay.stream("hi", **options(upstream, "error_after:2")) as s:
-        with pytest.raises(tokenrelay.StreamError) as info:
-            for _ in s:
-                pass
+    with (
+        tokenrelay.stream("hi", **options(upstream, "error_after:2")) as s,
+        pytest.raises(tokenrelay.StreamError) as info,
+    ):
+        for _ in s:
+            pass
     assert info.value.code == "overloaded"
     assert info.value.partial_text == "Hello,"
     assert s.result.text == "Hello," and s.result.finish_reason == "error"
@@ -223,9 +233,11 @@ async def test_errors_as_events_when_raise_errors_is_false(upstream: Upstream) -
 
 
 def test_connection_reset_mid_stream(upstream: Upstream) -> None:
-    with tokenrelay.stream("hi", **options(upstream, "reset_after:3")) as s:
-        with pytest.raises(tokenrelay.StreamError) as info:
-            s.final()
+    with (
+        tokenrelay.stream("hi", **options(upstream, "reset_after:3")) as s,
+        pytest.raises(tokenrelay.StreamError) as info,
+    ):
+        s.final()
     assert info.value.code == "connection_lost"
     assert info.value.partial_text == "Hello, world" == s.result.text
     assert upstream.count() == 1
@@ -238,9 +250,11 @@ def test_reset_before_the_first_token_is_retried(upstream: Upstream) -> None:
 
 
 def test_missing_done_is_a_truncated_stream(upstream: Upstream) -> None:
-    with tokenrelay.stream("hi", **options(upstream, "no_done")) as s:
-        with pytest.raises(tokenrelay.StreamError) as info:
-            s.final()
+    with (
+        tokenrelay.stream("hi", **options(upstream, "no_done")) as s,
+        pytest.raises(tokenrelay.StreamError) as info,
+    ):
+        s.final()
     assert info.value.code == "truncated"
     assert s.result.text == "Hello, world!" and s.result.finish_reason == "error"
 
@@ -288,9 +302,11 @@ def test_404_is_a_bad_request(upstream: Upstream) -> None:
 
 def test_idle_timeout_aborts_the_upstream(upstream: Upstream) -> None:
     started = time.monotonic()
-    with tokenrelay.stream("hi", **options(upstream, "stall_after:2")) as s:
-        with pytest.raises(tokenrelay.TimeoutError) as info:
-            s.final()
+    with (
+        tokenrelay.stream("hi", **options(upstream, "stall_after:2")) as s,
+        pytest.raises(tokenrelay.TimeoutError) as info,
+    ):
+        s.final()
     assert info.value.kind == "idle" and info.value.partial_text == "Hello,"
     assert 0.5 <= time.monotonic() - started < 3
     assert upstream.wait_disconnect() is not None
@@ -394,6 +410,15 @@ async def test_connect_timeout_is_a_timeout_error() -> None:
     assert info.value.kind == "connect" and info.value.retryable
 
 
+async def test_an_html_page_is_not_an_event_stream() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, headers={"content-type": "text/html"}, text="<html></html>")
+
+    provider = OpenAIProvider(base_url="http://upstream.test", transport=httpx.MockTransport(handler))
+    with pytest.raises(tokenrelay.ProviderError, match="HTML page.*/v1"):
+        await tokenrelay.acomplete("hi", provider=provider, model="m")
+
+
 def test_one_client_per_event_loop(upstream: Upstream) -> None:
     provider = OpenAIProvider(base_url=upstream.url, api_key="k")
     clients = []
@@ -423,9 +448,8 @@ async def test_list_models(upstream: Upstream) -> None:
         models = await provider.list_models()
     finally:
         await provider.aclose()
-    assert [(m.name, m.provider, m.description) for m in models] == [
-        ("test-model", "openai", "tests")
-    ]
+    assert [(m.name, m.provider) for m in models] == [("test-model", "openai")]
+    assert models[0].description  # the server's owned_by
 
 
 # -- a real peer: llama-cpp-python's OpenAI-compatible server -------------------------------
@@ -441,7 +465,7 @@ def _gguf() -> Path:
 
 
 @pytest.fixture(scope="module")
-def llama_server() -> Iterator[str]:
+def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     missing = [m for m in _SERVER_MODULES if importlib.util.find_spec(m) is None]
     if missing:
         pytest.skip(f"llama-cpp-python's server needs {', '.join(missing)}:"
@@ -449,18 +473,21 @@ def llama_server() -> Iterator[str]:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "llama_cpp.server", "--model", str(_gguf()),
-         "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ},
-    )
+    # The server logs ~200 kB while loading: to a file, never to a pipe nobody drains.
+    log = tmp_path_factory.mktemp("llama_server") / "server.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "llama_cpp.server", "--model", str(_gguf()),
+             "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048"],
+            stdout=out, stderr=subprocess.STDOUT,
+        )
     url = f"http://127.0.0.1:{port}/v1"
     try:
         deadline = time.monotonic() + 120
         while True:
             if proc.poll() is not None:
-                err = proc.stderr.read().decode(errors="replace")[-2000:]  # type: ignore[union-attr]
-                pytest.fail(f"llama_cpp.server exited with {proc.returncode}:\n{err}")
+                tail = log.read_text(errors="replace")[-2000:]
+                pytest.fail(f"llama_cpp.server exited with {proc.returncode}:\n{tail}")
             try:
                 if httpx.get(f"{url}/models", timeout=1).status_code == 200:
                     break
@@ -477,7 +504,6 @@ def llama_server() -> Iterator[str]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-        proc.stderr.close()  # type: ignore[union-attr]
 
 
 @pytest.mark.local

@@ -75,7 +75,7 @@ class ChatChunkParser:
             every payload, even one that carries nothing else).
     """
 
-    __slots__ = ("_sse", "_raw", "_error", "done", "started")
+    __slots__ = ("_error", "_raw", "_sse", "done", "started")
 
     def __init__(self, *, raw: bool = False) -> None:
         self._sse = SSEDecoder()
@@ -91,11 +91,14 @@ class ChatChunkParser:
         if self._error is not None:
             raise self._error
         chunks: list[Chunk] = []
-        for event in self._sse.feed(data):
+        for payload, event, _, _ in self._sse.feed(data):
             if self.done:
                 continue  # nothing counts after the terminator
+            if payload == "[DONE]":
+                self.done = True
+                continue
             try:
-                chunk = self._event(event.data, event.event)
+                chunk = self._payload(payload, event)
             except StreamError as exc:
                 if not chunks:
                     raise
@@ -107,15 +110,19 @@ class ChatChunkParser:
                 chunks.append(chunk)
         return chunks
 
-    def _event(self, payload: str, event: str) -> Chunk | None:
-        if payload == "[DONE]":
-            self.done = True
-            return None
+    def _payload(self, payload: str, event: str) -> Chunk | None:
         try:
             obj = _loads(payload)
+            if type(obj) is dict and event == "message" and not obj.get("error"):
+                return self._chunk(obj)
         except ValueError as exc:
             raise StreamError(
                 f"the provider sent a malformed chunk ({exc}): {payload[:200]!r}",
+                code="malformed_chunk",
+            ) from exc
+        except (AttributeError, TypeError, KeyError, IndexError) as exc:
+            raise StreamError(
+                f"the provider sent a chunk of an unexpected shape: {payload[:200]!r}",
                 code="malformed_chunk",
             ) from exc
         if not isinstance(obj, dict):
@@ -128,7 +135,7 @@ class ChatChunkParser:
             raise StreamError(
                 f"the provider failed mid-stream: {message}", code=code or "upstream_error"
             )
-        return self._chunk(obj)
+        return None  # another event type: not part of the chat completion stream
 
     def _chunk(self, obj: dict[str, Any]) -> Chunk | None:
         text = ""
@@ -176,12 +183,18 @@ def completion_to_chunks(obj: Any, *, raw: bool = False) -> list[Chunk]:
             code="malformed_chunk",
         )
     text, tool_calls, finish = "", None, None
-    if obj["choices"]:
-        choice = obj["choices"][0]
-        message = choice.get("message") or {}
-        text = message.get("content") or ""
-        if message.get("tool_calls"):
-            tool_calls = _tool_calls(message["tool_calls"])
-        finish = choice.get("finish_reason")
+    try:
+        if obj["choices"]:
+            choice = obj["choices"][0]
+            answer = choice.get("message") or {}
+            text = answer.get("content") or ""
+            if answer.get("tool_calls"):
+                tool_calls = _tool_calls(answer["tool_calls"])
+            finish = choice.get("finish_reason")
+    except (AttributeError, TypeError, KeyError) as exc:
+        raise StreamError(
+            f"the provider answered with a chat completion of an unexpected shape: {exc}",
+            code="malformed_chunk",
+        ) from exc
     return [Chunk(text, tool_calls, finish or "stop", parse_usage(obj.get("usage")),
                   obj if raw else None)]

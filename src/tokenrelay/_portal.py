@@ -18,7 +18,7 @@ _lock = threading.Lock()
 _loop: asyncio.AbstractEventLoop | None = None
 
 
-def _get_loop() -> asyncio.AbstractEventLoop:
+def get_loop() -> asyncio.AbstractEventLoop:
     global _loop
     with _lock:
         if _loop is None or _loop.is_closed():
@@ -44,7 +44,7 @@ class Handle:
                 self.finished.set()
 
         self.future: concurrent.futures.Future[Any] = asyncio.run_coroutine_threadsafe(
-            wrapper(), _get_loop()
+            wrapper(), get_loop()
         )
 
     def cancel(self, timeout: float = 10.0) -> None:

@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import codecs
 import re
-from dataclasses import dataclass
+from typing import NamedTuple
 
-__all__ = ["ServerSentEvent", "SSEDecoder", "encode_event", "comment"]
+__all__ = ["SSEDecoder", "ServerSentEvent", "comment", "encode_event"]
 
 
-@dataclass(frozen=True, slots=True)
-class ServerSentEvent:
+# A NamedTuple, not a frozen dataclass: as immutable, and built ~5x faster (a frozen
+# dataclass sets each field through object.__setattr__), once per streamed token.
+class ServerSentEvent(NamedTuple):
     """One dispatched event.
 
     Attributes:
@@ -56,8 +57,15 @@ class SSEDecoder:
     """
 
     __slots__ = (
-        "_decoder", "_partial", "_pending_cr", "_started", "_data", "_event", "_retry",
-        "last_event_id", "retry",
+        "_data",
+        "_decoder",
+        "_event",
+        "_partial",
+        "_pending_cr",
+        "_retry",
+        "_started",
+        "last_event_id",
+        "retry",
     )
 
     def __init__(self) -> None:
@@ -88,6 +96,19 @@ class SSEDecoder:
             self._pending_cr = False
             if text[0] == "\n":
                 text = text[1:]
+        if (
+            # Fast path: one read holding exactly one plain "data: ...\n\n" frame and
+            # nothing pending, which is how token streams arrive almost every time.
+            not self._partial
+            and not self._data
+            and not self._event
+            and self._retry is None
+            and text.startswith("data: ")
+            and text.find("\n") == len(text) - 2
+            and text.endswith("\n\n")
+            and "\r" not in text
+        ):
+            return [ServerSentEvent(text[6:-2], "message", self.last_event_id, None)]
         if "\r" in text:
             # A CR at the very end may be the first half of a CRLF: the line ends here
             # either way, and a LF opening the next read is swallowed.
@@ -141,9 +162,8 @@ class SSEDecoder:
             elif name == "id":
                 if "\0" not in value:
                     self.last_event_id = value
-            elif name == "retry":
-                if value.isascii() and value.isdigit():
-                    self.retry = self._retry = int(value)
+            elif name == "retry" and value.isascii() and value.isdigit():
+                self.retry = self._retry = int(value)
         return events
 
     def end(self) -> list[ServerSentEvent]:

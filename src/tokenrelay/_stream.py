@@ -43,6 +43,7 @@ from .events import (
     Metrics,
     RawChunk,
     StreamEvent,
+    TextBuffer,
     TextDelta,
     ToolCallDelta,
     ToolCallDone,
@@ -115,12 +116,12 @@ class _Accumulator:
     """Pure state: chunks in, events out. No I/O, no clock of its own."""
 
     __slots__ = (
-        "text", "tool_calls", "usage", "finish_reason", "first_token_at", "last_token_at",
+        "buffer", "tool_calls", "usage", "finish_reason", "first_token_at", "last_token_at",
         "token_times", "chunk_count", "raw_chunks", "_keep_raw",
     )
 
     def __init__(self, *, keep_raw: bool) -> None:
-        self.text = ""
+        self.buffer = TextBuffer()
         self.tool_calls: dict[int, ToolCall] = {}
         self.usage: Usage | None = None
         self.finish_reason: str | None = None
@@ -135,6 +136,10 @@ class _Accumulator:
     def started(self) -> bool:
         return self.first_token_at is not None
 
+    @property
+    def text(self) -> str:
+        return self.buffer.text()
+
     def feed(self, chunk: Chunk, now: float) -> list[StreamEvent]:
         events: list[StreamEvent] = []
         if self._keep_raw and chunk.raw is not None:
@@ -147,8 +152,8 @@ class _Accumulator:
             self.last_token_at = now
             self.token_times.append(now)
         if chunk.text:
-            self.text += chunk.text
-            events.append(TextDelta(chunk.text, self.text))
+            end = self.buffer.append(chunk.text)
+            events.append(TextDelta(chunk.text, self.buffer, end))
         if chunk.tool_calls:
             for piece in chunk.tool_calls:
                 call = self.tool_calls.get(piece.index)
@@ -450,6 +455,8 @@ def _timeout_error(kind: str, timeouts: Timeouts, started: bool) -> TimeoutError
 
 
 _END = object()
+_WINDOW = 256
+_BATCH = 32
 
 
 class Stream:
@@ -498,10 +505,15 @@ class Stream:
 
         q: queue.SimpleQueue[Any] = queue.SimpleQueue()
         astream = self._astream
+        loop = _portal.get_loop()
+        # Backpressure: the pump runs ahead of a slow consumer by at most _WINDOW events;
+        # credits come back in batches to keep cross-thread wake-ups rare.
+        credits = asyncio.Semaphore(_WINDOW)
 
         async def pump() -> None:
             try:
                 async for event in astream:
+                    await credits.acquire()
                     q.put(event)
             except BaseException as exc:  # handed to the consumer thread
                 q.put(_Raised(exc))
@@ -510,7 +522,12 @@ class Stream:
             finally:
                 q.put(_END)
 
+        def give_back(n: int) -> None:
+            for _ in range(n):
+                credits.release()
+
         handle = _portal.submit(pump())
+        taken = 0
         try:
             while True:
                 item = q.get()
@@ -520,6 +537,10 @@ class Stream:
                     if isinstance(item.exc, asyncio.CancelledError):
                         break
                     raise item.exc
+                taken += 1
+                if taken == _BATCH:
+                    loop.call_soon_threadsafe(give_back, taken)
+                    taken = 0
                 yield item
         finally:
             # Loop broken, generator closed, KeyboardInterrupt: stop the pump (this

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, TypeAlias
 
 __all__ = [
+    "TextBuffer",
     "FinishReason",
     "Usage",
     "Metrics",
@@ -88,13 +89,51 @@ class Metrics:
         }
 
 
+class TextBuffer:
+    """The text of one stream, shared by its ``TextDelta`` events.
+
+    Each event keeps only a reference and an end offset, so queued or retained events cost
+    O(1) memory each; a snapshot string is built only when someone reads it (and cached).
+    Building a new string per token instead made memory quadratic in the answer length
+    when a slow consumer let events queue up (100k tokens took 21 GB).
+    """
+
+    __slots__ = ("_parts", "length", "_cache", "_cache_parts")
+
+    def __init__(self) -> None:
+        self._parts: list[str] = []
+        self.length = 0
+        self._cache = ""
+        self._cache_parts = 0
+
+    def append(self, text: str) -> int:
+        self._parts.append(text)
+        self.length += len(text)
+        return self.length
+
+    def text(self, end: int | None = None) -> str:
+        if self._cache_parts != len(self._parts):
+            self._cache += "".join(self._parts[self._cache_parts :])
+            self._cache_parts = len(self._parts)
+        if end is None or end >= len(self._cache):
+            return self._cache
+        return self._cache[:end]
+
+
 @dataclass(frozen=True, slots=True)
 class TextDelta:
-    """New text from the model, with the whole text so far."""
+    """New text from the model; ``snapshot`` is the whole text so far."""
 
     delta: str
-    snapshot: str
+    _text: TextBuffer | str = field(default="", repr=False, compare=False)
+    _end: int = field(default=-1, repr=False, compare=False)
     type: Literal["text_delta"] = "text_delta"
+
+    @property
+    def snapshot(self) -> str:
+        if isinstance(self._text, str):
+            return self._text
+        return self._text.text(self._end)
 
 
 @dataclass(frozen=True, slots=True)

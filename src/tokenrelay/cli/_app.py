@@ -9,11 +9,13 @@ import click
 
 from .. import __version__
 from ._errors import handle_errors
+from .bench import bench
 from .chat import chat
 from .compare import compare
 from .logs import logs
 from .models import models
 from .run import run
+from .serve import hash_key_command, serve
 
 __all__ = ["TokenrelayGroup", "cli", "main"]
 
@@ -67,6 +69,9 @@ def cli() -> None:
 
 for _command in (run, chat, compare, models, logs):
     cli.add_command(_command)
+cli.add_command(bench)
+cli.add_command(serve)
+cli.add_command(hash_key_command)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -9,12 +9,10 @@ that ends the program (``run``) or returns to the prompt (``chat``).
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Sequence
 from contextlib import closing
 from dataclasses import dataclass
-from typing import Any
-
-from rich.text import Text
+from typing import Any, cast
 
 from .. import _api
 from .._stream import Result, Stream
@@ -34,7 +32,7 @@ from ._render import (
     footer_text,
 )
 
-__all__ = ["Output", "Outcome", "stream_answer", "events_of", "record", "print_footer"]
+__all__ = ["Outcome", "Output", "events_of", "print_footer", "record", "stream_answer"]
 
 Prompt = str | Sequence[Message | dict[str, Any]]
 
@@ -57,13 +55,13 @@ class Outcome:
     interrupted: bool
 
 
-def events_of(stream: Stream) -> closing[Iterator[StreamEvent]]:
+def events_of(stream: Stream) -> closing[Generator[StreamEvent, None, None]]:
     """The stream's events, as an iterator closed on the way out.
 
     Closing the iterator before the stream matters on Ctrl-C: it cancels the pump on the
     loop thread first, instead of closing the generator while the pump still runs it.
     """
-    return closing(iter(stream))
+    return closing(cast("Generator[StreamEvent, None, None]", iter(stream)))
 
 
 def _sink(output: Output, term: Terminal, indicator: Indicator) -> Sink:
@@ -84,17 +82,16 @@ def _exchange_log() -> ExchangeLog:
     return ExchangeLog(default_log_path())
 
 
-def record(stream: Stream, result: Result, term: Terminal) -> None:
-    """Add the exchange to the SQLite log; a broken log only warns."""
+def record(stream: Stream, term: Terminal) -> None:
+    """Add the finished exchange to the SQLite log; a broken log only warns."""
     try:
-        _exchange_log().record(stream.request, result, source="cli")
-    except Exception as exc:  # the answer matters more than its log entry
-        term.err.print(Text(f"warning: could not write the exchange log: {exc}",
-                            style="yellow"))
+        _exchange_log().record(stream.request, stream.result, source="cli")
+    except Exception as exc:  # noqa: BLE001 -- the answer matters more than its log entry
+        term.note(f"warning: could not write the exchange log: {exc}", style="yellow")
 
 
 def print_footer(term: Terminal, result: Result) -> None:
-    term.err.print(Text(footer_text(result), style="dim"))
+    term.note(footer_text(result))
 
 
 def stream_answer(
@@ -124,17 +121,17 @@ def stream_answer(
         with stream, events_of(stream) as events:
             indicator.start()
             for event in events:
+                sink.feed(event)
                 if isinstance(event, TextDelta):
                     indicator.token()
-                sink.feed(event)
     except KeyboardInterrupt:
         interrupted = True
     finally:
         indicator.stop()
+        if output.log:  # also when the output broke (``| head``): the exchange happened
+            record(stream, term)
     result = stream.result
     sink.finish(result)
     if stats:
         print_footer(term, result)
-    if output.log:
-        record(stream, result, term)
     return Outcome(result, interrupted)

@@ -97,7 +97,8 @@ def _build(values: dict[str, Any]) -> ModelOptions:
     return ModelOptions(
         **{k: values[k] for k in _FIELDS},
         timeouts=Timeouts(**timeouts) if timeouts else None,
-        retry=RetryPolicy(max_retries=retries) if retries is not None else None,
+        retry=RetryPolicy.model_validate({"max_retries": retries}) if retries is not None
+        else None,
     )
 
 

@@ -29,15 +29,16 @@ from .._stream import Result
 from ..events import RawChunk, StreamEvent, TextDelta, event_to_dict
 
 __all__ = [
-    "Terminal",
-    "Indicator",
-    "footer_text",
-    "Sink",
-    "TextSink",
-    "MarkdownSink",
-    "JsonSink",
-    "RawSink",
     "BufferedSink",
+    "Indicator",
+    "JsonSink",
+    "MarkdownSink",
+    "RawSink",
+    "Sink",
+    "Terminal",
+    "TextSink",
+    "footer_text",
+    "seconds",
 ]
 
 
@@ -79,6 +80,10 @@ class Terminal:
     def out_console(self) -> Console:
         return Console(file=sys.stdout, highlight=False)
 
+    def note(self, text: str, *, style: str = "dim") -> None:
+        """One line on stderr (not wrapped by rich: the terminal wraps it if it must)."""
+        self.err.print(Text(text, style=style), soft_wrap=True)
+
 
 class Indicator:
     """A spinner on stderr: "thinking…" until the first token, then a live token count.
@@ -112,7 +117,7 @@ class Indicator:
             self._first_at = now
         self._tokens += 1
         if self._live is not None:
-            label = f"{self._tokens} tokens"
+            label = f"{self._tokens} token" + ("s" if self._tokens != 1 else "")
             elapsed = now - self._first_at
             if self._tokens > 1 and elapsed > 0:
                 label += f" · {(self._tokens - 1) / elapsed:.1f} tok/s"
@@ -129,7 +134,8 @@ class Indicator:
             live.stop()
 
 
-def _seconds(value: float | None) -> str:
+def seconds(value: float | None) -> str:
+    """A duration for people: ``21ms``, ``1.34s``, ``-``."""
     if value is None:
         return "-"
     return f"{value * 1000:.0f}ms" if value < 1 else f"{value:.2f}s"
@@ -146,11 +152,11 @@ def footer_text(result: Result) -> str:
     parts = [
         result.model or result.provider,
         f"{mark}{usage.prompt_tokens}/{mark}{usage.completion_tokens} tokens",
-        f"first token {_seconds(metrics.time_to_first_token)}",
+        f"first token {seconds(metrics.time_to_first_token)}",
     ]
     if metrics.tokens_per_second is not None:
         parts.append(f"{metrics.tokens_per_second:.1f} tok/s")
-    parts.append(_seconds(metrics.total_seconds))
+    parts.append(seconds(metrics.total_seconds))
     parts.append(result.finish_reason)
     return " · ".join(parts)
 
@@ -201,13 +207,16 @@ class MarkdownSink(Sink):
         super().__init__(indicator)
         self._console = console
         self._live: Live | None = None
-        self._text = ""
+        self._parts: list[str] = []
         self._parsed_at = 0.0
+
+    def _markdown(self) -> Markdown:
+        return Markdown("".join(self._parts))
 
     def feed(self, event: StreamEvent) -> None:
         if not isinstance(event, TextDelta):
             return
-        self._text = event.snapshot
+        self._parts.append(event.delta)
         if self._live is None:
             self._indicator.before_output()
             self._live = Live(console=self._console, refresh_per_second=8,
@@ -216,12 +225,12 @@ class MarkdownSink(Sink):
         now = time.monotonic()
         if now - self._parsed_at >= self._INTERVAL:
             self._parsed_at = now
-            self._live.update(Markdown(self._text))
+            self._live.update(self._markdown())
 
     def finish(self, result: Result | None) -> None:
         live, self._live = self._live, None
         if live is not None:
-            live.update(Markdown(self._text))
+            live.update(self._markdown())
             live.stop()
 
 

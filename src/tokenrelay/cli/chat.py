@@ -13,7 +13,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import click
-from rich.text import Text
 
 from ..config import resolve
 from ..errors import TokenrelayError
@@ -24,7 +23,7 @@ from ._options import ModelOptions, model_options
 from ._render import Terminal
 from .run import output_options
 
-__all__ = ["chat", "ChatSession"]
+__all__ = ["ChatSession", "chat"]
 
 _HELP = """\
 /reset          clear the history (the system prompt stays)
@@ -66,7 +65,7 @@ class ChatSession:
         }
 
     def _say(self, text: str, style: str = "dim") -> None:
-        self.term.err.print(Text(text, style=style))
+        self.term.note(text, style=style)
 
     # -- the loop ------------------------------------------------------------------------
 

@@ -25,7 +25,7 @@ from ._options import ModelOptions, model_options
 from ._render import Indicator, Terminal
 from .run import read_prompt
 
-__all__ = ["compare", "Run"]
+__all__ = ["Run", "compare"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,10 +68,10 @@ def _one(prompt: str, options: ModelOptions, *, streamed: bool, term: Terminal,
                         first_visible = time.monotonic() - started
     finally:
         indicator.stop()
+        if log:
+            record(stream, term)
     total = time.monotonic() - started
     result = stream.result
-    if log:
-        record(stream, result, term)
     if result.error is not None:
         raise result.error
     if not streamed and result.text:

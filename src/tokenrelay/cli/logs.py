@@ -13,7 +13,7 @@ from rich.text import Text
 
 from ..errors import UsageError
 from ..log import ExchangeLog, LogEntry, default_log_path
-from ._render import Terminal
+from ._render import Terminal, seconds
 
 __all__ = ["logs"]
 
@@ -29,10 +29,6 @@ def _tokens(entry: LogEntry) -> str:
         return "-"
     mark = "~" if entry.usage_estimated else ""
     return f"{mark}{entry.prompt_tokens or 0}/{mark}{entry.completion_tokens or 0}"
-
-
-def _seconds(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f}s"
 
 
 def _rate(value: float | None) -> str:
@@ -57,7 +53,7 @@ def _list_table(entries: list[LogEntry]) -> Table:
         table.add_row(
             str(e.id), _when(e.created_at), e.model,
             Text(e.finish_reason, style=_FINISH_STYLE.get(e.finish_reason, "")),
-            _tokens(e), _seconds(e.time_to_first_token), _rate(e.tokens_per_second),
+            _tokens(e), seconds(e.time_to_first_token), _rate(e.tokens_per_second),
             _one_line(e.prompt, _PROMPT_WIDTH),
         )
     return table
@@ -74,9 +70,9 @@ def _detail(entry: LogEntry) -> Group:
         ("model", f"{entry.model} ({entry.provider})"),
         ("finish", entry.finish_reason),
         ("tokens", _tokens(entry) + " (prompt/completion)"),
-        ("first token", _seconds(entry.time_to_first_token)),
+        ("first token", seconds(entry.time_to_first_token)),
         ("tokens/s", _rate(entry.tokens_per_second)),
-        ("total", _seconds(entry.total_seconds)),
+        ("total", seconds(entry.total_seconds)),
     ):
         facts.add_row(name, value)
     if entry.error:
@@ -115,7 +111,7 @@ def logs(ctx: click.Context, count: int, as_json: bool) -> None:
         return
     term = Terminal.detect()
     if not entries:
-        term.err.print(Text("no exchanges logged yet", style="dim"))
+        term.note("no exchanges logged yet")
         return
     term.out_console().print(_list_table(entries))
 

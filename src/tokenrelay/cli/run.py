@@ -11,7 +11,7 @@ from ._exchange import Output, stream_answer
 from ._options import ModelOptions, model_options
 from ._render import Terminal
 
-__all__ = ["run", "read_prompt", "output_options"]
+__all__ = ["output_options", "read_prompt", "run"]
 
 
 def read_prompt(words: tuple[str, ...]) -> str:

@@ -23,11 +23,14 @@ runs:
 from __future__ import annotations
 
 import asyncio
+import atexit
 import ctypes
 import importlib.util
 import logging
 import os
 import threading
+import time
+import weakref
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -117,16 +120,18 @@ class _Turns:
         self._serving = 0
         self._abandoned: set[int] = set()
 
-    def acquire(self, cancel: threading.Event | None = None) -> bool:
-        """Wait for our turn; ``False`` (turn given up) when ``cancel`` is set first."""
+    def acquire(self, cancel: threading.Event | None = None, timeout: float | None = None) -> bool:
+        """Wait for our turn; ``False`` (turn given up) if ``cancel`` is set or time is up."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
             ticket = self._next
             self._next += 1
             while ticket != self._serving:
-                if cancel is not None and cancel.is_set():
+                left = None if deadline is None else deadline - time.monotonic()
+                if (cancel is not None and cancel.is_set()) or (left is not None and left <= 0):
                     self._abandoned.add(ticket)
                     return False
-                self._cond.wait()
+                self._cond.wait(left)
             return True
 
     def release(self) -> None:
@@ -160,7 +165,8 @@ class _Vocab:
 
     def __init__(self, lib: Any, model: Any, *, owned: bool) -> None:
         self._lib = lib
-        self._model = model if owned else None  # freed by close() only when ours
+        # A vocabulary-only model is ours to free; the full model belongs to its Llama.
+        self._free = weakref.finalize(self, lib.llama_model_free, model) if owned else None
         self.vocab = lib.llama_model_get_vocab(model)
         self.n_vocab: int = lib.llama_vocab_n_tokens(self.vocab)
         self.eog = frozenset(t for t in range(self.n_vocab) if lib.llama_vocab_is_eog(self.vocab, t))
@@ -228,9 +234,8 @@ class _Vocab:
         return self.tokenize(prompt, add_bos=False, special=True)
 
     def close(self) -> None:
-        if self._model is not None:
-            self._lib.llama_model_free(self._model)
-            self._model = None
+        if self._free is not None:
+            self._free()
 
 
 @dataclass(slots=True)
@@ -272,7 +277,7 @@ def _sampler(lib: Any, vocab: _Vocab, request: Request, options: _LocalOptions) 
     return chain
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class _Job:
     """One request, shared by the async generator and its worker thread."""
 
@@ -343,6 +348,8 @@ class LocalProvider(Provider):
         self._vocab_only: _Vocab | None = None
         self._load_lock = threading.Lock()
         self._turns = _Turns()
+        self._jobs: set[_Job] = set()  # streams in progress (cancelled at exit)
+        _providers.add(self)
 
     # -- loading ---------------------------------------------------------------------
 
@@ -385,6 +392,7 @@ class LocalProvider(Provider):
     async def stream(self, request: Request, *, raw: bool = False) -> AsyncIterator[Chunk]:
         queue: asyncio.Queue[object] = asyncio.Queue()
         job = _Job(request, _options(request), raw, asyncio.get_running_loop(), queue)
+        self._jobs.add(job)
         threading.Thread(target=self._work, args=(job,), name="tokenrelay-local", daemon=True).start()
         ended = False
         try:
@@ -404,6 +412,7 @@ class LocalProvider(Provider):
                 self._turns.wake()
                 while await queue.get() is not _END:
                     pass
+            self._jobs.discard(job)
 
     def _work(self, job: _Job) -> None:
         """The worker thread: load, wait for the model, decode. Ends with ``_END``."""
@@ -425,7 +434,8 @@ class LocalProvider(Provider):
         lib, llm, vocab = loaded.lib, loaded.llm, loaded.vocab
         request, options, cancel = job.request, job.options, job.cancel
         prompt = vocab.prompt_tokens(request)
-        n_ctx = llm.n_ctx()
+        # llama.cpp may round the context up; llama-cpp-python's buffers keep our size.
+        n_ctx = min(llm.n_ctx(), self.n_ctx)
         if len(prompt) >= n_ctx:
             raise UsageError(
                 f"the prompt is {len(prompt)} tokens but the model's context holds {n_ctx}"
@@ -505,9 +515,19 @@ class LocalProvider(Provider):
                               default=True)]
         return [ModelInfo(self.model_path.stem, self.name, f"GGUF model {self.model_path}")]
 
-    def close(self) -> None:
-        """Free the model once the running and queued generations are done."""
-        self._turns.acquire()
+    def close(self, *, cancel: bool = False, timeout: float | None = None) -> None:
+        """Free the model once the running and queued generations are done.
+
+        Args:
+            cancel: stop them instead (each ends as if its stream had been closed).
+            timeout: give up (and keep the model) after this many seconds.
+        """
+        if cancel:
+            for job in list(self._jobs):
+                job.cancel.set()
+            self._turns.wake()
+        if not self._turns.acquire(timeout=timeout):
+            return
         try:
             with self._load_lock:
                 loaded, self._loaded = self._loaded, None
@@ -522,3 +542,14 @@ class LocalProvider(Provider):
     async def aclose(self) -> None:
         """Free the model (waits in a thread for the generations in progress)."""
         await asyncio.to_thread(self.close)
+
+
+_providers: weakref.WeakSet[LocalProvider] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all() -> None:
+    # Free the models while the interpreter still works: llama-cpp-python's own
+    # __del__ runs too late at exit and fails ("'NoneType' object is not callable").
+    for provider in list(_providers):
+        provider.close(cancel=True, timeout=5.0)

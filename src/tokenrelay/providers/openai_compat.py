@@ -14,6 +14,7 @@ the provider keeps one client per running loop and never hands a client to anoth
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
 import json
 import threading
@@ -199,15 +200,24 @@ class OpenAIProvider(Provider):
                         for chunk in await self._unstreamed(response, raw=raw):
                             yield chunk
                         return
+                    if content_type.startswith("text/html"):
+                        # A web page, not an API: a login portal or a base URL without /v1.
+                        raise ProviderError(
+                            f"{url} answered with an HTML page, not an event stream; check"
+                            " the base URL (the API root, usually ending in /v1)"
+                        )
                     parser = ChatChunkParser(raw=raw)
                     encoding = response.headers.get("content-encoding", "identity")
                     reads = (
                         response.aiter_raw() if encoding == "identity" else response.aiter_bytes()
                     )
                     try:
-                        async for data in reads:
-                            for chunk in parser.feed(data):
-                                yield chunk
+                        # aclosing: a consumer that stops mid-stream finalizes httpx's
+                        # reader here, not later from the garbage collector.
+                        async with contextlib.aclosing(reads):  # type: ignore[type-var]
+                            async for data in reads:
+                                for chunk in parser.feed(data):
+                                    yield chunk
                     except httpx.TransportError as exc:
                         raise self._broken(exc, started=parser.started) from exc
                     parser.end()
@@ -262,7 +272,9 @@ class OpenAIProvider(Provider):
             text += f" ({hint})"
         return status_error(status, text, body=payload, retry_after=retry_after(response.headers))
 
-    def _transport_error(self, exc: httpx.TransportError, url: str) -> ProviderError:
+    def _transport_error(
+        self, exc: httpx.TransportError, url: str
+    ) -> ProviderError | ConfigurationError:
         detail = _detail(exc)
         if isinstance(exc, httpx.ConnectTimeout):
             return TimeoutError(

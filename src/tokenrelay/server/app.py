@@ -32,6 +32,7 @@ from ..request import Message, Request, RetryPolicy, Timeouts
 from .config import ServerConfig
 from .encode import ChunkEncoder, completion_body, dumps, error_body, error_status, simple_frames
 from .metrics import CONTENT_TYPE_LATEST, GatewayMetrics
+from .openapi import openapi_document
 from .reqlog import RequestLog
 from .schema import ChatCompletionRequest, SimpleChatRequest
 from .security import Authenticator, GatewayHTTPError, Lease, Limiter
@@ -386,6 +387,11 @@ def create_app(config: ServerConfig | None = None) -> Starlette:
     """The gateway as an ASGI app (``app.state.gateway`` holds its state)."""
     config = config or ServerConfig()
     gateway = Gateway(config)
+    openapi = dumps(openapi_document(auth=bool(config.keys)))
+
+    async def openapi_json(request: HTTPRequest) -> Response:
+        return Response(openapi, media_type="application/json")
+
     routes = [
         Route("/v1/chat/completions", gateway.chat_completions, methods=["POST"]),
         Route("/chat/completions", gateway.chat_completions, methods=["POST"]),
@@ -393,6 +399,7 @@ def create_app(config: ServerConfig | None = None) -> Starlette:
         Route("/chat", gateway.simple_chat, methods=["POST"]),
         Route("/healthz", gateway.healthz, methods=["GET"]),
         Route("/metrics", gateway.metrics_endpoint, methods=["GET"]),
+        Route("/openapi.json", openapi_json, methods=["GET"]),
         Route("/", gateway.index, methods=["GET"]),
     ]
     middleware = [Middleware(BodyLimit, max_bytes=config.max_body_bytes)]

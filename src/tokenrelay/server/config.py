@@ -5,6 +5,8 @@ host = "127.0.0.1"
 port = 8000
 heartbeat = 15.0          # seconds of silence before an SSE ": ping" comment
 send_timeout = 30.0       # a client that stops reading is dropped after this
+header_timeout = 10.0     # a connection must send its request headers within this
+keep_alive_timeout = 5.0  # an idle keep-alive connection is closed after this
 max_body_bytes = 1048576  # 413 above this, before parsing
 cors_origins = ["https://app.example.com"]
 cors_credentials = false
@@ -88,6 +90,11 @@ class ServerConfig(BaseModel):
     port: int = Field(8000, ge=0, le=65535)
     heartbeat: float = Field(15.0, gt=0)
     send_timeout: float = Field(30.0, gt=0)
+    #: A connection must send its complete request headers within this many seconds
+    #: (slowloris); uvicorn itself has no such timeout.
+    header_timeout: float = Field(10.0, gt=0)
+    #: An idle keep-alive connection is closed after this many seconds.
+    keep_alive_timeout: float = Field(5.0, gt=0)
     max_body_bytes: int = Field(1 << 20, ge=1024)
     max_tokens_default: int | None = Field(None, ge=1)
     cors_origins: list[str] = Field(default_factory=list)
@@ -109,6 +116,10 @@ class ServerConfig(BaseModel):
         names = [m.name for m in self.models]
         if len(names) != len(set(names)):
             raise ValueError("model names must be unique")
+        ids = [k.id for k in self.keys]
+        if len(ids) != len(set(ids)):
+            # Limits and log rows are per key id: two keys sharing one would share both.
+            raise ValueError("key ids must be unique")
         return self
 
     @property

@@ -1,0 +1,783 @@
+#!/usr/bin/env python
+"""What the gateway costs: direct vs tokenrelay vs the LiteLLM proxy, side by side, one run.
+
+    .venv/bin/python bench/bench_gateway.py            # ~5-8 minutes on 2 cores
+    .venv/bin/python bench/bench_gateway.py --quick    # smaller counts, ~2 minutes
+
+Every process is separate: one mock upstream (``tokenrelay mock-upstream``), the gateway
+(``tokenrelay serve``), the LiteLLM proxy (from its own venv, default
+/tmp/litellm-venv; missing → that column is skipped with the reason), and this script as
+the load generator (``tokenrelay.bench.abench``: vLLM's TTFT/ITL definitions).
+
+It measures, at concurrency 1, 64 and 256 (100-token answers at 2,000 tokens/s each):
+
+* TTFT p50/p99 and the time each gateway adds to it over the direct path;
+* gateway CPU per relayed chunk: utime+stime of the gateway's process tree
+  (/proc/PID/stat) over the run, divided by the content chunks clients received;
+* memory: RSS of each gateway with 1,000 open streams waiting on a long first token,
+  and how many of them reached the upstream (a connection-pool cap shows here);
+* where tokenrelay's per-chunk time goes: py-spy samples of the gateway (when py-spy is
+  found) grouped by component, plus micro-benchmarks of single stages.
+
+It prints figures and ratios against the goals; it never asserts timings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from tokenrelay.bench import BenchReport, abench
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+TOKENRELAY = str(BIN / "tokenrelay")
+LITELLM = os.environ.get("LITELLM_BIN", "/tmp/litellm-venv/bin/litellm")
+PY_SPY = os.environ.get("PY_SPY") or shutil.which("py-spy") or "/tmp/pyspy-venv/bin/py-spy"
+
+TOKENS = 100
+TPS = 2000
+#: The mock upstream's behaviour is chosen by the model name; gateways forward only that.
+FAST = f"tokens={TOKENS};tps={TPS}"
+IDLE_DELAY = 60.0
+IDLE = f"tokens=4;delay={IDLE_DELAY:g}"
+GOALS = {"added_ttft_p50_ms": 2.0, "cpu_us_per_chunk": 50.0, "vs_litellm": 1 / 3}
+
+console = Console(width=160)
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+# -- /proc -------------------------------------------------------------------------------
+
+def _tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (LiteLLM may run workers as children)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo += children.get(p, [])
+    return out
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process tree, in seconds (/proc/PID/stat fields 14 and 15)."""
+    total = 0
+    for p in _tree(pid):
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / CLK_TCK
+
+
+def rss_mib(pid: int) -> float:
+    """Resident memory of a process tree, MiB."""
+    total = 0
+    for p in _tree(pid):
+        try:
+            total += int(Path(f"/proc/{p}/statm").read_text().split()[1]) * PAGE
+        except OSError:
+            continue
+    return total / 2**20
+
+
+def established(local_port: int) -> int:
+    """ESTABLISHED TCP sockets whose local port is ``local_port`` (server side)."""
+    count = 0
+    for name in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(name).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            parts = line.split()
+            if parts[3] == "01" and int(parts[1].rsplit(":", 1)[1], 16) == local_port:
+                count += 1
+    return count
+
+
+# -- processes ---------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def get(url: str, timeout: float = 2.0) -> Any:
+    with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 (loopback)
+        return json.loads(response.read())
+
+
+def delete(url: str) -> None:
+    request = urllib.request.Request(url, method="DELETE")
+    with urllib.request.urlopen(request, timeout=5):  # noqa: S310 (loopback)
+        pass
+
+
+@dataclass
+class Proc:
+    name: str
+    argv: list[str]
+    port: int
+    ready_path: str
+    env: dict[str, str] = field(default_factory=dict)
+    popen: subprocess.Popen[bytes] | None = None
+    log: Path | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.popen is not None
+        return self.popen.pid
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def start(self, workdir: Path, timeout: float = 60.0) -> None:
+        self.log = workdir / f"{self.name}.log"
+        out = self.log.open("wb")
+        self.popen = subprocess.Popen(self.argv, stdout=out, stderr=subprocess.STDOUT,
+                                      env={**os.environ, **self.env}, cwd=workdir,
+                                      start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.popen.poll() is not None:
+                raise RuntimeError(f"{self.name} exited ({self.popen.returncode}): "
+                                   + self.tail())
+            try:
+                get(f"http://127.0.0.1:{self.port}{self.ready_path}")
+                return
+            except (OSError, ValueError):
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError(f"{self.name} did not answer in {timeout:g}s: "
+                                       + self.tail()) from None
+                time.sleep(0.25)
+
+    def tail(self, lines: int = 8) -> str:
+        if self.log is None or not self.log.exists():
+            return ""
+        return " | ".join(self.log.read_text(errors="replace").strip().splitlines()[-lines:])
+
+    def stop(self) -> None:
+        if self.popen is None or self.popen.poll() is not None:
+            return
+        pids = _tree(self.pid)[1:]
+        self.popen.send_signal(signal.SIGINT)
+        try:
+            self.popen.wait(15)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            self.popen.wait(5)
+        for pid in pids:  # children it started and left behind (none expected)
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def upstream_proc() -> Proc:
+    port = free_port()
+    check = subprocess.run([sys.executable, "-c", "from tokenrelay.cli._app import cli;"
+                            " print('mock-upstream' in cli.commands)"],
+                           capture_output=True, text=True, check=False)
+    if check.stdout.strip() == "True":
+        argv = [TOKENRELAY, "mock-upstream", "--port", str(port)]
+    else:  # the command is not registered (yet): the same server through its module
+        argv = [sys.executable, "-c",
+                "import asyncio, sys; from tokenrelay.mock_upstream import MockUpstream;"
+                " asyncio.run(MockUpstream(port=int(sys.argv[1])).serve_forever())",
+                str(port)]
+    return Proc("upstream", argv, port, "/v1/models")
+
+
+def tokenrelay_proc(workdir: Path, upstream: Proc) -> Proc:
+    port = free_port()
+    config = workdir / "gateway.toml"
+    config.write_text(
+        "[log]\nenabled = false\n\n"
+        + "".join(f'[[models]]\nname = "{name}"\nbase_url = "{upstream.url}"\n'
+                  f'upstream_model = "{model}"\n\n' for name, model in
+                  (("fast", FAST), ("idle", IDLE))))
+    argv = [TOKENRELAY, "serve", "--port", str(port), "--config", str(config),
+            "--route", f"up={upstream.url}"]
+    return Proc("tokenrelay", argv, port, "/v1/models")
+
+
+def litellm_proc(workdir: Path, upstream: Proc) -> Proc | str:
+    """The LiteLLM proxy, or why it cannot run."""
+    if not Path(LITELLM).exists():
+        return (f"{LITELLM} not found: install it in its own venv: python -m venv"
+                " /tmp/litellm-venv && /tmp/litellm-venv/bin/pip install 'litellm[proxy]'")
+    port = free_port()
+    config = workdir / "litellm.yaml"
+    config.write_text("model_list:\n" + "".join(
+        f"  - model_name: {name}\n    litellm_params:\n      model: \"openai/{model}\"\n"
+        f"      api_base: \"{upstream.url}\"\n      api_key: \"sk-bench\"\n"
+        for name, model in (("fast", FAST), ("idle", IDLE)))
+        + "litellm_settings:\n  telemetry: false\n  request_timeout: 600\n")
+    env = {"LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_LOG": "ERROR",
+           "LITELLM_TELEMETRY": "False", "DISABLE_SCHEMA_UPDATE": "True"}
+    argv = [LITELLM, "--config", str(config), "--port", str(port), "--host", "127.0.0.1",
+            "--telemetry", "False"]
+    return Proc("litellm", argv, port, "/v1/models", env=env)
+
+
+# -- measuring ---------------------------------------------------------------------------
+
+@dataclass
+class Run:
+    target: str
+    concurrency: int
+    report: BenchReport
+    gateway_cpu: float | None  # seconds, process tree
+    upstream_cpu: float
+    client_cpu: float
+
+    def per_chunk_us(self, seconds: float | None) -> float | None:
+        chunks = self.report.total_chunks
+        return None if seconds is None or not chunks else seconds / chunks * 1e6
+
+
+async def measure(target: str, url: str, model: str, *, concurrency: int, requests: int,
+                  gateway: Proc | None, upstream: Proc) -> Run:
+    # One warm-up wave at the same concurrency: connections, pools and lazy imports.
+    await abench(base_url=url, model=model, concurrency=concurrency,
+                 requests=concurrency if concurrency > 1 else 10, max_tokens=TOKENS)
+    g0 = cpu_seconds(gateway.pid) if gateway else None
+    u0 = cpu_seconds(upstream.pid)
+    c0 = time.process_time()
+    report = await abench(base_url=url, model=model, concurrency=concurrency,
+                          requests=requests, max_tokens=TOKENS)
+    c1 = time.process_time()
+    u1 = cpu_seconds(upstream.pid)
+    g1 = cpu_seconds(gateway.pid) if gateway else None
+    run = Run(target, concurrency, report, None if gateway is None else g1 - g0,  # type: ignore[operator]
+              u1 - u0, c1 - c0)
+    r = report
+    console.print(
+        f"  {target:<10} c={concurrency:<4} {r.completed}/{r.requests} ok  "
+        f"{r.duration:6.2f}s  TTFT p50 {ms(r.ttft.median)}  p99 {ms(r.ttft.p99)}  "
+        f"gateway CPU {fmt(run.per_chunk_us(run.gateway_cpu), 1)} µs/chunk"
+        + (f"  errors: {list(r.errors.items())[:2]}" if r.errors else ""))
+    return run
+
+
+async def idle_streams(target: str, gateway: Proc, upstream: Proc, n: int) -> dict[str, Any]:
+    """RSS of the gateway with ``n`` streams open, all waiting for a first token."""
+    delete(f"http://127.0.0.1:{upstream.port}/_mock/requests")
+    await asyncio.sleep(1.0)
+    before = rss_mib(gateway.pid)
+    task = asyncio.ensure_future(abench(base_url=gateway.url, model="idle", concurrency=n,
+                                        requests=n, timeout=IDLE_DELAY * 3))
+    started = time.monotonic()
+    last: tuple[int, int] = (-1, -1)
+    stable_since = time.monotonic()
+    peak_rss = before
+    clients = upstream_open = 0
+    while time.monotonic() - started < 40:
+        await asyncio.sleep(0.5)
+        clients = established(gateway.port)
+        records = get(f"http://127.0.0.1:{upstream.port}/_mock/requests", timeout=10)
+        upstream_open = sum(1 for r in records if r["outcome"] == "open")
+        peak_rss = max(peak_rss, rss_mib(gateway.pid))
+        if (clients, upstream_open) != last:
+            last, stable_since = (clients, upstream_open), time.monotonic()
+        elif clients >= n and time.monotonic() - stable_since > 2.0:
+            break
+    with_streams = rss_mib(gateway.pid)
+    took = time.monotonic() - started
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    await asyncio.sleep(2.0)
+    after = rss_mib(gateway.pid)
+    result = {"target": target, "streams": n, "client_connections": clients,
+              "upstream_open": upstream_open, "rss_before_mib": before,
+              "rss_open_mib": max(with_streams, peak_rss), "rss_after_mib": after,
+              "seconds_to_settle": took}
+    result["kib_per_stream"] = (result["rss_open_mib"] - before) * 1024 / n
+    console.print(f"  {target:<10} {clients} client connections, {upstream_open} open at the"
+                  f" upstream, RSS {before:.0f} → {result['rss_open_mib']:.0f} MiB"
+                  f" ({result['kib_per_stream']:.1f} KiB/stream)")
+    return result
+
+
+# -- profile -----------------------------------------------------------------------------
+
+#: Component of a frame, by file; the deepest frame with a component owns a sample.
+COMPONENTS = [
+    ("httpx upstream read", ("/httpx/", "/httpcore/", "/h11/", "/anyio/", "/sniffio/")),
+    ("provider shell (openai_compat)", ("tokenrelay/providers/",)),
+    ("SSE decode + chunk parse", ("tokenrelay/_sse.py", "tokenrelay/_openai_wire.py")),
+    ("AsyncStream (_stream, events)", ("tokenrelay/_stream.py", "tokenrelay/events.py")),
+    ("encoder (encode.py, orjson)", ("tokenrelay/server/encode.py",)),
+    ("SSE response + relay (sse.py, app.py)", ("tokenrelay/server/sse.py",
+                                               "tokenrelay/server/app.py")),
+    ("metrics, limits, request log", ("tokenrelay/server/metrics.py", "prometheus_client",
+                                      "tokenrelay/server/security.py",
+                                      "tokenrelay/server/reqlog.py")),
+    ("request parsing + validation", ("tokenrelay/server/schema.py", "pydantic",
+                                      "tokenrelay/request.py", "tokenrelay/config.py")),
+    ("uvicorn send/receive", ("/uvicorn/", "tokenrelay/server/run.py")),
+    ("starlette routing", ("/starlette/",)),
+]
+
+
+def component(frame: str) -> str | None:
+    for name, needles in COMPONENTS:
+        if any(n in frame for n in needles):
+            return name
+    return None
+
+
+def profile_breakdown(raw: Path) -> tuple[Counter[str], Counter[str], int]:
+    """Samples per component, and the hottest leaf functions, from py-spy's raw output."""
+    by_component: Counter[str] = Counter()
+    leaves: Counter[str] = Counter()
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        frames = stack.split(";")
+        owner = None
+        for frame in reversed(frames):
+            owner = component(frame)
+            if owner:
+                break
+        if owner is None:
+            leaf = frames[-1]
+            owner = ("event loop (uvloop/asyncio: epoll, socket I/O, task switching)"
+                     if "asyncio" in leaf or "uvloop" in leaf or "run_forever" in leaf
+                     or "process_" in leaf else "other")
+        by_component[owner] += count
+        leaves[frames[-1].split(" (")[0] + " (" + frames[-1].rsplit("/", 1)[-1]] += count
+        total += count
+    return by_component, leaves, total
+
+
+async def profile(gateway: Proc, concurrency: int, requests: int,
+                  workdir: Path) -> dict[str, Any] | str:
+    if not Path(PY_SPY).exists():
+        return (f"py-spy not found ({PY_SPY}); install it outside the project venv:"
+                " python -m venv /tmp/pyspy-venv && /tmp/pyspy-venv/bin/pip install py-spy")
+    raw = workdir / "gateway.pyspy.txt"
+    await abench(base_url=gateway.url, model="fast", concurrency=concurrency,
+                 requests=concurrency, max_tokens=TOKENS)
+    spy = subprocess.Popen([PY_SPY, "record", "--pid", str(gateway.pid), "--rate", "500",
+                            "--format", "raw", "--output", str(raw), "--nonblocking"],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    await asyncio.sleep(1.0)
+    g0 = cpu_seconds(gateway.pid)
+    report = await abench(base_url=gateway.url, model="fast", concurrency=concurrency,
+                          requests=requests, max_tokens=TOKENS)
+    g1 = cpu_seconds(gateway.pid)
+    spy.send_signal(signal.SIGINT)
+    try:
+        _, err = spy.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        spy.kill()
+        _, err = spy.communicate()
+    if not raw.exists():
+        return f"py-spy failed: {err.decode(errors='replace').strip()[-300:]}"
+    by_component, leaves, total = profile_breakdown(raw)
+    return {"samples": total, "cpu_us_per_chunk": (g1 - g0) / max(1, report.total_chunks) * 1e6,
+            "components": dict(by_component.most_common()),
+            "top_leaves": dict(leaves.most_common(15)), "raw": str(raw)}
+
+
+# -- micro-benchmarks --------------------------------------------------------------------
+
+MICRO = r"""
+import asyncio, json, sys, time
+sys.path[:0] = [p for p in sys.argv[3:] if p]
+url, kind = sys.argv[1], sys.argv[2]
+N_CONC, N_REQ = 64, 256
+body = json.dumps({"model": "tokens=100;tps=2000", "stream": True, "max_tokens": 100,
+                   "messages": [{"role": "user", "content": "hi"}]}).encode()
+
+async def with_httpx():
+    import httpx
+    limits = httpx.Limits(max_connections=N_CONC, max_keepalive_connections=N_CONC)
+    async with httpx.AsyncClient(limits=limits, timeout=None) as client:
+        async def one():
+            n = 0
+            async with client.stream("POST", url, content=body,
+                                     headers={"content-type": "application/json"}) as r:
+                async for data in r.aiter_raw():
+                    n += data.count(b"data: ")
+            return n
+        return await run(one)
+
+async def with_aiohttp():
+    import aiohttp
+    conn = aiohttp.TCPConnector(limit=N_CONC)
+    async with aiohttp.ClientSession(connector=conn) as session:
+        async def one():
+            n = 0
+            async with session.post(url, data=body,
+                                    headers={"content-type": "application/json"}) as r:
+                async for data in r.content.iter_any():
+                    n += data.count(b"data: ")
+            return n
+        return await run(one)
+
+async def run(one):
+    sem = asyncio.Semaphore(N_CONC)
+    async def guarded():
+        async with sem:
+            return await one()
+    await asyncio.gather(*(guarded() for _ in range(N_CONC)))  # warm-up
+    c0 = time.process_time()
+    frames = sum(await asyncio.gather(*(guarded() for _ in range(N_REQ))))
+    return (time.process_time() - c0) / frames * 1e6
+
+try:
+    import uvloop
+    uvloop.install()
+except ImportError:
+    pass
+print(json.dumps(asyncio.run(with_httpx() if kind == "httpx" else with_aiohttp())))
+"""
+
+
+def stage_costs() -> dict[str, float]:
+    """µs per chunk of single stages of the relay path, in-process, no network."""
+    from tokenrelay._openai_wire import ChatChunkParser
+    from tokenrelay._stream import AsyncStream
+    from tokenrelay.events import TextDelta
+    from tokenrelay.providers.base import Chunk, Provider
+    from tokenrelay.request import Message, Request
+    from tokenrelay.server.encode import ChunkEncoder
+
+    n = 20000
+    frame = (b'data: {"id":"chatcmpl-mock1","object":"chat.completion.chunk","created":1,'
+             b'"model":"m","system_fingerprint":null,"choices":[{"index":0,"delta":'
+             b'{"content":" tok7"},"logprobs":null,"finish_reason":null}]}\n\n')
+    out: dict[str, float] = {}
+    parser = ChatChunkParser()
+    t = time.perf_counter()
+    for _ in range(n):
+        parser.feed(frame)
+    out["SSE decode + chunk parse (ChatChunkParser.feed, 1 frame/read)"] = \
+        (time.perf_counter() - t) / n * 1e6
+
+    encoder = ChunkEncoder("fast", include_usage=True)
+    event = TextDelta(" tok7", "x")
+    encoder.encode(event)
+    t = time.perf_counter()
+    for _ in range(n):
+        encoder.encode(event)
+    out["encoder (ChunkEncoder.encode)"] = (time.perf_counter() - t) / n * 1e6
+
+    chunk = Chunk(" tok7")
+
+    class Fixed(Provider):
+        name = "fixed"
+
+        async def stream(self, request: Request, *, raw: bool = False):  # type: ignore[override]
+            for _ in range(n):
+                yield chunk
+            yield Chunk("", finish_reason="stop")
+
+        def count_tokens(self, text: str, *, model: str | None = None) -> int:
+            return 0
+
+        def count_prompt_tokens(self, request: Request) -> int:
+            return 0
+
+    async def drain(with_stream: bool) -> float:
+        request = Request(messages=(Message(role="user", content="hi"),), model="m")
+        provider = Fixed()
+        t = time.perf_counter()
+        if with_stream:
+            async for _ in AsyncStream(request, provider):
+                pass
+        else:
+            async for _ in provider.stream(request):
+                pass
+        return (time.perf_counter() - t) / n * 1e6
+
+    bare = asyncio.run(drain(False))
+    out["AsyncStream (_run + _Accumulator, over a bare async generator)"] = \
+        asyncio.run(drain(True)) - bare
+
+    async def queue_hop() -> float:
+        q: asyncio.Queue[bytes] = asyncio.Queue(maxsize=64)
+
+        async def produce() -> None:
+            for _ in range(n):
+                await q.put(frame)
+
+        task = asyncio.ensure_future(produce())
+        t = time.perf_counter()
+        for _ in range(n):
+            async with asyncio.timeout(30):
+                await q.get()
+        await task
+        return (time.perf_counter() - t) / n * 1e6
+
+    out["SSEResponse hop (Queue put/get + asyncio.timeout per send)"] = asyncio.run(queue_hop())
+    return out
+
+
+def client_costs(upstream: Proc, workdir: Path) -> dict[str, float | str]:
+    """CPU µs per frame of reading the same upstream streams with httpx and aiohttp."""
+    script = workdir / "micro_client.py"
+    script.write_text(MICRO)
+    url = upstream.url + "/chat/completions"
+    out: dict[str, float | str] = {}
+    aiohttp_path = os.environ.get("AIOHTTP_PATH", "/tmp/aiohttp-lib")
+    for kind, extra in (("httpx", ""), ("aiohttp", aiohttp_path)):
+        done = subprocess.run([sys.executable, str(script), url, kind, extra],
+                              capture_output=True, text=True, timeout=180, check=False)
+        key = f"upstream read with {kind} (client CPU µs per SSE frame, c=64)"
+        if done.returncode == 0:
+            out[key] = float(done.stdout.strip().splitlines()[-1])
+        else:
+            out[key] = "unavailable: " + (done.stderr.strip().splitlines() or ["?"])[-1][:120]
+    return out
+
+
+# -- report ------------------------------------------------------------------------------
+
+def ms(seconds: float | None) -> str:
+    return "–" if seconds is None else f"{seconds * 1000:.2f}"
+
+
+def fmt(value: float | None, digits: int = 2) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None or b <= 0 else a / b
+
+
+def report_runs(runs: list[Run], levels: list[tuple[int, int]]) -> dict[str, Any]:
+    table = Table(title=f"Relay overhead: {TOKENS}-token answers at {TPS} tokens/s per stream")
+    for col in ("conc.", "path", "ok/failed", "req/s", "tok/s", "TTFT p50", "TTFT p99",
+                "added p50", "added p99", "ITL p50", "ITL p99", "gateway CPU µs/chunk",
+                "upstream CPU µs/chunk"):
+        table.add_column(col, justify="right")
+    summary: dict[str, Any] = {}
+    for c, _ in levels:
+        at = {r.target: r for r in runs if r.concurrency == c}
+        direct = at.get("direct")
+        for name in ("direct", "tokenrelay", "litellm"):
+            run = at.get(name)
+            if run is None:
+                continue
+            r = run.report
+            added50 = added99 = None
+            if direct is not None and name != "direct" and r.ttft.median is not None:
+                added50 = r.ttft.median - direct.report.ttft.median  # type: ignore[operator]
+                added99 = r.ttft.p99 - direct.report.ttft.p99  # type: ignore[operator]
+            cpu = run.per_chunk_us(run.gateway_cpu)
+            table.add_row(str(c), name, f"{r.completed}/{r.failed}",
+                          f"{r.request_throughput:.1f}", f"{r.output_throughput:.0f}",
+                          ms(r.ttft.median), ms(r.ttft.p99), ms(added50), ms(added99),
+                          ms(r.itl.median), ms(r.itl.p99), fmt(cpu, 1),
+                          fmt(run.per_chunk_us(run.upstream_cpu), 1))
+            summary[f"{name}@{c}"] = {
+                "report": r.to_dict(), "added_ttft_p50_ms": None if added50 is None
+                else added50 * 1000, "added_ttft_p99_ms": None if added99 is None
+                else added99 * 1000, "gateway_cpu_us_per_chunk": cpu,
+                "upstream_cpu_us_per_chunk": run.per_chunk_us(run.upstream_cpu),
+                "client_cpu_us_per_chunk": run.per_chunk_us(run.client_cpu)}
+        table.add_section()
+    console.print(table)
+
+    goals = Table(title="Against the goals (tokenrelay vs direct and vs LiteLLM)")
+    for col in ("conc.", "added TTFT p50 ms (goal ≤ 2)", "CPU µs/chunk (goal ≤ 50)",
+                "CPU vs LiteLLM (goal ≤ 0.33)", "added TTFT p50 vs LiteLLM (goal ≤ 0.33)",
+                "added TTFT p99 vs LiteLLM"):
+        goals.add_column(col, justify="right")
+    for c, _ in levels:
+        tr, ll = summary.get(f"tokenrelay@{c}"), summary.get(f"litellm@{c}")
+        if tr is None:
+            continue
+        cpu_ratio = ratio(tr["gateway_cpu_us_per_chunk"],
+                          ll and ll["gateway_cpu_us_per_chunk"])
+        lat_ratio = ratio(tr["added_ttft_p50_ms"], ll and ll["added_ttft_p50_ms"])
+        lat99 = ratio(tr["added_ttft_p99_ms"], ll and ll["added_ttft_p99_ms"])
+        goals.add_row(str(c), mark(tr["added_ttft_p50_ms"], GOALS["added_ttft_p50_ms"]),
+                      mark(tr["gateway_cpu_us_per_chunk"], GOALS["cpu_us_per_chunk"], 1),
+                      mark(cpu_ratio, GOALS["vs_litellm"]),
+                      mark(lat_ratio, GOALS["vs_litellm"]), fmt(lat99))
+        summary[f"ratios@{c}"] = {"cpu_vs_litellm": cpu_ratio,
+                                  "added_ttft_p50_vs_litellm": lat_ratio,
+                                  "added_ttft_p99_vs_litellm": lat99}
+    console.print(goals)
+    return summary
+
+
+def mark(value: float | None, goal: float, digits: int = 2) -> str:
+    if value is None:
+        return "–"
+    return f"{value:.{digits}f} " + ("[green]✓[/]" if value <= goal else "[red]✗[/]")
+
+
+def report_idle(results: list[dict[str, Any]]) -> None:
+    table = Table(title="Memory with open idle streams (all waiting on a first token)")
+    for col in ("gateway", "streams", "client conns", "open at upstream", "RSS idle MiB",
+                "RSS open MiB", "KiB/stream", "RSS after MiB"):
+        table.add_column(col, justify="right")
+    for r in results:
+        table.add_row(r["target"], str(r["streams"]), str(r["client_connections"]),
+                      str(r["upstream_open"]), f"{r['rss_before_mib']:.1f}",
+                      f"{r['rss_open_mib']:.1f}", f"{r['kib_per_stream']:.1f}",
+                      f"{r['rss_after_mib']:.1f}")
+    console.print(table)
+
+
+def report_profile(prof: dict[str, Any] | str, stages: dict[str, Any]) -> None:
+    if isinstance(prof, str):
+        console.print(f"[yellow]profile skipped: {prof}[/]")
+    else:
+        total = prof["samples"] or 1
+        per = prof["cpu_us_per_chunk"]
+        table = Table(title=f"Where tokenrelay's time goes (py-spy, {prof['samples']} samples;"
+                            f" {per:.1f} µs CPU/chunk in the profiled run)")
+        table.add_column("component")
+        table.add_column("share", justify="right")
+        table.add_column("≈ µs/chunk", justify="right")
+        for name, count in prof["components"].items():
+            table.add_row(name, f"{count / total:.1%}", f"{count / total * per:.1f}")
+        console.print(table)
+        leaves = Table(title="Hottest functions (self time)")
+        leaves.add_column("function")
+        leaves.add_column("share", justify="right")
+        for name, count in prof["top_leaves"].items():
+            leaves.add_row(name, f"{count / total:.1%}")
+        console.print(leaves)
+    if stages:
+        table = Table(title="Single stages, measured alone")
+        table.add_column("stage")
+        table.add_column("µs", justify="right")
+        for name, value in stages.items():
+            table.add_row(name, value if isinstance(value, str) else f"{value:.2f}")
+        console.print(table)
+
+
+# -- main --------------------------------------------------------------------------------
+
+async def main(args: argparse.Namespace) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 8192 <= hard or soft < hard < 8192:
+        # 1,000 streams are 2,000+ sockets per process here; children inherit this.
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 65536), hard))
+    levels = [(1, 50), (64, 256), (256, 512)] if args.quick else [(1, 200), (64, 640),
+                                                                  (256, 1024)]
+    idle_n = 300 if args.quick else 1000
+    console.print(f"[bold]bench_gateway[/] {time.strftime('%Y-%m-%d %H:%M')}  "
+                  f"{platform.machine()}, {os.cpu_count()} cores, Python "
+                  f"{platform.python_version()}")
+    workdir = Path(tempfile.mkdtemp(prefix="bench-gateway-"))
+    upstream = upstream_proc()
+    procs: list[Proc] = [upstream]
+    results: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M"),
+                               "cores": os.cpu_count()}
+    try:
+        upstream.start(workdir)
+        gateway = tokenrelay_proc(workdir, upstream)
+        procs.append(gateway)
+        gateway.start(workdir)
+        targets: list[tuple[str, str, str, Proc | None]] = [
+            ("direct", upstream.url, FAST, None), ("tokenrelay", gateway.url, "fast", gateway)]
+        litellm: Proc | None = None
+        if not args.no_litellm:
+            made = litellm_proc(workdir, upstream)
+            if isinstance(made, str):
+                console.print(f"[yellow]LiteLLM skipped: {made}[/]")
+                results["litellm_skipped"] = made
+            else:
+                try:
+                    made.start(workdir, timeout=180)
+                    litellm = made
+                    procs.append(made)
+                    targets.append(("litellm", made.url, "fast", made))
+                except RuntimeError as exc:
+                    console.print(f"[yellow]LiteLLM skipped: {exc}[/]")
+                    results["litellm_skipped"] = str(exc)
+        console.print(f"upstream pid {upstream.pid}, tokenrelay pid {gateway.pid}"
+                      + (f", litellm pid {litellm.pid}" if litellm else ""))
+
+        runs: list[Run] = []
+        for c, n in levels:
+            for name, url, model, proc in targets:
+                runs.append(await measure(name, url, model, concurrency=c, requests=n,
+                                          gateway=proc, upstream=upstream))
+        results["runs"] = report_runs(runs, levels)
+
+        console.print(f"[bold]Idle streams[/] ({idle_n} waiting on a {IDLE_DELAY:g}s first"
+                      " token)")
+        idle = [await idle_streams("tokenrelay", gateway, upstream, idle_n)]
+        if litellm is not None:
+            idle.append(await idle_streams("litellm", litellm, upstream, idle_n))
+        report_idle(idle)
+        results["idle"] = idle
+
+        prof: dict[str, Any] | str = "skipped (--no-profile)"
+        stages: dict[str, Any] = {}
+        if not args.no_profile:
+            console.print("[bold]Profile[/] (tokenrelay at concurrency 64)")
+            prof = await profile(gateway, 64, 256 if args.quick else 640, workdir)
+            stages = await asyncio.to_thread(stage_costs)
+            stages.update(await asyncio.to_thread(client_costs, upstream, workdir))
+        report_profile(prof, stages)
+        results["profile"] = prof
+        results["stages"] = stages
+    finally:
+        for proc in reversed(procs):
+            proc.stop()
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2, default=str))
+        console.print(f"results written to {args.json}")
+    console.print(f"logs and profile in {workdir}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smaller request counts")
+    parser.add_argument("--no-litellm", action="store_true", help="skip the LiteLLM column")
+    parser.add_argument("--no-profile", action="store_true", help="skip py-spy and stages")
+    parser.add_argument("--json", metavar="PATH", help="also write all figures as JSON")
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    asyncio.run(main(parser.parse_args()))

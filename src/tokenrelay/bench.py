@@ -1,0 +1,351 @@
+"""An endpoint benchmark for any OpenAI-compatible streaming Chat Completions endpoint.
+
+The metrics are those of vLLM's serving benchmark (``benchmarks/benchmark_serving.py``,
+``vllm bench serve``), so figures can be compared with the ones people already quote:
+
+* **TTFT**, time to first token: from sending the request to the first chunk that
+  carries content;
+* **ITL**, inter-token latency: every gap between two consecutive content chunks (all
+  requests' gaps pooled, so a stall weighs as much as it lasts);
+* **TPOT**, time per output token, per request: ``(e2el - ttft) / (output_tokens - 1)``
+  (requests with a single token have none);
+* **E2EL**, end-to-end latency: from sending the request to the end of the body;
+* output tokens/s: all output tokens over the wall duration; request throughput:
+  completed requests over the wall duration.
+
+Output tokens come from the usage chunk (the request asks for
+``stream_options.include_usage``), else from counting content chunks. Percentiles
+interpolate linearly between samples, as ``numpy.percentile`` does.
+
+Example::
+
+    report = asyncio.run(abench(base_url="http://127.0.0.1:8000/v1", model="qwen",
+                                concurrency=8, requests=64))
+    print(report.to_dict()["ttft_ms"]["p99"])
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from ._openai_wire import ChatChunkParser, error_message
+from .errors import StreamError, UsageError
+
+__all__ = ["RequestOutcome", "BenchReport", "Stats", "abench", "summarize", "chat_url"]
+
+DEFAULT_PROMPT = "Write a short story about a lighthouse keeper."
+
+#: The four latency metrics, in the order they are shown.
+METRICS = ("ttft", "tpot", "itl", "e2el")
+
+
+@dataclass(slots=True)
+class RequestOutcome:
+    """What one request measured (seconds, ``time.perf_counter`` deltas).
+
+    Attributes:
+        ok: the stream ended with its terminator and carried some content.
+        ttft: time to the first content chunk.
+        itl: the gaps between consecutive content chunks.
+        e2el: time to the end of the body.
+        chunks: how many chunks carried content.
+        output_tokens: from the usage chunk when ``usage_reported``, else ``chunks``.
+        error: what went wrong, one line, when not ``ok``.
+    """
+
+    ok: bool = False
+    ttft: float | None = None
+    itl: list[float] = field(default_factory=list)
+    e2el: float | None = None
+    chunks: int = 0
+    output_tokens: int = 0
+    usage_reported: bool = False
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Stats:
+    """Summary of one metric, in seconds (``None`` without samples)."""
+
+    mean: float | None
+    median: float | None
+    p95: float | None
+    p99: float | None
+    count: int
+
+    @classmethod
+    def of(cls, values: list[float]) -> Stats:
+        if not values:
+            return cls(None, None, None, None, 0)
+        ordered = sorted(values)
+        return cls(math.fsum(ordered) / len(ordered), percentile(ordered, 50),
+                   percentile(ordered, 95), percentile(ordered, 99), len(ordered))
+
+    def to_ms(self) -> dict[str, float | None]:
+        def ms(v: float | None) -> float | None:
+            return None if v is None else round(v * 1000, 4)
+
+        return {"mean": ms(self.mean), "median": ms(self.median), "p95": ms(self.p95),
+                "p99": ms(self.p99)}
+
+
+def percentile(ordered: list[float], q: float) -> float:
+    """The ``q``-th percentile of sorted values, linear interpolation (numpy's default)."""
+    k = (len(ordered) - 1) * q / 100
+    lo = math.floor(k)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
+
+
+@dataclass(frozen=True, slots=True)
+class BenchReport:
+    """The summary of a run."""
+
+    base_url: str
+    model: str
+    concurrency: int
+    requests: int
+    completed: int
+    failed: int
+    duration: float
+    total_output_tokens: int
+    total_chunks: int
+    usage_reported: int
+    ttft: Stats
+    tpot: Stats
+    itl: Stats
+    e2el: Stats
+    errors: dict[str, int]
+
+    @property
+    def request_throughput(self) -> float:
+        return self.completed / self.duration if self.duration > 0 else 0.0
+
+    @property
+    def output_throughput(self) -> float:
+        return self.total_output_tokens / self.duration if self.duration > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """The ``--json`` document: times in ms, throughputs per second."""
+        return {
+            "base_url": self.base_url,
+            "model": self.model,
+            "concurrency": self.concurrency,
+            "requests": self.requests,
+            "completed": self.completed,
+            "failed": self.failed,
+            "duration_s": round(self.duration, 6),
+            "total_output_tokens": self.total_output_tokens,
+            "total_content_chunks": self.total_chunks,
+            "usage_reported": self.usage_reported,
+            "request_throughput": round(self.request_throughput, 4),
+            "output_throughput": round(self.output_throughput, 4),
+            "ttft_ms": self.ttft.to_ms(),
+            "tpot_ms": self.tpot.to_ms(),
+            "itl_ms": self.itl.to_ms(),
+            "e2el_ms": self.e2el.to_ms(),
+            "errors": dict(self.errors),
+        }
+
+
+def summarize(outcomes: list[RequestOutcome], duration: float, *, base_url: str = "",
+              model: str = "", concurrency: int = 1) -> BenchReport:
+    """Pool the outcomes of a run into a :class:`BenchReport` (vLLM's definitions)."""
+    ttfts: list[float] = []
+    tpots: list[float] = []
+    itls: list[float] = []
+    e2els: list[float] = []
+    total = reported = chunks = 0
+    errors: Counter[str] = Counter()
+    for o in outcomes:
+        if not o.ok:
+            errors[o.error or "unknown error"] += 1
+            continue
+        assert o.ttft is not None and o.e2el is not None
+        total += o.output_tokens
+        chunks += o.chunks
+        reported += o.usage_reported
+        ttfts.append(o.ttft)
+        e2els.append(o.e2el)
+        itls.extend(o.itl)
+        if o.output_tokens > 1:
+            tpots.append((o.e2el - o.ttft) / (o.output_tokens - 1))
+    completed = len(ttfts)
+    return BenchReport(
+        base_url=base_url, model=model, concurrency=concurrency, requests=len(outcomes),
+        completed=completed, failed=len(outcomes) - completed, duration=duration,
+        total_output_tokens=total, total_chunks=chunks, usage_reported=reported,
+        ttft=Stats.of(ttfts),
+        tpot=Stats.of(tpots), itl=Stats.of(itls), e2el=Stats.of(e2els),
+        errors=dict(errors.most_common()),
+    )
+
+
+def chat_url(base_url: str) -> str:
+    """``…/v1`` → ``…/v1/chat/completions``; a URL already ending so is kept."""
+    url = base_url.rstrip("/")
+    try:
+        scheme = httpx.URL(url).scheme
+    except httpx.InvalidURL as exc:
+        raise UsageError(f"invalid base URL {base_url!r}: {exc}") from exc
+    if scheme not in ("http", "https"):
+        raise UsageError(f"invalid base URL {base_url!r}: it must start with http:// or"
+                         " https:// (e.g. http://127.0.0.1:8000/v1)")
+    return url if url.endswith("/chat/completions") else url + "/chat/completions"
+
+
+class _Endpoint:
+    """One endpoint's request body and the stream_options fallback, shared by workers."""
+
+    def __init__(self, url: str, model: str, prompt: str, max_tokens: int | None) -> None:
+        self.url = url
+        self.model = model
+        self.prompt = prompt
+        self.max_tokens = max_tokens
+        self.with_usage = True
+        self._bodies: dict[bool, bytes] = {}
+
+    def body(self) -> bytes:
+        body = self._bodies.get(self.with_usage)
+        if body is None:
+            obj: dict[str, Any] = {
+                "model": self.model,
+                "messages": [{"role": "user", "content": self.prompt}],
+                "stream": True,
+            }
+            if self.with_usage:
+                obj["stream_options"] = {"include_usage": True}
+            if self.max_tokens is not None:
+                obj["max_tokens"] = self.max_tokens
+            body = self._bodies[self.with_usage] = json.dumps(obj).encode()
+        return body
+
+
+async def _one(client: httpx.AsyncClient, endpoint: _Endpoint) -> RequestOutcome:
+    outcome = RequestOutcome()
+    while True:
+        with_usage = endpoint.with_usage
+        start = time.perf_counter()
+        try:
+            async with client.stream("POST", endpoint.url, content=endpoint.body()) as response:
+                if response.status_code != 200:
+                    data = await response.aread()
+                    if (with_usage and response.status_code in (400, 422)
+                            and b"stream_options" in data):
+                        # An older server: ask again without it and count chunks instead.
+                        endpoint.with_usage = False
+                        continue
+                    outcome.error = _status_line(response, data)
+                    return outcome
+                parser = ChatChunkParser()
+                last = start
+                async for data in response.aiter_raw():
+                    now = time.perf_counter()
+                    for chunk in parser.feed(data):
+                        if chunk.text or chunk.tool_calls:
+                            outcome.chunks += 1
+                            if outcome.ttft is None:
+                                outcome.ttft = now - start
+                            else:
+                                outcome.itl.append(now - last)
+                            last = now
+                        if chunk.usage is not None:
+                            outcome.output_tokens = chunk.usage.completion_tokens
+                            outcome.usage_reported = True
+                parser.end()
+                outcome.e2el = time.perf_counter() - start
+        except StreamError as exc:
+            outcome.error = exc.message
+            return outcome
+        except httpx.HTTPError as exc:
+            outcome.error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            return outcome
+        break
+    if outcome.ttft is None:
+        outcome.error = "the stream carried no content"
+        return outcome
+    if not outcome.usage_reported:
+        outcome.output_tokens = outcome.chunks
+    outcome.ok = True
+    return outcome
+
+
+def _status_line(response: httpx.Response, data: bytes) -> str:
+    try:
+        message, _ = error_message(json.loads(data))
+    except ValueError:
+        message = data.decode("utf-8", "replace").strip()[:200]
+    return f"HTTP {response.status_code}: {message}"[:300]
+
+
+async def abench(
+    *,
+    base_url: str,
+    model: str,
+    concurrency: int = 1,
+    requests: int = 100,
+    prompt: str = DEFAULT_PROMPT,
+    max_tokens: int | None = None,
+    api_key: str | None = None,
+    headers: Mapping[str, str] | None = None,
+    timeout: float = 300.0,
+    on_result: Callable[[RequestOutcome], None] | None = None,
+    transport: httpx.AsyncBaseTransport | None = None,
+) -> BenchReport:
+    """Send ``requests`` streamed chat completions, ``concurrency`` at a time.
+
+    Args:
+        base_url: the API root (``http://host:port/v1``) or the full
+            ``…/chat/completions`` URL.
+        model: the model name sent in each request.
+        concurrency: requests in flight at once (a connection each).
+        requests: how many requests in all.
+        prompt: the user message.
+        max_tokens: sent as ``max_tokens`` when given.
+        api_key: sent as ``Authorization: Bearer``.
+        headers: extra request headers (e.g. a mock upstream's behaviour).
+        timeout: seconds a request may wait for its next byte before it fails.
+        on_result: called with each finished request (progress display).
+        transport: an httpx transport instead of the network (tests).
+    """
+    if concurrency < 1 or requests < 1:
+        raise UsageError("concurrency and requests must be at least 1")
+    endpoint = _Endpoint(chat_url(base_url), model, prompt, max_tokens)
+    sent = {"Content-Type": "application/json", "Accept": "text/event-stream",
+            "Accept-Encoding": "identity", "User-Agent": "tokenrelay-bench", **(headers or {})}
+    if api_key:
+        sent["Authorization"] = f"Bearer {api_key}"
+    workers = min(concurrency, requests)
+    outcomes: list[RequestOutcome] = []
+    remaining = requests
+    # A connection per worker: httpx's default pool (100) would silently queue the rest
+    # and the queueing would show up as TTFT.
+    limits = httpx.Limits(max_connections=workers, max_keepalive_connections=workers)
+    client_timeout = httpx.Timeout(connect=10.0, read=timeout, write=10.0, pool=None)
+
+    async with httpx.AsyncClient(headers=sent, limits=limits, timeout=client_timeout,
+                                 transport=transport) as client:
+
+        async def worker() -> None:
+            nonlocal remaining
+            while remaining > 0:
+                remaining -= 1
+                outcome = await _one(client, endpoint)
+                outcomes.append(outcome)
+                if on_result is not None:
+                    on_result(outcome)
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(workers)))
+        duration = time.perf_counter() - started
+    return summarize(outcomes, duration, base_url=base_url, model=model,
+                     concurrency=concurrency)

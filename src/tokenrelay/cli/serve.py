@@ -1,0 +1,163 @@
+"""``tokenrelay serve``: the SSE gateway; ``tokenrelay hash-key``: a key's stored form.
+
+Raw API keys are hashed the moment they are read and never kept, printed or logged;
+the configuration only ever holds their SHA-256. Upstream keys come from the config
+file or the environment, never from requests.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from ..errors import ConfigurationError, UsageError
+
+if TYPE_CHECKING:
+    from ..server.config import ServerConfig
+
+__all__ = ["hash_key_command", "route_key_env", "serve", "server_config"]
+
+_ROUTE = re.compile(r"^(?P<name>[^=\s]+)=(?P<url>https?://\S+)$")
+_SHORT_KEY = 16
+
+
+def route_key_env(name: str) -> str:
+    """The environment variable holding the upstream key of a ``--route NAME=...``."""
+    return "TOKENRELAY_" + re.sub(r"[^A-Z0-9]", "_", name.upper()) + "_API_KEY"
+
+
+def _routes(specs: tuple[str, ...]) -> list[dict[str, Any]]:
+    routes = []
+    for spec in specs:
+        match = _ROUTE.match(spec.strip())
+        if match is None:
+            raise UsageError(f"--route expects NAME=BASE_URL with an http(s) URL, got {spec!r}"
+                             " (e.g. --route qwen=http://10.0.0.5:8000/v1)")
+        name = match["name"]
+        routes.append({"name": name, "base_url": match["url"],
+                       "api_key_env": route_key_env(name)})
+    return routes
+
+
+def _hashed_keys(raw_keys: tuple[str, ...], taken: set[str]) -> list[dict[str, Any]]:
+    from ..server.config import hash_key
+
+    keys: list[dict[str, Any]] = []
+    n = 0
+    for raw in raw_keys:
+        if not raw or raw != raw.strip():
+            # Presented keys are stripped, so such a key could never match.
+            raise UsageError("--api-key must not be empty or start/end with whitespace")
+        n += 1
+        while f"key{n}" in taken:
+            n += 1
+        key_id = f"key{n}"
+        if len(raw) < _SHORT_KEY:
+            click.echo(f"warning: API key {key_id} is short; use a long random key"
+                       " (e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))')",
+                       err=True)
+        keys.append({"id": key_id, "sha256": hash_key(raw)})
+    return keys
+
+
+def server_config(config_file: str | None = None, *, host: str | None = None,
+                  port: int | None = None, routes: tuple[str, ...] = (),
+                  api_keys: tuple[str, ...] = (), heartbeat: float | None = None,
+                  log_enabled: bool | None = None,
+                  cors_origins: tuple[str, ...] = ()) -> ServerConfig:
+    """The gateway configuration of ``tokenrelay serve``: the file, then the options.
+
+    API keys are hashed here; the result holds only their SHA-256.
+    """
+    from ..server.config import load_config
+
+    overrides: dict[str, Any] = {
+        "host": host, "port": port, "heartbeat": heartbeat,
+        "cors_origins": list(cors_origins) or None,
+    }
+    extra_models = _routes(routes)
+    config = load_config(config_file, **overrides, models=extra_models)
+    if api_keys:
+        keys = _hashed_keys(api_keys, {k.id for k in config.keys})
+        config = load_config(config_file, **overrides, models=extra_models, keys=keys)
+    if log_enabled is not None:
+        config.log.enabled = log_enabled
+    return config
+
+
+@click.command()
+@click.option("--host", default=None,
+              help="Address to listen on.  [default: 127.0.0.1, or the config's]")
+@click.option("--port", type=click.IntRange(0, 65535), default=None,
+              help="Port to listen on (0: any free port).  [default: 8000]")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
+              help="TOML config: models, keys, limits, log (see tokenrelay.server.config).")
+@click.option("--route", "routes", multiple=True, metavar="NAME=BASE_URL",
+              help="Serve model NAME from an OpenAI-compatible BASE_URL (repeatable); its key"
+                   " is read from TOKENRELAY_<NAME>_API_KEY.")
+@click.option("--api-key", "api_keys", multiple=True, metavar="KEY",
+              envvar="TOKENRELAY_API_KEYS",
+              help="Require this API key (repeatable; env TOKENRELAY_API_KEYS, space-"
+                   "separated, keeps keys out of `ps`). Stored hashed only.")
+@click.option("--heartbeat", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Seconds of silence before an SSE ': ping' comment.  [default: 15]")
+@click.option("--log/--no-log", "log_enabled", default=None,
+              help="Record requests to SQLite.  [default: on]")
+@click.option("--cors-origin", "cors_origins", multiple=True, metavar="ORIGIN",
+              help="Allow browser pages from ORIGIN (repeatable; replaces the config's list).")
+def serve(host: str | None, port: int | None, config_file: str | None,
+          routes: tuple[str, ...], api_keys: tuple[str, ...], heartbeat: float | None,
+          log_enabled: bool | None, cors_origins: tuple[str, ...]) -> None:
+    """Run the OpenAI-compatible SSE gateway.
+
+    \b
+    tokenrelay serve                                   mock + embedded model on 127.0.0.1:8000
+    tokenrelay serve --route qwen=http://gpu:8000/v1   add an upstream model
+    tokenrelay serve --host 0.0.0.0 --config gw.toml   exposed: the config must have [[keys]]
+
+    Without API keys it refuses to listen beyond loopback.
+    """
+    try:
+        from ..server.run import bind, build_server, url
+    except ImportError as exc:
+        raise ConfigurationError(str(exc)) from None
+
+    config = server_config(config_file, host=host, port=port, routes=routes,
+                           api_keys=api_keys, heartbeat=heartbeat, log_enabled=log_enabled,
+                           cors_origins=cors_origins)
+    config.check_exposure()
+
+    server = build_server(config)  # builds the app: a bad route fails here, before binding
+    sock = bind(config)
+    gateway = server.config.app.state.gateway
+    click.echo(f"tokenrelay: serving on {url(sock)}  (models: {', '.join(gateway.models)})",
+               err=True)
+    if config.keys:
+        click.echo(f"tokenrelay: {len(config.keys)} API key(s); clients send"
+                   " Authorization: Bearer <key>", err=True)
+    else:
+        click.echo("tokenrelay: no API keys: listening on loopback only, without"
+                   " authentication", err=True)
+    server.run(sockets=[sock])
+    if not server.started:  # the app's startup failed; uvicorn logged why
+        sys.exit(1)
+
+
+@click.command("hash-key")
+@click.argument("key")
+def hash_key_command(key: str) -> None:
+    """Print the SHA-256 of KEY for a config's [[keys]] sha256 ("-": read it from stdin).
+
+    \b
+    tokenrelay hash-key - < key.txt
+    """
+    from ..server.config import hash_key
+
+    if key == "-":
+        key = sys.stdin.readline().rstrip("\r\n")
+    if not key or key != key.strip():
+        raise UsageError("the key must not be empty or start/end with whitespace")
+    click.echo(hash_key(key))

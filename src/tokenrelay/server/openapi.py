@@ -1,0 +1,294 @@
+"""The gateway's OpenAPI 3.1 document, served at ``GET /openapi.json``.
+
+Request bodies come from the pydantic models that validate them (``schema.py``), so the
+document cannot drift from what the gateway accepts; responses are written out here
+against the OpenAI wire format the encoders produce (``encode.py``). OpenAPI 3.1 schemas
+are JSON Schema 2020-12, which is what pydantic emits, so no translation is needed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic.json_schema import models_json_schema
+
+from .. import __version__
+from .schema import ChatCompletionRequest, SimpleChatRequest
+
+__all__ = ["openapi_document"]
+
+_REF = "#/components/schemas/{model}"
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": _REF.format(model=name)}
+
+
+def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"anyOf": [schema, {"type": "null"}]}
+
+
+_USAGE = {
+    "type": "object",
+    "required": ["prompt_tokens", "completion_tokens", "total_tokens"],
+    "properties": {name: {"type": "integer", "minimum": 0}
+                   for name in ("prompt_tokens", "completion_tokens", "total_tokens")},
+}
+
+_ERROR_OBJECT = {
+    "type": "object",
+    "required": ["message", "type"],
+    "properties": {
+        "message": {"type": "string"},
+        "type": {"type": "string"},
+        "param": _nullable({"type": "string"}),
+        "code": _nullable({"type": "string"}),
+    },
+}
+
+_ERROR = {
+    "type": "object",
+    "description": "An OpenAI error object.",
+    "required": ["error"],
+    "properties": {"error": _ref("ErrorObject")},
+}
+
+_FINISH = _nullable({"type": "string", "examples": ["stop", "length", "tool_calls"]})
+
+_TOOL_CALL = {
+    "type": "object",
+    "required": ["id", "type", "function"],
+    "properties": {
+        "id": {"type": "string"},
+        "type": {"const": "function"},
+        "function": {"type": "object", "required": ["name", "arguments"],
+                     "properties": {"name": {"type": "string"},
+                                    "arguments": {"type": "string"}}},
+    },
+}
+
+_COMPLETION = {
+    "type": "object",
+    "description": "The answer of a request with `stream: false`.",
+    "required": ["id", "object", "created", "model", "choices", "usage"],
+    "properties": {
+        "id": {"type": "string"},
+        "object": {"const": "chat.completion"},
+        "created": {"type": "integer"},
+        "model": {"type": "string"},
+        "system_fingerprint": _nullable({"type": "string"}),
+        "choices": {"type": "array", "items": {
+            "type": "object",
+            "required": ["index", "message", "finish_reason"],
+            "properties": {
+                "index": {"type": "integer"},
+                "message": {
+                    "type": "object",
+                    "required": ["role", "content"],
+                    "properties": {
+                        "role": {"const": "assistant"},
+                        "content": _nullable({"type": "string"}),
+                        "refusal": _nullable({"type": "string"}),
+                        "tool_calls": {"type": "array", "items": _TOOL_CALL},
+                    },
+                },
+                "logprobs": {"type": "null"},
+                "finish_reason": _FINISH,
+            },
+        }},
+        "usage": _ref("Usage"),
+    },
+}
+
+_CHUNK = {
+    "type": "object",
+    "description": "The `data:` of one event of a `stream: true` answer; the stream ends"
+                   " with `data: [DONE]`, or with one event holding an error object.",
+    "required": ["id", "object", "created", "model", "choices"],
+    "properties": {
+        "id": {"type": "string"},
+        "object": {"const": "chat.completion.chunk"},
+        "created": {"type": "integer"},
+        "model": {"type": "string"},
+        "system_fingerprint": _nullable({"type": "string"}),
+        "choices": {"type": "array", "items": {
+            "type": "object",
+            "required": ["index", "delta", "finish_reason"],
+            "properties": {
+                "index": {"type": "integer"},
+                "delta": {"type": "object"},
+                "logprobs": {"type": "null"},
+                "finish_reason": _FINISH,
+            },
+        }},
+        "usage": _ref("Usage"),
+    },
+}
+
+_MODELS = {
+    "type": "object",
+    "required": ["object", "data"],
+    "properties": {
+        "object": {"const": "list"},
+        "data": {"type": "array", "items": {
+            "type": "object",
+            "required": ["id", "object", "owned_by"],
+            "properties": {"id": {"type": "string"}, "object": {"const": "model"},
+                           "created": {"type": "integer"}, "owned_by": {"type": "string"}},
+        }},
+    },
+}
+
+
+def _json_data(schema: dict[str, Any]) -> dict[str, Any]:
+    """An SSE ``data`` field holding JSON that matches ``schema``."""
+    return {"type": "string", "contentMediaType": "application/json", "contentSchema": schema}
+
+
+def _event(name: str, data: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "object", "required": ["event", "data"],
+            "properties": {"id": {"type": "string"}, "event": {"const": name},
+                           "data": _json_data(data)}}
+
+
+# For text/event-stream, OpenAPI 3.1 tools (schemathesis among them) read ``schema`` as
+# the schema of one event: an object of the SSE fields ``id``, ``event`` and ``data``.
+_CHUNK_EVENT = {
+    "type": "object",
+    "description": "One event: a ChatCompletionChunk, an error object (then the stream"
+                   " ends), or the final `[DONE]`.",
+    "required": ["data"],
+    "properties": {
+        "id": {"type": "string"},
+        "data": {"anyOf": [
+            {"const": "[DONE]"},
+            _json_data({"anyOf": [_ref("ChatCompletionChunk"), _ref("Error")]}),
+        ]},
+    },
+}
+
+_CHAT_EVENT = {
+    "description": "`text` events, then `done` (finish reason, usage, metrics) or `error`.",
+    "oneOf": [
+        _event("text", {"type": "object", "required": ["text"],
+                        "properties": {"text": {"type": "string"}}}),
+        _event("done", {"type": "object", "required": ["finish_reason", "usage", "metrics"],
+                        "properties": {"finish_reason": _nullable({"type": "string"}),
+                                       "usage": {"type": "object"},
+                                       "metrics": {"type": "object"}}}),
+        _event("error", _ref("ErrorObject")),
+    ],
+}
+
+_ERRORS = {
+    "400": "Invalid body or parameter; `error.param` names the field.",
+    "401": "Missing or invalid API key.",
+    "404": "Unknown model.",
+    "413": "Request body over the configured cap.",
+    "429": "A per-key limit (concurrency, requests or tokens per minute); see Retry-After.",
+    "502": "The upstream failed before the first token.",
+    "504": "The upstream timed out before the first token.",
+}
+
+
+def _error_responses(*codes: str) -> dict[str, Any]:
+    return {code: {"description": _ERRORS[code],
+                   "content": {"application/json": {"schema": _ref("Error")}}}
+            for code in codes}
+
+
+def _body(name: str) -> dict[str, Any]:
+    return {"required": True, "content": {"application/json": {"schema": _ref(name)}}}
+
+
+def openapi_document(*, auth: bool = True) -> dict[str, Any]:
+    """The OpenAPI 3.1 document of the gateway.
+
+    Args:
+        auth: whether API keys are required (``[[keys]]`` configured): adds the
+            security schemes the gateway accepts.
+    """
+    _, top = models_json_schema(
+        [(ChatCompletionRequest, "validation"), (SimpleChatRequest, "validation")],
+        ref_template=_REF)
+    schemas: dict[str, Any] = dict(top["$defs"])
+    schemas.update(Usage=_USAGE, Error=_ERROR, ErrorObject=_ERROR_OBJECT,
+                   ChatCompletion=_COMPLETION,
+                   ChatCompletionChunk=_CHUNK, ModelList=_MODELS)
+    chat_completions = {
+        "summary": "Create a chat completion (OpenAI-compatible)",
+        "requestBody": _body("ChatCompletionRequest"),
+        "responses": {
+            "200": {
+                "description": "The completion (`stream: false`) or its events"
+                               " (`stream: true`; `data:` holds ChatCompletionChunk JSON).",
+                "content": {
+                    "application/json": {"schema": _ref("ChatCompletion")},
+                    "text/event-stream": {"schema": _CHUNK_EVENT},
+                },
+            },
+            **_error_responses("400", "401", "404", "413", "429", "502", "504"),
+        },
+    }
+    paths: dict[str, Any] = {
+        "/v1/chat/completions": {"post": {**chat_completions,
+                                          "operationId": "createChatCompletion"}},
+        "/chat/completions": {"post": {**chat_completions,
+                                       "operationId": "createChatCompletionNoPrefix",
+                                       "description": "The same as /v1/chat/completions."}},
+        "/chat": {"post": {
+            "operationId": "chat",
+            "summary": "Stream the answer to one prompt as simple text events",
+            "requestBody": _body("SimpleChatRequest"),
+            "responses": {
+                "200": {"description": "The answer as server-sent events.",
+                        "content": {"text/event-stream": {"schema": _CHAT_EVENT}}},
+                **_error_responses("400", "401", "404", "413", "429", "502", "504"),
+            },
+        }},
+        "/v1/models": {"get": {
+            "operationId": "listModels",
+            "summary": "The models this gateway serves",
+            "responses": {
+                "200": {"description": "The models.",
+                        "content": {"application/json": {"schema": _ref("ModelList")}}},
+                **_error_responses("401"),
+            },
+        }},
+        "/healthz": {"get": {
+            "operationId": "health", "summary": "Liveness", "security": [],
+            "responses": {"200": {"description": "Up.",
+                                  "content": {"application/json": {"schema": {
+                                      "type": "object"}}}}},
+        }},
+        "/metrics": {"get": {
+            "operationId": "metrics", "summary": "Prometheus metrics", "security": [],
+            "responses": {"200": {"description": "Prometheus text format.",
+                                  "content": {"text/plain": {"schema": {"type": "string"}}}}},
+        }},
+        "/openapi.json": {"get": {
+            "operationId": "openapi", "summary": "This document", "security": [],
+            "responses": {"200": {"description": "OpenAPI 3.1.",
+                                  "content": {"application/json": {"schema": {
+                                      "type": "object"}}}}},
+        }},
+    }
+    document: dict[str, Any] = {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "tokenrelay gateway",
+            "version": __version__,
+            "description": "OpenAI-compatible chat completions streamed as server-sent"
+                           " events, and a simple `/chat` endpoint.",
+        },
+        "paths": paths,
+        "components": {"schemas": schemas},
+    }
+    if auth:
+        document["components"]["securitySchemes"] = {
+            "bearer": {"type": "http", "scheme": "bearer"},
+            "apiKey": {"type": "apiKey", "in": "header", "name": "api-key"},
+            "xApiKey": {"type": "apiKey", "in": "header", "name": "x-api-key"},
+        }
+        document["security"] = [{"bearer": []}, {"apiKey": []}, {"xApiKey": []}]
+    return document

@@ -1,0 +1,178 @@
+"""Clients that go away, or stop reading, against a live gateway over real sockets.
+
+What must hold (DESIGN.md "Cancellation", server/sse.py): the client leaving aborts the
+upstream request at once, the request is logged as cancelled with its partial answer,
+its limits are released, and nothing (tasks, sockets) is left behind.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import pytest
+from _gateway import (
+    LiveGateway,
+    chat_body,
+    config,
+    fd_count,
+    open_stream,
+    poll,
+    recv_all,
+    recv_until,
+    routes,
+)
+
+from tokenrelay.mock_upstream import MockUpstream, RequestRecord, token_text
+
+SPECS = {
+    "slow": "tokens=1000;tps=20",
+    "delayed": "tokens=5;delay=3",
+    "hb": "tokens=3;delay=1.5",
+    "flood": "tokens=1000000;tps=5000",
+    "quick": "tokens=3",
+}
+#: How soon the upstream must see a client's disconnect.
+ABORT_WITHIN = 0.5
+
+MakeGateway = Callable[..., LiveGateway]
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[MockUpstream]:
+    with MockUpstream() as server:
+        yield server
+
+
+@pytest.fixture
+def make_gateway(upstream: MockUpstream, tmp_path: Path) -> Iterator[MakeGateway]:
+    upstream.reset()
+    with ExitStack() as stack:
+        def make(loop: str = "asyncio", **options: Any) -> LiveGateway:
+            models = routes(upstream.url, **SPECS)
+            return stack.enter_context(LiveGateway(config(tmp_path, models, **options),
+                                                   loop=loop))
+
+        yield make
+
+
+def aborted(model: str) -> Callable[[RequestRecord], bool]:
+    return lambda r: r.model == model and r.aborted_at is not None
+
+
+def close_now(sock: socket.socket) -> float:
+    closed_at = time.monotonic()
+    sock.close()
+    return closed_at
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_disconnect_mid_stream_aborts_the_upstream_and_logs_the_partial_answer(
+        make_gateway: MakeGateway, upstream: MockUpstream, loop: str) -> None:
+    live = make_gateway(loop)
+    sock = open_stream(live.port, chat_body("slow"))
+    recv_until(sock, b'" tok2"')
+    closed_at = close_now(sock)
+
+    record = upstream.wait_for(aborted(SPECS["slow"]), 3)
+    assert record is not None, "the upstream never saw the client leave"
+    assert 0 <= record.aborted_at - closed_at < ABORT_WITHIN  # type: ignore[operator]
+    (row,) = live.wait_log(lambda r: r["status"] == "cancelled")
+    assert row["answer"].startswith(token_text(3)) and row["http_status"] == 200
+    assert row["model"] == "slow" and row["error"] is None
+    assert poll(lambda: live.active() == 0, 3)
+
+
+@pytest.mark.parametrize("heartbeat", [15.0, 0.3], ids=["before-headers", "after-headers"])
+def test_disconnect_while_waiting_for_the_first_token_aborts_the_upstream(
+        make_gateway: MakeGateway, upstream: MockUpstream, heartbeat: float) -> None:
+    # heartbeat 15: the gateway still holds back the status line (wait_first, to keep a
+    # real HTTP status for early failures); 0.3: the stream is open and pinging.
+    live = make_gateway(heartbeat=heartbeat)
+    sock = open_stream(live.port, chat_body("delayed"))
+    assert upstream.wait_for(lambda r: r.model == SPECS["delayed"], 3)
+    if heartbeat < 1:
+        recv_until(sock, b": ping")
+    else:
+        time.sleep(0.3)
+    closed_at = close_now(sock)
+
+    record = upstream.wait_for(aborted(SPECS["delayed"]), 3)
+    assert record is not None and record.tokens_sent == 0
+    assert 0 <= record.aborted_at - closed_at < ABORT_WITHIN  # type: ignore[operator]
+    (row,) = live.wait_log(lambda r: r["status"] == "cancelled")
+    assert not row["answer"] and row["time_to_first_token"] is None
+    assert poll(lambda: live.active() == 0, 3)
+
+
+def test_a_burst_of_disconnects_leaves_no_tasks_or_sockets_behind(
+        make_gateway: MakeGateway, upstream: MockUpstream) -> None:
+    live = make_gateway()
+    # Warm up: one whole stream, so that whatever is created lazily (the upstream client
+    # and its keep-alive connection, the log's worker thread) is in the baseline.
+    with open_stream(live.port, chat_body("quick")) as sock:
+        assert b"data: [DONE]" in recv_all(sock)
+    assert poll(lambda: live.connections() == 0, 3)
+    tasks, fds = live.task_count(), fd_count()
+
+    started = time.monotonic()
+    clients = [open_stream(live.port, chat_body("slow")) for _ in range(30)]
+    for sock in clients:
+        recv_until(sock, b'" tok1"', timeout=10)
+    assert live.active() == 30
+    for sock in clients:
+        closed_at = close_now(sock)
+
+    def all_aborted() -> list[RequestRecord] | None:
+        records = [r for r in upstream.chat_requests() if r.model == SPECS["slow"]]
+        return records if all(r.aborted_at for r in records) else None
+
+    records = poll(all_aborted, 5)
+    assert records and len(records) == 30, "the upstream did not see every client leave"
+    assert max(r.aborted_at for r in records) - closed_at < 2  # type: ignore[operator]
+    assert poll(lambda: live.active() == 0, 5)
+    assert len(live.wait_log(lambda r: r["status"] == "cancelled", count=30)) == 30
+    # Back to the baseline: no task, connection or file descriptor left behind.
+    assert poll(lambda: live.task_count() <= tasks, 5), live.task_count()
+    assert poll(lambda: live.connections() == 0, 5)
+    assert poll(lambda: fd_count() <= fds + 2, 5), (fd_count(), fds)
+    assert time.monotonic() - started < 15
+
+
+def test_a_client_that_stops_reading_is_dropped(make_gateway: MakeGateway,
+                                                upstream: MockUpstream) -> None:
+    live = make_gateway(send_timeout=1)
+    # A tiny receive window that is never read: the gateway's sends block, and after
+    # send_timeout it must give up instead of holding the stream (and its limits).
+    sock = open_stream(live.port, chat_body("flood"), rcvbuf=4096)
+    try:
+        assert upstream.wait_for(lambda r: r.model == SPECS["flood"], 3)
+        record = upstream.wait_for(aborted(SPECS["flood"]), 6)
+        assert record is not None, "the upstream was never aborted"
+        assert record.tokens_sent < 1000000
+        assert poll(lambda: live.active() == 0, 3)
+        (row,) = live.wait_log(lambda r: r["model"] == "flood")
+        assert row["status"] == "cancelled"
+        # Dropped: uvicorn no longer holds the connection (it does not linger on a
+        # close that waits for the unread buffer to drain).
+        assert poll(lambda: live.connections() == 0, 3), "the connection lingers"
+    finally:
+        sock.close()
+
+
+def test_heartbeats_are_sent_before_the_first_token(make_gateway: MakeGateway) -> None:
+    live = make_gateway(heartbeat=0.3)
+    with open_stream(live.port, chat_body("hb")) as sock:
+        raw = recv_all(sock)
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")
+    headers = head.lower()
+    assert b"content-type: text/event-stream" in headers
+    assert b"cache-control: no-store" in headers and b"x-accel-buffering: no" in headers
+    before_data = body[:body.index(b"data: ")]
+    assert before_data.count(b": ping") >= 2  # 1.5 s of silence, a ping every 0.3 s
+    assert b"data: [DONE]" in body
