@@ -60,6 +60,8 @@ TPS = 2000
 FAST = f"tokens={TOKENS};tps={TPS}"
 IDLE_DELAY = 60.0
 IDLE = f"tokens=4;delay={IDLE_DELAY:g}"
+#: Both gateways require a key, as deployed ones do (LiteLLM refuses to start without one).
+KEY = "sk-bench-" + os.urandom(16).hex()
 GOALS = {"added_ttft_p50_ms": 2.0, "cpu_us_per_chunk": 50.0, "vs_litellm": 1 / 3}
 
 console = Console(width=160)
@@ -88,16 +90,38 @@ def _tree(pid: int) -> list[int]:
     return out
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process tree, in seconds (/proc/PID/stat fields 14 and 15)."""
-    total = 0
+def cpu_times(pid: int) -> tuple[float, float]:
+    """(utime, stime) of a process tree, in seconds (/proc/PID/stat fields 14 and 15)."""
+    user = system = 0
     for p in _tree(pid):
         try:
             fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        total += int(fields[11]) + int(fields[12])
-    return total / CLK_TCK
+        user += int(fields[11])
+        system += int(fields[12])
+    return user / CLK_TCK, system / CLK_TCK
+
+
+def cpu_seconds(pid: int) -> float:
+    return sum(cpu_times(pid))
+
+
+def runqueue_wait(pid: int) -> float:
+    """Seconds the process tree's threads spent runnable but waiting for a CPU
+    (/proc/PID/task/TID/schedstat, second field): how much other load delayed it."""
+    total = 0
+    for p in _tree(pid):
+        try:
+            tids = os.listdir(f"/proc/{p}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                total += int(Path(f"/proc/{p}/task/{tid}/schedstat").read_text().split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    return total / 1e9
 
 
 def rss_mib(pid: int) -> float:
@@ -135,13 +159,13 @@ def free_port() -> int:
 
 
 def get(url: str, timeout: float = 2.0) -> Any:
-    with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 (loopback)
+    with urllib.request.urlopen(url, timeout=timeout) as response:
         return json.loads(response.read())
 
 
 def delete(url: str) -> None:
     request = urllib.request.Request(url, method="DELETE")
-    with urllib.request.urlopen(request, timeout=5):  # noqa: S310 (loopback)
+    with urllib.request.urlopen(request, timeout=5):
         pass
 
 
@@ -152,6 +176,7 @@ class Proc:
     port: int
     ready_path: str
     env: dict[str, str] = field(default_factory=dict)
+    api_key: str | None = None
     popen: subprocess.Popen[bytes] | None = None
     log: Path | None = None
 
@@ -209,16 +234,15 @@ class Proc:
 
 def upstream_proc() -> Proc:
     port = free_port()
-    check = subprocess.run([sys.executable, "-c", "from tokenrelay.cli._app import cli;"
-                            " print('mock-upstream' in cli.commands)"],
+    probe = "from tokenrelay.cli._app import cli; print('mock-upstream' in cli.commands)"
+    check = subprocess.run([sys.executable, "-c", probe],
                            capture_output=True, text=True, check=False)
     if check.stdout.strip() == "True":
         argv = [TOKENRELAY, "mock-upstream", "--port", str(port)]
     else:  # the command is not registered (yet): the same server through its module
-        argv = [sys.executable, "-c",
-                "import asyncio, sys; from tokenrelay.mock_upstream import MockUpstream;"
-                " asyncio.run(MockUpstream(port=int(sys.argv[1])).serve_forever())",
-                str(port)]
+        code = ("import asyncio, sys; from tokenrelay.mock_upstream import MockUpstream;"
+                " asyncio.run(MockUpstream(port=int(sys.argv[1])).serve_forever())")
+        argv = [sys.executable, "-c", code, str(port)]
     return Proc("upstream", argv, port, "/v1/models")
 
 
@@ -232,7 +256,8 @@ def tokenrelay_proc(workdir: Path, upstream: Proc) -> Proc:
                   (("fast", FAST), ("idle", IDLE))))
     argv = [TOKENRELAY, "serve", "--port", str(port), "--config", str(config),
             "--route", f"up={upstream.url}"]
-    return Proc("tokenrelay", argv, port, "/v1/models")
+    return Proc("tokenrelay", argv, port, "/healthz", env={"TOKENRELAY_API_KEYS": KEY},
+                api_key=KEY)
 
 
 def litellm_proc(workdir: Path, upstream: Proc) -> Proc | str:
@@ -246,12 +271,13 @@ def litellm_proc(workdir: Path, upstream: Proc) -> Proc | str:
         f"  - model_name: {name}\n    litellm_params:\n      model: \"openai/{model}\"\n"
         f"      api_base: \"{upstream.url}\"\n      api_key: \"sk-bench\"\n"
         for name, model in (("fast", FAST), ("idle", IDLE)))
-        + "litellm_settings:\n  telemetry: false\n  request_timeout: 600\n")
+        + "litellm_settings:\n  telemetry: false\n  request_timeout: 600\n"
+        + f"general_settings:\n  master_key: \"{KEY}\"\n")
     env = {"LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_LOG": "ERROR",
            "LITELLM_TELEMETRY": "False", "DISABLE_SCHEMA_UPDATE": "True"}
     argv = [LITELLM, "--config", str(config), "--port", str(port), "--host", "127.0.0.1",
             "--telemetry", "False"]
-    return Proc("litellm", argv, port, "/v1/models", env=env)
+    return Proc("litellm", argv, port, "/health/liveliness", env=env, api_key=KEY)
 
 
 # -- measuring ---------------------------------------------------------------------------
@@ -264,6 +290,8 @@ class Run:
     gateway_cpu: float | None  # seconds, process tree
     upstream_cpu: float
     client_cpu: float
+    gateway_sys: float | None = None  # the kernel's part of gateway_cpu
+    gateway_wait: float | None = None  # seconds runnable but waiting for a CPU
 
     def per_chunk_us(self, seconds: float | None) -> float | None:
         chunks = self.report.total_chunks
@@ -272,19 +300,25 @@ class Run:
 
 async def measure(target: str, url: str, model: str, *, concurrency: int, requests: int,
                   gateway: Proc | None, upstream: Proc) -> Run:
-    # One warm-up wave at the same concurrency: connections, pools and lazy imports.
-    await abench(base_url=url, model=model, concurrency=concurrency,
-                 requests=concurrency if concurrency > 1 else 10, max_tokens=TOKENS)
-    g0 = cpu_seconds(gateway.pid) if gateway else None
+    key = gateway.api_key if gateway else None
+    # A warm-up wave (connections, pools, lazy imports), at most 64 at once.
+    n = min(concurrency, 64)
+    await abench(base_url=url, model=model, concurrency=n, requests=n if n > 1 else 10,
+                 max_tokens=TOKENS, api_key=key)
+    g0 = cpu_times(gateway.pid) if gateway else (0.0, 0.0)
+    w0 = runqueue_wait(gateway.pid) if gateway else 0.0
     u0 = cpu_seconds(upstream.pid)
     c0 = time.process_time()
     report = await abench(base_url=url, model=model, concurrency=concurrency,
-                          requests=requests, max_tokens=TOKENS)
+                          requests=requests, max_tokens=TOKENS, api_key=key)
     c1 = time.process_time()
     u1 = cpu_seconds(upstream.pid)
-    g1 = cpu_seconds(gateway.pid) if gateway else None
-    run = Run(target, concurrency, report, None if gateway is None else g1 - g0,  # type: ignore[operator]
-              u1 - u0, c1 - c0)
+    g1 = cpu_times(gateway.pid) if gateway else (0.0, 0.0)
+    w1 = runqueue_wait(gateway.pid) if gateway else 0.0
+    run = Run(target, concurrency, report,
+              None if gateway is None else sum(g1) - sum(g0), u1 - u0, c1 - c0,
+              None if gateway is None else g1[1] - g0[1],
+              None if gateway is None else w1 - w0)
     r = report
     console.print(
         f"  {target:<10} c={concurrency:<4} {r.completed}/{r.requests} ok  "
@@ -300,7 +334,8 @@ async def idle_streams(target: str, gateway: Proc, upstream: Proc, n: int) -> di
     await asyncio.sleep(1.0)
     before = rss_mib(gateway.pid)
     task = asyncio.ensure_future(abench(base_url=gateway.url, model="idle", concurrency=n,
-                                        requests=n, timeout=IDLE_DELAY * 3))
+                                        requests=n, timeout=IDLE_DELAY * 3,
+                                        api_key=gateway.api_key))
     started = time.monotonic()
     last: tuple[int, int] = (-1, -1)
     stable_since = time.monotonic()
@@ -337,20 +372,20 @@ async def idle_streams(target: str, gateway: Proc, upstream: Proc, n: int) -> di
 
 #: Component of a frame, by file; the deepest frame with a component owns a sample.
 COMPONENTS = [
-    ("httpx upstream read", ("/httpx/", "/httpcore/", "/h11/", "/anyio/", "/sniffio/")),
+    ("httpx upstream read", ("(httpx/", "(httpcore/", "(h11/", "(anyio/", "(sniffio/")),
     ("provider shell (openai_compat)", ("tokenrelay/providers/",)),
     ("SSE decode + chunk parse", ("tokenrelay/_sse.py", "tokenrelay/_openai_wire.py")),
     ("AsyncStream (_stream, events)", ("tokenrelay/_stream.py", "tokenrelay/events.py")),
     ("encoder (encode.py, orjson)", ("tokenrelay/server/encode.py",)),
     ("SSE response + relay (sse.py, app.py)", ("tokenrelay/server/sse.py",
                                                "tokenrelay/server/app.py")),
-    ("metrics, limits, request log", ("tokenrelay/server/metrics.py", "prometheus_client",
+    ("metrics, limits, request log", ("tokenrelay/server/metrics.py", "(prometheus_client/",
                                       "tokenrelay/server/security.py",
                                       "tokenrelay/server/reqlog.py")),
-    ("request parsing + validation", ("tokenrelay/server/schema.py", "pydantic",
+    ("request parsing + validation", ("tokenrelay/server/schema.py", "(pydantic",
                                       "tokenrelay/request.py", "tokenrelay/config.py")),
-    ("uvicorn send/receive", ("/uvicorn/", "tokenrelay/server/run.py")),
-    ("starlette routing", ("/starlette/",)),
+    ("uvicorn send/receive", ("(uvicorn/", "tokenrelay/server/run.py")),
+    ("starlette routing", ("(starlette/",)),
 ]
 
 
@@ -372,16 +407,24 @@ def profile_breakdown(raw: Path) -> tuple[Counter[str], Counter[str], int]:
             continue
         count = int(count_text)
         frames = stack.split(";")
+        # Frames below the event loop's run() are uvicorn's and click's start-up: a sample
+        # that ends there is uvloop's own C code (epoll, socket reads and writes,
+        # callbacks) and belongs to the loop, not to uvicorn.
+        loop_at = max((i for i, f in enumerate(frames) if "(asyncio/runners.py" in f
+                       or "(asyncio/base_events.py" in f), default=-1)
+        task_frames = frames[loop_at + 1:]
         owner = None
-        for frame in reversed(frames):
+        for frame in reversed(task_frames):
             owner = component(frame)
             if owner:
                 break
         if owner is None:
-            leaf = frames[-1]
-            owner = ("event loop (uvloop/asyncio: epoll, socket I/O, task switching)"
-                     if "asyncio" in leaf or "uvloop" in leaf or "run_forever" in leaf
-                     or "process_" in leaf else "other")
+            if loop_at >= 0 and not task_frames:
+                owner = "event loop (uvloop C: epoll, socket syscalls, callbacks)"
+            elif task_frames and all("(asyncio/" in f for f in task_frames):
+                owner = "asyncio primitives (timeouts, queues, events)"
+            else:
+                owner = "other"
         by_component[owner] += count
         leaves[frames[-1].split(" (")[0] + " (" + frames[-1].rsplit("/", 1)[-1]] += count
         total += count
@@ -393,23 +436,24 @@ async def profile(gateway: Proc, concurrency: int, requests: int,
     if not Path(PY_SPY).exists():
         return (f"py-spy not found ({PY_SPY}); install it outside the project venv:"
                 " python -m venv /tmp/pyspy-venv && /tmp/pyspy-venv/bin/pip install py-spy")
-    raw = workdir / "gateway.pyspy.txt"
+    raw = workdir / f"gateway-c{concurrency}.pyspy.txt"
     await abench(base_url=gateway.url, model="fast", concurrency=concurrency,
-                 requests=concurrency, max_tokens=TOKENS)
-    spy = subprocess.Popen([PY_SPY, "record", "--pid", str(gateway.pid), "--rate", "500",
-                            "--format", "raw", "--output", str(raw), "--nonblocking"],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                 requests=concurrency, max_tokens=TOKENS, api_key=gateway.api_key)
+    spy = await asyncio.create_subprocess_exec(
+        PY_SPY, "record", "--pid", str(gateway.pid), "--rate", "500", "--format", "raw",
+        "--output", str(raw), "--nonblocking",
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
     await asyncio.sleep(1.0)
     g0 = cpu_seconds(gateway.pid)
     report = await abench(base_url=gateway.url, model="fast", concurrency=concurrency,
-                          requests=requests, max_tokens=TOKENS)
+                          requests=requests, max_tokens=TOKENS, api_key=gateway.api_key)
     g1 = cpu_seconds(gateway.pid)
     spy.send_signal(signal.SIGINT)
     try:
-        _, err = spy.communicate(timeout=30)
-    except subprocess.TimeoutExpired:
+        _, err = await asyncio.wait_for(spy.communicate(), 30)
+    except TimeoutError:
         spy.kill()
-        _, err = spy.communicate()
+        _, err = await spy.communicate()
     if not raw.exists():
         return f"py-spy failed: {err.decode(errors='replace').strip()[-300:]}"
     by_component, leaves, total = profile_breakdown(raw)
@@ -427,32 +471,41 @@ url, kind = sys.argv[1], sys.argv[2]
 N_CONC, N_REQ = 64, 256
 body = json.dumps({"model": "tokens=100;tps=2000", "stream": True, "max_tokens": 100,
                    "messages": [{"role": "user", "content": "hi"}]}).encode()
+HEADERS = {"content-type": "application/json"}
 
-async def with_httpx():
-    import httpx
-    limits = httpx.Limits(max_connections=N_CONC, max_keepalive_connections=N_CONC)
-    async with httpx.AsyncClient(limits=limits, timeout=None) as client:
-        async def one():
-            n = 0
-            async with client.stream("POST", url, content=body,
-                                     headers={"content-type": "application/json"}) as r:
+async def with_httpx(module, shared):
+    httpx = __import__(module)
+    n_clients = 1 if shared else N_CONC
+    per = N_CONC if shared else 1
+    limits = httpx.Limits(max_connections=per, max_keepalive_connections=per)
+    clients = [httpx.AsyncClient(limits=limits, timeout=None) for _ in range(n_clients)]
+    free = list(clients) * per
+    async def one():
+        client = free.pop()
+        n = 0
+        try:
+            async with client.stream("POST", url, content=body, headers=HEADERS) as r:
                 async for data in r.aiter_raw():
                     n += data.count(b"data: ")
-            return n
-        return await run(one)
+        finally:
+            free.append(client)
+        return n
+    return await run(one)
 
 async def with_aiohttp():
     import aiohttp
-    conn = aiohttp.TCPConnector(limit=N_CONC)
-    async with aiohttp.ClientSession(connector=conn) as session:
-        async def one():
-            n = 0
-            async with session.post(url, data=body,
-                                    headers={"content-type": "application/json"}) as r:
-                async for data in r.content.iter_any():
-                    n += data.count(b"data: ")
-            return n
-        return await run(one)
+    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=N_CONC))
+    async with session:
+        return await run(one_with(session))
+
+def one_with(session):
+    async def one():
+        n = 0
+        async with session.post(url, data=body, headers=HEADERS) as r:
+            async for data in r.content.iter_any():
+                n += data.count(b"data: ")
+        return n
+    return one
 
 async def run(one):
     sem = asyncio.Semaphore(N_CONC)
@@ -464,12 +517,13 @@ async def run(one):
     frames = sum(await asyncio.gather(*(guarded() for _ in range(N_REQ))))
     return (time.process_time() - c0) / frames * 1e6
 
-try:
-    import uvloop
-    uvloop.install()
-except ImportError:
-    pass
-print(json.dumps(asyncio.run(with_httpx() if kind == "httpx" else with_aiohttp())))
+import uvloop
+uvloop.install()
+variants = {"httpx": lambda: with_httpx("httpx", True),
+            "httpx-per-conn": lambda: with_httpx("httpx", False),
+            "httpx2": lambda: with_httpx("httpx2", True),
+            "aiohttp": with_aiohttp}
+print(json.dumps(asyncio.run(variants[kind]())))
 """
 
 
@@ -550,6 +604,20 @@ def stage_costs() -> dict[str, float]:
         return (time.perf_counter() - t) / n * 1e6
 
     out["SSEResponse hop (Queue put/get + asyncio.timeout per send)"] = asyncio.run(queue_hop())
+
+    async def awaits(with_timeout: bool) -> float:
+        loop = asyncio.get_running_loop()
+        t = time.perf_counter()
+        for _ in range(n):
+            if with_timeout:
+                async with asyncio.timeout_at(loop.time() + 60):
+                    await asyncio.sleep(0)
+            else:
+                await asyncio.sleep(0)
+        return (time.perf_counter() - t) / n * 1e6
+
+    out["asyncio.timeout_at around one await (paid twice per chunk: _stream, sse)"] = \
+        asyncio.run(awaits(True)) - asyncio.run(awaits(False))
     return out
 
 
@@ -560,10 +628,15 @@ def client_costs(upstream: Proc, workdir: Path) -> dict[str, float | str]:
     url = upstream.url + "/chat/completions"
     out: dict[str, float | str] = {}
     aiohttp_path = os.environ.get("AIOHTTP_PATH", "/tmp/aiohttp-lib")
-    for kind, extra in (("httpx", ""), ("aiohttp", aiohttp_path)):
+    names = {"httpx": "httpx 0.28, one shared pool (as OpenAIProvider)",
+             "httpx-per-conn": "httpx 0.28, a client per connection",
+             "httpx2": "httpx2 (pydantic fork, linear pool), shared pool",
+             "aiohttp": "aiohttp, shared connector"}
+    for kind, label in names.items():
+        extra = aiohttp_path if kind == "aiohttp" else ""
         done = subprocess.run([sys.executable, str(script), url, kind, extra],
                               capture_output=True, text=True, timeout=180, check=False)
-        key = f"upstream read with {kind} (client CPU µs per SSE frame, c=64)"
+        key = f"upstream read: {label} (client CPU µs per SSE frame, c=64)"
         if done.returncode == 0:
             out[key] = float(done.stdout.strip().splitlines()[-1])
         else:
@@ -588,7 +661,8 @@ def ratio(a: float | None, b: float | None) -> float | None:
 def report_runs(runs: list[Run], levels: list[tuple[int, int]]) -> dict[str, Any]:
     table = Table(title=f"Relay overhead: {TOKENS}-token answers at {TPS} tokens/s per stream")
     for col in ("conc.", "path", "ok/failed", "req/s", "tok/s", "TTFT p50", "TTFT p99",
-                "added p50", "added p99", "ITL p50", "ITL p99", "gateway CPU µs/chunk",
+                "added p50", "added p99", "ITL p50", "ITL p99",
+                "gateway CPU µs/chunk (of it kernel)", "gateway CPU s / waited for CPU s",
                 "upstream CPU µs/chunk"):
         table.add_column(col, justify="right")
     summary: dict[str, Any] = {}
@@ -608,12 +682,18 @@ def report_runs(runs: list[Run], levels: list[tuple[int, int]]) -> dict[str, Any
             table.add_row(str(c), name, f"{r.completed}/{r.failed}",
                           f"{r.request_throughput:.1f}", f"{r.output_throughput:.0f}",
                           ms(r.ttft.median), ms(r.ttft.p99), ms(added50), ms(added99),
-                          ms(r.itl.median), ms(r.itl.p99), fmt(cpu, 1),
+                          ms(r.itl.median), ms(r.itl.p99),
+                          "–" if cpu is None else
+                          f"{cpu:.1f} ({fmt(run.per_chunk_us(run.gateway_sys), 0)})",
+                          "–" if run.gateway_cpu is None else
+                          f"{run.gateway_cpu:.1f} / {fmt(run.gateway_wait, 1)}",
                           fmt(run.per_chunk_us(run.upstream_cpu), 1))
             summary[f"{name}@{c}"] = {
                 "report": r.to_dict(), "added_ttft_p50_ms": None if added50 is None
                 else added50 * 1000, "added_ttft_p99_ms": None if added99 is None
                 else added99 * 1000, "gateway_cpu_us_per_chunk": cpu,
+                "gateway_kernel_us_per_chunk": run.per_chunk_us(run.gateway_sys),
+                "gateway_cpu_s": run.gateway_cpu, "gateway_runqueue_wait_s": run.gateway_wait,
                 "upstream_cpu_us_per_chunk": run.per_chunk_us(run.upstream_cpu),
                 "client_cpu_us_per_chunk": run.per_chunk_us(run.client_cpu)}
         table.add_section()
@@ -662,28 +742,39 @@ def report_idle(results: list[dict[str, Any]]) -> None:
     console.print(table)
 
 
-def report_profile(prof: dict[str, Any] | str, stages: dict[str, Any]) -> None:
-    if isinstance(prof, str):
-        console.print(f"[yellow]profile skipped: {prof}[/]")
-    else:
-        total = prof["samples"] or 1
-        per = prof["cpu_us_per_chunk"]
-        table = Table(title=f"Where tokenrelay's time goes (py-spy, {prof['samples']} samples;"
-                            f" {per:.1f} µs CPU/chunk in the profiled run)")
+def report_profile(profs: dict[int, dict[str, Any] | str], stages: dict[str, Any]) -> None:
+    done = {c: p for c, p in profs.items() if isinstance(p, dict)}
+    for c, p in profs.items():
+        if isinstance(p, str):
+            console.print(f"[yellow]profile at c={c} skipped: {p}[/]")
+    if done:
+        table = Table(title="Where tokenrelay's CPU goes per relayed chunk (py-spy samples"
+                            " × measured CPU/chunk of the profiled run)")
         table.add_column("component")
-        table.add_column("share", justify="right")
-        table.add_column("≈ µs/chunk", justify="right")
-        for name, count in prof["components"].items():
-            table.add_row(name, f"{count / total:.1%}", f"{count / total * per:.1f}")
+        for c, p in done.items():
+            table.add_column(f"c={c} share", justify="right")
+            table.add_column(f"c={c} µs/chunk", justify="right")
+        names: list[str] = []
+        for p in done.values():
+            names += [n for n in p["components"] if n not in names]
+        for name in names:
+            cells = []
+            for p in done.values():
+                share = p["components"].get(name, 0) / (p["samples"] or 1)
+                cells += [f"{share:.1%}", f"{share * p['cpu_us_per_chunk']:.1f}"]
+            table.add_row(name, *cells)
+        table.add_row("[bold]total[/]", *[x for p in done.values() for x in (
+            f"{p['samples']} samples", f"{p['cpu_us_per_chunk']:.1f}")])
         console.print(table)
-        leaves = Table(title="Hottest functions (self time)")
-        leaves.add_column("function")
-        leaves.add_column("share", justify="right")
-        for name, count in prof["top_leaves"].items():
-            leaves.add_row(name, f"{count / total:.1%}")
-        console.print(leaves)
+        for c, p in done.items():
+            leaves = Table(title=f"Hottest functions at c={c} (self time)")
+            leaves.add_column("function")
+            leaves.add_column("share", justify="right")
+            for name, count in p["top_leaves"].items():
+                leaves.add_row(name, f"{count / (p['samples'] or 1):.1%}")
+            console.print(leaves)
     if stages:
-        table = Table(title="Single stages, measured alone")
+        table = Table(title="Single stages, measured alone (µs per chunk or frame)")
         table.add_column("stage")
         table.add_column("µs", justify="right")
         for name, value in stages.items():
@@ -698,12 +789,14 @@ async def main(args: argparse.Namespace) -> None:
     if soft < 8192 <= hard or soft < hard < 8192:
         # 1,000 streams are 2,000+ sockets per process here; children inherit this.
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 65536), hard))
-    levels = [(1, 50), (64, 256), (256, 512)] if args.quick else [(1, 200), (64, 640),
-                                                                  (256, 1024)]
+    # Bounded so the whole run stays under ~8 minutes with LiteLLM at ~1.5 ms CPU/chunk.
+    levels = [(1, 40), (64, 128), (256, 256)] if args.quick else [(1, 100), (64, 320),
+                                                                  (256, 512)]
     idle_n = 300 if args.quick else 1000
     console.print(f"[bold]bench_gateway[/] {time.strftime('%Y-%m-%d %H:%M')}  "
                   f"{platform.machine()}, {os.cpu_count()} cores, Python "
-                  f"{platform.python_version()}")
+                  f"{platform.python_version()}; load average {os.getloadavg()[0]:.2f}"
+                  " (other processes on the machine skew every figure)")
     workdir = Path(tempfile.mkdtemp(prefix="bench-gateway-"))
     upstream = upstream_proc()
     procs: list[Proc] = [upstream]
@@ -741,6 +834,7 @@ async def main(args: argparse.Namespace) -> None:
                                           gateway=proc, upstream=upstream))
         results["runs"] = report_runs(runs, levels)
 
+
         console.print(f"[bold]Idle streams[/] ({idle_n} waiting on a {IDLE_DELAY:g}s first"
                       " token)")
         idle = [await idle_streams("tokenrelay", gateway, upstream, idle_n)]
@@ -749,15 +843,16 @@ async def main(args: argparse.Namespace) -> None:
         report_idle(idle)
         results["idle"] = idle
 
-        prof: dict[str, Any] | str = "skipped (--no-profile)"
+        profs: dict[int, dict[str, Any] | str] = {}
         stages: dict[str, Any] = {}
         if not args.no_profile:
-            console.print("[bold]Profile[/] (tokenrelay at concurrency 64)")
-            prof = await profile(gateway, 64, 256 if args.quick else 640, workdir)
+            console.print("[bold]Profile[/] (tokenrelay at concurrency 1 and 64)")
+            for c, n in ((1, 50), (64, 192)) if args.quick else ((1, 100), (64, 320)):
+                profs[c] = await profile(gateway, c, n, workdir)
             stages = await asyncio.to_thread(stage_costs)
             stages.update(await asyncio.to_thread(client_costs, upstream, workdir))
-        report_profile(prof, stages)
-        results["profile"] = prof
+        report_profile(profs, stages)
+        results["profile"] = profs
         results["stages"] = stages
     finally:
         for proc in reversed(procs):
@@ -765,7 +860,8 @@ async def main(args: argparse.Namespace) -> None:
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2, default=str))
         console.print(f"results written to {args.json}")
-    console.print(f"logs and profile in {workdir}")
+    console.print(f"logs and profile in {workdir}; load average now"
+                  f" {os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,9 @@ The gateway is ``create_app(config)`` under a real uvicorn (httptools) on its ow
 loop thread: streaming behaviour (disconnects, heartbeats, slow readers) only shows over
 real sockets, ``httpx.ASGITransport`` buffers whole bodies (STYLE.md 14). The upstream
 is :class:`tokenrelay.mock_upstream.MockUpstream`, on a thread of its own.
+
+(``_live.py`` starts the same production server with ``Server.run``; this one keeps the
+event loop at hand to count its tasks and can pick asyncio or uvloop.)
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from typing import Any, Self, TypeVar
 import uvicorn
 
 from tokenrelay.server import Gateway, ServerConfig, create_app
+from tokenrelay.server.run import uvicorn_config
 
 T = TypeVar("T")
 
@@ -35,8 +39,8 @@ def routes(upstream_url: str, **specs: str) -> list[dict[str, str]]:
 
 def config(tmp: Path, models: list[dict[str, str]], **options: Any) -> ServerConfig:
     """A test gateway config: the routes, the scripted ``mock``, a log in ``tmp``."""
-    return ServerConfig(models=models, log={"path": str(tmp / "requests.db")},
-                        serve_local=False, **options)
+    return ServerConfig.model_validate({"models": models, "serve_local": False,
+                                        "log": {"path": str(tmp / "requests.db")}, **options})
 
 
 class LiveGateway:
@@ -47,9 +51,9 @@ class LiveGateway:
         self.gateway: Gateway = self.app.state.gateway
         self.loop_kind = loop
         self.loop: asyncio.AbstractEventLoop | None = None
-        self.server = uvicorn.Server(uvicorn.Config(
-            self.app, http="httptools", ws="none", lifespan="on", log_config=None,
-            log_level="warning", access_log=False, timeout_graceful_shutdown=1))
+        # The production uvicorn settings (the httptools protocol with the gateway's
+        # timeouts); only the event loop is ours, to look inside it.
+        self.server = uvicorn.Server(uvicorn_config(config, self.app, log_config=None))
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.port: int = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
@@ -69,8 +73,11 @@ class LiveGateway:
 
         self._thread = threading.Thread(target=run, name="gateway", daemon=True)
         self._thread.start()
-        if not poll(lambda: self.server.started, 10):
-            raise RuntimeError("the gateway did not start")
+        thread = self._thread
+        if not poll(lambda: self.server.started or not thread.is_alive(), 10) or \
+                not self.server.started:
+            self.server.should_exit = True
+            raise RuntimeError("the gateway did not start (see the log above)")
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -80,7 +87,8 @@ class LiveGateway:
         if self._thread.is_alive():  # connections that never close
             self.server.force_exit = True
             self._thread.join(5)
-        self.loop.close()
+        if not self._thread.is_alive():
+            self.loop.close()
         self.sock.close()
 
     # -- looking inside, from the test thread -------------------------------------------

@@ -77,11 +77,11 @@ class Upstream(MockUpstream):
 
     @property
     def calls(self) -> list[RequestRecord]:
-        return self.requests
+        return list(self.requests)
 
     @property
     def disconnects(self) -> list[float]:
-        return [r.aborted_at for r in self.requests if r.aborted_at is not None]
+        return [r.aborted_at for r in self.calls if r.aborted_at is not None]
 
     def wait_disconnect(self, timeout: float = 2.0) -> float | None:
         """The time the server saw a client leave (waiting up to ``timeout``)."""

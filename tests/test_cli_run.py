@@ -160,6 +160,23 @@ def test_click_rejects_bad_cli_values_with_exit_2() -> None:
     assert done.returncode == 2
 
 
+def test_sampling_options_reach_the_model() -> None:
+    assert tokenrelay("-m", "mock", "--stop", " to:", "hello").stdout == "Mock answer\n"
+    done = tokenrelay("-m", "mock", "--max-tokens", "2", "--json", "hello")
+    assert json.loads(done.stdout.splitlines()[-1])["finish_reason"] == "length"
+
+
+@pytest.mark.parametrize(("model", "flag"), [
+    ("mock:first_token_delay=5", "--timeout-first-token"),
+    ("mock:stall_after=2", "--timeout-idle"),
+    ("mock:tokens=100,tokens_per_second=20", "--timeout-total"),
+])
+def test_timeouts_fail_with_a_hint(model: str, flag: str) -> None:
+    done = tokenrelay("-m", model, flag, "0.3", "hi")
+    assert done.returncode == 1
+    assert flag in _one_error_line(done.stderr)
+
+
 def test_unreachable_server_is_one_line_and_exit_1() -> None:
     url = f"http://127.0.0.1:{_closed_port()}/v1"
     done = tokenrelay("--base-url", url, "-m", "some-model", "--retries", "0", "hi")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from _pty import PtyProcess, cli_env, tokenrelay, tokenrelay_argv
+from _upstream import Upstream
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="needs a POSIX pty")
 
@@ -76,6 +77,38 @@ def test_ctrl_c_stops_run_keeps_the_partial_answer_and_exits_130(
     assert partial.startswith("Streaming shows each")
     assert partial in tty.text
     assert len(partial.split()) < 150  # stopped early, not run to the end
+
+
+def test_ctrl_c_in_json_mode_still_ends_with_done(terminal: list[PtyProcess]) -> None:
+    tty = _start(terminal, "-m", SLOW, "--json", "hi", stdout_pipe=True)
+    tty.expect(r"[2-9] tokens")  # the live count on the terminal; JSON goes to the pipe
+    tty.ctrl_c()
+    tty.expect(FOOTER + r".* · cancelled")
+    assert tty.wait() == 130
+    lines = [json.loads(line) for line in tty.stdout.splitlines()]
+    assert lines[0]["type"] == "text_delta"
+    assert lines[-1]["type"] == "done" and lines[-1]["finish_reason"] == "cancelled"
+
+
+def test_ctrl_c_aborts_the_upstream_request(terminal: list[PtyProcess]) -> None:
+    with Upstream() as server:
+        tty = _start(terminal, "--base-url", server.url, "-m", "slow", "hi")
+        tty.expect("t3 ")
+        tty.ctrl_c()
+        assert tty.wait() == 130
+        # The server saw the client go: generation upstream stopped with the terminal.
+        assert server.wait_disconnect(timeout=5) is not None
+    assert "t199" not in tty.text
+
+
+def test_markdown_renders_live_on_stdout(terminal: list[PtyProcess]) -> None:
+    answer = "# Title\n\nSome **bold** text:\n\n- one\n- two\n"
+    tty = _start(terminal, "--markdown", "-m", f"mock:text={answer},tokens_per_second=50", "hi")
+    tty.expect(FOOTER + r".* · stop")
+    assert tty.wait() == 0
+    assert "Some bold text" in tty.text  # rendered: no ** left
+    assert "**" not in tty.text and "# Title" not in tty.text
+    assert "• one" in tty.text
 
 
 # -- chat --------------------------------------------------------------------------------

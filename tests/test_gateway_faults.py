@@ -18,7 +18,7 @@ from typing import Any
 
 import httpx
 import pytest
-from _gateway import LiveGateway, chat_body, config, routes, sse_payloads
+from _gateway import LiveGateway, chat_body, config, poll, routes, sse_payloads
 
 from tokenrelay import RetryPolicy, Timeouts
 from tokenrelay.mock_upstream import MockUpstream, token_text
@@ -59,7 +59,7 @@ def client(live: LiveGateway, upstream: MockUpstream,
     monkeypatch.setattr(live.gateway, "retry", RetryPolicy(backoff=0.01, max_backoff=0.05))
     with httpx.Client(base_url=live.url, timeout=10) as http:
         yield http
-    assert live.active() == 0
+    assert poll(lambda: live.active() == 0, 2), "a request kept its limits"
 
 
 def post_stream(client: httpx.Client, model: str) -> tuple[httpx.Response, list[Any]]:

@@ -13,9 +13,12 @@ from pathlib import Path
 
 import openai
 import pytest
-from _gateway import PROMPT, LiveGateway, config, routes
+from _gateway import LiveGateway, config, routes
+from openai.types.chat import ChatCompletionMessageParam
 
 from tokenrelay.mock_upstream import MockUpstream, token_text
+
+PROMPT: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hi"}]
 
 
 @dataclass(frozen=True)
@@ -139,12 +142,12 @@ def test_rate_limit_past_the_retry_cap_is_a_rate_limit_error(client: openai.Open
 @TARGETS
 def test_mid_stream_error_raises_api_error_after_the_first_text(client: openai.OpenAI,
                                                                 target: Target) -> None:
-    received = []
+    received: list[str] = []
     stream = client.chat.completions.create(model=target.error_after_two, messages=PROMPT,
                                             stream=True)
     with pytest.raises(openai.APIError) as info:
         for chunk in stream:
-            received.append(chunk.choices[0].delta.content)
+            received.append(chunk.choices[0].delta.content or "")
     assert "".join(received) == target.text[:len("".join(received))] and len(received) == 2
     assert not isinstance(info.value, openai.APIStatusError)  # the status was a 200
     assert info.value.message

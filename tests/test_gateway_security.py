@@ -13,9 +13,11 @@ import hmac
 import json
 import logging
 import os
+import queue
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,7 +29,7 @@ from _live import LiveGateway
 from pydantic import ValidationError
 
 from tokenrelay.cli.serve import server_config
-from tokenrelay.errors import ConfigurationError
+from tokenrelay.errors import ConfigurationError, UsageError
 from tokenrelay.server.config import KeyConfig, LogConfig, ServerConfig, hash_key, load_config
 from tokenrelay.server.security import ANONYMOUS, Authenticator, GatewayHTTPError
 
@@ -168,6 +170,33 @@ def test_the_serve_config_holds_only_the_hash(tmp_path: Path) -> None:
     assert [k.id for k in config.keys] == ["key1", "key2"]
 
 
+def test_hash_key_command_prints_the_stored_form() -> None:
+    from click.testing import CliRunner
+
+    from tokenrelay.cli import cli
+
+    done = CliRunner().invoke(cli, ["hash-key", "gw-secret-for-config"])
+    assert done.exit_code == 0
+    assert done.stdout.strip() == hash_key("gw-secret-for-config")
+    done = CliRunner().invoke(cli, ["hash-key", "-"], input="from-stdin-key\n")
+    assert done.stdout.strip() == hash_key("from-stdin-key")
+
+
+def test_route_keys_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tokenrelay.server.app import Gateway
+
+    monkeypatch.setenv("TOKENRELAY_QWEN_2_API_KEY", "sk-route-key")
+    config = server_config(routes=("qwen-2=http://127.0.0.1:9/v1",), log_enabled=False)
+    (route,) = config.models
+    assert (route.name, route.base_url, route.api_key, route.api_key_env) == (
+        "qwen-2", "http://127.0.0.1:9/v1", None, "TOKENRELAY_QWEN_2_API_KEY")
+    provider, _ = Gateway(config.model_copy(update={"serve_local": False})).models["qwen-2"]
+    assert provider.api_key == "sk-route-key"  # type: ignore[attr-defined]
+    assert "sk-route-key" not in repr(provider)
+    with pytest.raises(UsageError, match="NAME=BASE_URL"):
+        server_config(routes=("qwen=file:///etc/passwd",))
+
+
 # -- API keys: live ----------------------------------------------------------------------
 
 
@@ -231,7 +260,7 @@ def _cli_env() -> dict[str, str]:
 def test_serve_refuses_0_0_0_0_without_keys() -> None:
     done = subprocess.run(_tokenrelay_argv("serve", "--host", "0.0.0.0", "--port", "0"),
                           capture_output=True, text=True, timeout=30, env=_cli_env(),
-                          stdin=subprocess.DEVNULL)
+                          stdin=subprocess.DEVNULL, check=False)
     assert done.returncode != 0
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1, done.stderr
@@ -246,16 +275,20 @@ def test_serve_end_to_end_never_prints_the_raw_key(tmp_path: Path) -> None:
         _tokenrelay_argv("serve", "--port", "0", "--api-key", raw, "--no-log"),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
         env=_cli_env())
-    try:
+    lines: queue.Queue[str] = queue.Queue()
+    seen: list[str] = []
+
+    def read_stderr() -> None:  # a thread, so that waiting for a line has a timeout
         assert proc.stderr is not None
-        deadline = time.monotonic() + 20
-        lines: list[str] = []
-        while not any("serving on" in line for line in lines):
-            assert time.monotonic() < deadline, lines
-            line = proc.stderr.readline()
-            assert line, f"tokenrelay serve exited: {lines}"
-            lines.append(line)
-        url = next(line for line in lines if "serving on" in line).split()[3]
+        for line in proc.stderr:
+            lines.put(line)
+
+    reader = threading.Thread(target=read_stderr, daemon=True)
+    reader.start()
+    try:
+        while not any("serving on" in line for line in seen):
+            seen.append(lines.get(timeout=20))
+        url = next(line for line in seen if "serving on" in line).split()[3]
         with httpx.Client(base_url=url, timeout=TIMEOUT) as c:
             assert c.get("/v1/models").status_code == 401
             r = c.get("/v1/models", headers={"authorization": f"Bearer {raw}"})
@@ -263,8 +296,15 @@ def test_serve_end_to_end_never_prints_the_raw_key(tmp_path: Path) -> None:
             assert "mock" in [m["id"] for m in r.json()["data"]]
     finally:
         proc.terminate()
-        out, err = proc.communicate(timeout=15)
-    assert raw not in "".join(lines) + out + err
+        proc.wait(timeout=15)
+        reader.join(5)
+    assert proc.stdout is not None
+    out = proc.stdout.read()
+    proc.stdout.close()
+    while not lines.empty():
+        seen.append(lines.get_nowait())
+    err = "".join(seen)
+    assert raw not in err + out
     assert "Traceback" not in err
 
 
@@ -277,18 +317,21 @@ def test_concurrent_streams_limit(gw: LiveGateway) -> None:
         streams = [c.stream("POST", "/v1/chat/completions", json=body, headers=bearer("conc"))
                    for _ in range(2)]
         responses = [s.__enter__() for s in streams]
+        # Keep the iterators: dropping one closes its connection (a disconnect).
+        readers = [r.iter_raw() for r in responses]
         try:
-            for r in responses:
+            for r, reader in zip(responses, readers, strict=True):
                 assert r.status_code == 200
-                next(r.iter_raw())  # the stream has started: its slot is held
+                next(reader)  # the stream has started: its slot is held
+            assert gw.gateway.limiter.active("conc") == 2
             refused = c.post("/v1/chat/completions", json=body, headers=bearer("conc"))
             assert_openai_error(refused, 429, code="concurrency_limit")
             assert int(refused.headers["retry-after"]) >= 1
             # Another key is not affected.
             assert c.post("/v1/chat/completions", headers=bearer("plain"),
                           json={"model": "mock", "messages": HI}).status_code == 200
+            readers.pop(0).close()
             streams.pop(0).__exit__(None, None, None)  # the client goes away
-            responses.pop(0)
             deadline = time.monotonic() + 5
             while True:
                 r = c.post("/v1/chat/completions", headers=bearer("conc"),
@@ -431,6 +474,10 @@ def test_chunked_body_under_the_cap_is_served(client: httpx.Client) -> None:
     ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
     ({"frobnicate": True}, "frobnicate"),
     ({"model": ""}, "model"),
+    # Upstreams and their keys come from the config only, never from a request
+    # (LiteLLM CVE-2024-6587).
+    ({"base_url": "http://127.0.0.1:1/v1"}, "base_url"),
+    ({"api_key": "sk-from-the-request"}, "api_key"),
 ])
 def test_invalid_parameters_are_400_naming_the_field(client: httpx.Client,
                                                      patch: dict[str, Any], param: str) -> None:
@@ -447,6 +494,16 @@ def test_missing_field_and_bad_json_are_400(client: httpx.Client) -> None:
     assert_openai_error(r, 400, code="invalid_json")
     r = client.post("/chat", json={"prompt": "hi", "colour": "red"}, headers=bearer("plain"))
     assert_openai_error(r, 400, param="colour")
+
+
+def test_scripted_mock_answers_are_bounded(client: httpx.Client) -> None:
+    # The mock builds its answer in one go on the event loop; 10**7 tokens would freeze
+    # the gateway for seconds for everyone.
+    started = time.monotonic()
+    r = client.post("/v1/chat/completions", headers=bearer("plain"),
+                    json={"model": "mock:tokens=10000000", "messages": HI, "max_tokens": 1})
+    assert_openai_error(r, 400, param="model")
+    assert time.monotonic() - started < 1
 
 
 # -- CORS --------------------------------------------------------------------------------
@@ -478,6 +535,16 @@ def test_cors_wildcard_with_credentials_is_refused() -> None:
 
 
 # -- secrets never leak ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("base_url", ["http://user:sk-in-url@10.0.0.5:8000/v1",
+                                      "https://sk-in-url@api.example.com/v1",
+                                      "file:///etc/passwd", "10.0.0.5:8000/v1"])
+def test_routes_refuse_credentials_in_the_url_and_non_http_schemes(base_url: str) -> None:
+    # Upstream URLs show in connection error messages; a key inside one would leak.
+    with pytest.raises(ConfigurationError) as info:
+        load_config(models=[{"name": "up", "base_url": base_url}])
+    assert "sk-in-url" not in str(info.value)
 
 
 def _dead_port() -> int:
@@ -543,6 +610,22 @@ def test_keys_and_upstream_secrets_never_appear_in_any_output(
 HEADER_TIMEOUT = 1.0
 KEEP_ALIVE = 1.0
 SLACK = 1.5
+
+
+def test_uvicorn_settings() -> None:
+    from tokenrelay.server.run import HeaderTimeoutProtocol, uvicorn_config
+
+    config = ServerConfig(serve_local=False, header_timeout=3, keep_alive_timeout=2,
+                          log=LogConfig(enabled=False))
+    uv = uvicorn_config(config, app=object())
+    assert issubclass(uv.http, HeaderTimeoutProtocol)  # type: ignore[arg-type]
+    assert uv.http.header_timeout == 3  # type: ignore[union-attr]
+    assert uv.timeout_keep_alive == 2
+    assert (uv.limit_concurrency, uv.backlog) == (2048, 2048)
+    # X-Forwarded-For is not trusted; no access log (the request log is the one record).
+    assert uv.proxy_headers is False and uv.access_log is False
+    assert uv.loop == "uvloop"
+    assert uv.ws == "none"
 
 
 @pytest.fixture(scope="module")

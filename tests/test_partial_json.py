@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import doctest
+import itertools
 import json
 import math
 from typing import Any
@@ -11,6 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tokenrelay import _partial_json
 from tokenrelay._partial_json import PartialJSONError, PartialJSONParser
 
 # -- helpers ---------------------------------------------------------------------------------
@@ -75,7 +78,7 @@ _ABSENT = object()
 
 def split(doc: str, cuts: list[int]) -> list[str]:
     points = [0, *sorted(cuts), len(doc)]
-    return [doc[a:b] for a, b in zip(points, points[1:], strict=False)]
+    return [doc[a:b] for a, b in itertools.pairwise(points)]
 
 
 def check_stream(doc: str, deltas: list[str]) -> None:
@@ -130,7 +133,9 @@ def json_string(draw: st.DrawFn, text: str | None = None) -> str:
     return "".join(out)
 
 
-NUMBER = st.from_regex(r"-?(0|[1-9][0-9]{0,20})(\.[0-9]{1,18})?([eE][+-]?[0-9]{1,3})?", fullmatch=True)
+NUMBER = st.from_regex(
+    r"-?(0|[1-9][0-9]{0,20})(\.[0-9]{1,18})?([eE][+-]?[0-9]{1,3})?", fullmatch=True
+)
 SCALAR = st.one_of(
     st.sampled_from(["true", "false", "null", "NaN", "Infinity", "-Infinity"]),
     NUMBER,
@@ -167,8 +172,9 @@ DOC = st.builds(lambda a, v, b: a + v + b, WS, VALUE, WS)
 # Documents json.dumps writes, from Python values (floats in repr form, optional indent).
 PY_VALUE = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
-    lambda children: st.lists(children, max_size=4)
-    | st.dictionaries(st.text(max_size=5), children, max_size=4),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=5), children, max_size=4)
+    ),
     max_leaves=20,
 )
 DUMPED = st.builds(
@@ -178,9 +184,7 @@ DUMPED = st.builds(
     st.sampled_from([None, 0, 2]),
 )
 
-SETTINGS = settings(
-    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow]
-)
+SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 # -- property tests --------------------------------------------------------------------------
@@ -360,7 +364,9 @@ def test_raises_where_jiter_silently_stops(doc: str, offset: int, lenient: Any) 
 def test_finish_on_incomplete_input(doc: str, expected: str) -> None:
     parser = PartialJSONParser()
     parser.feed(doc)
-    with pytest.raises(PartialJSONError, match=f"unexpected end of input: expected {expected}") as info:
+    with pytest.raises(
+        PartialJSONError, match=f"unexpected end of input: expected {expected}"
+    ) as info:
         parser.finish()
     assert info.value.offset == len(doc)
     with pytest.raises(PartialJSONError):  # errors are sticky
@@ -444,3 +450,7 @@ def test_large_integer_limit_matches_python() -> None:
     parser = PartialJSONParser()
     with pytest.raises(PartialJSONError, match="out of range"):
         parser.feed("[" + "1" * 5000)
+
+
+def test_docstring_example() -> None:
+    assert doctest.testmod(_partial_json).failed == 0

@@ -1,8 +1,8 @@
 """Incremental partial-JSON parser: each delta is scanned once, so a whole stream costs O(n).
 
-The usual way to show JSON while it streams (openai-python's ``partial_json_parser`` helper,
-instructor, the Vercel AI SDK) re-parses the whole accumulated text on every chunk, which is
-quadratic in the document size. :class:`PartialJSONParser` is a push parser instead: it keeps a
+The usual way to show JSON while it streams (openai-python's ``jiter.from_json(...,
+partial_mode=True)`` on each chunk, instructor, the Vercel AI SDK) re-parses the whole
+accumulated text every time, which is quadratic in the document size. :class:`PartialJSONParser` is a push parser instead: it keeps a
 stack of the open containers, builds dicts and lists in place, and holds the one unfinished
 scalar (a string or number "tip") apart until ``value`` is read.
 
@@ -23,6 +23,9 @@ object keys without a value are left out. Where it deliberately differs:
 * Offsets are character offsets into the concatenated input; jiter reports byte columns.
 * Lone surrogate escapes (``"\\ud800"``) are an error, as in jiter and pydantic (they cannot
   be encoded as UTF-8), although :func:`json.loads` accepts them.
+
+Like jiter, pydantic and :func:`json.loads`, it accepts ``NaN``, ``Infinity`` and
+``-Infinity``. Integers longer than :func:`sys.get_int_max_str_digits` are an error, as there.
 """
 
 from __future__ import annotations
@@ -107,7 +110,7 @@ _LITERALS: dict[str, tuple[str, Any]] = {
     "I": ("Infinity", math.inf),
     "-": ("-Infinity", -math.inf),
 }
-_ESCAPES = {"\"": "\"", "\\": "\\", "/": "/", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t"}
+_ESCAPES = {'"': '"', "\\": "\\", "/": "/", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t"}
 _HEX = frozenset("0123456789abcdefABCDEF")
 _WS = " \t\n\r"
 
@@ -134,25 +137,30 @@ class PartialJSONParser:
     Example:
         >>> p = PartialJSONParser()
         >>> p.feed('{"city": "Par')
+        >>> p.value
+        {'city': 'Par'}
+        >>> p.feed('is", "te')
         >>> p.value, p.changed_path
-        ({'city': 'Par'}, ('city',))
-        >>> p.feed('is", "temp": 2')
+        ({'city': 'Paris'}, ('city',))
+        >>> p.feed('mp": 2')
         >>> p.value, p.changed_path
-        ({'city': 'Paris', 'temp': 2}, ())
+        ({'city': 'Paris', 'temp': 2}, ('temp',))
         >>> p.feed("1}")
         >>> p.finish()
         {'city': 'Paris', 'temp': 21}
 
     ``value`` is one live object, updated in place by later feeds: treat it as read-only and
-    ``copy.deepcopy`` it to keep a snapshot. After an error every ``feed``/``finish`` raises
+    ``copy.deepcopy`` it to keep a snapshot. ``feed`` costs O(len(delta)); reading ``value``
+    costs O(1) plus rebuilding the unfinished string, if it grew (a ``str`` cannot grow in
+    place), so one very long string read after every delta is the one quadratic case. After an error every ``feed``/``finish`` raises
     the same :class:`PartialJSONError` again.
     """
 
     __slots__ = (
-        "_state", "_stack", "_path", "_key", "_root", "_pos", "_error", "_changed", "_plain",
-        "_tip", "_parent", "_tip_key", "_tip_in", "_tip_path", "_shadow", "_serial", "_dirty",
-        "_is_key", "_pieces", "_vis", "_esc", "_hi", "_num", "_nstate", "_lit", "_lit_n",
-        "_t0", "_v0", "_max_digits",
+        "_changed", "_dirty", "_error", "_esc", "_hi", "_is_key", "_key", "_lit", "_lit_n",
+        "_max_digits", "_nstate", "_num", "_parent", "_path", "_pieces", "_plain", "_pos",
+        "_root", "_serial", "_shadow", "_stack", "_state", "_t0", "_tip", "_tip_in", "_tip_key",
+        "_tip_path", "_v0", "_vis",
     )  # fmt: skip
 
     def __init__(self) -> None:
@@ -215,7 +223,11 @@ class PartialJSONParser:
 
     @property
     def done(self) -> bool:
-        """Whether a complete top-level value has been parsed."""
+        """Whether a complete top-level value has been parsed.
+
+        A bare top-level number is only complete at whitespace or ``finish()``: more digits
+        may follow.
+        """
         return self._state == _DONE
 
     def feed(self, delta: str) -> None:
@@ -228,7 +240,7 @@ class PartialJSONParser:
             PartialJSONError: the text so far cannot be the start of a JSON document.
         """
         if self._plain and delta and '"' not in delta and "\\" not in delta and delta.isprintable():
-            # Fast path: the whole delta is string content (most of a real document).
+            # Fast path: the whole delta is plain string content, the commonest case.
             self._pieces.append(delta)
             self._pos += len(delta)
             if self._is_key:
@@ -263,7 +275,9 @@ class PartialJSONParser:
             state = _ARR_NEXT if type(self._stack[-1]) is list else _OBJ_NEXT
         if state != _DONE:
             expected = "the rest of the escape" if self._esc else _EXPECTED[state]
-            self._error = PartialJSONError(f"unexpected end of input: expected {expected}", self._pos)
+            self._error = PartialJSONError(
+                f"unexpected end of input: expected {expected}", self._pos
+            )
             self._plain = False  # so that feed() reaches the error check
             raise self._error
         return self._root
@@ -310,16 +324,16 @@ class PartialJSONParser:
                 continue
             c = delta[i]
             if c in _WS:
-                m = _NOT_WS(delta, i)
-                if m is None:
-                    break
-                i = m.start()
-                c = delta[i]
+                i += 1
+                if i < n and delta[i] in _WS:  # a longer run (indentation): skip it in C
+                    m = _NOT_WS(delta, i)
+                    i = n if m is None else m.start()
+                continue
             if st <= _ARR_VALUE:  # a value may start here
                 if c == '"':
                     self._begin_tip(_STRING)
                     self._is_key = False
-                    self._pieces = []
+                    self._pieces.clear()
                     self._vis = 0
                     self._dirty = True
                     self._state = _STRING
@@ -358,13 +372,15 @@ class PartialJSONParser:
                     self._tip = _STRING
                     self._serial += 1
                     self._is_key = True
-                    self._pieces = []
+                    self._pieces.clear()
                     self._state = _STRING
                     self._plain = True
                 elif c == "}" and st == _OBJ_FIRST:
                     self._close()
                 elif c == "}":
-                    self._fail("expected a string key after ',', got '}' (trailing comma)", base + i)
+                    self._fail(
+                        "expected a string key after ',', got '}' (trailing comma)", base + i
+                    )
                 else:
                     self._fail(f"expected {_EXPECTED[st]}, got {c!r}", base + i)
                 i += 1
@@ -417,7 +433,7 @@ class PartialJSONParser:
             self._esc = esc
             return i + 1
         self._esc = ""
-        code = int(esc[2:], 16)
+        code = int(esc[2:6], 16)
         if self._hi >= 0:
             if not 0xDC00 <= code <= 0xDFFF:
                 self._lone_surrogate(base + i)
@@ -439,7 +455,10 @@ class PartialJSONParser:
             self._dirty = True
 
     def _lone_surrogate(self, offset: int) -> NoReturn:
-        self._fail("lone surrogate in a \\u escape (expected a \\uD800-\\uDBFF, \\uDC00-\\uDFFF pair)", offset)
+        self._fail(
+            "lone surrogate in a \\u escape (expected a \\uD800-\\uDBFF, \\uDC00-\\uDFFF pair)",
+            offset,
+        )
 
     def _scan_number(self, delta: str, i: int, n: int, base: int) -> int:
         ns = self._nstate

@@ -1,12 +1,11 @@
 """A fault-injecting OpenAI-compatible server: ``tokenrelay mock-upstream``.
 
 Stands in for vLLM / llama.cpp / OpenAI behind the gateway and the library, in tests,
-benchmarks and demos. It is raw asyncio streams and a minimal HTTP/1.1 (keep-alive,
-``Content-Length`` request bodies, chunked responses) rather than a framework, so that
-every byte is under control: it can reset a connection (``SO_LINGER 0``), end a body
-cleanly without ``[DONE]``, send a chunk that is not JSON, stall with the socket open,
-and notice the moment a client goes away (it watches the socket for EOF while it
-answers, so an abort is seen at once, not at the next write).
+benchmarks and demos. It is raw asyncio streams and a minimal HTTP/1.1 (``_mock_http``)
+rather than a framework, so that every byte is under control: it can reset a connection
+(``SO_LINGER 0``), end a body cleanly without ``[DONE]``, send a chunk that is not JSON,
+stall with the socket open, and notice the moment a client goes away (it watches the
+socket for EOF while it answers, so an abort is seen at once, not at the next write).
 
 Endpoints: ``POST /v1/chat/completions`` (``stream`` true or false,
 ``stream_options.include_usage``), ``GET /v1/models``, and the control plane
@@ -27,7 +26,8 @@ by ``;`` or ``,``; items without ``=`` are plain names and ignored). Headers win
 
     x-mock-fault: reset, x-mock-fault-after: 3     ≡  model "fault=reset;after=3"
 
-Faults: ``reset`` a TCP reset after ``after`` tokens; ``close`` a clean end of the body
+Faults: ``reset`` a TCP reset after ``after`` tokens (``RESET_GRACE`` after them: an RST
+makes the peer drop what it has not read yet); ``close`` a clean end of the body
 (and of the connection) without finish_reason or ``[DONE]``; ``malformed`` a chunk that
 is not JSON; ``error`` a ``data: {"error": {...}}`` frame then ``[DONE]`` (as vLLM does);
 ``stall`` nothing more, the socket kept open until the client leaves; a status (``429``,
@@ -48,21 +48,22 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
-import struct
+import os
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Self
 
+from ._mock_http import ClientGone, Connection, Exchange, HTTPError, RequestRecord
 from .errors import ConfigurationError, UsageError
 
 __all__ = ["Behaviour", "Exchange", "MockUpstream", "RequestRecord", "token_text"]
 
 #: Mid-stream faults; any HTTP status 400-599 is a fault too.
 STREAM_FAULTS = ("reset", "close", "malformed", "error", "stall")
-#: Option name → (field, type); short forms first in the docs.
+#: Option names and their aliases → Behaviour fields.
 _OPTIONS: dict[str, str] = {
     "tokens": "tokens", "n": "tokens",
     "delay": "first_token_delay", "first_token_delay": "first_token_delay",
@@ -74,10 +75,6 @@ _OPTIONS: dict[str, str] = {
 }
 #: An RST makes the peer drop what it received but did not read yet: let it read first.
 RESET_GRACE = 0.1
-_MAX_HEAD = 64 * 1024
-_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
-            411: "Length Required", 413: "Content Too Large", 429: "Too Many Requests",
-            500: "Internal Server Error", 502: "Bad Gateway", 503: "Service Unavailable"}
 
 
 def token_text(n: int) -> str:
@@ -152,288 +149,6 @@ def _convert(name: str, value: str) -> Any:
     return number
 
 
-@dataclass(slots=True)
-class RequestRecord:
-    """One request as the server saw it. Times are ``time.monotonic()`` seconds."""
-
-    id: int
-    method: str
-    path: str
-    headers: dict[str, str]
-    body: Any
-    started_at: float
-    model: str | None = None
-    stream: bool = False
-    behaviour: Behaviour | None = None
-    #: The fault really injected (``None`` once ``times`` is used up).
-    fault: str | None = None
-    status: int | None = None
-    tokens_sent: int = 0
-    first_token_at: float | None = None
-    finished_at: float | None = None
-    #: When the client was seen leaving before the answer was over.
-    aborted_at: float | None = None
-
-    @property
-    def outcome(self) -> str:
-        """open | complete | aborted."""
-        if self.aborted_at is not None:
-            return "aborted"
-        return "open" if self.finished_at is None else "complete"
-
-    def to_dict(self) -> dict[str, Any]:
-        data = {f.name: getattr(self, f.name) for f in fields(self)}
-        data["behaviour"] = None if self.behaviour is None else self.behaviour.to_dict()
-        data["outcome"] = self.outcome
-        return data
-
-
-class _ClientGone(Exception):
-    pass
-
-
-class _HTTPError(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-
-
-class _Connection:
-    """One client socket: buffered request reading, writes, and disconnect watching."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader = reader
-        self.writer = writer
-        self.buffer = bytearray()
-        self.gone = asyncio.Event()
-        self.record: RequestRecord | None = None
-        self.closing = False  # we end it ourselves: EOF from now on is no abort
-        self._watcher: asyncio.Task[None] | None = None
-
-    async def _fill(self) -> bool:
-        data = await self.reader.read(65536)
-        self.buffer += data
-        return bool(data)
-
-    async def read_request(self) -> tuple[str, str, str, dict[str, str], bytes] | None:
-        while (end := self.buffer.find(b"\r\n\r\n")) < 0:
-            if len(self.buffer) > _MAX_HEAD:
-                raise _HTTPError(431, "request head too large")
-            if not await self._fill():
-                if self.buffer.strip():
-                    raise ConnectionResetError("the client left mid-request")
-                return None
-        head = bytes(self.buffer[:end]).decode("latin-1")
-        del self.buffer[:end + 4]
-        request_line, *lines = head.lstrip("\r\n").split("\r\n")
-        try:
-            method, target, version = request_line.split(" ", 2)
-        except ValueError:
-            raise _HTTPError(400, f"bad request line {request_line!r}") from None
-        headers: dict[str, str] = {}
-        for line in lines:
-            name, _, value = line.partition(":")
-            headers[name.strip().lower()] = value.strip()
-        if "chunked" in headers.get("transfer-encoding", "").lower():
-            raise _HTTPError(411, "send the body with Content-Length")
-        try:
-            length = int(headers.get("content-length", "0"))
-        except ValueError:
-            raise _HTTPError(400, "bad Content-Length") from None
-        if length > 16 * 1024 * 1024:
-            raise _HTTPError(413, "request body too large")
-        while len(self.buffer) < length:
-            if not await self._fill():
-                raise ConnectionResetError("the client left mid-request")
-        body = bytes(self.buffer[:length])
-        del self.buffer[:length]
-        return method.upper(), target, version.upper(), headers, body
-
-    # -- noticing the client leaving --------------------------------------------------
-
-    def watch(self, record: RequestRecord) -> None:
-        """While answering, read the socket: EOF means the client left."""
-        self.record = record
-        self._watcher = asyncio.ensure_future(self._watch())
-
-    async def unwatch(self) -> None:
-        watcher, self._watcher = self._watcher, None
-        if watcher is not None and not watcher.done():
-            watcher.cancel()
-            await asyncio.gather(watcher, return_exceptions=True)
-        self.record = None
-
-    async def _watch(self) -> None:
-        try:
-            while await self._fill():
-                if len(self.buffer) >= _MAX_HEAD:
-                    return  # a pipelined next request, not a goodbye: stop watching
-        except OSError:
-            pass
-        self.lost()
-
-    def lost(self) -> None:
-        if self.closing or self.gone.is_set():
-            return
-        self.gone.set()
-        record = self.record
-        if record is not None and record.finished_at is None and record.aborted_at is None:
-            record.aborted_at = time.monotonic()
-
-    # -- writing --------------------------------------------------------------------
-
-    async def write(self, data: bytes) -> None:
-        if self.gone.is_set():
-            raise _ClientGone
-        self.writer.write(data)
-        try:
-            await self.writer.drain()
-        except OSError:
-            self.lost()
-            raise _ClientGone from None
-
-    async def pause(self, seconds: float) -> None:
-        """Sleep, but stop at once (``_ClientGone``) if the client leaves meanwhile."""
-        if not self.gone.is_set() and seconds > 0:
-            try:
-                async with asyncio.timeout(seconds):
-                    await self.gone.wait()
-            except TimeoutError:
-                return
-        if self.gone.is_set():
-            raise _ClientGone
-
-    def reset(self) -> None:
-        self.closing = True
-        sock = self.writer.get_extra_info("socket")
-        if sock is not None:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        self.writer.transport.abort()
-
-    def close(self) -> None:
-        self.closing = True
-        if not self.writer.is_closing():
-            self.writer.close()
-
-
-class Exchange:
-    """One request being answered; the building blocks of every behaviour.
-
-    Subclasses of :class:`MockUpstream` script their own answers with these (the test
-    suite's ``tests/_upstream.py`` does).
-    """
-
-    def __init__(self, server: MockUpstream, conn: _Connection, record: RequestRecord) -> None:
-        self.server = server
-        self.conn = conn
-        self.record = record
-        self.body: dict[str, Any] = record.body if isinstance(record.body, dict) else {}
-        self.keep_alive = True
-        self._id = f"chatcmpl-mock{record.id}"
-        self._created = int(time.time())
-
-    # -- plain responses ------------------------------------------------------------
-
-    async def json(self, status: int, obj: Any, headers: dict[str, str] | None = None) -> None:
-        data = json.dumps(obj, separators=(",", ":")).encode()
-        self.record.status = status
-        await self.conn.write(self._head(status, {
-            "Content-Type": "application/json", "Content-Length": str(len(data)),
-            **(headers or {})}) + data)
-
-    async def error(self, status: int, message: str, *, type: str = "invalid_request_error",
-                    code: str | None = None, headers: dict[str, str] | None = None) -> None:
-        await self.json(status, {"error": {"message": message, "type": type, "param": None,
-                                           "code": code}}, headers)
-
-    def _head(self, status: int, headers: dict[str, str]) -> bytes:
-        lines = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Status')}"]
-        lines += [f"{k}: {v}" for k, v in headers.items()]
-        lines.append("Connection: " + ("keep-alive" if self.keep_alive else "close"))
-        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-
-    # -- event streams ----------------------------------------------------------------
-
-    async def start_stream(self) -> None:
-        """The 200 head of a chunked ``text/event-stream`` body."""
-        self.record.status = 200
-        await self.conn.write(self._head(200, {
-            "Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-store",
-            "Transfer-Encoding": "chunked"}))
-
-    async def send(self, data: bytes) -> None:
-        """One piece of the chunked body."""
-        await self.conn.write(b"%x\r\n%s\r\n" % (len(data), data))
-
-    async def send_event(self, obj: Any) -> None:
-        data = obj if isinstance(obj, str) else json.dumps(obj, separators=(",", ":"))
-        await self.send(f"data: {data}\n\n".encode())
-
-    async def end(self) -> None:
-        """The end of the chunked body (the connection stays usable)."""
-        await self.conn.write(b"0\r\n\r\n")
-
-    def chunk(self, delta: dict[str, Any] | None, *, finish: str | None = None,
-              usage: dict[str, int] | None = None) -> dict[str, Any]:
-        """A ``chat.completion.chunk``; ``delta=None`` is the choice-less usage chunk."""
-        obj: dict[str, Any] = {
-            "id": self._id, "object": "chat.completion.chunk", "created": self._created,
-            "model": self.record.model or "mock-upstream", "system_fingerprint": None,
-            "choices": [] if delta is None else [
-                {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
-        }
-        if usage is not None or self.include_usage:
-            obj["usage"] = usage
-        return obj
-
-    @property
-    def include_usage(self) -> bool:
-        options = self.body.get("stream_options")
-        return isinstance(options, dict) and bool(options.get("include_usage"))
-
-    def completion(self, text: str, *, finish: str, usage: dict[str, int]) -> dict[str, Any]:
-        """A non-streamed ``chat.completion``."""
-        return {
-            "id": self._id, "object": "chat.completion", "created": self._created,
-            "model": self.record.model or "mock-upstream", "system_fingerprint": None,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text,
-                                                 "refusal": None},
-                         "logprobs": None, "finish_reason": finish}],
-            "usage": usage,
-        }
-
-    # -- control ----------------------------------------------------------------------
-
-    async def pause(self, seconds: float) -> None:
-        await self.conn.pause(seconds)
-
-    async def wait_gone(self, seconds: float | None = None) -> bool:
-        """Wait (up to ``seconds``) for the client to leave; True if it did."""
-        try:
-            async with asyncio.timeout(seconds):
-                await self.conn.gone.wait()
-        except TimeoutError:
-            return False
-        return True
-
-    def reset(self) -> None:
-        """A TCP reset (RST) now."""
-        self.keep_alive = False
-        self.conn.reset()
-
-    def close(self) -> None:
-        """A clean close (FIN) once what was written is sent."""
-        self.keep_alive = False
-        self.conn.close()
-
-    def sent_token(self) -> None:
-        record = self.record
-        record.tokens_sent += 1
-        if record.first_token_at is None:
-            record.first_token_at = time.monotonic()
-
-
 class MockUpstream:
     """The server. ``with MockUpstream() as up`` runs it on its own thread;
     ``async with`` (or ``astart``/``aclose``) on the running event loop.
@@ -443,19 +158,21 @@ class MockUpstream:
         port: port; 0 picks a free one (see ``url``).
         behaviour: what requests get when they ask for nothing else.
         models: the ids ``GET /v1/models`` lists.
+        max_records: the request records kept (the oldest go first).
     """
 
     owned_by = "tokenrelay"
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, *,
                  behaviour: Behaviour | None = None,
-                 models: Iterable[str] = ("mock-upstream",)) -> None:
+                 models: Iterable[str] = ("mock-upstream",), max_records: int = 10_000,
+                 ) -> None:
         self.host = host
         self.port = port
         self.behaviour = behaviour or Behaviour()
         self.models = list(models)
-        #: Every request, in arrival order (appended from the server's loop).
-        self.requests: list[RequestRecord] = []
+        #: The requests, in arrival order (appended from the server's loop).
+        self.requests: deque[RequestRecord] = deque(maxlen=max_records)
         self._fault_counts: dict[tuple[str, ...], int] = {}
         self._last_id = 0
         self._server: asyncio.AbstractServer | None = None
@@ -485,8 +202,9 @@ class MockUpstream:
             self._server = await asyncio.start_server(self._accept, self.host, self.port,
                                                       backlog=1024)
         except OSError as exc:
+            reason = os.strerror(exc.errno) if exc.errno else str(exc)
             raise ConfigurationError(
-                f"cannot listen on {self.host} port {self.port}: {exc.strerror or exc}"
+                f"cannot listen on {self.host} port {self.port}: {reason}"
                 " (pick another --port)") from exc
         self.port = self._server.sockets[0].getsockname()[1]
 
@@ -568,7 +286,7 @@ class MockUpstream:
         self._fault_counts.clear()
 
     def chat_requests(self) -> list[RequestRecord]:
-        return [r for r in self.requests if r.path.endswith("/chat/completions")]
+        return [r for r in list(self.requests) if r.path.endswith("/chat/completions")]
 
     def wait_for(self, predicate: Callable[[RequestRecord], bool], timeout: float = 5.0,
                  ) -> RequestRecord | None:
@@ -588,15 +306,14 @@ class MockUpstream:
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
-        self._tasks.add(task)  # type: ignore[arg-type]
-        conn = _Connection(reader, writer)
+        self._tasks.add(task)
+        conn = Connection(reader, writer)
         try:
             while True:
                 try:
                     request = await conn.read_request()
-                except _HTTPError as exc:
-                    record = self._record("?", "?", {}, None)
-                    exchange = Exchange(self, conn, record)
+                except HTTPError as exc:
+                    exchange = Exchange(conn, self._record("?", "?", {}, None))
                     exchange.keep_alive = False
                     await exchange.error(exc.status, exc.message)
                     break
@@ -604,10 +321,15 @@ class MockUpstream:
                     break
                 if not await self._dispatch(conn, *request):
                     break
-        except (OSError, _ClientGone):
+        except (OSError, ClientGone):
             conn.lost()
+        except asyncio.CancelledError:
+            # aclose(): ended, not re-raised. (On Python 3.11 the done-callback of
+            # start_server's handler task calls task.exception(), which raises for a
+            # cancelled task and logs "Exception in callback".)
+            pass
         finally:
-            self._tasks.discard(task)  # type: ignore[arg-type]
+            self._tasks.discard(task)
             await conn.unwatch()
             conn.close()
 
@@ -619,7 +341,7 @@ class MockUpstream:
         self.requests.append(record)
         return record
 
-    async def _dispatch(self, conn: _Connection, method: str, target: str, version: str,
+    async def _dispatch(self, conn: Connection, method: str, target: str, version: str,
                         headers: dict[str, str], raw: bytes) -> bool:
         """Answer one request; False when the connection must end."""
         path = target.split("?", 1)[0]
@@ -630,11 +352,16 @@ class MockUpstream:
         except ValueError:
             body = raw.decode("utf-8", "replace")
         record = self._record(method, path, headers, body)
-        exchange = Exchange(self, conn, record)
+        exchange = Exchange(conn, record)
         wanted = headers.get("connection", "").lower()
         exchange.keep_alive = wanted != "close" and (version != "HTTP/1.0" or
                                                      wanted == "keep-alive")
-        conn.watch(record)
+
+        def aborted(when: float) -> None:
+            if record.finished_at is None and record.aborted_at is None:
+                record.aborted_at = when
+
+        conn.watch(aborted)
         try:
             if path.endswith("/chat/completions") and method == "POST":
                 if not isinstance(body, dict):
@@ -650,7 +377,7 @@ class MockUpstream:
             else:
                 await exchange.error(404 if method in ("GET", "POST") else 405,
                                      f"no route for {method} {path}", code="not_found")
-        except _ClientGone:
+        except ClientGone:
             conn.lost()
             return False
         finally:
@@ -659,10 +386,10 @@ class MockUpstream:
             record.finished_at = time.monotonic()
         return exchange.keep_alive and not conn.closing and not conn.gone.is_set()
 
-    async def _control(self, conn: _Connection, method: str, path: str,
+    async def _control(self, conn: Connection, method: str, path: str,
                        headers: dict[str, str]) -> bool:
         record = RequestRecord(0, method, path, headers, None, started_at=time.monotonic())
-        exchange = Exchange(self, conn, record)
+        exchange = Exchange(conn, record)
         if path == "/_mock/requests" and method == "GET":
             await exchange.json(200, [r.to_dict() for r in list(self.requests)])
         elif path == "/_mock/requests" and method == "DELETE":
@@ -749,12 +476,15 @@ class MockUpstream:
                     return
             if i == n:
                 break
+            delay = 0.0
             if i and gap:
                 next_at += gap
-                await ex.pause(next_at - loop.time())
-            elif not gap:
-                await asyncio.sleep(0)  # unpaced: still let the other streams (and EOF) in
-            await ex.send_event(ex.chunk({"content": f"tok{i}" if i == 0 else f" tok{i}"}))
+                delay = next_at - loop.time()
+            if delay > 0:
+                await ex.pause(delay)
+            elif i % 8 == 0:
+                await asyncio.sleep(0)  # unpaced or late: still let the others (and EOF) in
+            await ex.send_text(f"tok{i}" if i == 0 else f" tok{i}")
             ex.sent_token()
         await ex.send_event(ex.chunk({}, finish=finish))
         if ex.include_usage:
@@ -784,7 +514,7 @@ class MockUpstream:
             return False
         # stall: nothing more, the socket open, until the client leaves
         await ex.wait_gone()
-        raise _ClientGone
+        raise ClientGone
 
     async def _complete(self, ex: Exchange, behaviour: Behaviour, fault: str | None, n: int,
                         finish: str, usage: dict[str, int]) -> None:
@@ -796,12 +526,10 @@ class MockUpstream:
             ex.close()
         elif fault == "stall":
             await ex.wait_gone()
-            raise _ClientGone
+            raise ClientGone
         elif fault == "malformed":
-            ex.record.status = 200
-            data = b'{"id": "chatcmpl-mock", "choices": [{"message": '
-            await ex.conn.write(ex._head(200, {"Content-Type": "application/json",
-                                               "Content-Length": str(len(data))}) + data)
+            await ex.respond(200, b'{"id": "chatcmpl-mock", "choices": [{"message": ',
+                             content_type="application/json")
         elif fault == "error":
             await ex.json(200, {"error": {"message": "mock-upstream: injected error",
                                           "type": "server_error", "param": None,

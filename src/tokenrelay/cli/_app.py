@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import sys
 from typing import Any
 
@@ -9,17 +10,25 @@ import click
 
 from .. import __version__
 from ._errors import handle_errors
-from .bench import bench
-from .chat import chat
-from .compare import compare
-from .logs import logs
-from .models import models
-from .run import run
-from .serve import hash_key_command, serve
 
 __all__ = ["TokenrelayGroup", "cli", "main"]
 
 _GROUP_OPTIONS = {"--help", "-h", "--version"}
+
+# Commands load on first use: `tokenrelay "prompt"` should not pay for importing the
+# gateway or the benchmark (httpx, the server stack) before its first token.
+# name -> (module in this package, attribute)
+_COMMANDS = {
+    "run": ("run", "run"),
+    "chat": ("chat", "chat"),
+    "compare": ("compare", "compare"),
+    "models": ("models", "models"),
+    "logs": ("logs", "logs"),
+    "serve": ("serve", "serve"),
+    "hash-key": ("serve", "hash_key_command"),
+    "bench": ("bench", "bench"),
+    "mock-upstream": ("mock_upstream", "mock_upstream"),
+}
 
 
 class TokenrelayGroup(click.Group):
@@ -30,8 +39,19 @@ class TokenrelayGroup(click.Group):
     stdin when stdin is not a terminal, and shows the help otherwise.
     """
 
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*self.commands, *_COMMANDS})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in self.commands and cmd_name in _COMMANDS:
+            module, attr = _COMMANDS[cmd_name]
+            command = getattr(importlib.import_module(f".{module}", __package__), attr)
+            self.add_command(command, cmd_name)
+        return self.commands.get(cmd_name)
+
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        if args and args[0] not in self.commands and args[0] not in _GROUP_OPTIONS:
+        known = {*self.commands, *_COMMANDS}
+        if args and args[0] not in known and args[0] not in _GROUP_OPTIONS:
             args = ["run", *args]
         elif not args and not ctx.resilient_parsing and not _stdin_is_tty():
             args = ["run"]
@@ -65,13 +85,6 @@ def cli() -> None:
 
     The answer goes to stdout; the indicator, footer and errors go to stderr.
     """
-
-
-for _command in (run, chat, compare, models, logs):
-    cli.add_command(_command)
-cli.add_command(bench)
-cli.add_command(serve)
-cli.add_command(hash_key_command)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -14,7 +14,7 @@ from contextlib import closing
 from dataclasses import dataclass
 from typing import Any, cast
 
-from .. import _api
+from .. import stream as open_stream
 from .._stream import Result, Stream
 from ..events import StreamEvent, TextDelta
 from ..log import ExchangeLog, default_log_path
@@ -110,7 +110,7 @@ def stream_answer(
             they are in ``outcome.result.error``, after the partial answer was shown.
     """
     stats = term.stderr_tty if output.stats is None else output.stats
-    stream = _api.stream(
+    stream = open_stream(
         prompt, raw=output.raw, raise_errors=False, log=False,
         **options.stream_kwargs(system=system),
     )

@@ -26,7 +26,7 @@ from rich.spinner import Spinner
 from rich.text import Text
 
 from .._stream import Result
-from ..events import RawChunk, StreamEvent, TextDelta, event_to_dict
+from ..events import Done, RawChunk, StreamEvent, TextDelta, event_to_dict
 
 __all__ = [
     "BufferedSink",
@@ -239,10 +239,20 @@ def _dumps(value: Any) -> str:
 
 
 class JsonSink(Sink):
-    """One JSON event per line (``--json``)."""
+    """One JSON event per line (``--json``), always ending with a ``done`` event."""
+
+    def __init__(self, indicator: Indicator, out: TextIO | None = None) -> None:
+        super().__init__(indicator, out)
+        self._done = False
 
     def feed(self, event: StreamEvent) -> None:
+        self._done = isinstance(event, Done)
         self._write(_dumps(event_to_dict(event)) + "\n")
+
+    def finish(self, result: Result | None) -> None:
+        # Stopped (Ctrl-C) before the stream's own done: say how it ended all the same.
+        if not self._done and result is not None:
+            self.feed(Done(result.finish_reason, result.usage, result.metrics))
 
 
 class RawSink(Sink):

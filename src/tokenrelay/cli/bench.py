@@ -103,8 +103,13 @@ def bench(base_url: str, model: str, concurrency: int, requests: int, prompt: st
       tokenrelay bench --base-url http://127.0.0.1:8000/v1 -m mock -c 64 -n 640 --json
     """
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, \
-        TimeElapsedColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
 
     headers = _headers(header)
     err = Console(stderr=True)

@@ -17,7 +17,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from .. import _api
+from .. import stream as open_stream
 from .._stream import Result
 from ..events import TextDelta
 from ._exchange import events_of, record
@@ -57,7 +57,7 @@ def _one(prompt: str, options: ModelOptions, *, streamed: bool, term: Terminal,
     indicator = Indicator(term, enabled=True, label=label)
     started = time.monotonic()
     first_visible: float | None = None
-    stream = _api.stream(prompt, raise_errors=False, log=False, **options.stream_kwargs())
+    stream = open_stream(prompt, raise_errors=False, log=False, **options.stream_kwargs())
     try:
         with stream, events_of(stream) as events:
             indicator.start()

@@ -121,6 +121,7 @@ def serve(host: str | None, port: int | None, config_file: str | None,
     Without API keys it refuses to listen beyond loopback.
     """
     try:
+        from ..server.app import create_app
         from ..server.run import bind, build_server, url
     except ImportError as exc:
         raise ConfigurationError(str(exc)) from None
@@ -130,11 +131,11 @@ def serve(host: str | None, port: int | None, config_file: str | None,
                            cors_origins=cors_origins)
     config.check_exposure()
 
-    server = build_server(config)  # builds the app: a bad route fails here, before binding
+    app = create_app(config)  # a bad route fails here, before binding
     sock = bind(config)
-    gateway = server.config.app.state.gateway
-    click.echo(f"tokenrelay: serving on {url(sock)}  (models: {', '.join(gateway.models)})",
-               err=True)
+    server = build_server(config, app)
+    models = ", ".join(app.state.gateway.models)
+    click.echo(f"tokenrelay: serving on {url(sock)}  (models: {models})", err=True)
     if config.keys:
         click.echo(f"tokenrelay: {len(config.keys)} API key(s); clients send"
                    " Authorization: Bearer <key>", err=True)

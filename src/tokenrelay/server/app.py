@@ -42,6 +42,9 @@ __all__ = ["create_app", "Gateway"]
 
 log = logging.getLogger("tokenrelay.server")
 
+#: The largest scripted answer (``mock:tokens=N``) a client may ask for.
+MAX_MOCK_TOKENS = 10_000
+
 
 class BodyLimit:
     """Pure ASGI middleware: 413 for bodies over the cap, before anything parses them."""
@@ -145,7 +148,14 @@ class Gateway:
             return found
         if model.startswith("mock:") and self.config.serve_mock:
             # Scripted behaviour chosen by the client: only ever the in-process mock.
+            from ..providers.mock import parse_mock_options
+
             try:
+                tokens = parse_mock_options(model[5:]).get("tokens") or 0
+                if tokens > MAX_MOCK_TOKENS:
+                    # The mock builds its whole answer at once, on the event loop:
+                    # tokens=10**7 would freeze the gateway for everyone for seconds.
+                    raise UsageError(f"mock tokens above {MAX_MOCK_TOKENS} are refused here")
                 return resolve(model)
             except UsageError as exc:
                 raise GatewayHTTPError(400, exc.message, param="model") from exc
@@ -263,7 +273,8 @@ class Gateway:
 
         stream = self.open(core, provider)
         if not chat.stream:
-            return await self._complete(stream, lease=lease, key_id=key.id, model=chat.model)
+            return await self._complete(stream, request=request, lease=lease, key_id=key.id,
+                                        model=chat.model)
         encoder = ChunkEncoder(chat.model, include_usage=bool(
             chat.stream_options and chat.stream_options.include_usage))
 
@@ -278,15 +289,26 @@ class Gateway:
             heartbeat=self.config.heartbeat, send_timeout=self.config.send_timeout,
             wait_first=min(self.config.heartbeat, 10.0))
 
-    async def _complete(self, stream: AsyncStream, *, lease: Lease, key_id: str,
-                        model: str) -> Response:
+    async def _complete(self, stream: AsyncStream, *, request: HTTPRequest, lease: Lease,
+                        key_id: str, model: str) -> Response:
         label = _label(model)
         started = time.monotonic()
         http_status = 200
         self.metrics.active_streams.labels(label).inc()
         try:
-            async for _ in stream:
-                pass
+            # Starlette does not cancel an endpoint whose client left: watch for it, so
+            # that a disconnect aborts the upstream request here too, not only in streams.
+            consume = asyncio.ensure_future(_consume(stream))
+            gone = asyncio.ensure_future(_disconnected(request))
+            try:
+                await asyncio.wait({consume, gone}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for task in (consume, gone):
+                    task.cancel()
+                await asyncio.gather(consume, gone, return_exceptions=True)
+            if consume.cancelled():
+                http_status = 499  # client closed request: nobody gets this response
+                return Response(status_code=http_status)
             result = stream.result
             if result.error is not None:
                 http_status = error_status(result.error)
@@ -363,6 +385,16 @@ class Gateway:
         await self.drain_logs()
         if self.reqlog is not None:
             self.reqlog.close()
+
+
+async def _consume(stream: AsyncStream) -> None:
+    async for _ in stream:
+        pass
+
+
+async def _disconnected(request: HTTPRequest) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _label(model: str) -> str:

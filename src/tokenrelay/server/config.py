@@ -41,8 +41,16 @@ import ipaddress
 import tomllib
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from ..errors import ConfigurationError
 
@@ -62,6 +70,18 @@ class ModelRoute(BaseModel):
     upstream_model: str | None = None
     api_key: str | None = Field(None, repr=False)
     api_key_env: str | None = None
+
+    @field_validator("base_url")
+    @classmethod
+    def _no_credentials_in_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https"):
+            raise ValueError("base_url must start with http:// or https://")
+        if parts.username or parts.password:
+            # Upstream URLs appear in connection error messages and logs; keys must not.
+            raise ValueError("credentials in base_url would show in error messages:"
+                             " put the upstream key in api_key or api_key_env")
+        return value
 
 
 class KeyConfig(BaseModel):

@@ -6,7 +6,9 @@ uvicorn closes idle keep-alive connections (``timeout_keep_alive``) but has no t
 ``limit_concurrency`` and lock everyone else out. :class:`HeaderTimeoutProtocol` closes a
 connection whose request headers are not complete ``header_timeout`` seconds after it
 connected, or after the first byte of its next request on a kept-alive connection
-(nginx ``client_header_timeout``).
+(nginx ``client_header_timeout``). It also aborts a connection whose client stopped
+reading ``send_timeout + 1`` s ago: the app gives such a stream up, but uvicorn's
+``transport.close()`` would wait forever for the unread buffer to drain.
 
 The listening socket is bound here, before uvicorn starts, so that an address already in
 use is a one-line :class:`~tokenrelay.errors.ConfigurationError` and the real port of
@@ -54,13 +56,18 @@ GRACEFUL_SHUTDOWN = 10
 
 
 class HeaderTimeoutProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol plus a deadline for receiving request headers."""
+    """uvicorn's httptools protocol plus deadlines for receiving request headers and for
+    a client that stopped reading."""
 
     header_timeout: float = 10.0
+    #: Seconds the send buffer may stay full (the client not reading) before the
+    #: connection is aborted; ``None``: never.
+    write_timeout: float | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._header_timer: asyncio.TimerHandle | None = None
+        self._write_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -80,7 +87,30 @@ class HeaderTimeoutProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_header_timer()
+        self._cancel_write_timer()
         super().connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self.write_timeout is not None and self._write_timer is None:
+            self._write_timer = self.loop.call_later(self.write_timeout, self._write_stalled)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self._cancel_write_timer()
+
+    def _cancel_write_timer(self) -> None:
+        if self._write_timer is not None:
+            self._write_timer.cancel()
+            self._write_timer = None
+
+    def _write_stalled(self) -> None:
+        # The client stopped reading. SSEResponse gives up after send_timeout, but then
+        # uvicorn's transport.close() waits for the unread buffer to drain, i.e. forever:
+        # the socket and its buffers would stay. Abort (RST) instead.
+        self._write_timer = None
+        log.debug("aborting a connection that read nothing for %.1f s", self.write_timeout)
+        self.transport.abort()
 
     def _arm_header_timer(self) -> None:
         self._cancel_header_timer()
@@ -99,9 +129,11 @@ class HeaderTimeoutProtocol(HttpToolsProtocol):
             self.transport.close()
 
 
-def header_timeout_protocol(seconds: float) -> type[HeaderTimeoutProtocol]:
-    """The protocol class with its header deadline set (uvicorn takes a class, not options)."""
-    return HttpToolsProtocol  # MUTANT
+def header_timeout_protocol(seconds: float, write_timeout: float | None = None,
+                            ) -> type[HeaderTimeoutProtocol]:
+    """The protocol class with its deadlines set (uvicorn takes a class, not options)."""
+    return type("HeaderTimeoutProtocol", (HeaderTimeoutProtocol,),
+                {"header_timeout": seconds, "write_timeout": write_timeout})
 
 
 def _loop() -> str:
@@ -125,7 +157,8 @@ def uvicorn_config(config: ServerConfig, app: Any = None, *,
         app,
         host=config.host,
         port=config.port,
-        http=header_timeout_protocol(config.header_timeout),
+        # A second after the app's own send_timeout (it ends the stream first).
+        http=header_timeout_protocol(config.header_timeout, config.send_timeout + 1.0),
         loop=_loop(),
         ws="none",
         lifespan="on",
