@@ -31,7 +31,7 @@ def test_events_snapshot_usage_and_done() -> None:
     assert "".join(d.delta for d in deltas) == deltas[-1].snapshot
     assert isinstance(events[-1], Done)
     assert events[-1].finish_reason == "stop"
-    assert [e for e in events if isinstance(e, UsageEvent)][0].usage.completion_tokens == 5
+    assert next(e for e in events if isinstance(e, UsageEvent)).usage.completion_tokens == 5
     result = s.result
     assert result.text == "Mock answer to: hello there"
     assert result.usage.estimated is False

@@ -15,7 +15,7 @@ from .events import StreamEvent, TextDelta
 from .providers.base import Provider
 from .request import Message, Request, RetryPolicy, Timeouts, build_request
 
-__all__ = ["stream", "astream", "complete", "acomplete", "batch", "abatch"]
+__all__ = ["abatch", "acomplete", "astream", "batch", "complete", "stream"]
 
 Prompt = str | Sequence[Message | dict[str, Any]]
 

@@ -25,13 +25,11 @@ import random
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Self
 
 from . import _portal
 from .errors import (
     ProviderError,
-    RateLimitError,
-    ServerError,
     StreamError,
     TimeoutError,
     TokenrelayError,
@@ -53,7 +51,7 @@ from .events import (
 from .providers.base import Chunk, Provider
 from .request import Request, RetryPolicy, Timeouts
 
-__all__ = ["AsyncStream", "Stream", "Result", "ToolCall"]
+__all__ = ["AsyncStream", "Result", "Stream", "ToolCall"]
 
 _FINISH_REASONS = {"stop", "length", "tool_calls", "content_filter"}
 
@@ -116,8 +114,16 @@ class _Accumulator:
     """Pure state: chunks in, events out. No I/O, no clock of its own."""
 
     __slots__ = (
-        "buffer", "tool_calls", "usage", "finish_reason", "first_token_at", "last_token_at",
-        "token_times", "chunk_count", "raw_chunks", "_keep_raw",
+        "_keep_raw",
+        "buffer",
+        "chunk_count",
+        "finish_reason",
+        "first_token_at",
+        "last_token_at",
+        "raw_chunks",
+        "token_times",
+        "tool_calls",
+        "usage",
     )
 
     def __init__(self, *, keep_raw: bool) -> None:
@@ -269,7 +275,7 @@ class AsyncStream:
             raise RuntimeError("the stream has not finished: iterate it or await final()")
         return self._result
 
-    async def __aenter__(self) -> AsyncStream:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -488,7 +494,7 @@ class Stream:
     def result(self) -> Result:
         return self._astream.result
 
-    def __enter__(self) -> Stream:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc_info: object) -> None:

@@ -22,7 +22,7 @@ from pathlib import Path
 from .errors import UsageError
 from .providers.base import Provider
 
-__all__ = ["Settings", "resolve", "LOCAL_MODEL", "DEFAULT_OPENAI_MODEL"]
+__all__ = ["DEFAULT_OPENAI_MODEL", "LOCAL_MODEL", "Settings", "resolve"]
 
 LOCAL_MODEL = "smollm2"
 DEFAULT_OPENAI_MODEL = "gpt-4o-mini"

@@ -26,18 +26,18 @@ import builtins
 from typing import Literal
 
 __all__ = [
-    "TokenrelayError",
-    "UsageError",
-    "ConfigurationError",
-    "ProviderError",
-    "ConnectionError",
-    "TimeoutError",
     "APIStatusError",
-    "BadRequestError",
     "AuthenticationError",
+    "BadRequestError",
+    "ConfigurationError",
+    "ConnectionError",
+    "ProviderError",
     "RateLimitError",
     "ServerError",
     "StreamError",
+    "TimeoutError",
+    "TokenrelayError",
+    "UsageError",
 ]
 
 

@@ -22,19 +22,19 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, TypeAlias
 
 __all__ = [
-    "TextBuffer",
+    "Done",
+    "ErrorEvent",
     "FinishReason",
-    "Usage",
     "Metrics",
+    "RawChunk",
+    "StreamEvent",
+    "StructuredPartial",
+    "TextBuffer",
     "TextDelta",
     "ToolCallDelta",
     "ToolCallDone",
-    "StructuredPartial",
+    "Usage",
     "UsageEvent",
-    "RawChunk",
-    "Done",
-    "ErrorEvent",
-    "StreamEvent",
 ]
 
 FinishReason: TypeAlias = Literal[
@@ -98,7 +98,7 @@ class TextBuffer:
     when a slow consumer let events queue up (100k tokens took 21 GB).
     """
 
-    __slots__ = ("_parts", "length", "_cache", "_cache_parts")
+    __slots__ = ("_cache", "_cache_parts", "_parts", "length")
 
     def __init__(self) -> None:
         self._parts: list[str] = []

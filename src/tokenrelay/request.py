@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .errors import UsageError
 
-__all__ = ["Message", "Request", "Timeouts", "RetryPolicy", "build_request"]
+__all__ = ["Message", "Request", "RetryPolicy", "Timeouts", "build_request"]
 
 Role = Literal["system", "user", "assistant", "tool"]
 

@@ -20,18 +20,18 @@ from typing import Generic, Protocol, TypeVar
 
 __all__ = [
     "CodeBlock",
+    "CodeBlockExtractor",
+    "SentenceBuffer",
     "SizeBuffer",
     "WordBuffer",
-    "SentenceBuffer",
-    "CodeBlockExtractor",
-    "by_size",
-    "words",
-    "sentences",
-    "code_blocks",
     "aby_size",
-    "awords",
-    "asentences",
     "acode_blocks",
+    "asentences",
+    "awords",
+    "by_size",
+    "code_blocks",
+    "sentences",
+    "words",
 ]
 
 T = TypeVar("T", covariant=True)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from .base import Chunk, ModelInfo, Provider, ToolCallChunk
 from .mock import MockProvider
 
-__all__ = ["Chunk", "ModelInfo", "MockProvider", "Provider", "ToolCallChunk"]
+__all__ = ["Chunk", "MockProvider", "ModelInfo", "Provider", "ToolCallChunk"]
 
 
 def __getattr__(name: str) -> object:

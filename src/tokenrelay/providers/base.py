@@ -24,7 +24,7 @@ from typing import Any
 from ..events import Usage
 from ..request import Request
 
-__all__ = ["Chunk", "ToolCallChunk", "Provider", "ModelInfo"]
+__all__ = ["Chunk", "ModelInfo", "Provider", "ToolCallChunk"]
 
 
 @dataclass(slots=True)

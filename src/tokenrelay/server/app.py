@@ -30,7 +30,15 @@ from ..errors import TokenrelayError, UsageError
 from ..providers.base import Provider
 from ..request import Message, Request, RetryPolicy, Timeouts
 from .config import ServerConfig
-from .encode import ChunkEncoder, completion_body, dumps, error_body, error_status, simple_frames
+from .encode import (
+    ChunkEncoder,
+    completion_body,
+    dumps,
+    error_body,
+    error_from_exc,
+    error_status,
+    simple_frames,
+)
 from .metrics import CONTENT_TYPE_LATEST, GatewayMetrics
 from .openapi import openapi_document
 from .reqlog import RequestLog
@@ -38,7 +46,7 @@ from .schema import ChatCompletionRequest, SimpleChatRequest
 from .security import Authenticator, GatewayHTTPError, Lease, Limiter
 from .sse import EarlyResponse, SSEResponse
 
-__all__ = ["create_app", "Gateway"]
+__all__ = ["Gateway", "create_app"]
 
 log = logging.getLogger("tokenrelay.server")
 
@@ -121,6 +129,10 @@ class Gateway:
         self.timeouts = Timeouts()
         self.retry = RetryPolicy()
         self.models: dict[str, tuple[Provider, str]] = {}
+        # The scripted mock lets callers choose stalls and delays: by default only on a
+        # loopback-only gateway.
+        self.serve_mock = (config.loopback_only if config.serve_mock is None
+                           else config.serve_mock)
         self._pending_logs: set[asyncio.Task[None]] = set()
         for route in config.models:
             from ..providers.openai_compat import OpenAIProvider
@@ -131,7 +143,7 @@ class Gateway:
             self.models[route.name] = (provider, route.upstream_model or route.name)
         if config.serve_local and "smollm2" not in self.models:
             self.models["smollm2"] = resolve("smollm2")
-        if config.serve_mock and "mock" not in self.models:
+        if self.serve_mock and "mock" not in self.models:
             self.models["mock"] = resolve("mock")
         self.reqlog: RequestLog | None = None
         if config.log.enabled:
@@ -146,7 +158,7 @@ class Gateway:
         found = self.models.get(model)
         if found is not None:
             return found
-        if model.startswith("mock:") and self.config.serve_mock:
+        if model.startswith("mock:") and self.serve_mock:
             # Scripted behaviour chosen by the client: only ever the in-process mock.
             from ..providers.mock import parse_mock_options
 
@@ -313,8 +325,8 @@ class Gateway:
             if result.error is not None:
                 http_status = error_status(result.error)
                 return JSONResponse(_core_error_body(result.error), status_code=http_status,
-                                    headers=dict((k.decode(), v.decode())
-                                                 for k, v in _retry_after(result.error)))
+                                    headers={k.decode(): v.decode()
+                                                 for k, v in _retry_after(result.error)})
             return Response(dumps(completion_body(model, result)),
                             media_type="application/json")
         finally:
@@ -332,7 +344,10 @@ class Gateway:
             except ValidationError as exc:
                 raise _validation_error(exc) from exc
             model = chat.model or ("smollm2" if "smollm2" in self.models else
-                                   next(iter(self.models)))
+                                   next(iter(self.models), None))
+            if model is None:
+                raise GatewayHTTPError(404, "no models are configured", param="model",
+                                       code="model_not_found")
             provider, upstream_model = self.lookup(model)
             messages: list[Message] = []
             if chat.system:
@@ -370,8 +385,8 @@ class Gateway:
         return JSONResponse({"object": "list", "data": data})
 
     async def healthz(self, request: HTTPRequest) -> Response:
-        return JSONResponse({"status": "ok", "active_streams": self.limiter.total_active(),
-                             "models": list(self.models)})
+        # Unauthenticated (for load balancers): no model names here, /v1/models has them.
+        return JSONResponse({"status": "ok", "active_streams": self.limiter.total_active()})
 
     async def metrics_endpoint(self, request: HTTPRequest) -> Response:
         return Response(self.metrics.render(), media_type=CONTENT_TYPE_LATEST)
@@ -403,9 +418,7 @@ def _label(model: str) -> str:
 
 
 def _core_error_body(exc: TokenrelayError) -> dict[str, Any]:
-    kind = {"invalid_request": "invalid_request_error",
-            "rate_limited": "rate_limit_error"}.get(exc.code, "upstream_error")
-    return error_body(exc.message, type=kind, code=exc.code)
+    return error_from_exc(exc)
 
 
 def _retry_after(exc: TokenrelayError) -> list[tuple[bytes, bytes]]:

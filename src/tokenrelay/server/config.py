@@ -54,7 +54,7 @@ from pydantic import (
 
 from ..errors import ConfigurationError
 
-__all__ = ["ServerConfig", "ModelRoute", "KeyConfig", "LogConfig", "hash_key", "load_config"]
+__all__ = ["KeyConfig", "LogConfig", "ModelRoute", "ServerConfig", "hash_key", "load_config"]
 
 
 def hash_key(key: str) -> str:
@@ -124,7 +124,8 @@ class ServerConfig(BaseModel):
     log: LogConfig = Field(default_factory=LogConfig)
     #: Serve the embedded local model and the scripted mock besides the routes.
     serve_local: bool = True
-    serve_mock: bool = True
+    #: None: serve the mock only when listening on loopback.
+    serve_mock: bool | None = None
 
     @model_validator(mode="after")
     def _check(self) -> ServerConfig:

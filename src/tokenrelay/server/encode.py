@@ -38,10 +38,10 @@ except ImportError:  # pragma: no cover - the [server] extra installs orjson
 __all__ = [
     "ChunkEncoder",
     "completion_body",
+    "dumps",
     "error_body",
     "error_status",
     "simple_frames",
-    "dumps",
 ]
 
 
@@ -74,12 +74,23 @@ def error_body(message: str, *, type: str, code: str | None = None,
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
+def client_message(code: str, message: str) -> str:
+    """What a gateway client may read of a core error.
+
+    Connection errors name the upstream URL (an internal host); clients get a generic
+    message instead, the request log keeps the full one.
+    """
+    if code == "connection_error" or code == "timeout_connect":
+        return "the upstream model server is unavailable; try again later"
+    return message
+
+
 def error_from_exc(exc: TokenrelayError | ErrorEvent) -> dict[str, Any]:
     code = exc.code
     kind = "invalid_request_error" if code == "invalid_request" else "upstream_error"
     if code == "rate_limited":
         kind = "rate_limit_error"
-    return error_body(exc.message, type=kind, code=code)
+    return error_body(client_message(code, exc.message), type=kind, code=code)
 
 
 class ChunkEncoder:

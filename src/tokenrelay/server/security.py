@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from .config import KeyConfig
 
-__all__ = ["Authenticator", "Limiter", "Lease", "GatewayHTTPError", "ANONYMOUS"]
+__all__ = ["ANONYMOUS", "Authenticator", "GatewayHTTPError", "Lease", "Limiter"]
 
 ANONYMOUS = KeyConfig(id="anonymous", sha256="0" * 64)
 

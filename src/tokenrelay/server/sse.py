@@ -20,7 +20,7 @@ import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-__all__ = ["SSEResponse", "SSE_HEADERS", "EarlyResponse"]
+__all__ = ["SSE_HEADERS", "EarlyResponse", "SSEResponse"]
 
 SSE_HEADERS: list[tuple[bytes, bytes]] = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
