@@ -9,18 +9,55 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .errors import UsageError
 
-__all__ = ["Message", "Request", "RetryPolicy", "Timeouts", "build_request"]
+__all__ = [
+    "Message",
+    "Request",
+    "ResponseFormat",
+    "RetryPolicy",
+    "Timeouts",
+    "ToolSpec",
+    "build_request",
+]
 
 Role = Literal["system", "user", "assistant", "tool"]
 
 
 class Message(BaseModel):
-    """One chat message."""
+    """One chat message.
+
+    Assistant messages that called tools carry ``tool_calls`` (OpenAI shape:
+    ``{"id", "type": "function", "function": {"name", "arguments"}}``); tool results are
+    ``role="tool"`` messages with the ``tool_call_id`` they answer.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     role: Role
-    content: str
+    content: str = ""
+    tool_calls: tuple[dict[str, Any], ...] | None = None
+    tool_call_id: str | None = None
+    name: str | None = None
+
+
+class ToolSpec(BaseModel):
+    """A function the model may call: its name, description and JSON-schema parameters."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str = ""
+    parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object",
+                                                                "properties": {}})
+
+
+class ResponseFormat(BaseModel):
+    """Structured output: the answer must be JSON matching ``schema``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field("response", min_length=1, max_length=64)
+    schema_: dict[str, Any] = Field(alias="schema")
+    strict: bool = True
 
 
 class Timeouts(BaseModel):
@@ -71,6 +108,12 @@ class Request(BaseModel):
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     stop: tuple[str, ...] | None = None
     seed: int | None = None
+    #: Structured output (JSON schema); ``None`` for free text.
+    response_format: ResponseFormat | None = None
+    #: Tools the model may call, and OpenAI's ``tool_choice`` ("auto", "none",
+    #: "required" or ``{"type": "function", "function": {"name": ...}}``).
+    tools: tuple[ToolSpec, ...] | None = None
+    tool_choice: str | dict[str, Any] | None = None
     #: Provider-specific extras passed through unchanged (e.g. ``{"ignore_eos": True}``).
     extra: dict[str, Any] = Field(default_factory=dict)
 
