@@ -1,23 +1,35 @@
 #!/usr/bin/env python
 """What the gateway costs: direct vs tokenrelay vs the LiteLLM proxy, side by side, one run.
 
-    .venv/bin/python bench/bench_gateway.py            # ~5-8 minutes on 2 cores
-    .venv/bin/python bench/bench_gateway.py --quick    # smaller counts, ~2 minutes
+    .venv/bin/python bench/bench_gateway.py            # ~8 minutes on 2 cores
+    .venv/bin/python bench/bench_gateway.py --quick    # smaller counts, ~4 minutes
+    .venv/bin/python bench/bench_gateway.py --parts relay --no-litellm   # one part only
 
 Every process is separate: one mock upstream (``tokenrelay mock-upstream``), the gateway
-(``tokenrelay serve``), the LiteLLM proxy (from its own venv, default
-/tmp/litellm-venv; missing → that column is skipped with the reason), and this script as
-the load generator (``tokenrelay.bench.abench``: vLLM's TTFT/ITL definitions).
+(``tokenrelay serve``), the LiteLLM proxy (from its own venv, default /tmp/litellm-venv,
+``$LITELLM_BIN``; missing → that column is skipped with the reason), and this script as
+the load generator (``tokenrelay.bench.abench``: vLLM's TTFT/ITL definitions). Both
+gateways require an API key, as deployed ones do (LiteLLM refuses to start without one).
+The mock's behaviour is chosen by the model name, which is all a gateway forwards, so the
+gateway config maps ``fast``/``idle`` to the mock's ``tokens=…;tps=…`` names.
 
-It measures, at concurrency 1, 64 and 256 (100-token answers at 2,000 tokens/s each):
+Parts (``--parts relay,profile,idle``, in this order):
 
-* TTFT p50/p99 and the time each gateway adds to it over the direct path;
-* gateway CPU per relayed chunk: utime+stime of the gateway's process tree
-  (/proc/PID/stat) over the run, divided by the content chunks clients received;
-* memory: RSS of each gateway with 1,000 open streams waiting on a long first token,
-  and how many of them reached the upstream (a connection-pool cap shows here);
-* where tokenrelay's per-chunk time goes: py-spy samples of the gateway (when py-spy is
-  found) grouped by component, plus micro-benchmarks of single stages.
+* relay, at concurrency 1, 64 and 256 (100/256/384 requests of 100-token answers at
+  2,000 tokens/s each): TTFT p50/p99 and what each gateway adds over the direct path;
+  gateway CPU per relayed chunk (utime+stime of the gateway's process tree from
+  /proc/PID/stat over the run, divided by the content chunks clients received), its
+  kernel share, and how long the gateway waited for a CPU (other load on the machine);
+* profile: py-spy samples of tokenrelay at c=1 and c=64 grouped by component
+  (``$PY_SPY`` or /tmp/pyspy-venv/bin/py-spy), then single stages timed alone, and the
+  CPU cost of reading the same upstream streams with httpx, httpx2 and aiohttp
+  (aiohttp from ``$AIOHTTP_PATH``, default /tmp/aiohttp-lib: ``pip install --target``);
+* idle, last: RSS with 1,000 streams open, all waiting on a 60 s first token, how many
+  of them reached the upstream (a connection-pool cap shows here) and whether the
+  gateway still answers its health check;
+* pool (opt-in, ``--parts pool``): the same burst against three in-process gateways
+  whose upstream provider is patched: as shipped, a semaphore in front of httpx, and a
+  1,024-connection pool.
 
 It prints figures and ratios against the goals; it never asserts timings.
 """
@@ -234,7 +246,8 @@ class Proc:
 
 def upstream_proc() -> Proc:
     port = free_port()
-    probe = "from tokenrelay.cli._app import cli; print('mock-upstream' in cli.commands)"
+    probe = ("import click; from tokenrelay.cli._app import cli;"
+             " print(cli.get_command(click.Context(cli), 'mock-upstream') is not None)")
     check = subprocess.run([sys.executable, "-c", probe],
                            capture_output=True, text=True, check=False)
     if check.stdout.strip() == "True":
@@ -337,34 +350,46 @@ async def idle_streams(target: str, gateway: Proc, upstream: Proc, n: int) -> di
                                         requests=n, timeout=IDLE_DELAY * 3,
                                         api_key=gateway.api_key))
     started = time.monotonic()
-    last: tuple[int, int] = (-1, -1)
+    last = -1
     stable_since = time.monotonic()
     peak_rss = before
     clients = upstream_open = 0
-    while time.monotonic() - started < 40:
+    # Established client sockets prove nothing (the kernel completes handshakes for the
+    # accept backlog): wait until the upstream sees every stream, or until the count it
+    # sees has stopped growing for 5 s (a connection-pool cap), or 45 s at most.
+    while time.monotonic() - started < 45:
         await asyncio.sleep(0.5)
         clients = established(gateway.port)
         records = get(f"http://127.0.0.1:{upstream.port}/_mock/requests", timeout=10)
         upstream_open = sum(1 for r in records if r["outcome"] == "open")
         peak_rss = max(peak_rss, rss_mib(gateway.pid))
-        if (clients, upstream_open) != last:
-            last, stable_since = (clients, upstream_open), time.monotonic()
-        elif clients >= n and time.monotonic() - stable_since > 2.0:
+        if upstream_open != last:
+            last, stable_since = upstream_open, time.monotonic()
+        elif upstream_open >= n or (upstream_open and time.monotonic() - stable_since > 5):
             break
     with_streams = rss_mib(gateway.pid)
     took = time.monotonic() - started
+    # Is the gateway still responsive with the streams open? (a blocked event loop is not)
+    t = time.perf_counter()
+    try:
+        await asyncio.to_thread(get, f"http://127.0.0.1:{gateway.port}{gateway.ready_path}", 5.0)
+        health_ms: float | None = (time.perf_counter() - t) * 1000
+    except (OSError, ValueError):
+        health_ms = None
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
     await asyncio.sleep(2.0)
     after = rss_mib(gateway.pid)
-    result = {"target": target, "streams": n, "client_connections": clients,
-              "upstream_open": upstream_open, "rss_before_mib": before,
-              "rss_open_mib": max(with_streams, peak_rss), "rss_after_mib": after,
-              "seconds_to_settle": took}
+    result: dict[str, Any] = {
+        "target": target, "streams": n, "client_connections": clients,
+        "upstream_open": upstream_open, "rss_before_mib": before,
+        "rss_open_mib": max(with_streams, peak_rss), "rss_after_mib": after,
+        "seconds_to_settle": took, "health_check_ms": health_ms}
     result["kib_per_stream"] = (result["rss_open_mib"] - before) * 1024 / n
     console.print(f"  {target:<10} {clients} client connections, {upstream_open} open at the"
                   f" upstream, RSS {before:.0f} → {result['rss_open_mib']:.0f} MiB"
-                  f" ({result['kib_per_stream']:.1f} KiB/stream)")
+                  f" ({result['kib_per_stream']:.1f} KiB/stream); health check "
+                  + ("no answer in 5 s" if health_ms is None else f"{health_ms:.0f} ms"))
     return result
 
 
@@ -644,6 +669,77 @@ def client_costs(upstream: Proc, workdir: Path) -> dict[str, float | str]:
     return out
 
 
+POOL_GW = r"""
+import asyncio, sys
+import uvicorn
+from tokenrelay.server import ServerConfig, create_app
+from tokenrelay.providers.openai_compat import OpenAIProvider
+
+upstream, variant, port, model = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+
+class Slotted(OpenAIProvider):
+    # Waits for a free connection before httpx sees the request: httpx never queues.
+    _slots = None
+    async def stream(self, request, *, raw=False):
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self.max_connections)
+        async with self._slots:
+            async for chunk in super().stream(request, raw=raw):
+                yield chunk
+
+app = create_app(ServerConfig(serve_local=False, serve_mock=False, log={"enabled": False}))
+provider = {"as shipped (pool 256)": lambda: OpenAIProvider(base_url=upstream),
+            "pool 256 + semaphore": lambda: Slotted(base_url=upstream),
+            "max_connections=1024": lambda: OpenAIProvider(base_url=upstream,
+                                                           max_connections=1024)}[variant]()
+app.state.gateway.models["idle"] = (provider, model)
+uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", loop="uvloop",
+            http="httptools", limit_concurrency=4096)
+"""
+
+
+async def pool_burst(upstream: Proc, workdir: Path, n: int) -> list[dict[str, Any]]:
+    """The idle burst against in-process gateways whose provider is patched three ways."""
+    script = workdir / "pool_gateway.py"
+    script.write_text(POOL_GW)
+    rows = []
+    for variant in ("as shipped (pool 256)", "pool 256 + semaphore", "max_connections=1024"):
+        port = free_port()
+        proc = Proc("pool-gateway", [sys.executable, str(script), upstream.url, variant,
+                                     str(port), IDLE], port, "/healthz")
+        proc.start(workdir)
+        try:
+            delete(f"http://127.0.0.1:{upstream.port}/_mock/requests")
+            c0 = cpu_seconds(proc.pid)
+            task = asyncio.ensure_future(abench(base_url=proc.url, model="idle",
+                                                concurrency=n, requests=n,
+                                                timeout=IDLE_DELAY * 3))
+            samples = []
+            for _ in range(5):
+                await asyncio.sleep(5)
+                records = get(f"http://127.0.0.1:{upstream.port}/_mock/requests", timeout=10)
+                t = time.perf_counter()
+                try:
+                    await asyncio.to_thread(get, f"http://127.0.0.1:{port}/healthz", 5.0)
+                    health: float | None = (time.perf_counter() - t) * 1000
+                except (OSError, ValueError):
+                    health = None
+                samples.append((sum(1 for r in records if r["outcome"] == "open"), health))
+            row = {"variant": variant, "upstream_open": [o for o, _ in samples],
+                   "health_ms": [h for _, h in samples],
+                   "cpu_s": cpu_seconds(proc.pid) - c0, "rss_mib": rss_mib(proc.pid)}
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        finally:
+            proc.stop()
+        health_ms = [None if h is None else round(h) for h in row["health_ms"]]
+        console.print(f"  {variant:<22} open at upstream every 5 s: {row['upstream_open']};"
+                      f" /healthz ms: {health_ms}; CPU {row['cpu_s']:.1f} s;"
+                      f" RSS {row['rss_mib']:.0f} MiB")
+        rows.append(row)
+    return rows
+
+
 # -- report ------------------------------------------------------------------------------
 
 def ms(seconds: float | None) -> str:
@@ -732,13 +828,15 @@ def mark(value: float | None, goal: float, digits: int = 2) -> str:
 def report_idle(results: list[dict[str, Any]]) -> None:
     table = Table(title="Memory with open idle streams (all waiting on a first token)")
     for col in ("gateway", "streams", "client conns", "open at upstream", "RSS idle MiB",
-                "RSS open MiB", "KiB/stream", "RSS after MiB"):
+                "RSS open MiB", "KiB/stream", "RSS after MiB", "health check ms"):
         table.add_column(col, justify="right")
     for r in results:
         table.add_row(r["target"], str(r["streams"]), str(r["client_connections"]),
                       str(r["upstream_open"]), f"{r['rss_before_mib']:.1f}",
                       f"{r['rss_open_mib']:.1f}", f"{r['kib_per_stream']:.1f}",
-                      f"{r['rss_after_mib']:.1f}")
+                      f"{r['rss_after_mib']:.1f}",
+                      "no answer (5 s)" if r["health_check_ms"] is None
+                      else f"{r['health_check_ms']:.0f}")
     console.print(table)
 
 
@@ -790,8 +888,8 @@ async def main(args: argparse.Namespace) -> None:
         # 1,000 streams are 2,000+ sockets per process here; children inherit this.
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 65536), hard))
     # Bounded so the whole run stays under ~8 minutes with LiteLLM at ~1.5 ms CPU/chunk.
-    levels = [(1, 40), (64, 128), (256, 256)] if args.quick else [(1, 100), (64, 320),
-                                                                  (256, 512)]
+    levels = [(1, 40), (64, 128), (256, 256)] if args.quick else [(1, 100), (64, 256),
+                                                                  (256, 384)]
     idle_n = 300 if args.quick else 1000
     console.print(f"[bold]bench_gateway[/] {time.strftime('%Y-%m-%d %H:%M')}  "
                   f"{platform.machine()}, {os.cpu_count()} cores, Python "
@@ -827,33 +925,41 @@ async def main(args: argparse.Namespace) -> None:
         console.print(f"upstream pid {upstream.pid}, tokenrelay pid {gateway.pid}"
                       + (f", litellm pid {litellm.pid}" if litellm else ""))
 
-        runs: list[Run] = []
-        for c, n in levels:
-            for name, url, model, proc in targets:
-                runs.append(await measure(name, url, model, concurrency=c, requests=n,
-                                          gateway=proc, upstream=upstream))
-        results["runs"] = report_runs(runs, levels)
-
-
-        console.print(f"[bold]Idle streams[/] ({idle_n} waiting on a {IDLE_DELAY:g}s first"
-                      " token)")
-        idle = [await idle_streams("tokenrelay", gateway, upstream, idle_n)]
-        if litellm is not None:
-            idle.append(await idle_streams("litellm", litellm, upstream, idle_n))
-        report_idle(idle)
-        results["idle"] = idle
+        parts = set(args.parts.split(","))
+        if "relay" in parts:
+            runs: list[Run] = []
+            for c, n in levels:
+                for name, url, model, proc in targets:
+                    runs.append(await measure(name, url, model, concurrency=c, requests=n,
+                                              gateway=proc, upstream=upstream))
+            results["runs"] = report_runs(runs, levels)
 
         profs: dict[int, dict[str, Any] | str] = {}
         stages: dict[str, Any] = {}
-        if not args.no_profile:
+        if "profile" in parts and not args.no_profile:
             console.print("[bold]Profile[/] (tokenrelay at concurrency 1 and 64)")
             for c, n in ((1, 50), (64, 192)) if args.quick else ((1, 100), (64, 320)):
                 profs[c] = await profile(gateway, c, n, workdir)
             stages = await asyncio.to_thread(stage_costs)
             stages.update(await asyncio.to_thread(client_costs, upstream, workdir))
-        report_profile(profs, stages)
-        results["profile"] = profs
-        results["stages"] = stages
+            report_profile(profs, stages)
+            results["profile"] = profs
+            results["stages"] = stages
+        if "idle" in parts:
+            # Last, and LiteLLM first: a burst this large can wedge tokenrelay's event loop
+            # (see the report), which would skew anything measured after it.
+            console.print(f"[bold]Idle streams[/] ({idle_n} waiting on a {IDLE_DELAY:g}s"
+                          " first token)")
+            idle = []
+            if litellm is not None:
+                idle.append(await idle_streams("litellm", litellm, upstream, idle_n))
+            idle.append(await idle_streams("tokenrelay", gateway, upstream, idle_n))
+            report_idle(idle)
+            results["idle"] = idle
+        if "pool" in parts:
+            console.print(f"[bold]Pool burst[/] ({idle_n} idle streams, tokenrelay's provider"
+                          " patched three ways, each gateway in its own process)")
+            results["pool"] = await pool_burst(upstream, workdir, idle_n)
     finally:
         for proc in reversed(procs):
             proc.stop()
@@ -870,6 +976,9 @@ if __name__ == "__main__":
     parser.add_argument("--no-litellm", action="store_true", help="skip the LiteLLM column")
     parser.add_argument("--no-profile", action="store_true", help="skip py-spy and stages")
     parser.add_argument("--json", metavar="PATH", help="also write all figures as JSON")
+    parser.add_argument("--parts", default="relay,idle,profile",
+                        help="comma-separated parts to run: relay, profile, idle, and"
+                             " pool (opt-in, ~2 min) [relay,idle,profile]")
     try:
         import uvloop
 

@@ -6,7 +6,7 @@
 ...         print(text, end="", flush=True)
 """
 
-from . import errors, events, providers
+from . import errors, events, providers, structured, tools
 from ._api import abatch, acomplete, astream, batch, complete, stream
 from ._stream import AsyncStream, Result, Stream, ToolCall
 from .errors import (
@@ -19,6 +19,7 @@ from .errors import (
     RateLimitError,
     ServerError,
     StreamError,
+    StructuredOutputError,
     TimeoutError,
     TokenrelayError,
     UsageError,
@@ -33,10 +34,12 @@ from .events import (
     TextDelta,
     ToolCallDelta,
     ToolCallDone,
+    ToolResult,
     Usage,
     UsageEvent,
 )
-from .request import Message, Request, RetryPolicy, Timeouts
+from .request import Message, Request, ResponseFormat, RetryPolicy, Timeouts, ToolSpec
+from .tools import Tool
 
 __version__ = "0.1.0"
 
@@ -55,20 +58,25 @@ __all__ = [
     "RateLimitError",
     "RawChunk",
     "Request",
+    "ResponseFormat",
     "Result",
     "RetryPolicy",
     "ServerError",
     "Stream",
     "StreamError",
     "StreamEvent",
+    "StructuredOutputError",
     "StructuredPartial",
     "TextDelta",
     "TimeoutError",
     "Timeouts",
     "TokenrelayError",
+    "Tool",
     "ToolCall",
     "ToolCallDelta",
     "ToolCallDone",
+    "ToolResult",
+    "ToolSpec",
     "Usage",
     "UsageError",
     "UsageEvent",
@@ -82,4 +90,6 @@ __all__ = [
     "events",
     "providers",
     "stream",
+    "structured",
+    "tools",
 ]

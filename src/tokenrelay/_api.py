@@ -10,7 +10,7 @@ from typing import Any
 from . import _portal
 from ._stream import AsyncStream, Result, Stream
 from .config import Settings, resolve
-from .errors import TokenrelayError
+from .errors import TokenrelayError, UsageError
 from .events import StreamEvent, TextDelta
 from .providers.base import Provider
 from .request import Message, Request, RetryPolicy, Timeouts, build_request
@@ -54,6 +54,10 @@ def astream(
     raise_errors: bool = True,
     log: bool | str | None = None,
     extra: dict[str, Any] | None = None,
+    response_format: Any = None,
+    tools: Sequence[Any] | None = None,
+    tool_choice: Any = None,
+    max_tool_rounds: int = 5,
 ) -> AsyncStream:
     """Stream an answer, async. Use as ``async with`` and iterate it for events.
 
@@ -72,6 +76,14 @@ def astream(
         log: record the exchange in the SQLite log (``True``, or a database path);
             default ``$TOKENRELAY_LOG``.
         extra: provider-specific options passed through.
+        response_format: structured output: a Pydantic model class, a JSON schema dict or
+            a ``ResponseFormat``. ``StructuredPartial`` events show the JSON filling in;
+            ``result.parsed`` is the validated answer (see :mod:`tokenrelay.structured`).
+        tools: Python functions the model may call (run by the stream, see
+            :mod:`tokenrelay.tools`), ``Tool``s, or ``ToolSpec``s / dicts the caller runs.
+        tool_choice: ``"auto"``, ``"none"``, ``"required"``, or a tool (name) to call.
+        max_tool_rounds: rounds of tool calls the stream runs before it stops with
+            ``finish_reason="tool_calls"``.
 
     Example::
 
@@ -81,17 +93,37 @@ def astream(
         print(s.result.usage, s.result.metrics.time_to_first_token)
     """
     settings = Settings.load()
+    structured = specs = runnable = None
+    if response_format is not None:
+        from .structured import StructuredOutput
+
+        structured = StructuredOutput.of(response_format)
+    if tools is not None or tool_choice is not None:
+        from .tools import tool_choice_param, tools_of
+
+        specs, runnable = tools_of(tools or ())
+        tool_choice = tool_choice_param(tool_choice, specs)
+    if not isinstance(max_tool_rounds, int) or max_tool_rounds < 0:
+        raise UsageError("max_tool_rounds must be a whole number, 0 or more")
     request = build_request(
         prompt, model=model, system=system, temperature=temperature, max_tokens=max_tokens,
         top_p=top_p, stop=stop, seed=seed, extra=extra,
+        response_format=None if structured is None else structured.response_format,
+        tools=specs, tool_choice=tool_choice,
     )
     if provider is None:
         provider, resolved = resolve(model, base_url=base_url, api_key=api_key, settings=settings)
         request = request.model_copy(update={"model": resolved})
-    return AsyncStream(
-        request, provider, timeouts=timeouts, retry=retry, raw=raw, raise_errors=raise_errors,
-        on_finish=_logger(log, settings),
-    )
+    options: dict[str, Any] = {
+        "timeouts": timeouts, "retry": retry, "raw": raw, "raise_errors": raise_errors,
+        "on_finish": _logger(log, settings), "structured": structured,
+    }
+    if runnable and max_tool_rounds:
+        from ._tool_loop import ToolLoopStream
+
+        return ToolLoopStream(request, provider, tools=runnable, max_rounds=max_tool_rounds,
+                              **options)
+    return AsyncStream(request, provider, **options)
 
 
 @functools.wraps(astream, assigned=("__doc__",))
@@ -156,8 +188,6 @@ async def abatch(
     set instead of failing the batch.
     """
     if concurrency < 1:
-        from .errors import UsageError
-
         raise UsageError("concurrency must be at least 1")
     semaphore = asyncio.Semaphore(concurrency)
 

@@ -23,7 +23,10 @@ from .providers.base import Chunk, ToolCallChunk
 
 __all__ = ["ChatChunkParser", "completion_to_chunks", "error_message", "parse_usage"]
 
-_loads = json.loads
+try:  # orjson.loads: 2.5 µs vs json.loads 8.4 µs per chunk here (bench/README.md)
+    from orjson import loads as _loads
+except ImportError:  # pragma: no cover - orjson comes with the [server] extra
+    _loads = json.loads
 
 
 def error_message(payload: Any) -> tuple[str, str | None]:

@@ -25,7 +25,7 @@ import random
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 
 from . import _portal
 from .errors import (
@@ -51,6 +51,9 @@ from .events import (
 from .providers.base import Chunk, Provider
 from .request import Request, RetryPolicy, Timeouts
 
+if TYPE_CHECKING:
+    from .structured import ArgumentsParser, StructuredOutput, StructuredPartials
+
 __all__ = ["AsyncStream", "Result", "Stream", "ToolCall"]
 
 _FINISH_REASONS = {"stop", "length", "tool_calls", "content_filter"}
@@ -75,6 +78,8 @@ class Result:
         metrics: timing (time to first token, inter-token latency, tokens/s, ...).
         raw_chunks: the raw provider chunks, when the stream was opened with ``raw=True``.
         error: the failure, when ``finish_reason == "error"``.
+        parsed: with ``response_format=``, the validated answer (a model instance, or
+            the JSON value for a schema dict).
     """
 
     text: str
@@ -86,6 +91,7 @@ class Result:
     tool_calls: list[ToolCall] = field(default_factory=list)
     raw_chunks: list[Any] | None = None
     error: TokenrelayError | None = None
+    parsed: Any = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -114,20 +120,27 @@ class _Accumulator:
     """Pure state: chunks in, events out. No I/O, no clock of its own."""
 
     __slots__ = (
+        "_arguments",
         "_keep_raw",
         "buffer",
         "chunk_count",
         "finish_reason",
         "first_token_at",
         "last_token_at",
+        "parsed",
         "raw_chunks",
+        "structured",
         "token_times",
         "tool_calls",
         "usage",
     )
 
-    def __init__(self, *, keep_raw: bool) -> None:
+    def __init__(self, *, keep_raw: bool, structured: StructuredPartials | None = None) -> None:
         self.buffer = TextBuffer()
+        #: With response_format: the partial-JSON state of the answer, and its result.
+        self.structured = structured
+        self.parsed: Any = None
+        self._arguments: dict[int, ArgumentsParser] = {}
         self.tool_calls: dict[int, ToolCall] = {}
         self.usage: Usage | None = None
         self.finish_reason: str | None = None
@@ -160,6 +173,10 @@ class _Accumulator:
         if chunk.text:
             end = self.buffer.append(chunk.text)
             events.append(TextDelta(chunk.text, self.buffer, end))
+            if self.structured is not None:
+                partial = self.structured.feed(chunk.text)
+                if partial is not None:
+                    events.append(partial)
         if chunk.tool_calls:
             for piece in chunk.tool_calls:
                 call = self.tool_calls.get(piece.index)
@@ -172,9 +189,14 @@ class _Accumulator:
                     if piece.name:
                         call.name = call.name or piece.name
                 call.arguments += piece.arguments
+                arguments = self._arguments.get(piece.index)
+                if arguments is None:
+                    from .structured import ArgumentsParser
+
+                    arguments = self._arguments[piece.index] = ArgumentsParser()
                 events.append(
                     ToolCallDelta(piece.index, call.id, call.name or None, piece.arguments,
-                                  call.arguments)
+                                  call.arguments, arguments.feed(piece.arguments))
                 )
         if chunk.usage is not None:
             self.usage = chunk.usage
@@ -246,6 +268,7 @@ class AsyncStream:
         raw: bool = False,
         raise_errors: bool = True,
         on_finish: Callable[[Request, Result], Any] | None = None,
+        structured: StructuredOutput | None = None,
     ) -> None:
         self.request = request
         self.provider = provider
@@ -254,7 +277,11 @@ class AsyncStream:
         self.raw = raw
         self.raise_errors = raise_errors
         self._on_finish = on_finish
-        self._acc = _Accumulator(keep_raw=raw)
+        #: With response_format: how the answer is parsed and validated.
+        self.structured = structured
+        self._acc = _Accumulator(
+            keep_raw=raw, structured=None if structured is None else structured.partials()
+        )
         self._result: Result | None = None
         self._iterating = False
         self._agen: AsyncIterator[StreamEvent] | None = None
@@ -387,6 +414,8 @@ class AsyncStream:
             for event in acc.tool_call_done_events():
                 yield event
             reason = acc.finish_reason if acc.finish_reason in _FINISH_REASONS else "stop"
+            if acc.structured is not None and reason != "tool_calls":
+                acc.parsed = acc.structured.finish(acc.text)  # StructuredOutputError
             result = await self._finish(reason, None)  # type: ignore[arg-type]
             if not acc.usage or acc.usage is not result.usage:
                 yield UsageEvent(result.usage)
@@ -433,6 +462,7 @@ class AsyncStream:
             tool_calls=sorted(acc.tool_calls.values(), key=lambda c: c.index),
             raw_chunks=acc.raw_chunks,
             error=error,
+            parsed=acc.parsed,
         )
         if self._on_finish is not None:
             try:

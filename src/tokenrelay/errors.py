@@ -6,6 +6,8 @@ where they happen, with ``raise X(...) from exc``::
     TokenrelayError
     ├── UsageError                 the caller asked for something invalid (bad option, unknown model)
     ├── ConfigurationError         missing model file, missing extra, bad config
+    ├── StructuredOutputError      the answer is not JSON matching the requested schema
+                                   (``response_format=``); keeps the raw text
     └── ProviderError              the provider failed
         ├── ConnectionError        could not reach the provider (retryable)
         │   └── TimeoutError       kind = connect | first_token | idle | total
@@ -23,7 +25,7 @@ where they happen, with ``raise X(...) from exc``::
 from __future__ import annotations
 
 import builtins
-from typing import Literal
+from typing import Any, Literal
 
 __all__ = [
     "APIStatusError",
@@ -35,6 +37,7 @@ __all__ = [
     "RateLimitError",
     "ServerError",
     "StreamError",
+    "StructuredOutputError",
     "TimeoutError",
     "TokenrelayError",
     "UsageError",
@@ -64,6 +67,22 @@ class ConfigurationError(TokenrelayError):
     """Something needed is missing or misconfigured: a model file, an extra, a key."""
 
     code = "configuration_error"
+
+
+class StructuredOutputError(TokenrelayError):
+    """The answer is not JSON that matches the requested schema (``response_format=``).
+
+    ``raw_text`` (and ``partial_text``) keep the text the model produced; ``errors`` lists
+    the validation errors, when the JSON parsed but did not match.
+    """
+
+    code = "structured_output_invalid"
+
+    def __init__(self, message: str, *, raw_text: str, errors: list[Any] | None = None) -> None:
+        super().__init__(message)
+        self.raw_text = raw_text
+        self.partial_text = raw_text
+        self.errors: list[Any] = errors or []
 
 
 class ProviderError(TokenrelayError):

@@ -33,6 +33,7 @@ __all__ = [
     "TextDelta",
     "ToolCallDelta",
     "ToolCallDone",
+    "ToolResult",
     "Usage",
     "UsageEvent",
 ]
@@ -138,13 +139,19 @@ class TextDelta:
 
 @dataclass(frozen=True, slots=True)
 class ToolCallDelta:
-    """A growing tool call: the new argument text and the arguments so far."""
+    """A growing tool call: the new argument text and the arguments so far.
+
+    ``partial_arguments`` is the arguments JSON parsed so far (a dict once ``{`` came;
+    unfinished strings shown as far as they go), ``None`` before that or once the
+    arguments stopped being valid JSON. Parallel calls interleave: ``index`` tells them apart.
+    """
 
     index: int
     id: str | None
     name: str | None
     arguments_delta: str
     arguments_snapshot: str
+    partial_arguments: Any = None
     type: Literal["tool_call_delta"] = "tool_call_delta"
 
 
@@ -160,12 +167,47 @@ class ToolCallDone:
 
 
 @dataclass(frozen=True, slots=True)
+class ToolResult:
+    """A tool the stream ran itself (``tools=[python_function]``) and what came back.
+
+    ``output`` is the text sent back to the model: the return value (JSON unless it is a
+    string) or, when the tool raised or got bad arguments, the error (``is_error``).
+    ``value`` is the Python return value (``None`` on error).
+    """
+
+    index: int
+    id: str | None
+    name: str
+    arguments: dict[str, Any]
+    output: str
+    is_error: bool = False
+    value: Any = field(default=None, repr=False, compare=False)
+    type: Literal["tool_result"] = "tool_result"
+
+
+@dataclass(frozen=True, slots=True)
 class StructuredPartial:
-    """The structured output so far, while its JSON is still arriving."""
+    """The structured output so far, while its JSON is still arriving.
+
+    ``value`` is a snapshot of the partial JSON (unfinished strings shown as far as they
+    go, keys without a value yet left out) and ``path`` the place the last delta changed
+    (``()``: the root). Snapshots share finished members with each other: treat them as
+    read-only.
+    """
 
     value: Any
     path: tuple[str | int, ...] = ()
+    _model: Any = field(default=None, repr=False, compare=False)
     type: Literal["structured_partial"] = "structured_partial"
+
+    @property
+    def partial(self) -> Any:
+        """``value`` as an unvalidated instance of the requested Pydantic model
+        (``model_construct``: fields not yet arrived are unset, nested models stay
+        dicts); ``None`` for a JSON-schema ``response_format`` or a non-object value."""
+        if self._model is None or not isinstance(self.value, dict):
+            return None
+        return self._model.model_construct(**self.value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,6 +253,7 @@ StreamEvent: TypeAlias = (
     TextDelta
     | ToolCallDelta
     | ToolCallDone
+    | ToolResult
     | StructuredPartial
     | UsageEvent
     | RawChunk
@@ -231,6 +274,7 @@ def event_to_dict(event: StreamEvent) -> dict[str, Any]:
                 "id": event.id,
                 "name": event.name,
                 "arguments_delta": event.arguments_delta,
+                "partial_arguments": event.partial_arguments,
             }
         case ToolCallDone():
             return {
@@ -239,6 +283,16 @@ def event_to_dict(event: StreamEvent) -> dict[str, Any]:
                 "id": event.id,
                 "name": event.name,
                 "arguments": event.arguments,
+            }
+        case ToolResult():
+            return {
+                "type": event.type,
+                "index": event.index,
+                "id": event.id,
+                "name": event.name,
+                "arguments": event.arguments,
+                "output": event.output,
+                "is_error": event.is_error,
             }
         case StructuredPartial():
             return {"type": event.type, "value": event.value, "path": list(event.path)}

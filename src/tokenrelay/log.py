@@ -98,7 +98,7 @@ class ExchangeLog:
             error = f"{result.error.code}: {result.error.message}"
         row = (
             time.time(), source, result.provider, result.model or (request.model or ""),
-            json.dumps([m.model_dump() for m in request.messages]),
+            json.dumps([m.model_dump(exclude_none=True) for m in request.messages]),
             request.last_user_text(), result.text, result.finish_reason,
             result.usage.prompt_tokens, result.usage.completion_tokens,
             int(result.usage.estimated), result.metrics.time_to_first_token,

@@ -34,6 +34,13 @@ is not JSON; ``error`` a ``data: {"error": {...}}`` frame then ``[DONE]`` (as vL
 ``500``, ...) an OpenAI error body with that status before any token. ``times`` counts
 per model name + ``x-mock-*`` headers, so "429 then success" is ``fault=429;times=1``.
 
+Structured output and tools, so clients' parsing can be tested end to end: a request
+with ``response_format`` ``json_schema`` gets JSON matching the schema (``sample_json``;
+``json_object`` gets ``{}``) streamed in small pieces instead of ``tok`` tokens; a request
+with ``tools`` gets one call of the first tool (or the one ``tool_choice`` names) with
+arguments matching its parameters and ``finish_reason: "tool_calls"`` — unless
+``tool_choice`` is ``"none"`` or the last message is a tool result, which get text.
+
 Every request is recorded (:class:`RequestRecord`): when it started, tokens sent, and
 ``aborted_at``, the moment the client was seen leaving. Times are ``time.monotonic()``
 seconds, comparable between processes on one machine. Example::
@@ -59,7 +66,8 @@ from typing import Any, Self
 from ._mock_http import ClientGone, Connection, Exchange, HTTPError, RequestRecord
 from .errors import ConfigurationError, UsageError
 
-__all__ = ["Behaviour", "Exchange", "MockUpstream", "RequestRecord", "token_text"]
+__all__ = ["Behaviour", "Exchange", "MockUpstream", "RequestRecord", "sample_json",
+           "token_text"]
 
 #: Mid-stream faults; any HTTP status 400-599 is a fault too.
 STREAM_FAULTS = ("reset", "close", "malformed", "error", "stall")
@@ -80,6 +88,80 @@ RESET_GRACE = 0.1
 def token_text(n: int) -> str:
     """The text of ``n`` streamed tokens: ``"tok0 tok1 ... tok{n-1}"``."""
     return " ".join(f"tok{i}" for i in range(n))
+
+
+_SAMPLE_STRINGS = {"date-time": "2024-01-01T00:00:00Z", "date": "2024-01-01",
+                   "time": "00:00:00", "email": "mock@example.com",
+                   "uri": "https://example.com", "uuid": "00000000-0000-4000-8000-000000000000"}
+
+
+def sample_json(schema: Any, defs: dict[str, Any] | None = None) -> Any:
+    """A value matching the JSON ``schema``: the subset structured outputs and tool
+    parameters use (objects, arrays, scalars, enums, ``$ref``/``$defs``, ``anyOf``).
+
+    Kept apart from the scripted ``MockProvider``'s generator on purpose: this server is
+    a stand-in for a remote one and its answers must not move with the core's.
+    """
+    if not isinstance(schema, dict):
+        return None
+    defs = {**(defs or {}), **schema.get("$defs", {}), **schema.get("definitions", {})}
+    if isinstance(schema.get("$ref"), str):
+        return sample_json(defs.get(schema["$ref"].rsplit("/", 1)[-1]), defs)
+    if "const" in schema:
+        return schema["const"]
+    if schema.get("enum"):
+        return schema["enum"][0]
+    for key in ("anyOf", "oneOf", "allOf"):
+        if schema.get(key):
+            return sample_json(schema[key][0], defs)
+    kind = schema.get("type")
+    if isinstance(kind, list):
+        kind = next((k for k in kind if k != "null"), "null")
+    if kind == "object" or (kind is None and "properties" in schema):
+        return {name: sample_json(sub, defs)
+                for name, sub in (schema.get("properties") or {}).items()}
+    if kind == "array":
+        count = max(1, int(schema.get("minItems", 1)))
+        return [sample_json(schema.get("items"), defs) for _ in range(count)]
+    if kind == "string":
+        text = _SAMPLE_STRINGS.get(schema.get("format", ""), "text")
+        return text.ljust(int(schema.get("minLength", 0)), "x")
+    if kind in ("integer", "number"):
+        low = schema.get("minimum", schema.get("exclusiveMinimum", 0))
+        return int(low) + 1 if kind == "integer" else float(low) + 1.0
+    if kind == "boolean":
+        return True
+    return None
+
+
+def _pieces(text: str, size: int = 8) -> list[str]:
+    return [text[i:i + size] for i in range(0, len(text), size)]
+
+
+def _structured_answer(body: dict[str, Any]) -> str | None:
+    """The JSON answer to a request with ``response_format``; ``None`` for free text."""
+    fmt = body.get("response_format")
+    if not isinstance(fmt, dict) or fmt.get("type") not in ("json_schema", "json_object"):
+        return None
+    schema = (fmt.get("json_schema") or {}).get("schema") if fmt["type"] == "json_schema" \
+        else None
+    return json.dumps(sample_json(schema) if schema else {})
+
+
+def _tool_to_call(body: dict[str, Any]) -> dict[str, Any] | None:
+    """The tool a request with ``tools`` gets a call of (``None``: answer with text)."""
+    tools: list[dict[str, Any]] = [
+        t["function"] for t in body.get("tools") or []
+        if isinstance(t, dict) and isinstance(t.get("function"), dict) and t["function"].get("name")]
+    choice = body.get("tool_choice")
+    messages = body.get("messages") or [{}]
+    if not tools or choice == "none" or (
+            isinstance(messages[-1], dict) and messages[-1].get("role") == "tool"):
+        return None
+    if isinstance(choice, dict):
+        wanted = (choice.get("function") or {}).get("name")
+        return next((t for t in tools if t["name"] == wanted), tools[0])
+    return tools[0]
 
 
 @dataclass(frozen=True, slots=True)
@@ -455,13 +537,51 @@ class MockUpstream:
             await exchange.error(status, f"mock-upstream: injected {status}", type=kind,
                                  code=str(status), headers=headers)
             return
+        tool = _tool_to_call(body)
+        if tool is not None:
+            await self._tool_call(exchange, tool, usage)
+            return
+        answer = _structured_answer(body)
+        pieces = None
+        if answer is not None:
+            pieces = _pieces(answer)
+            n, finish = len(pieces), "stop"
+            if isinstance(limit, int) and 0 < limit < n:
+                n, finish = limit, "length"
+            usage.update(completion_tokens=n, total_tokens=prompt_tokens + n)
         if exchange.record.stream:
-            await self._stream(exchange, behaviour, fault, n, finish, usage)
+            await self._stream(exchange, behaviour, fault, n, finish, usage, pieces)
         else:
-            await self._complete(exchange, behaviour, fault, n, finish, usage)
+            await self._complete(exchange, behaviour, fault, n, finish, usage, pieces)
+
+    async def _tool_call(self, ex: Exchange, tool: dict[str, Any],
+                         usage: dict[str, int]) -> None:
+        arguments = json.dumps(sample_json(tool.get("parameters") or {"type": "object"}))
+        call_id = f"call_mock{ex.record.id}"
+        if not ex.record.stream:
+            answer = ex.completion("", finish="tool_calls", usage=usage)
+            answer["choices"][0]["message"].update(content=None, tool_calls=[{
+                "id": call_id, "type": "function",
+                "function": {"name": tool["name"], "arguments": arguments}}])
+            await ex.json(200, answer)
+            return
+        await ex.start_stream()
+        await ex.send_event(ex.chunk({"role": "assistant", "content": None, "tool_calls": [
+            {"index": 0, "id": call_id, "type": "function",
+             "function": {"name": tool["name"], "arguments": ""}}]}))
+        for piece in _pieces(arguments):
+            await ex.send_event(ex.chunk({"tool_calls": [
+                {"index": 0, "function": {"arguments": piece}}]}))
+        ex.sent_token()
+        await ex.send_event(ex.chunk({}, finish="tool_calls"))
+        if ex.include_usage:
+            await ex.send_event(ex.chunk(None, usage=usage))
+        await ex.send_event("[DONE]")
+        await ex.end()
 
     async def _stream(self, ex: Exchange, behaviour: Behaviour, fault: str | None, n: int,
-                      finish: str, usage: dict[str, int]) -> None:
+                      finish: str, usage: dict[str, int], pieces: list[str] | None = None,
+                      ) -> None:
         await ex.start_stream()
         await ex.send_event(ex.chunk({"role": "assistant", "content": ""}))
         await ex.pause(behaviour.first_token_delay)
@@ -484,7 +604,7 @@ class MockUpstream:
                 await ex.pause(delay)
             elif i % 8 == 0:
                 await asyncio.sleep(0)  # unpaced or late: still let the others (and EOF) in
-            await ex.send_text(f"tok{i}" if i == 0 else f" tok{i}")
+            await ex.send_text(pieces[i] if pieces else f"tok{i}" if i == 0 else f" tok{i}")
             ex.sent_token()
         await ex.send_event(ex.chunk({}, finish=finish))
         if ex.include_usage:
@@ -517,7 +637,8 @@ class MockUpstream:
         raise ClientGone
 
     async def _complete(self, ex: Exchange, behaviour: Behaviour, fault: str | None, n: int,
-                        finish: str, usage: dict[str, int]) -> None:
+                        finish: str, usage: dict[str, int], pieces: list[str] | None = None,
+                        ) -> None:
         gap = 1.0 / behaviour.tokens_per_second if behaviour.tokens_per_second else 0.0
         await ex.pause(behaviour.first_token_delay + gap * max(0, n - 1))
         if fault == "reset":
@@ -537,4 +658,5 @@ class MockUpstream:
         else:
             ex.record.tokens_sent = n
             ex.record.first_token_at = time.monotonic()
-            await ex.json(200, ex.completion(token_text(n), finish=finish, usage=usage))
+            text = "".join(pieces[:n]) if pieces else token_text(n)
+            await ex.json(200, ex.completion(text, finish=finish, usage=usage))

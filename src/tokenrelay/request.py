@@ -163,6 +163,9 @@ def build_request(
     stop: str | Sequence[str] | None = None,
     seed: int | None = None,
     extra: dict[str, Any] | None = None,
+    response_format: ResponseFormat | None = None,
+    tools: Sequence[ToolSpec] | None = None,
+    tool_choice: str | dict[str, Any] | None = None,
 ) -> Request:
     """Validate the arguments of ``stream()`` / ``complete()`` into a Request.
 
@@ -179,6 +182,9 @@ def build_request(
             stop=stop,  # type: ignore[arg-type]
             seed=seed,
             extra=extra or {},
+            response_format=response_format,
+            tools=tuple(tools) if tools else None,
+            tool_choice=tool_choice,
         )
     except ValidationError as exc:
         err = exc.errors()[0]

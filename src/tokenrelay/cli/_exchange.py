@@ -27,8 +27,10 @@ from ._render import (
     MarkdownSink,
     RawSink,
     Sink,
+    StructuredSink,
     Terminal,
     TextSink,
+    ToolNotes,
     footer_text,
 )
 
@@ -47,6 +49,8 @@ class Output:
     buffered: bool = False  # --no-stream
     stats: bool | None = None  # footer and indicator; None: when stderr is a terminal
     log: bool = True
+    structured: bool = False  # --schema: the JSON object rather than text
+    tools: bool = False  # --tool: tool calls and results noted on stderr
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,10 +74,14 @@ def _sink(output: Output, term: Terminal, indicator: Indicator) -> Sink:
         sink = JsonSink(indicator)
     elif output.raw:
         sink = RawSink(indicator)
+    elif output.structured:
+        sink = StructuredSink(indicator, term.out_console(), live=term.stdout_tty)
     elif output.markdown:
         sink = MarkdownSink(indicator, term.out_console())
     else:
         sink = TextSink(indicator)
+    if output.tools and not output.json and not output.raw:
+        sink = ToolNotes(sink, term)
     return BufferedSink(sink) if output.buffered else sink
 
 

@@ -20,13 +20,23 @@ from dataclasses import dataclass
 from typing import Any, TextIO
 
 from rich.console import Console
+from rich.json import JSON
 from rich.live import Live
 from rich.markdown import Markdown
 from rich.spinner import Spinner
 from rich.text import Text
 
 from .._stream import Result
-from ..events import Done, RawChunk, StreamEvent, TextDelta, event_to_dict
+from ..events import (
+    Done,
+    RawChunk,
+    StreamEvent,
+    StructuredPartial,
+    TextDelta,
+    ToolCallDone,
+    ToolResult,
+    event_to_dict,
+)
 
 __all__ = [
     "BufferedSink",
@@ -35,8 +45,10 @@ __all__ = [
     "MarkdownSink",
     "RawSink",
     "Sink",
+    "StructuredSink",
     "Terminal",
     "TextSink",
+    "ToolNotes",
     "footer_text",
     "seconds",
 ]
@@ -289,4 +301,87 @@ class BufferedSink(Sink):
         events, self._events = self._events, []
         for event in events:
             self._inner.feed(event)
+        self._inner.finish(result)
+
+
+def _one_line(text: str, limit: int = 200) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+class StructuredSink(Sink):
+    """``--schema``: the JSON object filling in.
+
+    On a terminal it is re-rendered live, pretty-printed, on stdout (the final, validated
+    value replaces it at the end); otherwise only the final JSON is printed. An answer that
+    failed validation is printed as it came (the error follows on stderr).
+    """
+
+    _INTERVAL = 0.05  # re-render at most 20 times a second
+
+    def __init__(self, indicator: Indicator, console: Console, *, live: bool,
+                 out: TextIO | None = None) -> None:
+        super().__init__(indicator, out)
+        self._console = console
+        self._live_wanted = live
+        self._live: Live | None = None
+        self._value: Any = None
+        self._shown_at = 0.0
+        self._stale = False
+
+    def feed(self, event: StreamEvent) -> None:
+        if not isinstance(event, StructuredPartial) or not self._live_wanted:
+            return
+        self._value = event.value
+        self._stale = True
+        if self._live is None:
+            self._indicator.before_output()
+            self._live = Live(console=self._console, refresh_per_second=8,
+                              vertical_overflow="visible", redirect_stdout=False,
+                              redirect_stderr=False)
+            self._live.start()
+        now = time.monotonic()
+        if now - self._shown_at >= self._INTERVAL:
+            self._shown_at, self._stale = now, False
+            self._live.update(JSON.from_data(self._value, indent=2, default=str))
+
+    def finish(self, result: Result | None) -> None:
+        final: Any = None
+        if result is not None and result.parsed is not None:
+            from pydantic_core import to_jsonable_python
+
+            final = to_jsonable_python(result.parsed, fallback=str)
+        live, self._live = self._live, None
+        if live is not None:
+            if final is not None:
+                live.update(JSON.from_data(final, indent=2, default=str))
+            elif self._stale:
+                live.update(JSON.from_data(self._value, indent=2, default=str))
+            live.stop()
+            return
+        if final is not None:
+            self._write(json.dumps(final, indent=2, ensure_ascii=False) + "\n")
+        elif result is not None and result.text:
+            self._write(result.text if result.text.endswith("\n") else result.text + "\n")
+
+
+class ToolNotes(Sink):
+    """``--tool``: each tool call and its result as a line on stderr; the rest of the
+    events go on to the answer's sink."""
+
+    def __init__(self, inner: Sink, term: Terminal) -> None:
+        super().__init__(inner._indicator)
+        self._inner = inner
+        self._term = term
+
+    def feed(self, event: StreamEvent) -> None:
+        if isinstance(event, ToolCallDone):
+            args = json.dumps(event.arguments, ensure_ascii=False)
+            self._term.note(_one_line(f"→ {event.name}({args})"), style="cyan")
+        elif isinstance(event, ToolResult):
+            style = "yellow" if event.is_error else "dim"
+            self._term.note(_one_line(f"← {event.name}: {event.output}"), style=style)
+        self._inner.feed(event)
+
+    def finish(self, result: Result | None) -> None:
         self._inner.finish(result)

@@ -8,7 +8,7 @@ import click
 
 from ..errors import UsageError
 from ._exchange import Output, stream_answer
-from ._options import ModelOptions, model_options
+from ._options import ModelOptions, model_options, tool_options
 from ._render import Terminal
 
 __all__ = ["output_options", "read_prompt", "run"]
@@ -41,6 +41,7 @@ def output_options(func: click.decorators.FC) -> click.decorators.FC:
 @click.command("run")
 @click.argument("prompt", nargs=-1)
 @model_options
+@tool_options
 @output_options
 @click.option("--no-stream", is_flag=True, help="Wait for the whole answer, then print it.")
 @click.option("--json", "as_json", is_flag=True,
@@ -67,13 +68,23 @@ def run(
       tokenrelay "Why is the sky blue?"
       tokenrelay -m mock:tokens_per_second=20 --json "hello"
       git diff | tokenrelay -s "Review this diff" -
+      tokenrelay --schema person.json "Invent a person"
+      tokenrelay --tool weather:get_weather "Weather in Paris?"
     """
     if markdown and (as_json or raw):
         raise click.UsageError("--markdown cannot be combined with --json or --raw")
+    if markdown and options.response_format is not None:
+        raise click.UsageError("--markdown cannot be combined with --schema")
     text = read_prompt(prompt)
     output = Output(json=as_json, raw=raw, markdown=markdown, buffered=no_stream,
-                    stats=stats, log=not no_log)
-    outcome = stream_answer(text, options, output=output, term=Terminal.detect())
+                    stats=stats, log=not no_log,
+                    structured=options.response_format is not None, tools=bool(options.tools))
+    term = Terminal.detect()
+    outcome = stream_answer(text, options, output=output, term=term)
+    if options.tools and outcome.result.finish_reason == "tool_calls":
+        rounds = 5 if options.max_tool_rounds is None else options.max_tool_rounds
+        term.note(f"warning: stopped after {rounds} rounds of tool calls with the model still"
+                  " calling tools (raise --max-tool-rounds)", style="yellow")
     if outcome.interrupted:
         raise KeyboardInterrupt  # → exit 130, in _errors
     if outcome.result.error is not None:

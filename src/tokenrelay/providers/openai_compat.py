@@ -36,7 +36,7 @@ from ..errors import (
     UsageError,
     status_error,
 )
-from ..request import Request
+from ..request import Message, Request, ToolSpec
 from .base import Chunk, ModelInfo, Provider
 
 __all__ = ["OpenAIProvider"]
@@ -108,6 +108,11 @@ class OpenAIProvider(Provider):
         self.stream_options_supported = True
         self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, httpx.AsyncClient]
         self._clients = weakref.WeakKeyDictionary()
+        # Admission in front of httpx: requests beyond the pool wait here, not inside
+        # httpcore, whose pool scan costs queued x connections per event (httpcore 1.0.9):
+        # 1,000 queued streams wedged the gateway's loop at 100% CPU (bench/README.md).
+        self._slots: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore]
+        self._slots = weakref.WeakKeyDictionary()
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
@@ -133,7 +138,11 @@ class OpenAIProvider(Provider):
                     transport=self._transport,
                     follow_redirects=True,
                 )
+                self._slots[loop] = asyncio.Semaphore(self.max_connections)
         return client
+
+    def _slot(self) -> asyncio.Semaphore:
+        return self._slots[asyncio.get_running_loop()]
 
     async def aclose(self) -> None:
         """Close this loop's client; clients of other loops are dropped with their loop."""
@@ -153,7 +162,7 @@ class OpenAIProvider(Provider):
             raise UsageError("no model given: pass model=... (the name the server knows)")
         body: dict[str, Any] = {
             "model": request.model,
-            "messages": [{"role": m.role, "content": m.content} for m in request.messages],
+            "messages": [_message(m) for m in request.messages],
         }
         if stream_options:
             body["stream_options"] = {"include_usage": True}
@@ -163,6 +172,18 @@ class OpenAIProvider(Provider):
                 body[name] = value
         if request.stop:
             body["stop"] = list(request.stop)
+        if request.response_format is not None:
+            fmt = request.response_format
+            if fmt.schema_ == {"type": "object"} and not fmt.strict:
+                # Any object at all: JSON mode, which more servers support than schemas.
+                body["response_format"] = {"type": "json_object"}
+            else:
+                body["response_format"] = {"type": "json_schema", "json_schema": {
+                    "name": fmt.name, "schema": fmt.schema_, "strict": fmt.strict}}
+        if request.tools:
+            body["tools"] = [_tool(t) for t in request.tools]
+        if request.tool_choice is not None:
+            body["tool_choice"] = request.tool_choice
         body.update(request.extra)
         body["stream"] = True  # this provider only streams; complete() is built on it
         if not stream_options or body.get("stream_options") is None:
@@ -179,10 +200,13 @@ class OpenAIProvider(Provider):
             "Accept-Encoding": "identity",
         }
         with_options = self.stream_options_supported
+        slot = self._slot()
         while True:
             body = self._body(request, stream_options=with_options)
             try:
-                async with client.stream("POST", url, content=body, headers=headers) as response:
+                async with slot, client.stream(
+                    "POST", url, content=body, headers=headers
+                ) as response:
                     if response.status_code >= 400:
                         data = await _read_some(response)
                         if (
@@ -302,6 +326,28 @@ class OpenAIProvider(Provider):
         return ConnectionError(
             f"the connection to {self.base_url} broke before the first token: {detail}"
         )
+
+
+def _message(message: Message) -> dict[str, Any]:
+    """A message in the Chat Completions shape."""
+    out: dict[str, Any] = {"role": message.role, "content": message.content}
+    if message.tool_calls:
+        out["tool_calls"] = list(message.tool_calls)
+        if not message.content:
+            out["content"] = None  # what the API itself returns for a tool-calls-only turn
+    if message.tool_call_id is not None:
+        out["tool_call_id"] = message.tool_call_id
+    if message.name is not None and message.role != "tool":
+        out["name"] = message.name  # tool messages take no name in the Chat Completions API
+    return out
+
+
+def _tool(spec: ToolSpec) -> dict[str, Any]:
+    function: dict[str, Any] = {"name": spec.name}
+    if spec.description:
+        function["description"] = spec.description
+    function["parameters"] = spec.parameters
+    return {"type": "function", "function": function}
 
 
 def _detail(exc: BaseException) -> str:

@@ -12,7 +12,7 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from importlib import resources
 from typing import Any
 
@@ -24,7 +24,7 @@ from starlette.requests import Request as HTTPRequest
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
-from .._stream import AsyncStream
+from .._stream import AsyncStream, Result
 from ..config import resolve
 from ..errors import TokenrelayError, UsageError
 from ..providers.base import Provider
@@ -136,10 +136,13 @@ class Gateway:
         self._pending_logs: set[asyncio.Task[None]] = set()
         for route in config.models:
             from ..providers.openai_compat import OpenAIProvider
+            from ..providers.openai_responses import OpenAIResponsesProvider
 
             key = route.api_key or (os.environ.get(route.api_key_env)
                                     if route.api_key_env else None)
-            provider = OpenAIProvider(base_url=route.base_url, api_key=key)
+            kind = OpenAIResponsesProvider if route.api == "responses" else OpenAIProvider
+            provider = kind(base_url=route.base_url, api_key=key,
+                            max_connections=route.max_connections)
             self.models[route.name] = (provider, route.upstream_model or route.name)
         if config.serve_local and "smollm2" not in self.models:
             self.models["smollm2"] = resolve("smollm2")
@@ -218,7 +221,7 @@ class Gateway:
                 usage_estimated=int(result.usage.estimated),
                 time_to_first_token=result.metrics.time_to_first_token,
                 duration=time.monotonic() - started,
-                prompt=[m.model_dump() for m in stream.request.messages],
+                prompt=[m.model_dump(exclude_none=True) for m in stream.request.messages],
                 answer=result.text, error=error))
             self._pending_logs.add(task)
             task.add_done_callback(self._pending_logs.discard)
@@ -272,10 +275,11 @@ class Gateway:
                 key, chat.effective_max_tokens(), self.config.max_tokens_default)
             try:
                 core = Request(
-                    messages=tuple(Message(role=m.core_role(), content=m.text())  # type: ignore[arg-type]
-                                   for m in chat.messages),
+                    messages=chat.core_messages(),
                     model=upstream_model, temperature=chat.temperature, max_tokens=max_tokens,
-                    top_p=chat.top_p, stop=chat.stop, seed=chat.seed)  # type: ignore[arg-type]
+                    top_p=chat.top_p, stop=chat.stop, seed=chat.seed,  # type: ignore[arg-type]
+                    response_format=chat.core_response_format(), tools=chat.core_tools(),
+                    tool_choice=chat.core_tool_choice())
             except (ValidationError, ValueError) as exc:
                 raise GatewayHTTPError(400, f"invalid messages: {exc}", param="messages") from exc
             lease = self.limiter.acquire(key, max_tokens or 0)
@@ -302,7 +306,9 @@ class Gateway:
             wait_first=min(self.config.heartbeat, 10.0))
 
     async def _complete(self, stream: AsyncStream, *, request: HTTPRequest, lease: Lease,
-                        key_id: str, model: str) -> Response:
+                        key_id: str, model: str, endpoint: str = "chat.completions",
+                        render: Callable[[str, Result], dict[str, Any]] = completion_body,
+                        ) -> Response:
         label = _label(model)
         started = time.monotonic()
         http_status = 200
@@ -327,12 +333,11 @@ class Gateway:
                 return JSONResponse(_core_error_body(result.error), status_code=http_status,
                                     headers={k.decode(): v.decode()
                                                  for k, v in _retry_after(result.error)})
-            return Response(dumps(completion_body(model, result)),
-                            media_type="application/json")
+            return Response(dumps(render(model, result)), media_type="application/json")
         finally:
             self.metrics.active_streams.labels(label).dec()
             await stream.aclose()
-            self.finish(stream=stream, lease=lease, key_id=key_id, endpoint="chat.completions",
+            self.finish(stream=stream, lease=lease, key_id=key_id, endpoint=endpoint,
                         model=label, started=started, http_status=http_status)
 
     async def simple_chat(self, request: HTTPRequest) -> Any:
@@ -430,6 +435,8 @@ def _retry_after(exc: TokenrelayError) -> list[tuple[bytes, bytes]]:
 
 def create_app(config: ServerConfig | None = None) -> Starlette:
     """The gateway as an ASGI app (``app.state.gateway`` holds its state)."""
+    from .responses import create_response  # it imports this module's helpers
+
     config = config or ServerConfig()
     gateway = Gateway(config)
     openapi = dumps(openapi_document(auth=bool(config.keys)))
@@ -437,9 +444,14 @@ def create_app(config: ServerConfig | None = None) -> Starlette:
     async def openapi_json(request: HTTPRequest) -> Response:
         return Response(openapi, media_type="application/json")
 
+    async def responses(request: HTTPRequest) -> Any:
+        return await create_response(gateway, request)
+
     routes = [
         Route("/v1/chat/completions", gateway.chat_completions, methods=["POST"]),
         Route("/chat/completions", gateway.chat_completions, methods=["POST"]),
+        Route("/v1/responses", responses, methods=["POST"]),
+        Route("/responses", responses, methods=["POST"]),
         Route("/v1/models", gateway.list_models, methods=["GET"]),
         Route("/chat", gateway.simple_chat, methods=["POST"]),
         Route("/healthz", gateway.healthz, methods=["GET"]),

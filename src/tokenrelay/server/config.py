@@ -21,6 +21,13 @@ base_url = "http://10.0.0.5:8000/v1"
 upstream_model = "Qwen/Qwen2.5-7B-Instruct"   # default: name
 api_key_env = "VLLM_KEY"                      # the key is read from this env var
 
+[[models]]
+name = "gpt"
+base_url = "https://api.openai.com/v1"
+upstream_model = "gpt-4.1-mini"
+api = "responses"         # the upstream speaks /v1/responses (default: chat_completions)
+api_key_env = "OPENAI_API_KEY"
+
 [[keys]]                  # gateway API keys, stored hashed (tokenrelay hash-key KEY)
 id = "alice"
 sha256 = "…"
@@ -40,7 +47,7 @@ import hashlib
 import ipaddress
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -70,6 +77,10 @@ class ModelRoute(BaseModel):
     upstream_model: str | None = None
     api_key: str | None = Field(None, repr=False)
     api_key_env: str | None = None
+    #: Upstream connections of this route; streams beyond it wait for a free one.
+    max_connections: int = Field(1024, ge=1, le=65536)
+    #: The upstream's wire format: ``/chat/completions`` or ``/responses``.
+    api: Literal["chat_completions", "responses"] = "chat_completions"
 
     @field_validator("base_url")
     @classmethod

@@ -42,7 +42,14 @@ __all__ = [
     "error_body",
     "error_status",
     "simple_frames",
+    "tool_call_id",
 ]
+
+
+def tool_call_id() -> str:
+    """An id for a tool call whose provider gave none (the local model): clients need
+    one to send the result back."""
+    return "call_" + uuid.uuid4().hex[:24]
 
 
 def usage_dict(usage: Usage) -> dict[str, int]:
@@ -103,6 +110,10 @@ class ChunkEncoder:
         self.include_usage = include_usage
         self._event_id = 0
         self._sent_role = False
+        # Per tool-call index: its id (sent once), and whether its name was sent. The SDK
+        # concatenates every string it receives for an index, so id and name go out once.
+        self._tool_ids: dict[int, str] = {}
+        self._tool_named: set[int] = set()
         # Every chunk shares this prefix; only the choices differ (saves a dict per chunk).
         self._head = (
             b'{"id":"' + self.id.encode() + b'","object":"chat.completion.chunk","created":'
@@ -128,8 +139,11 @@ class ChunkEncoder:
         elif isinstance(event, ToolCallDelta):
             call: dict[str, Any] = {"index": event.index,
                                     "function": {"arguments": event.arguments_delta}}
-            if event.id and event.arguments_snapshot == event.arguments_delta:
-                call.update(id=event.id, type="function")
+            if event.index not in self._tool_ids:  # the first piece of this call
+                self._tool_ids[event.index] = event.id or tool_call_id()
+                call.update(id=self._tool_ids[event.index], type="function")
+            if event.name and event.index not in self._tool_named:
+                self._tool_named.add(event.index)
                 call["function"]["name"] = event.name
             delta: dict[str, Any] = {"tool_calls": [call]}
             if not self._sent_role:
@@ -160,7 +174,7 @@ def completion_body(model: str, result: Any) -> dict[str, Any]:
                                "refusal": None}
     if result.tool_calls:
         message["tool_calls"] = [
-            {"id": c.id, "type": "function",
+            {"id": c.id or tool_call_id(), "type": "function",
              "function": {"name": c.name, "arguments": c.arguments}}
             for c in result.tool_calls
         ]

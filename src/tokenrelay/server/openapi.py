@@ -13,6 +13,7 @@ from typing import Any
 from pydantic.json_schema import models_json_schema
 
 from .. import __version__
+from .responses_schema import ResponsesRequest
 from .schema import ChatCompletionRequest, SimpleChatRequest
 
 __all__ = ["openapi_document"]
@@ -140,6 +141,66 @@ _MODELS = {
 }
 
 
+_OUTPUT_TEXT = {
+    "type": "object",
+    "required": ["type", "text", "annotations"],
+    "properties": {"type": {"const": "output_text"}, "text": {"type": "string"},
+                   "annotations": {"type": "array"}, "logprobs": {"type": "array"}},
+}
+
+_OUTPUT_ITEM = {"oneOf": [
+    {"type": "object", "required": ["id", "type", "role", "status", "content"],
+     "properties": {"id": {"type": "string"}, "type": {"const": "message"},
+                    "role": {"const": "assistant"},
+                    "status": {"enum": ["in_progress", "completed", "incomplete"]},
+                    "content": {"type": "array", "items": _OUTPUT_TEXT}}},
+    {"type": "object", "required": ["id", "type", "call_id", "name", "arguments", "status"],
+     "properties": {"id": {"type": "string"}, "type": {"const": "function_call"},
+                    "call_id": {"type": "string"}, "name": {"type": "string"},
+                    "arguments": {"type": "string"},
+                    "status": {"enum": ["in_progress", "completed", "incomplete"]}}},
+]}
+
+_RESPONSE = {
+    "type": "object",
+    "description": "A response object (OpenAI Responses API): the answer of `stream: false`,"
+                   " and the `response` of the lifecycle events. Request options are echoed;"
+                   " nothing is stored (`store` is always false).",
+    "required": ["id", "object", "created_at", "status", "model", "output", "tools",
+                 "tool_choice", "parallel_tool_calls"],
+    "properties": {
+        "id": {"type": "string"},
+        "object": {"const": "response"},
+        "created_at": {"type": "integer"},
+        "status": {"enum": ["in_progress", "completed", "incomplete", "failed"]},
+        "error": _nullable({"type": "object", "required": ["code", "message"],
+                            "properties": {"code": {"type": "string"},
+                                           "message": {"type": "string"}}}),
+        "incomplete_details": _nullable({"type": "object", "properties": {
+            "reason": {"enum": ["max_output_tokens", "content_filter"]}}}),
+        "model": {"type": "string"},
+        "output": {"type": "array", "items": _OUTPUT_ITEM},
+        "usage": _nullable({
+            "type": "object",
+            "required": ["input_tokens", "output_tokens", "total_tokens"],
+            "properties": {name: {"type": "integer", "minimum": 0}
+                           for name in ("input_tokens", "output_tokens", "total_tokens")},
+        }),
+        "tools": {"type": "array"},
+        "tool_choice": {},
+        "parallel_tool_calls": {"type": "boolean"},
+    },
+}
+
+_RESPONSE_EVENT_TYPES = [
+    "response.created", "response.in_progress", "response.output_item.added",
+    "response.content_part.added", "response.output_text.delta", "response.output_text.done",
+    "response.content_part.done", "response.function_call_arguments.delta",
+    "response.function_call_arguments.done", "response.output_item.done",
+    "response.completed", "response.incomplete", "response.failed", "error",
+]
+
+
 def _json_data(schema: dict[str, Any]) -> dict[str, Any]:
     """An SSE ``data`` field holding JSON that matches ``schema``."""
     return {"type": "string", "contentMediaType": "application/json", "contentSchema": schema}
@@ -180,6 +241,26 @@ _CHAT_EVENT = {
     ],
 }
 
+_RESPONSE_EVENT = {
+    "type": "object",
+    "description": "One event of a streamed response: `response.created`,"
+                   " `response.in_progress`, the output items (messages: `output_item.added`,"
+                   " `content_part.added`, `output_text.delta`..., `output_text.done`,"
+                   " `content_part.done`, `output_item.done`; function calls:"
+                   " `output_item.added`, `function_call_arguments.delta`..., `.done`,"
+                   " `output_item.done`), then `response.completed`, `response.incomplete`"
+                   " (max_output_tokens) or `error` + `response.failed`. No `[DONE]`.",
+    "required": ["event", "data"],
+    "properties": {
+        "id": {"type": "string"},
+        "event": {"enum": _RESPONSE_EVENT_TYPES},
+        "data": _json_data({"type": "object", "required": ["type", "sequence_number"],
+                            "properties": {"type": {"enum": _RESPONSE_EVENT_TYPES},
+                                           "sequence_number": {"type": "integer"},
+                                           "response": _ref("Response")}}),
+    },
+}
+
 _ERRORS = {
     "400": "Invalid body or parameter; `error.param` names the field.",
     "401": "Missing or invalid API key.",
@@ -209,12 +290,32 @@ def openapi_document(*, auth: bool = True) -> dict[str, Any]:
             security schemes the gateway accepts.
     """
     _, top = models_json_schema(
-        [(ChatCompletionRequest, "validation"), (SimpleChatRequest, "validation")],
+        [(ChatCompletionRequest, "validation"), (SimpleChatRequest, "validation"),
+         (ResponsesRequest, "validation")],
         ref_template=_REF)
     schemas: dict[str, Any] = dict(top["$defs"])
     schemas.update(Usage=_USAGE, Error=_ERROR, ErrorObject=_ERROR_OBJECT,
                    ChatCompletion=_COMPLETION,
-                   ChatCompletionChunk=_CHUNK, ModelList=_MODELS)
+                   ChatCompletionChunk=_CHUNK, ModelList=_MODELS, Response=_RESPONSE)
+    responses = {
+        "summary": "Create a response (OpenAI Responses API)",
+        "description": "The same models as chat completions, in the Responses wire format."
+                       " Input: a string, or message, function_call and function_call_output"
+                       " items; function tools; `text.format` for structured output."
+                       " `previous_response_id` is refused: nothing is stored.",
+        "requestBody": _body("ResponsesRequest"),
+        "responses": {
+            "200": {
+                "description": "The response object (`stream: false`) or its events"
+                               " (`stream: true`).",
+                "content": {
+                    "application/json": {"schema": _ref("Response")},
+                    "text/event-stream": {"schema": _RESPONSE_EVENT},
+                },
+            },
+            **_error_responses("400", "401", "404", "413", "429", "502", "504"),
+        },
+    }
     chat_completions = {
         "summary": "Create a chat completion (OpenAI-compatible)",
         "requestBody": _body("ChatCompletionRequest"),
@@ -236,6 +337,9 @@ def openapi_document(*, auth: bool = True) -> dict[str, Any]:
         "/chat/completions": {"post": {**chat_completions,
                                        "operationId": "createChatCompletionNoPrefix",
                                        "description": "The same as /v1/chat/completions."}},
+        "/v1/responses": {"post": {**responses, "operationId": "createResponse"}},
+        "/responses": {"post": {**responses, "operationId": "createResponseNoPrefix",
+                                "description": "The same as /v1/responses."}},
         "/chat": {"post": {
             "operationId": "chat",
             "summary": "Stream the answer to one prompt as simple text events",
@@ -278,8 +382,8 @@ def openapi_document(*, auth: bool = True) -> dict[str, Any]:
         "info": {
             "title": "tokenrelay gateway",
             "version": __version__,
-            "description": "OpenAI-compatible chat completions streamed as server-sent"
-                           " events, and a simple `/chat` endpoint.",
+            "description": "OpenAI-compatible chat completions and responses streamed as"
+                           " server-sent events, and a simple `/chat` endpoint.",
         },
         "paths": paths,
         "components": {"schemas": schemas},

@@ -8,11 +8,32 @@ names the field.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
-__all__ = ["ChatCompletionRequest", "ChatMessageIn", "SimpleChatRequest", "StreamOptions"]
+from ..request import Message, ResponseFormat, ToolSpec
+
+__all__ = [
+    "JSON_OBJECT_SCHEMA",
+    "ChatCompletionRequest",
+    "ChatMessageIn",
+    "SimpleChatRequest",
+    "StreamOptions",
+    "ToolCallIn",
+]
+
+#: The schema ``response_format: {"type": "json_object"}`` stands for: any JSON object.
+JSON_OBJECT_SCHEMA: dict[str, Any] = {"type": "object"}
+#: OpenAI's rule for function and schema names (the core ``ToolSpec`` enforces it too).
+NAME_PATTERN = r"^[A-Za-z0-9_-]+$"
 
 
 class _Part(BaseModel):
@@ -22,15 +43,66 @@ class _Part(BaseModel):
     text: str | None = None
 
 
+class _FunctionCallIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=64)
+    arguments: str = ""
+    #: Sent by the SDK with a message object from ``.parse()`` / ``.stream()``; ignored.
+    parsed_arguments: Any = None
+
+
+class ToolCallIn(BaseModel):
+    """A tool call of an earlier assistant message, sent back with the conversation."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(min_length=1, max_length=256)
+    type: Literal["function"] = "function"
+    function: _FunctionCallIn
+    #: Present when the SDK sends back a message accumulated from a stream.
+    index: int | None = None
+
+    def to_core(self) -> dict[str, Any]:
+        return {"id": self.id, "type": "function",
+                "function": {"name": self.function.name,
+                             "arguments": self.function.arguments}}
+
+
 class ChatMessageIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[_Part] | None = None
     name: str | None = Field(None, max_length=256)
-    tool_calls: list[dict[str, Any]] | None = None
-    tool_call_id: str | None = None
+    tool_calls: list[ToolCallIn] | None = Field(None, max_length=128)
+    tool_call_id: str | None = Field(None, max_length=256)
     refusal: str | None = None
+    # What the SDK sends when an answer's message object is passed back as it came
+    # (``messages.append(completion.choices[0].message)``); ignored.
+    annotations: list[Any] | None = None
+    audio: dict[str, Any] | None = None
+    function_call: None = None
+    parsed: Any = None
+
+    @model_validator(mode="after")
+    def _tool_fields_fit_the_role(self) -> ChatMessageIn:
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only assistant messages carry tool_calls")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool message needs the tool_call_id it answers")
+        return self
+
+    def to_core(self) -> Message:
+        """The core message (``developer`` is a system message there)."""
+        return Message(
+            role=self.core_role(),  # type: ignore[arg-type]
+            content=self.text(),
+            tool_calls=(tuple(c.to_core() for c in self.tool_calls)
+                        if self.tool_calls else None),
+            tool_call_id=self.tool_call_id if self.role == "tool" else None,
+            name=self.name,
+        )
 
     def text(self) -> str:
         if self.content is None:
@@ -55,6 +127,96 @@ class StreamOptions(BaseModel):
     include_obfuscation: bool | None = None
 
 
+class _JSONSchemaIn(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    name: str = Field(min_length=1, max_length=64, pattern=NAME_PATTERN)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class _TextFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text"]
+
+
+class _JSONObjectFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["json_object"]
+
+
+class _JSONSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["json_schema"]
+    json_schema: _JSONSchemaIn
+
+
+def to_response_format(kind: str, *, name: str = "response",
+                       schema: dict[str, Any] | None = None,
+                       strict: bool | None = None) -> ResponseFormat | None:
+    """The core ``ResponseFormat`` of an OpenAI format: ``text`` is none, ``json_object``
+    a permissive object schema, ``json_schema`` the caller's schema."""
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return ResponseFormat(name="json_object", schema=dict(JSON_OBJECT_SCHEMA), strict=False)
+    return ResponseFormat(name=name, schema=schema or dict(JSON_OBJECT_SCHEMA),
+                          strict=bool(strict))
+
+
+class _FunctionDefIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=64, pattern=NAME_PATTERN)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class _ToolIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["function"]
+    function: _FunctionDefIn
+
+
+class _NamedFunction(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=64)
+
+
+class _NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["function"]
+    function: _NamedFunction
+
+
+def check_tool_choice(choice: str | None, named: str | None, tools: list[str] | None) -> None:
+    """OpenAI's rules: a required or named tool needs tools, and the named one must exist.
+
+    Raises:
+        ValueError: naming what is wrong.
+    """
+    if named is not None:
+        if named not in (tools or []):
+            raise ValueError(f"tool_choice names {named!r}, which is not among the tools")
+    elif choice == "required" and not tools:
+        raise ValueError("tool_choice 'required' needs tools")
+
+
+def tool_spec(name: str, description: str | None, parameters: dict[str, Any] | None
+              ) -> ToolSpec:
+    if parameters is None:
+        return ToolSpec(name=name, description=description or "")
+    return ToolSpec(name=name, description=description or "", parameters=parameters)
+
+
 class ChatCompletionRequest(BaseModel):
     """``POST /v1/chat/completions``."""
 
@@ -71,6 +233,10 @@ class ChatCompletionRequest(BaseModel):
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=-(2**63), lt=2**63)
     n: int = Field(1, ge=1, le=1)
+    response_format: Annotated[_TextFormat | _JSONObjectFormat | _JSONSchemaFormat,
+                               Field(discriminator="type")] | None = None
+    tools: list[_ToolIn] | None = Field(None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | _NamedToolChoice | None = None
     # Accepted for compatibility, no effect here.
     user: str | None = None
     metadata: dict[str, str] | None = None
@@ -88,8 +254,43 @@ class ChatCompletionRequest(BaseModel):
             raise ValueError("at most 4 stop sequences")
         return value
 
+    @field_validator("tool_choice")
+    @classmethod
+    def _tool_choice_fits_the_tools(cls, value: Any, info: ValidationInfo) -> Any:
+        # A field validator (not a model one) so that the error names tool_choice;
+        # tools is declared before it, so it is validated already.
+        tools = [t.function.name for t in info.data.get("tools") or []]
+        if isinstance(value, _NamedToolChoice):
+            check_tool_choice(None, value.function.name, tools)
+        else:
+            check_tool_choice(value, None, tools)
+        return value
+
     def effective_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
+
+    def core_messages(self) -> tuple[Message, ...]:
+        return tuple(m.to_core() for m in self.messages)
+
+    def core_response_format(self) -> ResponseFormat | None:
+        fmt = self.response_format
+        if isinstance(fmt, _JSONSchemaFormat):
+            spec = fmt.json_schema
+            return to_response_format("json_schema", name=spec.name, schema=spec.schema_,
+                                      strict=spec.strict)
+        return None if fmt is None else to_response_format(fmt.type)
+
+    def core_tools(self) -> tuple[ToolSpec, ...] | None:
+        if not self.tools:
+            return None
+        return tuple(tool_spec(t.function.name, t.function.description, t.function.parameters)
+                     for t in self.tools)
+
+    def core_tool_choice(self) -> str | dict[str, Any] | None:
+        """OpenAI's Chat Completions shape, which is the core's."""
+        if isinstance(self.tool_choice, _NamedToolChoice):
+            return {"type": "function", "function": {"name": self.tool_choice.function.name}}
+        return self.tool_choice
 
 
 class SimpleChatRequest(BaseModel):

@@ -1,0 +1,288 @@
+"""The OpenAI Responses API, ``POST /v1/responses``, over the tokenrelay core.
+
+The request (``responses_schema.py``) becomes a core ``Request``, streamed by whatever
+provider serves the model (an upstream Chat Completions or Responses API, the embedded
+model, the mock): the answer is core events, re-serialised by :class:`ResponsesEncoder`
+as the documented Responses stream::
+
+    response.created, response.in_progress
+    a message:        response.output_item.added (message), response.content_part.added
+                      (output_text), response.output_text.delta ..., response.output_text.done,
+                      response.content_part.done, response.output_item.done
+    a function call:  response.output_item.added (function_call),
+                      response.function_call_arguments.delta ..., .done,
+                      response.output_item.done
+    the end:          response.completed, or response.incomplete (max_output_tokens,
+                      content_filter), or error + response.failed
+
+Each frame is ``event: <type>`` + ``data: <json>`` and carries a ``sequence_number``;
+there is no ``data: [DONE]`` (OpenAI sends none on this API). The shapes follow the
+``openai`` SDK's ``types/responses`` models, which parse them in the tests.
+
+Nothing is stored: ``store`` is answered as ``false``.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from pydantic import ValidationError
+
+from .._stream import Result
+from ..events import Done, ErrorEvent, StreamEvent, TextDelta, ToolCallDelta, Usage, UsageEvent
+from .app import Gateway, _error_response, _label, _validation_error
+from .encode import client_message, dumps, tool_call_id
+from .responses_schema import ResponsesRequest
+from .security import GatewayHTTPError
+from .sse import SSEResponse
+
+__all__ = ["ResponsesEncoder", "create_response"]
+
+# -- the answer ------------------------------------------------------------------------
+
+
+def usage_object(usage: Usage) -> dict[str, Any]:
+    return {
+        "input_tokens": usage.prompt_tokens,
+        "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+        "output_tokens": usage.completion_tokens,
+        "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": usage.total_tokens,
+    }
+
+
+def _text_part(text: str) -> dict[str, Any]:
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+
+
+def _message_item(text: str, status: str) -> dict[str, Any]:
+    return {"id": "msg_" + uuid.uuid4().hex, "type": "message", "role": "assistant",
+            "status": status, "content": [_text_part(text)]}
+
+
+def _call_item(call_id: str | None, name: str | None, arguments: str,
+               status: str) -> dict[str, Any]:
+    return {"id": "fc_" + uuid.uuid4().hex, "type": "function_call", "status": status,
+            "call_id": call_id or tool_call_id(), "name": name or "", "arguments": arguments}
+
+
+#: Finish reasons that end a response as ``incomplete``, and the reason it names.
+_INCOMPLETE = {"length": "max_output_tokens", "content_filter": "content_filter"}
+
+
+class ResponsesEncoder:
+    """Core events in, Responses API SSE frames out, for one response (no I/O).
+
+    ``encode(event)`` returns the frames the event completes, joined in one ``bytes`` (a
+    first event that is an early failure then stays one frame for the gateway's relay);
+    ``body(result)`` is the response object of a ``stream: false`` request.
+    """
+
+    def __init__(self, request: ResponsesRequest, *, model: str) -> None:
+        self.id = "resp_" + uuid.uuid4().hex
+        self.model = model
+        self.created_at = int(time.time())
+        self._echo = request.echo()
+        self._seq = 0
+        self._started = False
+        self.output: list[dict[str, Any]] = []
+        self._message: dict[str, Any] | None = None  # the open message item
+        self._calls: dict[int, dict[str, Any]] = {}  # core tool-call index → its item
+        self._open_calls: list[int] = []
+        self.usage: Usage | None = None
+
+    # -- frames ---------------------------------------------------------------------
+
+    def _frame(self, frames: list[bytes], kind: str, **fields: Any) -> None:
+        seq = self._seq
+        self._seq += 1
+        payload = dumps({"type": kind, "sequence_number": seq, **fields})
+        frames.append(b"event: %s\nid: %d\ndata: %s\n\n" % (kind.encode(), seq, payload))
+
+    def response(self, status: str, *, usage: Usage | None = None,
+                 error: dict[str, Any] | None = None,
+                 incomplete: str | None = None) -> dict[str, Any]:
+        """The response object, with the output items as they are now."""
+        return {
+            "id": self.id,
+            "object": "response",
+            "created_at": self.created_at,
+            "status": status,
+            "completed_at": int(time.time()) if status == "completed" else None,
+            "error": error,
+            "incomplete_details": None if incomplete is None else {"reason": incomplete},
+            "model": self.model,
+            "output": [_copy(item) for item in self.output],
+            "usage": None if usage is None else usage_object(usage),
+            **self._echo,
+        }
+
+    def encode(self, event: StreamEvent) -> bytes:
+        frames: list[bytes] = []
+        if not self._started:
+            self._started = True
+            self._frame(frames, "response.created", response=self.response("in_progress"))
+            self._frame(frames, "response.in_progress", response=self.response("in_progress"))
+        if isinstance(event, TextDelta):
+            self._text(frames, event.delta)
+        elif isinstance(event, ToolCallDelta):
+            self._tool_call(frames, event)
+        elif isinstance(event, UsageEvent):
+            self.usage = event.usage
+        elif isinstance(event, Done):
+            if event.finish_reason not in ("error", "cancelled"):
+                # (after an error the failure frames are out; cancelled: nobody listens)
+                self._finish(frames, event.finish_reason, event.usage)
+        elif isinstance(event, ErrorEvent):
+            self._fail(frames, event)
+        # Other events add nothing to the wire: tool_call_done (its arguments came as
+        # deltas), structured_partial (the text carries the JSON), raw chunks, tool results.
+        return b"".join(frames)
+
+    def _text(self, frames: list[bytes], delta: str) -> None:
+        self._close_calls(frames, "completed")
+        item = self._message
+        if item is None:
+            item = self._message = _message_item("", "in_progress")
+            item["content"] = []
+            self.output.append(item)
+            self._frame(frames, "response.output_item.added", output_index=self._index(item),
+                        item=_copy(item))
+            item["content"].append(_text_part(""))
+            self._frame(frames, "response.content_part.added", item_id=item["id"],
+                        output_index=self._index(item), content_index=0, part=_text_part(""))
+        item["content"][0]["text"] += delta
+        self._frame(frames, "response.output_text.delta", item_id=item["id"],
+                    output_index=self._index(item), content_index=0, delta=delta, logprobs=[])
+
+    def _tool_call(self, frames: list[bytes], event: ToolCallDelta) -> None:
+        self._close_message(frames, "completed")
+        item = self._calls.get(event.index)
+        if item is None:
+            # Calls stay open until text comes or the answer ends: parallel calls may
+            # stream their arguments interleaved (the events carry their output_index).
+            item = self._calls[event.index] = _call_item(event.id, event.name, "",
+                                                         "in_progress")
+            self.output.append(item)
+            self._open_calls.append(event.index)
+            self._frame(frames, "response.output_item.added", output_index=self._index(item),
+                        item=_copy(item))
+        elif event.name and not item["name"]:
+            item["name"] = event.name
+        if event.arguments_delta:
+            item["arguments"] += event.arguments_delta
+            self._frame(frames, "response.function_call_arguments.delta", item_id=item["id"],
+                        output_index=self._index(item), delta=event.arguments_delta)
+
+    def _close_message(self, frames: list[bytes], status: str) -> None:
+        item, self._message = self._message, None
+        if item is None:
+            return
+        index, part = self._index(item), item["content"][0]
+        item["status"] = status
+        self._frame(frames, "response.output_text.done", item_id=item["id"],
+                    output_index=index, content_index=0, text=part["text"], logprobs=[])
+        self._frame(frames, "response.content_part.done", item_id=item["id"],
+                    output_index=index, content_index=0, part=_copy(part))
+        self._frame(frames, "response.output_item.done", output_index=index, item=_copy(item))
+
+    def _close_calls(self, frames: list[bytes], status: str) -> None:
+        for core_index in self._open_calls:
+            item = self._calls[core_index]
+            item["status"] = status
+            index = self._index(item)
+            self._frame(frames, "response.function_call_arguments.done", item_id=item["id"],
+                        output_index=index, arguments=item["arguments"])
+            self._frame(frames, "response.output_item.done", output_index=index,
+                        item=_copy(item))
+        self._open_calls.clear()
+
+    def _finish(self, frames: list[bytes], reason: str, usage: Usage) -> None:
+        incomplete = _INCOMPLETE.get(reason)
+        status = "completed" if incomplete is None else "incomplete"
+        # Close in output order: at most one of the two is open.
+        self._close_message(frames, status)
+        self._close_calls(frames, status)
+        self._frame(frames, f"response.{status}",
+                    response=self.response(status, usage=usage, incomplete=incomplete))
+
+    def _fail(self, frames: list[bytes], event: ErrorEvent) -> None:
+        message = client_message(event.code, event.message)
+        self._frame(frames, "error", code=event.code, message=message, param=None)
+        for item in self.output:
+            if item["status"] == "in_progress":
+                item["status"] = "incomplete"
+        code = "rate_limit_exceeded" if event.code == "rate_limited" else "server_error"
+        self._frame(frames, "response.failed", response=self.response(
+            "failed", usage=self.usage, error={"code": code, "message": message}))
+
+    def _index(self, item: dict[str, Any]) -> int:
+        # Items are few (one message, a handful of calls): a scan beats bookkeeping.
+        return next(i for i, other in enumerate(self.output) if other is item)
+
+    # -- stream: false --------------------------------------------------------------
+
+    def body(self, model: str, result: Result) -> dict[str, Any]:
+        """The response object of a finished (non-streamed) result."""
+        incomplete = _INCOMPLETE.get(result.finish_reason)
+        status = "completed" if incomplete is None else "incomplete"
+        if result.text:
+            self.output.append(_message_item(result.text, status))
+        for call in result.tool_calls:
+            self.output.append(_call_item(call.id, call.name, call.arguments, status))
+        return self.response(status, usage=result.usage, incomplete=incomplete)
+
+
+def _copy(item: dict[str, Any]) -> dict[str, Any]:
+    """A snapshot of an item (its content list too): events must not change later."""
+    copy = dict(item)
+    if "content" in copy:
+        copy["content"] = [dict(part) for part in copy["content"]]
+    return copy
+
+
+# -- the endpoint ----------------------------------------------------------------------
+
+
+async def create_response(gateway: Gateway, request: Any) -> Any:
+    """``POST /v1/responses``: the same path as chat completions, another wire format."""
+    try:
+        key = gateway.auth.check(request.headers)
+        body = await gateway.read_body(request)
+        try:
+            req = ResponsesRequest.model_validate(body)
+        except ValidationError as exc:
+            raise _validation_error(exc) from exc
+        provider, upstream_model = gateway.lookup(req.model)
+        max_tokens = gateway.limiter.clamp_max_tokens(
+            key, req.max_output_tokens, gateway.config.max_tokens_default)
+        try:
+            core = req.to_core(upstream_model, max_tokens)
+        except (ValidationError, ValueError) as exc:
+            raise GatewayHTTPError(400, f"invalid input: {exc}", param="input") from exc
+        lease = gateway.limiter.acquire(key, max_tokens or 0)
+    except GatewayHTTPError as exc:
+        gateway.metrics.errors.labels(exc.code or "http_" + str(exc.status)).inc()
+        return _error_response(exc)
+
+    stream = gateway.open(core, provider)
+    encoder = ResponsesEncoder(req, model=req.model)
+    if not req.stream:
+        return await gateway._complete(stream, request=request, lease=lease, key_id=key.id,
+                                       model=req.model, endpoint="responses",
+                                       render=encoder.body)
+
+    async def frames() -> AsyncIterator[bytes]:
+        async for event in stream:
+            data = encoder.encode(event)
+            if data:
+                yield data
+
+    return SSEResponse(
+        gateway.relay(stream, frames(), lease=lease, key_id=key.id, endpoint="responses",
+                      model=_label(req.model)),
+        heartbeat=gateway.config.heartbeat, send_timeout=gateway.config.send_timeout,
+        wait_first=min(gateway.config.heartbeat, 10.0))
