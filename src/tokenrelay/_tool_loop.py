@@ -26,7 +26,7 @@ import asyncio
 import builtins
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from typing import Any
 
 from pydantic import ValidationError
@@ -198,7 +198,7 @@ class ToolLoopStream(AsyncStream):
     async def _run_tools(
         self, calls: list[ToolCall], arguments: dict[int, dict[str, Any]],
         deadline: float | None,
-    ) -> AsyncIterator[ToolResult]:
+    ) -> AsyncGenerator[ToolResult, None]:
         # Concurrently, but reported in call order so the event stream is deterministic.
         tasks = [
             asyncio.ensure_future(self._call(call, arguments.get(call.index, {})))

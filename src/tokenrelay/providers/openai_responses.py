@@ -342,7 +342,9 @@ class OpenAIResponsesProvider(OpenAIProvider):
             "Accept-Encoding": "identity",
         }
         try:
-            async with client.stream("POST", url, content=body, headers=headers) as response:
+            async with self._slot(), client.stream(
+                "POST", url, content=body, headers=headers
+            ) as response:
                 if response.status_code >= 400:
                     raise self._status_error(response, await _read_some(response))
                 content_type = response.headers.get("content-type", "")
