@@ -68,6 +68,11 @@ def test_stream_text_usage_and_records(http: httpx.Client, upstream: MockUpstrea
         "prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8}
     assert payloads[-3]["choices"][0]["finish_reason"] == "stop"
     (record,) = upstream.requests
+    # The server marks the record complete just after its last write, which the client
+    # may read first: wait (bounded) for the bookkeeping.
+    deadline = time.monotonic() + 5
+    while record.outcome == "open" and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert (record.outcome, record.tokens_sent, record.status) == ("complete", 5, 200)
     assert record.started_at <= record.first_token_at <= record.finished_at  # type: ignore[operator]
 

@@ -448,6 +448,7 @@ class LocalProvider(Provider):
         if n_threads != self.n_threads:
             lib.llama_set_n_threads(llm.ctx, n_threads, n_threads)
         sampler = _sampler(lib, vocab, request, options)
+        batch = lib.llama_batch_init(1, 0, 1)  # one token per step after the prompt
         generated = 0
         try:
             # A fresh context per request: reusing a cached prefix would evaluate the
@@ -461,12 +462,13 @@ class LocalProvider(Provider):
             detokenizer = IncrementalDetokenizer(vocab.piece)
             stops = StopMatcher(request.stop or ())
             eog = frozenset() if options.ignore_eos else vocab.eog
-            raw, put = job.raw, job.put
+            raw, put, ctx, decode = job.raw, job.put, llm.ctx, lib.llama_decode
+            batch.n_tokens, batch.n_seq_id[0], batch.seq_id[0][0], batch.logits[0] = 1, 1, 0, 1
             finish, stopped = "length", False
             while generated < budget:
                 if cancel.is_set():
                     return
-                token = lib.llama_sampler_sample(sampler, llm.ctx, -1)
+                token = lib.llama_sampler_sample(sampler, ctx, -1)
                 if token in eog:
                     finish = "stop"
                     break
@@ -480,7 +482,12 @@ class LocalProvider(Provider):
                     finish = "stop"
                     break
                 if generated < budget:
-                    llm.eval([token])
+                    # llama_decode straight after the hand-off, with no other foreign call
+                    # in between (each lets the loop thread take the GIL): the loop
+                    # handles this token while llama.cpp computes the next one.
+                    batch.token[0], batch.pos[0] = token, len(prompt) + generated - 1
+                    if (status := decode(ctx, batch)) != 0:
+                        raise RuntimeError(f"llama_decode returned {status}")
             tail = "" if stopped else stops.flush()  # no stop string came: show it all
             if tail:
                 put(Chunk(text=tail))
@@ -496,6 +503,7 @@ class LocalProvider(Provider):
             raise ProviderError(message) from exc
         finally:
             lib.llama_sampler_free(sampler)
+            lib.llama_batch_free(batch)
             if n_threads != self.n_threads:
                 lib.llama_set_n_threads(llm.ctx, self.n_threads, self.n_threads)
 
