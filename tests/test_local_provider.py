@@ -281,6 +281,23 @@ async def test_concurrent_requests_are_serialized() -> None:
 
 
 @needs_model
+async def test_a_queued_request_can_be_cancelled_without_waiting() -> None:
+    options = {**GREEDY, "max_tokens": 40, "extra": {"ignore_eos": True}}
+    running = asyncio.create_task(tokenrelay.acomplete(PROMPT, **options))
+    await asyncio.sleep(0.05)
+    queued = asyncio.create_task(tokenrelay.acomplete("Hi", **options))
+    await asyncio.sleep(0.05)
+    queued.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await queued
+    assert not running.done()  # the queued one gave up its turn; it did not wait for it
+    result = await running
+    assert result.usage.completion_tokens == 40
+    after = await tokenrelay.acomplete("Hi", **{**options, "max_tokens": 2})
+    assert after.usage.completion_tokens == 2  # the turn passed on
+
+
+@needs_model
 def test_model_loaded_once_and_counts_tokens() -> None:
     provider = _provider()
     tokenrelay.complete("Hi", **GREEDY, max_tokens=2)
