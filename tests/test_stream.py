@@ -110,10 +110,12 @@ async def test_async_break_and_task_cancel() -> None:
 
 
 def test_error_mid_stream_raises_with_partial_text() -> None:
-    with pytest.raises(StreamError) as info:
-        with tokenrelay.stream("x", provider=MockProvider(tokens=10, error_after=3)) as s:
-            for _ in s:
-                pass
+    with (
+        pytest.raises(StreamError) as info,
+        tokenrelay.stream("x", provider=MockProvider(tokens=10, error_after=3)) as s,
+    ):
+        for _ in s:
+            pass
     assert info.value.partial_text == "Streaming shows each"
     assert s.result.finish_reason == "error"
     assert s.result.text == "Streaming shows each"

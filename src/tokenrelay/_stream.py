@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import json
+import logging
 import random
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -55,6 +56,8 @@ if TYPE_CHECKING:
     from .structured import ArgumentsParser, StructuredOutput, StructuredPartials
 
 __all__ = ["AsyncStream", "Result", "Stream", "ToolCall"]
+
+_log = logging.getLogger("tokenrelay")
 
 _FINISH_REASONS = {"stop", "length", "tool_calls", "content_filter"}
 
@@ -447,7 +450,8 @@ class AsyncStream:
                     self.provider.count_tokens(acc.text, model=self.request.model)
                     + sum(self.provider.count_tokens(c.arguments) for c in acc.tool_calls.values())
                 )
-            except Exception:  # counting must never turn a result into a failure
+            except Exception:  # noqa: BLE001 - counting must never turn a result into a failure
+                _log.warning("token counting failed; usage reported as 0", exc_info=True)
                 prompt_tokens, completion_tokens = 0, 0
             usage = Usage(prompt_tokens, completion_tokens, estimated=True)
             acc.usage = usage
@@ -467,8 +471,8 @@ class AsyncStream:
         if self._on_finish is not None:
             try:
                 self._on_finish(self.request, self._result)
-            except Exception:  # a broken log must not break the answer
-                pass
+            except Exception:  # noqa: BLE001 - a broken log must not break the answer
+                _log.warning("the on_finish hook failed", exc_info=True)
         return self._result
 
 

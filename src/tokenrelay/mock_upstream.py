@@ -127,7 +127,7 @@ def sample_json(schema: Any, defs: dict[str, Any] | None = None) -> Any:
         text = _SAMPLE_STRINGS.get(schema.get("format", ""), "text")
         return text.ljust(int(schema.get("minLength", 0)), "x")
     if kind in ("integer", "number"):
-        low = schema.get("minimum", schema.get("exclusiveMinimum", 0))
+        low = schema.get("minimum", schema.get("exclusiveMinimum")) or 0
         return int(low) + 1 if kind == "integer" else float(low) + 1.0
     if kind == "boolean":
         return True

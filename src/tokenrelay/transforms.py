@@ -34,7 +34,7 @@ __all__ = [
     "words",
 ]
 
-T = TypeVar("T", covariant=True)
+T = TypeVar("T")
 
 
 class _Transform(Protocol[T]):

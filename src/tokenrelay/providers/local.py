@@ -18,6 +18,24 @@ runs:
 * closing the generator (``aclose()``, a broken loop, task cancellation) sets a
   ``threading.Event`` the worker checks at every token; the generator then waits,
   without blocking the loop, until the worker has stopped and handed the model on.
+
+Structured output and tools are grammar-constrained: a GBNF grammar made from the JSON
+schema (llama-cpp-python's ``json_schema_to_gbnf``, cached per schema) heads the sampler
+chain, so the model can only write JSON the schema accepts, and decoding stops once the
+top-level JSON value is closed (or at end-of-generation, which the grammar allows only
+then; ``max_tokens`` still bounds it).
+
+* ``response_format``: a system hint asks for JSON of the schema; the text streams as
+  usual (the core parses and validates it).
+* ``tools`` with ``tool_choice`` other than ``"none"``, while the conversation does not
+  end with tool results: the model *must* call a tool (with ``"auto"`` too: a 135M model
+  cannot be trusted to choose, so a tool round always comes first, then, with the
+  results, a free text answer). The grammar is ``{"name": <tool>, "arguments": <its
+  parameters schema>}``, one alternative per tool (or only the tool ``tool_choice``
+  names); the arguments stream as ``ToolCallChunk`` pieces as they are decoded (the
+  wrapper stripped), then ``finish_reason="tool_calls"``. The tools are listed with
+  their schemas in a system message; earlier calls and results are rendered as plain
+  text the chat template accepts.
 """
 
 from __future__ import annotations
@@ -25,11 +43,14 @@ from __future__ import annotations
 import asyncio
 import atexit
 import ctypes
+import functools
 import importlib.util
+import json
 import logging
 import os
 import threading
 import time
+import uuid
 import weakref
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -41,8 +62,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ..errors import ConfigurationError, ProviderError, StreamError, TokenrelayError, UsageError
 from ..events import Usage
 from ..request import Request
-from ._text import IncrementalDetokenizer, StopMatcher
-from .base import Chunk, ModelInfo, Provider
+from ._text import IncrementalDetokenizer, JsonEnd, StopMatcher, ToolCallText
+from .base import Chunk, ModelInfo, Provider, ToolCallChunk
 
 __all__ = ["LocalProvider"]
 
@@ -223,7 +244,7 @@ class _Vocab:
 
     def prompt_tokens(self, request: Request) -> list[int]:
         """The request's messages through the chat template, tokenized."""
-        messages = [{"role": m.role, "content": m.content} for m in request.messages]
+        messages = _chat_messages(request)
         if self.formatter is None:
             return self.tokenize(_chatml(messages), add_bos=self.add_bos, special=True)
         try:
@@ -238,6 +259,92 @@ class _Vocab:
             self._free()
 
 
+# -- structured output and tools ------------------------------------------------------
+
+
+def _calling_tools(request: Request) -> bool:
+    """Whether this round must be a tool call (see the module docstring)."""
+    return (bool(request.tools) and request.tool_choice != "none"
+            and request.messages[-1].role != "tool")
+
+
+def _offered_tools(request: Request) -> list[Any]:
+    tools = list(request.tools or ())
+    choice = request.tool_choice
+    if isinstance(choice, dict):
+        wanted = (choice.get("function") or {}).get("name")
+        tools = [t for t in tools if t.name == wanted] or tools
+    return tools
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(", ", ": "))
+
+
+def _grammar_schema(request: Request) -> dict[str, Any] | None:
+    """The JSON schema the answer is held to, if any."""
+    if _calling_tools(request):
+        alternatives = [
+            {"type": "object",
+             "properties": {"name": {"enum": [tool.name]}, "arguments": tool.parameters},
+             "required": ["name", "arguments"], "additionalProperties": False}
+            for tool in _offered_tools(request)
+        ]
+        return alternatives[0] if len(alternatives) == 1 else {"oneOf": alternatives}
+    if request.response_format is not None:
+        return request.response_format.schema_
+    return None
+
+
+@functools.lru_cache(maxsize=64)
+def _gbnf(schema: str) -> str:
+    """A GBNF grammar for a JSON schema (cached: the conversion is pure Python)."""
+    from llama_cpp.llama_grammar import json_schema_to_gbnf
+
+    try:
+        return json_schema_to_gbnf(schema)
+    except Exception as exc:  # unsupported schema constructs
+        raise UsageError(f"the local model cannot follow this JSON schema: {exc}") from exc
+
+
+def _chat_messages(request: Request) -> list[dict[str, str]]:
+    """The messages as the chat template takes them: tools, hints and tool traffic
+    rendered as plain text."""
+    hint = ""
+    if _calling_tools(request):
+        listing = "\n".join(
+            f"- {t.name}: {t.description or 'no description'} Arguments (JSON schema):"
+            f" {_dumps(t.parameters)}" for t in _offered_tools(request))
+        hint = ("You can call these tools:\n" + listing + '\nCall one now: answer only with'
+                ' JSON {"name": <tool name>, "arguments": <its arguments>}.')
+    elif request.response_format is not None:
+        hint = ("Answer only with JSON matching this JSON schema: "
+                + _dumps(request.response_format.schema_))
+    names: dict[str | None, str] = {}
+    messages: list[dict[str, str]] = []
+    for m in request.messages:
+        content = m.content
+        if m.role == "assistant" and m.tool_calls:
+            calls = []
+            for call in m.tool_calls:
+                function = call.get("function") or {}
+                names[call.get("id")] = name = function.get("name") or "a tool"
+                calls.append(f"Called tool {name} with {function.get('arguments') or '{}'}")
+            content = "\n".join(([content] if content else []) + calls)
+            messages.append({"role": "assistant", "content": content})
+        elif m.role == "tool":
+            name = names.get(m.tool_call_id) or m.name or "the tool"
+            messages.append({"role": "user", "content": f"Tool {name} returned: {content}"})
+        else:
+            messages.append({"role": m.role, "content": content})
+    if hint:
+        if messages and messages[0]["role"] == "system":
+            messages[0] = {"role": "system", "content": f"{messages[0]['content']}\n\n{hint}"}
+        else:
+            messages.insert(0, {"role": "system", "content": hint})
+    return messages
+
+
 @dataclass(slots=True)
 class _Loaded:
     lib: Any
@@ -245,14 +352,26 @@ class _Loaded:
     vocab: _Vocab
 
 
-def _sampler(lib: Any, vocab: _Vocab, request: Request, options: _LocalOptions) -> Any:
-    """A llama.cpp sampler chain for one request (the caller frees it)."""
+def _sampler(lib: Any, vocab: _Vocab, request: Request, options: _LocalOptions,
+             grammar: str | None = None) -> Any:
+    """A llama.cpp sampler chain for one request (the caller frees it).
+
+    A ``grammar`` comes first: every later sampler only sees the tokens it allows.
+    """
     chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
 
     def add(sampler: Any) -> None:
         lib.llama_sampler_chain_add(chain, sampler)  # the chain owns it from here
 
-    if options.ignore_eos and vocab.eog:
+    if grammar is not None:
+        sampler = lib.llama_sampler_init_grammar(vocab.vocab, grammar.encode(), b"root")
+        if not sampler:
+            lib.llama_sampler_free(chain)
+            raise UsageError("llama.cpp rejected the grammar made from the JSON schema")
+        add(sampler)
+    # With a grammar, end-of-generation is the only token left once the JSON is done:
+    # banning it would leave nothing to sample.
+    if options.ignore_eos and vocab.eog and grammar is None:
         bias = (lib.llama_logit_bias * len(vocab.eog))()
         for i, token in enumerate(sorted(vocab.eog)):
             bias[i].token, bias[i].bias = token, float("-inf")
@@ -447,7 +566,10 @@ class LocalProvider(Provider):
         n_threads = options.n_threads or self.n_threads
         if n_threads != self.n_threads:
             lib.llama_set_n_threads(llm.ctx, n_threads, n_threads)
-        sampler = _sampler(lib, vocab, request, options)
+        schema = _grammar_schema(request)
+        grammar = None if schema is None else _gbnf(json.dumps(schema, sort_keys=False))
+        tool_text = ToolCallText() if _calling_tools(request) else None
+        sampler = _sampler(lib, vocab, request, options, grammar)
         batch = lib.llama_batch_init(1, 0, 1)  # one token per step after the prompt
         generated = 0
         try:
@@ -460,8 +582,11 @@ class LocalProvider(Provider):
                     return
                 llm.eval(prompt[start : start + _PROMPT_CHUNK])
             detokenizer = IncrementalDetokenizer(vocab.piece)
-            stops = StopMatcher(request.stop or ())
-            eog = frozenset() if options.ignore_eos else vocab.eog
+            # Tool calls are JSON for the loop, not text: stop strings do not cut them.
+            stops = StopMatcher(() if tool_text is not None else request.stop or ())
+            json_end = JsonEnd() if grammar is not None else None
+            eog = frozenset() if options.ignore_eos and grammar is None else vocab.eog
+            call_id = f"call_{uuid.uuid4().hex[:24]}"
             raw, put, ctx, decode = job.raw, job.put, llm.ctx, lib.llama_decode
             batch.n_tokens, batch.n_seq_id[0], batch.seq_id[0][0], batch.logits[0] = 1, 1, 0, 1
             finish, stopped = "length", False
@@ -476,10 +601,20 @@ class LocalProvider(Provider):
                 self.tokens_decoded += 1
                 piece = detokenizer.feed(token)
                 text, stopped = stops.feed(piece)
-                if text or raw:
+                if tool_text is not None:
+                    name, arguments = tool_text.feed(text)
+                    if raw:
+                        put(Chunk(raw={"token": token, "piece": piece}))
+                    if name is not None or arguments:
+                        put(Chunk(tool_calls=[ToolCallChunk(
+                            0, call_id if name is not None else None, name, arguments)]))
+                elif text or raw:
                     put(Chunk(text=text, raw={"token": token, "piece": piece} if raw else None))
                 if stopped:
                     finish = "stop"
+                    break
+                if json_end is not None and json_end.feed(piece) >= 0:
+                    finish = "stop"  # the top-level JSON value is closed: the answer is done
                     break
                 if generated < budget:
                     # llama_decode straight after the hand-off, with no other foreign call
@@ -489,7 +624,10 @@ class LocalProvider(Provider):
                     if (status := decode(ctx, batch)) != 0:
                         raise RuntimeError(f"llama_decode returned {status}")
             tail = "" if stopped else stops.flush()  # no stop string came: show it all
-            if tail:
+            if tool_text is not None:
+                if finish == "stop" and tool_text.name is not None:
+                    finish = "tool_calls"
+            elif tail:
                 put(Chunk(text=tail))
             usage = Usage(prompt_tokens=len(prompt), completion_tokens=generated, estimated=False)
             put(Chunk(finish_reason=finish, usage=usage,

@@ -16,6 +16,7 @@ import hashlib
 import hmac
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .config import KeyConfig
@@ -113,7 +114,7 @@ class Lease:
 class Limiter:
     """Per-key concurrency, request-rate and token-rate limits (sliding 60 s windows)."""
 
-    def __init__(self, *, clock: callable = time.monotonic) -> None:  # type: ignore[valid-type]
+    def __init__(self, *, clock: Callable[[], float] = time.monotonic) -> None:
         self._states: dict[str, _KeyState] = {}
         self._clock = clock
 
