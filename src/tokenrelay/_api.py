@@ -112,7 +112,10 @@ def astream(
         tools=specs, tool_choice=tool_choice,
     )
     if provider is None:
-        provider, resolved = resolve(model, base_url=base_url, api_key=api_key, settings=settings)
+        provider, resolved = resolve(
+            model, base_url=base_url, api_key=api_key, settings=settings,
+            connect_timeout=(timeouts or Timeouts()).connect,
+        )
         request = request.model_copy(update={"model": resolved})
     options: dict[str, Any] = {
         "timeouts": timeouts, "retry": retry, "raw": raw, "raise_errors": raise_errors,

@@ -94,8 +94,12 @@ def resolve(
     base_url: str | None = None,
     api_key: str | None = None,
     settings: Settings | None = None,
+    connect_timeout: float | None = 10.0,
 ) -> tuple[Provider, str]:
     """The provider for ``model`` and the model name to send it.
+
+    ``connect_timeout`` (``Timeouts.connect``) configures the HTTP provider's connection
+    timeout; providers are cached per endpoint, key and connect timeout.
 
     Raises:
         UsageError: the model is unknown and no OpenAI-compatible endpoint is configured.
@@ -132,4 +136,6 @@ def resolve(
     from .providers.openai_compat import OpenAIProvider
 
     url = url or "https://api.openai.com/v1"
-    return _cached(("openai", url, key or ""), OpenAIProvider, base_url=url, api_key=key), name
+    provider = _cached(("openai", url, key or "", str(connect_timeout)), OpenAIProvider,
+                       base_url=url, api_key=key, connect_timeout=connect_timeout)
+    return provider, name

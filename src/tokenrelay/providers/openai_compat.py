@@ -79,7 +79,7 @@ class OpenAIProvider(Provider):
         *,
         base_url: str,
         api_key: str | None = None,
-        connect_timeout: float = 10.0,
+        connect_timeout: float | None = 10.0,
         max_connections: int = 256,
         transport: httpx.AsyncBaseTransport | None = None,
         headers: Mapping[str, str] | None = None,
