@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -140,7 +141,11 @@ def test_chat_session(terminal: list[PtyProcess], tmp_path: Path) -> None:
         ("user", "second question"), ("assistant", "Mock answer to: second question"),
     ]
 
-    # Ctrl-C at the prompt drops the line and prompts again.
+    # Ctrl-C at the prompt drops the line and prompts again. Give readline a moment to
+    # reach its select(): a SIGINT between the prompt being drawn and that select() (a
+    # window no typist hits) is only noticed on the next key, and the tty discards the
+    # pending input on ^C, so a driver that types instantly can wait forever.
+    time.sleep(0.5)
     tty.send("half a thought")
     tty.ctrl_c()
     tty.expect("> ")
