@@ -20,7 +20,7 @@ import json
 import threading
 import time
 import weakref
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from typing import Any
 
 import httpx
@@ -230,24 +230,30 @@ class OpenAIProvider(Provider):
                             f"{url} answered with an HTML page, not an event stream; check"
                             " the base URL (the API root, usually ending in /v1)"
                         )
-                    parser = ChatChunkParser(raw=raw)
-                    encoding = response.headers.get("content-encoding", "identity")
-                    reads = (
-                        response.aiter_raw() if encoding == "identity" else response.aiter_bytes()
-                    )
-                    try:
-                        # aclosing: a consumer that stops mid-stream finalizes httpx's
-                        # reader here, not later from the garbage collector.
-                        async with contextlib.aclosing(reads):  # type: ignore[type-var]
-                            async for data in reads:
-                                for chunk in parser.feed(data):
-                                    yield chunk
-                    except httpx.TransportError as exc:
-                        raise self._broken(exc, started=parser.started) from exc
-                    parser.end()
+                    chunks = self._chunks(response, ChatChunkParser(raw=raw))
+                    async with contextlib.aclosing(chunks):  # closed with the response
+                        async for chunk in chunks:
+                            yield chunk
                     return
             except httpx.TransportError as exc:
                 raise self._transport_error(exc, url) from exc
+
+    async def _chunks(
+        self, response: httpx.Response, parser: Any
+    ) -> AsyncGenerator[Chunk, None]:
+        """Feed the body to ``parser`` (``feed`` / ``started`` / ``end``) and yield its chunks."""
+        encoding = response.headers.get("content-encoding", "identity")
+        reads = response.aiter_raw() if encoding == "identity" else response.aiter_bytes()
+        try:
+            # aclosing: a consumer that stops mid-stream finalizes httpx's reader here,
+            # not later from the garbage collector.
+            async with contextlib.aclosing(reads):  # type: ignore[type-var]
+                async for data in reads:
+                    for chunk in parser.feed(data):
+                        yield chunk
+        except httpx.TransportError as exc:
+            raise self._broken(exc, started=parser.started) from exc
+        parser.end()
 
     async def _unstreamed(self, response: httpx.Response, *, raw: bool) -> list[Chunk]:
         # Some servers ignore stream=true and answer with one chat.completion object.

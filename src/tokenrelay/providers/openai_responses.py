@@ -361,19 +361,9 @@ class OpenAIResponsesProvider(OpenAIProvider):
                     raise ProviderError(
                         f"{url} answered with an HTML page, not an event stream; check the"
                         " base URL (the API root, usually ending in /v1)")
-                parser = ResponsesEventParser(raw=raw)
-                encoding = response.headers.get("content-encoding", "identity")
-                reads = response.aiter_raw() if encoding == "identity" else \
-                    response.aiter_bytes()
-                try:
-                    # aclosing: a consumer that stops mid-stream finalizes httpx's reader
-                    # here, not later from the garbage collector.
-                    async with contextlib.aclosing(reads):  # type: ignore[type-var]
-                        async for data in reads:
-                            for chunk in parser.feed(data):
-                                yield chunk
-                except httpx.TransportError as exc:
-                    raise self._broken(exc, started=parser.started) from exc
-                parser.end()
+                chunks = self._chunks(response, ResponsesEventParser(raw=raw))
+                async with contextlib.aclosing(chunks):  # closed with the response
+                    async for chunk in chunks:
+                        yield chunk
         except httpx.TransportError as exc:
             raise self._transport_error(exc, url) from exc

@@ -14,9 +14,9 @@ import os
 import time
 from collections.abc import AsyncIterator, Callable
 from importlib import resources
-from typing import Any
+from typing import Any, TypeVar
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
@@ -29,7 +29,7 @@ from ..config import resolve
 from ..errors import TokenrelayError, UsageError
 from ..providers.base import Provider
 from ..request import Message, Request, RetryPolicy, Timeouts
-from .config import ServerConfig
+from .config import KeyConfig, ServerConfig
 from .encode import (
     ChunkEncoder,
     completion_body,
@@ -49,6 +49,8 @@ from .sse import EarlyResponse, SSEResponse
 __all__ = ["Gateway", "create_app"]
 
 log = logging.getLogger("tokenrelay.server")
+
+_Body = TypeVar("_Body", bound=BaseModel)
 
 #: The largest scripted answer (``mock:tokens=N``) a client may ask for.
 MAX_MOCK_TOKENS = 10_000
@@ -187,6 +189,26 @@ class Gateway:
             raise GatewayHTTPError(400, f"request body is not valid JSON: {exc}",
                                    code="invalid_json") from exc
 
+    async def admit(self, request: HTTPRequest, schema: type[_Body]) -> tuple[KeyConfig, _Body]:
+        """The caller's key and its validated body (401 / 413 / 400 as GatewayHTTPError)."""
+        key = self.auth.check(request.headers)  # type: ignore[arg-type]
+        body = await self.read_body(request)
+        try:
+            return key, schema.model_validate(body)
+        except ValidationError as exc:
+            raise _validation_error(exc) from exc
+
+    def rejected(self, exc: GatewayHTTPError) -> JSONResponse:
+        """Count a refused request and answer it as an OpenAI error object."""
+        self.metrics.errors.labels(exc.code or "http_" + str(exc.status)).inc()
+        return _error_response(exc)
+
+    def sse(self, frames: AsyncIterator[bytes]) -> SSEResponse:
+        """An event stream of ``frames`` with this gateway's heartbeat and send timeout."""
+        return SSEResponse(frames, heartbeat=self.config.heartbeat,
+                           send_timeout=self.config.send_timeout,
+                           wait_first=min(self.config.heartbeat, 10.0))
+
     def open(self, request: Request, provider: Provider) -> AsyncStream:
         return AsyncStream(request, provider, timeouts=self.timeouts, retry=self.retry,
                            raise_errors=False)
@@ -264,12 +286,7 @@ class Gateway:
 
     async def chat_completions(self, request: HTTPRequest) -> Any:
         try:
-            key = self.auth.check(request.headers)  # type: ignore[arg-type]
-            body = await self.read_body(request)
-            try:
-                chat = ChatCompletionRequest.model_validate(body)
-            except ValidationError as exc:
-                raise _validation_error(exc) from exc
+            key, chat = await self.admit(request, ChatCompletionRequest)
             provider, upstream_model = self.lookup(chat.model)
             max_tokens = self.limiter.clamp_max_tokens(
                 key, chat.effective_max_tokens(), self.config.max_tokens_default)
@@ -284,8 +301,7 @@ class Gateway:
                 raise GatewayHTTPError(400, f"invalid messages: {exc}", param="messages") from exc
             lease = self.limiter.acquire(key, max_tokens or 0)
         except GatewayHTTPError as exc:
-            self.metrics.errors.labels(exc.code or "http_" + str(exc.status)).inc()
-            return _error_response(exc)
+            return self.rejected(exc)
 
         stream = self.open(core, provider)
         if not chat.stream:
@@ -299,11 +315,8 @@ class Gateway:
                 for frame in encoder.encode(event):
                     yield frame
 
-        return SSEResponse(
-            self.relay(stream, frames(), lease=lease, key_id=key.id,
-                       endpoint="chat.completions", model=_label(chat.model)),
-            heartbeat=self.config.heartbeat, send_timeout=self.config.send_timeout,
-            wait_first=min(self.config.heartbeat, 10.0))
+        return self.sse(self.relay(stream, frames(), lease=lease, key_id=key.id,
+                                   endpoint="chat.completions", model=_label(chat.model)))
 
     async def _complete(self, stream: AsyncStream, *, request: HTTPRequest, lease: Lease,
                         key_id: str, model: str, endpoint: str = "chat.completions",
@@ -342,12 +355,7 @@ class Gateway:
 
     async def simple_chat(self, request: HTTPRequest) -> Any:
         try:
-            key = self.auth.check(request.headers)  # type: ignore[arg-type]
-            body = await self.read_body(request)
-            try:
-                chat = SimpleChatRequest.model_validate(body)
-            except ValidationError as exc:
-                raise _validation_error(exc) from exc
+            key, chat = await self.admit(request, SimpleChatRequest)
             model = chat.model or ("smollm2" if "smollm2" in self.models else
                                    next(iter(self.models), None))
             if model is None:
@@ -370,14 +378,10 @@ class Gateway:
                            max_tokens=max_tokens, temperature=chat.temperature)
             lease = self.limiter.acquire(key, max_tokens or 0)
         except GatewayHTTPError as exc:
-            self.metrics.errors.labels(exc.code or "http_" + str(exc.status)).inc()
-            return _error_response(exc)
+            return self.rejected(exc)
         stream = self.open(core, provider)
-        return SSEResponse(
-            self.relay(stream, simple_frames(stream.__aiter__()), lease=lease, key_id=key.id,
-                       endpoint="chat", model=_label(model)),
-            heartbeat=self.config.heartbeat, send_timeout=self.config.send_timeout,
-            wait_first=min(self.config.heartbeat, 10.0))
+        return self.sse(self.relay(stream, simple_frames(stream.__aiter__()), lease=lease,
+                                   key_id=key.id, endpoint="chat", model=_label(model)))
 
     async def list_models(self, request: HTTPRequest) -> Response:
         try:

@@ -33,11 +33,10 @@ from pydantic import ValidationError
 
 from .._stream import Result
 from ..events import Done, ErrorEvent, StreamEvent, TextDelta, ToolCallDelta, Usage, UsageEvent
-from .app import Gateway, _error_response, _label, _validation_error
+from .app import Gateway, _label
 from .encode import client_message, dumps, tool_call_id
 from .responses_schema import ResponsesRequest
 from .security import GatewayHTTPError
-from .sse import SSEResponse
 
 __all__ = ["ResponsesEncoder", "create_response"]
 
@@ -250,12 +249,7 @@ def _copy(item: dict[str, Any]) -> dict[str, Any]:
 async def create_response(gateway: Gateway, request: Any) -> Any:
     """``POST /v1/responses``: the same path as chat completions, another wire format."""
     try:
-        key = gateway.auth.check(request.headers)
-        body = await gateway.read_body(request)
-        try:
-            req = ResponsesRequest.model_validate(body)
-        except ValidationError as exc:
-            raise _validation_error(exc) from exc
+        key, req = await gateway.admit(request, ResponsesRequest)
         provider, upstream_model = gateway.lookup(req.model)
         max_tokens = gateway.limiter.clamp_max_tokens(
             key, req.max_output_tokens, gateway.config.max_tokens_default)
@@ -265,8 +259,7 @@ async def create_response(gateway: Gateway, request: Any) -> Any:
             raise GatewayHTTPError(400, f"invalid input: {exc}", param="input") from exc
         lease = gateway.limiter.acquire(key, max_tokens or 0)
     except GatewayHTTPError as exc:
-        gateway.metrics.errors.labels(exc.code or "http_" + str(exc.status)).inc()
-        return _error_response(exc)
+        return gateway.rejected(exc)
 
     stream = gateway.open(core, provider)
     encoder = ResponsesEncoder(req, model=req.model)
@@ -281,8 +274,5 @@ async def create_response(gateway: Gateway, request: Any) -> Any:
             if data:
                 yield data
 
-    return SSEResponse(
-        gateway.relay(stream, frames(), lease=lease, key_id=key.id, endpoint="responses",
-                      model=_label(req.model)),
-        heartbeat=gateway.config.heartbeat, send_timeout=gateway.config.send_timeout,
-        wait_first=min(gateway.config.heartbeat, 10.0))
+    return gateway.sse(gateway.relay(stream, frames(), lease=lease, key_id=key.id,
+                                     endpoint="responses", model=_label(req.model)))
