@@ -424,11 +424,9 @@ class AsyncStream:
                 yield UsageEvent(result.usage)
             yield Done(result.finish_reason, result.usage, result.metrics)
         except TokenrelayError as exc:
-            await self._close_upstream()
             exc.partial_text = acc.text
-            result = await self._finish("error", exc)
-            yield ErrorEvent(exc.code, exc.message, exc.retryable)
-            yield Done("error", result.usage, result.metrics)
+            for event in await self._failed(exc):
+                yield event
             if self.raise_errors:
                 raise
         finally:
@@ -437,6 +435,13 @@ class AsyncStream:
             await self._close_upstream()
             if self._result is None:
                 await self._finish("cancelled", None)
+
+    async def _failed(self, exc: TokenrelayError) -> list[StreamEvent]:
+        """Abort the upstream, finish with ``exc``; the ``error`` and ``done`` events."""
+        await self._close_upstream()
+        result = await self._finish("error", exc)
+        return [ErrorEvent(exc.code, exc.message, exc.retryable),
+                Done("error", result.usage, result.metrics)]
 
     async def _finish(self, reason: FinishReason, error: TokenrelayError | None) -> Result:
         if self._result is not None:

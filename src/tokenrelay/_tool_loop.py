@@ -182,12 +182,10 @@ class ToolLoopStream(AsyncStream):
             yield UsageEvent(final.usage)
             yield Done(final.finish_reason, final.usage, final.metrics)
         except TokenrelayError as exc:
-            await self._close_upstream()
             if not isinstance(exc, StructuredOutputError):
                 exc.partial_text = self.text
-            final = await self._finish("error", exc)
-            yield ErrorEvent(exc.code, exc.message, exc.retryable)
-            yield Done("error", final.usage, final.metrics)
+            for event in await self._failed(exc):
+                yield event
             if self.raise_errors:
                 raise
         finally:

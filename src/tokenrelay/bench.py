@@ -39,6 +39,7 @@ import httpx
 
 from ._openai_wire import ChatChunkParser, error_message
 from .errors import StreamError, UsageError
+from .providers.openai_compat import checked_base_url
 
 __all__ = ["BenchReport", "RequestOutcome", "Stats", "abench", "chat_url", "summarize"]
 
@@ -192,14 +193,7 @@ def summarize(outcomes: list[RequestOutcome], duration: float, *, base_url: str 
 
 def chat_url(base_url: str) -> str:
     """``…/v1`` → ``…/v1/chat/completions``; a URL already ending so is kept."""
-    url = base_url.rstrip("/")
-    try:
-        scheme = httpx.URL(url).scheme
-    except httpx.InvalidURL as exc:
-        raise UsageError(f"invalid base URL {base_url!r}: {exc}") from exc
-    if scheme not in ("http", "https"):
-        raise UsageError(f"invalid base URL {base_url!r}: it must start with http:// or"
-                         " https:// (e.g. http://127.0.0.1:8000/v1)")
+    url = checked_base_url(base_url)
     return url if url.endswith("/chat/completions") else url + "/chat/completions"
 
 

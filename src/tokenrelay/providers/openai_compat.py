@@ -50,6 +50,21 @@ _STATUS_HINTS = {
 }
 
 
+def checked_base_url(base_url: str) -> str:
+    """``base_url`` without a trailing slash, or a UsageError if it is not http(s)."""
+    url = base_url.rstrip("/")
+    try:
+        scheme = httpx.URL(url).scheme
+    except httpx.InvalidURL as exc:
+        raise UsageError(f"invalid base URL {base_url!r}: {exc}") from exc
+    if scheme not in ("http", "https"):
+        raise UsageError(
+            f"invalid base URL {base_url!r}: it must start with http:// or https://"
+            " (e.g. http://127.0.0.1:8000/v1)"
+        )
+    return url
+
+
 class OpenAIProvider(Provider):
     """Streams from an OpenAI-compatible ``/chat/completions`` endpoint.
 
@@ -84,16 +99,7 @@ class OpenAIProvider(Provider):
         transport: httpx.AsyncBaseTransport | None = None,
         headers: Mapping[str, str] | None = None,
     ) -> None:
-        url = base_url.rstrip("/")
-        try:
-            scheme = httpx.URL(url).scheme
-        except httpx.InvalidURL as exc:
-            raise UsageError(f"invalid base URL {base_url!r}: {exc}") from exc
-        if scheme not in ("http", "https"):
-            raise UsageError(
-                f"invalid base URL {base_url!r}: it must start with http:// or https://"
-                " (e.g. http://127.0.0.1:8000/v1)"
-            )
+        url = checked_base_url(base_url)
         if max_connections < 1:
             raise UsageError("max_connections must be at least 1")
         self.base_url = url
