@@ -24,7 +24,14 @@ from pydantic import (
 )
 
 from ..request import Message, Request, ResponseFormat, ToolSpec
-from .schema import NAME_PATTERN, check_tool_choice, to_response_format, tool_spec
+from .schema import (
+    NAME_PATTERN,
+    _JSONObjectFormat,
+    _TextFormat,
+    check_tool_choice,
+    to_response_format,
+    tool_spec,
+)
 
 __all__ = ["ResponsesRequest"]
 
@@ -152,18 +159,6 @@ class _FunctionToolChoice(BaseModel):
     name: str = Field(min_length=1, max_length=64)
 
 
-class _FormatText(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    type: Literal["text"]
-
-
-class _FormatJSONObject(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    type: Literal["json_object"]
-
-
 class _FormatJSONSchema(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
@@ -177,7 +172,7 @@ class _FormatJSONSchema(BaseModel):
 class _TextConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    format: Annotated[_FormatText | _FormatJSONObject | _FormatJSONSchema,
+    format: Annotated[_TextFormat | _JSONObjectFormat | _FormatJSONSchema,
                       Field(discriminator="type")] | None = None
     verbosity: Literal["low", "medium", "high"] | None = None
 
