@@ -13,7 +13,7 @@ gateways require an API key, as deployed ones do (LiteLLM refuses to start witho
 The mock's behaviour is chosen by the model name, which is all a gateway forwards, so the
 gateway config maps ``fast``/``idle`` to the mock's ``tokens=…;tps=…`` names.
 
-Parts (``--parts relay,profile,idle``, in this order):
+Parts (``--parts relay,paced,profile,idle``, in this order):
 
 * relay, at concurrency 1, 64 and 256 (100/256/384 requests of 100-token answers at
   2,000 tokens/s each): TTFT p50/p99 and what each gateway adds over the direct path;
@@ -27,9 +27,11 @@ Parts (``--parts relay,profile,idle``, in this order):
 * idle, last: RSS with 1,000 streams open, all waiting on a 60 s first token, how many
   of them reached the upstream (a connection-pool cap shows here) and whether the
   gateway still answers its health check;
-* pool (opt-in, ``--parts pool``): the same burst against three in-process gateways
-  whose upstream provider is patched: as shipped, a semaphore in front of httpx, and a
-  1,024-connection pool.
+* paced, at concurrency 64 and 256: the same answers at 50 tokens/s per stream, a served
+  model's pace, so that the machine is not saturated and *added TTFT* is the gateway's
+  latency rather than queueing for a CPU behind the 2,000 tokens/s streams;
+* ``--baseline SRC``: the gateway of another checkout (``git worktree add /tmp/old REV``,
+  then ``--baseline /tmp/old/src``) as a fourth path, "before", in the same run.
 
 It prints figures and ratios against the goals; it never asserts timings.
 """
@@ -70,6 +72,9 @@ TOKENS = 100
 TPS = 2000
 #: The mock upstream's behaviour is chosen by the model name; gateways forward only that.
 FAST = f"tokens={TOKENS};tps={TPS}"
+#: A served model's pace, for the paced part (added latency without CPU saturation).
+PACED_TPS = 50
+PACED = f"tokens={TOKENS};tps={PACED_TPS}"
 IDLE_DELAY = 60.0
 IDLE = f"tokens=4;delay={IDLE_DELAY:g}"
 #: Both gateways require a key, as deployed ones do (LiteLLM refuses to start without one).
@@ -259,18 +264,25 @@ def upstream_proc() -> Proc:
     return Proc("upstream", argv, port, "/v1/models")
 
 
-def tokenrelay_proc(workdir: Path, upstream: Proc) -> Proc:
+def tokenrelay_proc(workdir: Path, upstream: Proc, *, name: str = "tokenrelay",
+                    baseline: Path | None = None) -> Proc:
     port = free_port()
-    config = workdir / "gateway.toml"
+    config = workdir / f"{name}.toml"
     config.write_text(
         "[log]\nenabled = false\n\n"
         + "".join(f'[[models]]\nname = "{name}"\nbase_url = "{upstream.url}"\n'
                   f'upstream_model = "{model}"\n\n' for name, model in
-                  (("fast", FAST), ("idle", IDLE))))
+                  (("fast", FAST), ("idle", IDLE), ("paced", PACED))))
     argv = [TOKENRELAY, "serve", "--port", str(port), "--config", str(config),
             "--route", f"up={upstream.url}"]
-    return Proc("tokenrelay", argv, port, "/healthz", env={"TOKENRELAY_API_KEYS": KEY},
-                api_key=KEY)
+    env = {"TOKENRELAY_API_KEYS": KEY}
+    if baseline is not None:
+        # The other checkout's package first on the path (the venv's install is editable
+        # through a .pth entry, which PYTHONPATH precedes).
+        code = "import sys; from tokenrelay.cli import main; sys.argv[0] = 'tokenrelay'; main()"
+        argv = [sys.executable, "-c", code, *argv[1:]]
+        env["PYTHONPATH"] = str(baseline)
+    return Proc(name, argv, port, "/healthz", env=env, api_key=KEY)
 
 
 def litellm_proc(workdir: Path, upstream: Proc) -> Proc | str:
@@ -283,7 +295,7 @@ def litellm_proc(workdir: Path, upstream: Proc) -> Proc | str:
     config.write_text("model_list:\n" + "".join(
         f"  - model_name: {name}\n    litellm_params:\n      model: \"openai/{model}\"\n"
         f"      api_base: \"{upstream.url}\"\n      api_key: \"sk-bench\"\n"
-        for name, model in (("fast", FAST), ("idle", IDLE)))
+        for name, model in (("fast", FAST), ("idle", IDLE), ("paced", PACED)))
         + "litellm_settings:\n  telemetry: false\n  request_timeout: 600\n"
         + f"general_settings:\n  master_key: \"{KEY}\"\n")
     env = {"LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_LOG": "ERROR",
@@ -613,36 +625,32 @@ def stage_costs() -> dict[str, float]:
     out["AsyncStream (_run + _Accumulator, over a bare async generator)"] = \
         asyncio.run(drain(True)) - bare
 
-    async def queue_hop() -> float:
-        q: asyncio.Queue[bytes] = asyncio.Queue(maxsize=64)
+    async def awaits(kind: str) -> float:
+        from tokenrelay._timer import TaskDeadline
 
-        async def produce() -> None:
-            for _ in range(n):
-                await q.put(frame)
-
-        task = asyncio.ensure_future(produce())
-        t = time.perf_counter()
-        for _ in range(n):
-            async with asyncio.timeout(30):
-                await q.get()
-        await task
-        return (time.perf_counter() - t) / n * 1e6
-
-    out["SSEResponse hop (Queue put/get + asyncio.timeout per send)"] = asyncio.run(queue_hop())
-
-    async def awaits(with_timeout: bool) -> float:
         loop = asyncio.get_running_loop()
+        deadline = TaskDeadline(loop)
         t = time.perf_counter()
         for _ in range(n):
-            if with_timeout:
+            if kind == "asyncio.timeout_at":
                 async with asyncio.timeout_at(loop.time() + 60):
                     await asyncio.sleep(0)
+            elif kind == "TaskDeadline":
+                deadline.arm(loop.time() + 60)
+                try:
+                    await asyncio.sleep(0)
+                finally:
+                    deadline.disarm()
             else:
                 await asyncio.sleep(0)
+        deadline.close()
         return (time.perf_counter() - t) / n * 1e6
 
-    out["asyncio.timeout_at around one await (paid twice per chunk: _stream, sse)"] = \
-        asyncio.run(awaits(True)) - asyncio.run(awaits(False))
+    bare = asyncio.run(awaits("none"))
+    out["asyncio.timeout_at around one await (was paid twice per chunk)"] = \
+        asyncio.run(awaits("asyncio.timeout_at")) - bare
+    out["TaskDeadline arm/disarm around one await (_timer.py, paid twice now)"] = \
+        asyncio.run(awaits("TaskDeadline")) - bare
     return out
 
 
@@ -653,10 +661,10 @@ def client_costs(upstream: Proc, workdir: Path) -> dict[str, float | str]:
     url = upstream.url + "/chat/completions"
     out: dict[str, float | str] = {}
     aiohttp_path = os.environ.get("AIOHTTP_PATH", "/tmp/aiohttp-lib")
-    names = {"httpx": "httpx 0.28, one shared pool (as OpenAIProvider)",
+    names = {"httpx": "httpx 0.28, one shared pool (OpenAIProvider until 2026-12-02)",
              "httpx-per-conn": "httpx 0.28, a client per connection",
              "httpx2": "httpx2 (pydantic fork, linear pool), shared pool",
-             "aiohttp": "aiohttp, shared connector"}
+             "aiohttp": "aiohttp, shared connector (OpenAIProvider now)"}
     for kind, label in names.items():
         extra = aiohttp_path if kind == "aiohttp" else ""
         done = subprocess.run([sys.executable, str(script), url, kind, extra],
@@ -667,77 +675,6 @@ def client_costs(upstream: Proc, workdir: Path) -> dict[str, float | str]:
         else:
             out[key] = "unavailable: " + (done.stderr.strip().splitlines() or ["?"])[-1][:120]
     return out
-
-
-POOL_GW = r"""
-import asyncio, sys
-import uvicorn
-from tokenrelay.server import ServerConfig, create_app
-from tokenrelay.providers.openai_compat import OpenAIProvider
-
-upstream, variant, port, model = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
-
-class Slotted(OpenAIProvider):
-    # Waits for a free connection before httpx sees the request: httpx never queues.
-    _slots = None
-    async def stream(self, request, *, raw=False):
-        if self._slots is None:
-            self._slots = asyncio.Semaphore(self.max_connections)
-        async with self._slots:
-            async for chunk in super().stream(request, raw=raw):
-                yield chunk
-
-app = create_app(ServerConfig(serve_local=False, serve_mock=False, log={"enabled": False}))
-provider = {"as shipped (pool 256)": lambda: OpenAIProvider(base_url=upstream),
-            "pool 256 + semaphore": lambda: Slotted(base_url=upstream),
-            "max_connections=1024": lambda: OpenAIProvider(base_url=upstream,
-                                                           max_connections=1024)}[variant]()
-app.state.gateway.models["idle"] = (provider, model)
-uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", loop="uvloop",
-            http="httptools", limit_concurrency=4096)
-"""
-
-
-async def pool_burst(upstream: Proc, workdir: Path, n: int) -> list[dict[str, Any]]:
-    """The idle burst against in-process gateways whose provider is patched three ways."""
-    script = workdir / "pool_gateway.py"
-    script.write_text(POOL_GW)
-    rows = []
-    for variant in ("as shipped (pool 256)", "pool 256 + semaphore", "max_connections=1024"):
-        port = free_port()
-        proc = Proc("pool-gateway", [sys.executable, str(script), upstream.url, variant,
-                                     str(port), IDLE], port, "/healthz")
-        proc.start(workdir)
-        try:
-            delete(f"http://127.0.0.1:{upstream.port}/_mock/requests")
-            c0 = cpu_seconds(proc.pid)
-            task = asyncio.ensure_future(abench(base_url=proc.url, model="idle",
-                                                concurrency=n, requests=n,
-                                                timeout=IDLE_DELAY * 3))
-            samples = []
-            for _ in range(5):
-                await asyncio.sleep(5)
-                records = get(f"http://127.0.0.1:{upstream.port}/_mock/requests", timeout=10)
-                t = time.perf_counter()
-                try:
-                    await asyncio.to_thread(get, f"http://127.0.0.1:{port}/healthz", 5.0)
-                    health: float | None = (time.perf_counter() - t) * 1000
-                except (OSError, ValueError):
-                    health = None
-                samples.append((sum(1 for r in records if r["outcome"] == "open"), health))
-            row = {"variant": variant, "upstream_open": [o for o, _ in samples],
-                   "health_ms": [h for _, h in samples],
-                   "cpu_s": cpu_seconds(proc.pid) - c0, "rss_mib": rss_mib(proc.pid)}
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-        finally:
-            proc.stop()
-        health_ms = [None if h is None else round(h) for h in row["health_ms"]]
-        console.print(f"  {variant:<22} open at upstream every 5 s: {row['upstream_open']};"
-                      f" /healthz ms: {health_ms}; CPU {row['cpu_s']:.1f} s;"
-                      f" RSS {row['rss_mib']:.0f} MiB")
-        rows.append(row)
-    return rows
 
 
 # -- report ------------------------------------------------------------------------------
@@ -754,8 +691,12 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None or b <= 0 else a / b
 
 
-def report_runs(runs: list[Run], levels: list[tuple[int, int]]) -> dict[str, Any]:
-    table = Table(title=f"Relay overhead: {TOKENS}-token answers at {TPS} tokens/s per stream")
+PATHS = ("direct", "tokenrelay", "before", "litellm")
+
+
+def report_runs(runs: list[Run], levels: list[tuple[int, int]],
+                tps: int = TPS) -> dict[str, Any]:
+    table = Table(title=f"Relay overhead: {TOKENS}-token answers at {tps} tokens/s per stream")
     for col in ("conc.", "path", "ok/failed", "req/s", "tok/s", "TTFT p50", "TTFT p99",
                 "added p50", "added p99", "ITL p50", "ITL p99",
                 "gateway CPU µs/chunk (of it kernel)", "gateway CPU s / waited for CPU s",
@@ -765,7 +706,7 @@ def report_runs(runs: list[Run], levels: list[tuple[int, int]]) -> dict[str, Any
     for c, _ in levels:
         at = {r.target: r for r in runs if r.concurrency == c}
         direct = at.get("direct")
-        for name in ("direct", "tokenrelay", "litellm"):
+        for name in PATHS:
             run = at.get(name)
             if run is None:
                 continue
@@ -795,7 +736,8 @@ def report_runs(runs: list[Run], levels: list[tuple[int, int]]) -> dict[str, Any
         table.add_section()
     console.print(table)
 
-    goals = Table(title="Against the goals (tokenrelay vs direct and vs LiteLLM)")
+    goals = Table(title=f"Against the goals at {tps} tokens/s per stream (tokenrelay vs"
+                        " direct and vs LiteLLM)")
     for col in ("conc.", "added TTFT p50 ms (goal ≤ 2)", "CPU µs/chunk (goal ≤ 50)",
                 "CPU vs LiteLLM (goal ≤ 0.33)", "added TTFT p50 vs LiteLLM (goal ≤ 0.33)",
                 "added TTFT p99 vs LiteLLM"):
@@ -905,8 +847,16 @@ async def main(args: argparse.Namespace) -> None:
         gateway = tokenrelay_proc(workdir, upstream)
         procs.append(gateway)
         gateway.start(workdir)
-        targets: list[tuple[str, str, str, Proc | None]] = [
-            ("direct", upstream.url, FAST, None), ("tokenrelay", gateway.url, "fast", gateway)]
+        # (name, base URL, model for the fast answers, the same at a served model's pace)
+        targets: list[tuple[str, str, str, str, Proc | None]] = [
+            ("direct", upstream.url, FAST, PACED, None),
+            ("tokenrelay", gateway.url, "fast", "paced", gateway)]
+        if args.baseline:
+            before = tokenrelay_proc(workdir, upstream, name="before",
+                                     baseline=Path(args.baseline).resolve())
+            procs.append(before)
+            before.start(workdir)
+            targets.append(("before", before.url, "fast", "paced", before))
         litellm: Proc | None = None
         if not args.no_litellm:
             made = litellm_proc(workdir, upstream)
@@ -918,21 +868,32 @@ async def main(args: argparse.Namespace) -> None:
                     made.start(workdir, timeout=180)
                     litellm = made
                     procs.append(made)
-                    targets.append(("litellm", made.url, "fast", made))
+                    targets.append(("litellm", made.url, "fast", "paced", made))
                 except RuntimeError as exc:
                     console.print(f"[yellow]LiteLLM skipped: {exc}[/]")
                     results["litellm_skipped"] = str(exc)
         console.print(f"upstream pid {upstream.pid}, tokenrelay pid {gateway.pid}"
+                      + "".join(f", {t[0]} pid {t[4].pid}" for t in targets[2:]
+                                if t[4] is not None and t[0] != "litellm")
                       + (f", litellm pid {litellm.pid}" if litellm else ""))
 
         parts = set(args.parts.split(","))
         if "relay" in parts:
             runs: list[Run] = []
             for c, n in levels:
-                for name, url, model, proc in targets:
+                for name, url, model, _, proc in targets:
                     runs.append(await measure(name, url, model, concurrency=c, requests=n,
                                               gateway=proc, upstream=upstream))
             results["runs"] = report_runs(runs, levels)
+        if "paced" in parts:
+            console.print(f"[bold]Paced[/] ({PACED_TPS} tokens/s per stream)")
+            paced_levels = [(64, 128), (256, 256)] if args.quick else [(64, 192), (256, 512)]
+            paced: list[Run] = []
+            for c, n in paced_levels:
+                for name, url, _, model, proc in targets:
+                    paced.append(await measure(name, url, model, concurrency=c, requests=n,
+                                               gateway=proc, upstream=upstream))
+            results["paced"] = report_runs(paced, paced_levels, PACED_TPS)
 
         profs: dict[int, dict[str, Any] | str] = {}
         stages: dict[str, Any] = {}
@@ -956,10 +917,6 @@ async def main(args: argparse.Namespace) -> None:
             idle.append(await idle_streams("tokenrelay", gateway, upstream, idle_n))
             report_idle(idle)
             results["idle"] = idle
-        if "pool" in parts:
-            console.print(f"[bold]Pool burst[/] ({idle_n} idle streams, tokenrelay's provider"
-                          " patched three ways, each gateway in its own process)")
-            results["pool"] = await pool_burst(upstream, workdir, idle_n)
     finally:
         for proc in reversed(procs):
             proc.stop()
@@ -976,9 +933,12 @@ if __name__ == "__main__":
     parser.add_argument("--no-litellm", action="store_true", help="skip the LiteLLM column")
     parser.add_argument("--no-profile", action="store_true", help="skip py-spy and stages")
     parser.add_argument("--json", metavar="PATH", help="also write all figures as JSON")
-    parser.add_argument("--parts", default="relay,idle,profile",
-                        help="comma-separated parts to run: relay, profile, idle, and"
-                             " pool (opt-in, ~2 min) [relay,idle,profile]")
+    parser.add_argument("--parts", default="relay,paced,idle,profile",
+                        help="comma-separated parts to run: relay, paced, profile, idle"
+                             " [relay,paced,idle,profile]")
+    parser.add_argument("--baseline", metavar="SRC",
+                        help="also measure the gateway from another checkout's src/ (e.g."
+                             " a `git worktree` of an older commit), as the 'before' path")
     try:
         import uvloop
 

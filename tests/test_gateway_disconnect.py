@@ -35,6 +35,7 @@ SPECS = {
     "hb": "tokens=3;delay=1.5",
     "flood": "tokens=1000000;tps=5000",
     "quick": "tokens=3",
+    "midstall": "tokens=50;fault=stall;after=2",
 }
 #: How soon the upstream must see a client's disconnect.
 ABORT_WITHIN = 0.5
@@ -181,6 +182,22 @@ def test_a_client_that_stops_reading_is_dropped(make_gateway: MakeGateway,
         assert poll(lambda: live.connections() == 0, 3), "the connection lingers"
     finally:
         sock.close()
+
+
+def test_heartbeats_are_sent_while_the_upstream_stalls_mid_stream(
+        make_gateway: MakeGateway, upstream: MockUpstream) -> None:
+    live = make_gateway(heartbeat=0.3)
+    with open_stream(live.port, chat_body("midstall")) as sock:
+        received = recv_until(sock, b"tok1")
+        started = time.monotonic()
+        while received.count(b": ping") < 2:  # a ping every 0.3 s of silence
+            received += recv_until(sock, b": ping", timeout=2)
+        assert time.monotonic() - started < 2
+    body = received.partition(b"\r\n\r\n")[2]
+    assert body.index(b"tok1") < body.index(b": ping")
+    assert b"[DONE]" not in body
+    # The client left during the stall: the upstream request is aborted.
+    assert poll(lambda: live.active() == 0, 3)
 
 
 def test_heartbeats_are_sent_before_the_first_token(make_gateway: MakeGateway) -> None:

@@ -608,6 +608,7 @@ def test_keys_and_upstream_secrets_never_appear_in_any_output(
 # -- connection timeouts: slowloris, idle keep-alive -------------------------------------
 
 HEADER_TIMEOUT = 1.0
+BODY_TIMEOUT = 1.0
 KEEP_ALIVE = 1.0
 SLACK = 1.5
 
@@ -631,7 +632,8 @@ def test_uvicorn_settings() -> None:
 @pytest.fixture(scope="module")
 def strict(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveGateway]:
     config = ServerConfig(serve_local=False, header_timeout=HEADER_TIMEOUT,
-                          keep_alive_timeout=KEEP_ALIVE, log=LogConfig(enabled=False))
+                          body_timeout=BODY_TIMEOUT, keep_alive_timeout=KEEP_ALIVE,
+                          log=LogConfig(enabled=False))
     with LiveGateway(config) as live:
         yield live
 
@@ -665,6 +667,38 @@ def test_slowloris_headers_are_cut_off(strict: LiveGateway) -> None:
     with socket.create_connection(("127.0.0.1", strict.port), timeout=5) as sock:
         elapsed = _closed_after(sock, pieces, every=0.2, limit=HEADER_TIMEOUT + SLACK)
     assert HEADER_TIMEOUT - 0.1 <= elapsed <= HEADER_TIMEOUT + SLACK
+
+
+def test_a_trickled_body_gets_408_and_the_connection_closes(strict: LiveGateway) -> None:
+    # Headers at once, then the body a byte every 0.2 s: it would take 40 s in all.
+    body = json.dumps({"model": "mock", "messages": HI}).encode().ljust(200)
+    head = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body))
+    with socket.create_connection(("127.0.0.1", strict.port), timeout=5) as sock:
+        sock.sendall(head)
+        started = time.monotonic()
+        sock.settimeout(0.05)
+        received = b""
+        sent = 0
+        while time.monotonic() - started < BODY_TIMEOUT + SLACK:
+            try:
+                if sent < len(body):
+                    sock.sendall(body[sent:sent + 1])
+                    sent += 1
+                data = sock.recv(4096)
+            except TimeoutError:
+                time.sleep(0.15)
+                continue
+            except (ConnectionResetError, BrokenPipeError):
+                break
+            if not data:
+                break
+            received += data
+        elapsed = time.monotonic() - started
+    assert received.startswith(b"HTTP/1.1 408 "), received[:200]
+    assert b'"code":"body_timeout"' in received.replace(b" ", b"")
+    assert BODY_TIMEOUT - 0.1 <= elapsed <= BODY_TIMEOUT + SLACK
+    assert sent < len(body)
 
 
 def test_a_connection_that_sends_nothing_is_closed(strict: LiveGateway) -> None:

@@ -399,24 +399,51 @@ def test_connection_refused() -> None:
 
 
 async def test_connect_timeout_is_a_timeout_error() -> None:
-    def handler(request: httpx.Request) -> httpx.Response:
-        raise httpx.ConnectTimeout("timed out", request=request)
-
-    provider = OpenAIProvider(base_url="http://upstream.test/v1",
-                              transport=httpx.MockTransport(handler))
-    with pytest.raises(tokenrelay.TimeoutError) as info:
-        await tokenrelay.acomplete("hi", provider=provider, model="m",
-                                   retry=tokenrelay.RetryPolicy(max_retries=0))
-    assert info.value.kind == "connect" and info.value.retryable
+    # A listener whose accept queue is full: the kernel drops further SYNs, so a connect
+    # hangs until the client's connect timeout (loopback only, nothing ever accepted).
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    fillers = []
+    try:
+        for _ in range(4):
+            filler = socket.socket()
+            filler.setblocking(False)
+            filler.connect_ex(("127.0.0.1", port))
+            fillers.append(filler)
+        await asyncio.sleep(0.05)
+        provider = OpenAIProvider(base_url=f"http://127.0.0.1:{port}/v1", connect_timeout=0.3)
+        started = time.monotonic()
+        with pytest.raises(tokenrelay.TimeoutError) as info:
+            await tokenrelay.acomplete("hi", provider=provider, model="m",
+                                       retry=tokenrelay.RetryPolicy(max_retries=0))
+        assert info.value.kind == "connect" and info.value.retryable
+        assert "0.3s (connect timeout)" in str(info.value)
+        assert time.monotonic() - started < 5
+        await provider.aclose()
+    finally:
+        for filler in fillers:
+            filler.close()
+        listener.close()
 
 
 async def test_an_html_page_is_not_an_event_stream() -> None:
-    def handler(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(200, headers={"content-type": "text/html"}, text="<html></html>")
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        page = b"<html></html>"
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/html\r\ncontent-length: "
+                     + str(len(page)).encode() + b"\r\n\r\n" + page)
+        await writer.drain()
+        writer.close()
 
-    provider = OpenAIProvider(base_url="http://upstream.test", transport=httpx.MockTransport(handler))
-    with pytest.raises(tokenrelay.ProviderError, match="HTML page.*/v1"):
-        await tokenrelay.acomplete("hi", provider=provider, model="m")
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with server:
+        provider = OpenAIProvider(base_url=f"http://127.0.0.1:{port}")
+        with pytest.raises(tokenrelay.ProviderError, match="HTML page.*/v1"):
+            await tokenrelay.acomplete("hi", provider=provider, model="m")
+        await provider.aclose()
 
 
 def test_one_client_per_event_loop(upstream: Upstream) -> None:

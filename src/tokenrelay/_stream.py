@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Self
 
 from . import _portal
+from ._timer import TaskDeadline
 from .errors import (
     ProviderError,
     StreamError,
@@ -351,12 +352,20 @@ class AsyncStream:
         if upstream is not None:
             await upstream.aclose()
 
-    async def _next_chunk(self, deadline: float | None) -> Chunk:
+    async def _next_chunk(self, deadline: float | None, timer: TaskDeadline) -> Chunk:
         if deadline is None:
             return await self._upstream.__anext__()  # type: ignore[no-any-return]
-        # asyncio.timeout_at schedules one timer; wait_for would create a task per chunk.
-        async with asyncio.timeout_at(deadline):
+        # One lazily re-armed timer per stream (_timer.py): an asyncio.timeout_at per
+        # chunk cost ~10 µs, a third of the gateway's own work per relayed chunk.
+        timer.arm(deadline)
+        try:
             return await self._upstream.__anext__()  # type: ignore[no-any-return]
+        except asyncio.CancelledError:
+            if timer.expired():
+                raise builtins.TimeoutError from None
+            raise
+        finally:
+            timer.disarm()
 
     def _deadline(self, loop_now: float, total_deadline: float | None) -> tuple[float | None, str]:
         per = self.timeouts.idle if self._acc.started else self.timeouts.first_token
@@ -373,6 +382,7 @@ class AsyncStream:
         )
         attempt = 0
         acc = self._acc
+        timer = TaskDeadline(loop)
         try:
             while True:
                 self._upstream = self.provider.stream(self.request, raw=self.raw).__aiter__()
@@ -380,7 +390,7 @@ class AsyncStream:
                     while True:
                         deadline, kind = self._deadline(loop.time(), total_deadline)
                         try:
-                            chunk = await self._next_chunk(deadline)
+                            chunk = await self._next_chunk(deadline, timer)
                         except StopAsyncIteration:
                             break
                         except TokenrelayError:
@@ -432,6 +442,7 @@ class AsyncStream:
         finally:
             # Reached on normal end, on error, and on GeneratorExit / CancelledError
             # (loop broken, aclose(), task cancelled): abort the upstream first.
+            timer.close()
             await self._close_upstream()
             if self._result is None:
                 await self._finish("cancelled", None)

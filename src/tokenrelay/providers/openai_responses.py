@@ -36,8 +36,6 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
-import httpx
-
 from .._openai_wire import error_message
 from .._sse import SSEDecoder
 from ..errors import ProviderError, StreamError, UsageError
@@ -315,8 +313,7 @@ class OpenAIResponsesProvider(OpenAIProvider):
     """Streams from a ``/responses`` endpoint (the OpenAI Responses API).
 
     Takes the arguments of :class:`~tokenrelay.providers.openai_compat.OpenAIProvider`
-    (``base_url``, ``api_key``, ``connect_timeout``, ``max_connections``, ``transport``,
-    ``headers``) and shares its client handling, ``/models`` and error translation.
+    (``base_url``, ``api_key``, ``connect_timeout``, ``max_connections``, ``headers``) and shares its client handling, ``/models`` and error translation.
 
     Example::
 
@@ -331,39 +328,27 @@ class OpenAIResponsesProvider(OpenAIProvider):
         return f"OpenAIResponsesProvider(base_url={self.base_url!r})"
 
     async def stream(self, request: Request, *, raw: bool = False) -> AsyncIterator[Chunk]:
-        client = self._client()
         url = f"{self.base_url}/responses"
         body = json.dumps(responses_body(request), separators=(",", ":"),
                           ensure_ascii=False).encode()
-        headers = {
-            "Accept": "text/event-stream",
-            "Content-Type": "application/json",
-            # A compressed event stream is buffered by the compressor: ask for none.
-            "Accept-Encoding": "identity",
-        }
-        try:
-            async with self._slot(), client.stream(
-                "POST", url, content=body, headers=headers
-            ) as response:
-                if response.status_code >= 400:
-                    raise self._status_error(response, await _read_some(response))
-                content_type = response.headers.get("content-type", "")
-                if "json" in content_type and "event-stream" not in content_type:
-                    try:
-                        obj = json.loads(await response.aread())
-                    except ValueError as exc:
-                        raise StreamError(f"{url} answered with malformed JSON instead of an"
-                                          " event stream", code="malformed_chunk") from exc
-                    for chunk in response_to_chunks(obj, raw=raw):
-                        yield chunk
-                    return
-                if content_type.startswith("text/html"):
-                    raise ProviderError(
-                        f"{url} answered with an HTML page, not an event stream; check the"
-                        " base URL (the API root, usually ending in /v1)")
-                chunks = self._chunks(response, ResponsesEventParser(raw=raw))
-                async with contextlib.aclosing(chunks):  # closed with the response
-                    async for chunk in chunks:
-                        yield chunk
-        except httpx.TransportError as exc:
-            raise self._transport_error(exc, url) from exc
+        async with self._post(url, body) as response:
+            if response.status >= 400:
+                raise self._status_error(response, await _read_some(response))
+            content_type = response.headers.get("content-type", "")
+            if "json" in content_type and "event-stream" not in content_type:
+                try:
+                    obj = json.loads(await response.read())
+                except ValueError as exc:
+                    raise StreamError(f"{url} answered with malformed JSON instead of an"
+                                      " event stream", code="malformed_chunk") from exc
+                for chunk in response_to_chunks(obj, raw=raw):
+                    yield chunk
+                return
+            if content_type.startswith("text/html"):
+                raise ProviderError(
+                    f"{url} answered with an HTML page, not an event stream; check the"
+                    " base URL (the API root, usually ending in /v1)")
+            chunks = self._chunks(response, ResponsesEventParser(raw=raw))
+            async with contextlib.aclosing(chunks):  # closed with the response
+                async for chunk in chunks:
+                    yield chunk

@@ -136,6 +136,9 @@ class Gateway:
         self.serve_mock = (config.loopback_only if config.serve_mock is None
                            else config.serve_mock)
         self._pending_logs: set[asyncio.Task[None]] = set()
+        #: The providers made for this gateway's routes (the shared local and mock
+        #: providers are not ours to close).
+        self._routes: list[Provider] = []
         for route in config.models:
             from ..providers.openai_compat import OpenAIProvider
             from ..providers.openai_responses import OpenAIResponsesProvider
@@ -145,6 +148,7 @@ class Gateway:
             kind = OpenAIResponsesProvider if route.api == "responses" else OpenAIProvider
             provider = kind(base_url=route.base_url, api_key=key,
                             max_connections=route.max_connections)
+            self._routes.append(provider)
             self.models[route.name] = (provider, route.upstream_model or route.name)
         if config.serve_local and "smollm2" not in self.models:
             self.models["smollm2"] = resolve("smollm2")
@@ -180,7 +184,13 @@ class Gateway:
                                param="model", code="model_not_found")
 
     async def read_body(self, request: HTTPRequest) -> Any:
-        raw = await request.body()
+        try:
+            async with asyncio.timeout(self.config.body_timeout):
+                raw = await request.body()
+        except TimeoutError as exc:
+            raise GatewayHTTPError(
+                408, f"the request body did not arrive within {self.config.body_timeout:g}s",
+                code="body_timeout") from exc
         try:
             import orjson
 
@@ -407,6 +417,8 @@ class Gateway:
 
     async def aclose(self) -> None:
         await self.drain_logs()
+        for provider in self._routes:
+            await provider.aclose()  # this loop's upstream connections
         if self.reqlog is not None:
             self.reqlog.close()
 

@@ -6,6 +6,7 @@ port = 8000
 heartbeat = 15.0          # seconds of silence before an SSE ": ping" comment
 send_timeout = 30.0       # a client that stops reading is dropped after this
 header_timeout = 10.0     # a connection must send its request headers within this
+body_timeout = 30.0       # ... and its request body within this after the headers
 keep_alive_timeout = 5.0  # an idle keep-alive connection is closed after this
 max_body_bytes = 1048576  # 413 above this, before parsing
 cors_origins = ["https://app.example.com"]
@@ -124,6 +125,9 @@ class ServerConfig(BaseModel):
     #: A connection must send its complete request headers within this many seconds
     #: (slowloris); uvicorn itself has no such timeout.
     header_timeout: float = Field(10.0, gt=0)
+    #: The request body must then arrive within this many seconds (408 otherwise): a
+    #: client trickling its body would hold a connection and a key's slot forever.
+    body_timeout: float = Field(30.0, gt=0)
     #: An idle keep-alive connection is closed after this many seconds.
     keep_alive_timeout: float = Field(5.0, gt=0)
     max_body_bytes: int = Field(1 << 20, ge=1024)

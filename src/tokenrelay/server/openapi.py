@@ -265,6 +265,7 @@ _ERRORS = {
     "400": "Invalid body or parameter; `error.param` names the field.",
     "401": "Missing or invalid API key.",
     "404": "Unknown model.",
+    "408": "The request body did not arrive within the configured body timeout.",
     "413": "Request body over the configured cap.",
     "429": "A per-key limit (concurrency, requests or tokens per minute); see Retry-After.",
     "502": "The upstream failed before the first token.",
@@ -313,7 +314,7 @@ def openapi_document(*, auth: bool = True) -> dict[str, Any]:
                     "text/event-stream": {"schema": _RESPONSE_EVENT},
                 },
             },
-            **_error_responses("400", "401", "404", "413", "429", "502", "504"),
+            **_error_responses("400", "401", "404", "408", "413", "429", "502", "504"),
         },
     }
     chat_completions = {
@@ -328,7 +329,7 @@ def openapi_document(*, auth: bool = True) -> dict[str, Any]:
                     "text/event-stream": {"schema": _CHUNK_EVENT},
                 },
             },
-            **_error_responses("400", "401", "404", "413", "429", "502", "504"),
+            **_error_responses("400", "401", "404", "408", "413", "429", "502", "504"),
         },
     }
     paths: dict[str, Any] = {
@@ -347,7 +348,7 @@ def openapi_document(*, auth: bool = True) -> dict[str, Any]:
             "responses": {
                 "200": {"description": "The answer as server-sent events.",
                         "content": {"text/event-stream": {"schema": _CHAT_EVENT}}},
-                **_error_responses("400", "401", "404", "413", "429", "502", "504"),
+                **_error_responses("400", "401", "404", "408", "413", "429", "502", "504"),
             },
         }},
         "/v1/models": {"get": {

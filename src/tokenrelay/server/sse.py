@@ -17,8 +17,11 @@ issues are the reference):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
+
+from .._timer import LazyTimer, TaskDeadline
 
 __all__ = ["SSE_HEADERS", "EarlyResponse", "SSEResponse"]
 
@@ -82,114 +85,173 @@ class SSEResponse:
         self.on_close = on_close
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+        state = _State(loop, task, send, self.heartbeat)
+        watcher = asyncio.ensure_future(self._watch_disconnect(receive, state))
         reason = "complete"
-        stream_task = asyncio.ensure_future(self._stream(send))
-        watch_task = asyncio.ensure_future(self._watch_disconnect(receive))
         try:
-            done, _ = await asyncio.wait(
-                {stream_task, watch_task}, return_when=asyncio.FIRST_COMPLETED
-            )
-            if watch_task in done:
+            await self._stream(state)
+        except asyncio.CancelledError:
+            timed_out = state.send_deadline.expired()  # absorbs its own cancellation
+            if state.gone:  # the watcher's cancellation: the client left
+                task.uncancel()
                 reason = "disconnect"
-                stream_task.cancel()
-            else:
-                watch_task.cancel()
-            try:
-                await stream_task
-            except asyncio.CancelledError:
-                if reason == "complete":  # we were cancelled ourselves
-                    raise
-            except TimeoutError:
+            elif timed_out:
                 reason = "send_timeout"
-            except OSError:
-                reason = "disconnect"
+            else:
+                raise
+        except OSError:  # the server reports the client gone on send
+            reason = "disconnect"
         finally:
-            for task in (stream_task, watch_task):
-                if not task.done():
-                    task.cancel()
-            await asyncio.gather(stream_task, watch_task, return_exceptions=True)
+            state.close()
+            watcher.cancel()
+            await asyncio.gather(watcher, return_exceptions=True)
+            # Runs on cancellation too (client gone): closes the source, which aborts
+            # the upstream request / stops local decoding.
+            aclose = getattr(self.source, "aclose", None)
+            if aclose is not None:
+                await aclose()
             if self.on_close is not None:
                 await self.on_close(reason)
         if reason == "send_timeout":
             # Raising after the response started makes the server close the connection.
             raise ConnectionAbortedError("SSE client stopped reading (send timeout)")
 
-    async def _watch_disconnect(self, receive: Any) -> None:
+    async def _watch_disconnect(self, receive: Any, state: _State) -> None:
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
+                if not state.done:
+                    state.gone = True
+                    state.task.cancel()
                 return
 
-    async def _send(self, send: Any, body: bytes, more: bool = True) -> None:
-        async with asyncio.timeout(self.send_timeout):
-            await send({"type": "http.response.body", "body": body, "more_body": more})
-
-    async def _stream(self, send: Any) -> None:
-        queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=64)
-        source = self.source
-
-        async def produce() -> None:
-            try:
-                async for frame in source:
-                    await queue.put(frame)
-            except EarlyResponse as early:
-                await queue.put(early)
-            except Exception:
-                await queue.put(_END)  # the consumer re-raises it from producer.result()
-                raise
-            finally:
-                # Runs on cancellation too (client gone): closes the source, which aborts
-                # the upstream request / stops local decoding.
-                aclose = getattr(source, "aclose", None)
-                if aclose is not None:
-                    await aclose()
-            await queue.put(_END)
-
-        producer = asyncio.ensure_future(produce())
+    async def _stream(self, state: _State) -> None:
+        send = state.send
+        source = self.source.__aiter__()
+        # The first frame is awaited in a task of its own, so that the wait can time out
+        # (headers go out, then heartbeats) without cancelling the source.
+        first_task = asyncio.ensure_future(source.__anext__())
         try:
             first: Any = None
             if self.wait_first > 0:
+                await asyncio.wait({first_task}, timeout=self.wait_first)
+            if first_task.done():
                 try:
-                    async with asyncio.timeout(self.wait_first):
-                        first = await queue.get()
-                except TimeoutError:
-                    first = None
-            if isinstance(first, EarlyResponse):
-                await send({"type": "http.response.start", "status": first.status,
-                            "headers": first.headers})
-                await self._send(send, first.body, more=False)
-                return
+                    first = first_task.result()
+                except StopAsyncIteration:
+                    first = _END
+                except EarlyResponse as early:
+                    await send({"type": "http.response.start", "status": early.status,
+                                "headers": early.headers})
+                    await send({"type": "http.response.body", "body": early.body,
+                                "more_body": False})
+                    return
             await send({"type": "http.response.start", "status": 200, "headers": self.headers})
             if first is None:
                 # Flush the headers at once so clients and proxies see the stream start.
-                await self._send(send, b": stream open\n\n")
-            item = first
-            while True:
-                if item is None:
-                    try:
-                        item = queue.get_nowait()  # fast path: no timer per frame
-                    except asyncio.QueueEmpty:
-                        try:
-                            async with asyncio.timeout(self.heartbeat):
-                                item = await queue.get()
-                        except TimeoutError:
-                            await self._send(send, b": ping\n\n")
-                            continue
-                if item is _END:
-                    break
-                if isinstance(item, EarlyResponse):
+                await state.write(b": stream open\n\n", self.send_timeout)
+                while not first_task.done():
+                    await asyncio.wait({first_task}, timeout=self.heartbeat)
+                    if not first_task.done():
+                        await state.write(b": ping\n\n", self.send_timeout)
+                try:
+                    first = first_task.result()
+                except StopAsyncIteration:
+                    first = _END
+                except EarlyResponse as item:
                     # Too late for a status (heartbeats started): send its error frame.
+                    first = _END
                     if item.frame:
-                        await self._send(send, item.frame)
-                    break
-                await self._send(send, item)
-                item = None
-            if producer.done():
-                producer.result()
-            else:
-                await producer
-            await self._send(send, b"", more=False)
+                        await state.write(item.frame, self.send_timeout)
         finally:
-            if not producer.done():
-                producer.cancel()
-                await asyncio.gather(producer, return_exceptions=True)
+            if not first_task.done():
+                first_task.cancel()
+                await asyncio.gather(first_task, return_exceptions=True)
+        if first is not _END:
+            await state.write(first, self.send_timeout)
+            # The hot loop: one frame, one send, in this task; the timers are lazy
+            # (_timer.py), so a frame costs no timer operation.
+            state.heartbeats()
+            try:
+                async for frame in source:
+                    await state.write(frame, self.send_timeout)
+            except EarlyResponse as item:
+                if item.frame:
+                    await state.write(item.frame, self.send_timeout)
+        state.done = True
+        await state.finish(self.send_timeout)
+
+
+class _State:
+    """One response's shared state: disconnect flag, send deadline, heartbeat timer."""
+
+    __slots__ = ("_ping", "done", "gone", "heartbeat", "heartbeat_timer", "loop",
+                 "send", "send_deadline", "sending", "task")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, task: asyncio.Task[Any], send: Any,
+                 heartbeat: float) -> None:
+        self.loop = loop
+        self.task = task
+        self.send = send
+        self.heartbeat = heartbeat
+        self.gone = False
+        self.done = False
+        self.sending = False
+        self.send_deadline = TaskDeadline(loop)
+        self.heartbeat_timer: LazyTimer | None = None
+        self._ping: asyncio.Task[None] | None = None
+
+    async def write(self, body: bytes, timeout: float) -> None:
+        now = self.loop.time()
+        if self.heartbeat_timer is not None:
+            self.heartbeat_timer.arm(now + self.heartbeat)
+        self.sending = True
+        self.send_deadline.arm(now + timeout)
+        try:
+            await self.send({"type": "http.response.body", "body": body, "more_body": True})
+        finally:
+            self.send_deadline.disarm()
+            self.sending = False
+
+    def heartbeats(self) -> None:
+        """From now on, send a ``: ping`` whenever no frame went out for ``heartbeat`` s."""
+        self.heartbeat_timer = LazyTimer(self._on_quiet, self.loop)
+        self.heartbeat_timer.arm(self.loop.time() + self.heartbeat)
+
+    def _on_quiet(self) -> None:
+        if self.done or self.gone:
+            return
+        if not self.sending and (self._ping is None or self._ping.done()):
+            # Sent from a task of its own: the stream's task is waiting on its source.
+            self._ping = asyncio.ensure_future(self._send_ping())
+        assert self.heartbeat_timer is not None
+        self.heartbeat_timer.arm(self.loop.time() + self.heartbeat)
+
+    async def _send_ping(self) -> None:
+        if self.done or self.sending:
+            return
+        # A broken client is reported by the stream's own next send, not by a ping.
+        with contextlib.suppress(Exception):
+            await self.send({"type": "http.response.body", "body": b": ping\n\n",
+                             "more_body": True})
+
+    async def finish(self, timeout: float) -> None:
+        if self._ping is not None and not self._ping.done():
+            self._ping.cancel()
+            await asyncio.gather(self._ping, return_exceptions=True)
+        self.send_deadline.arm(self.loop.time() + timeout)
+        try:
+            await self.send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            self.send_deadline.disarm()
+
+    def close(self) -> None:
+        self.done = True
+        self.send_deadline.close()
+        if self.heartbeat_timer is not None:
+            self.heartbeat_timer.close()
+        if self._ping is not None and not self._ping.done():
+            self._ping.cancel()
