@@ -6,7 +6,8 @@
     .venv/bin/python bench/bench_gateway.py --parts relay --no-litellm   # one part only
 
 Every process is separate: one mock upstream (``tokenrelay mock-upstream``), the gateway
-(``tokenrelay serve``), the LiteLLM proxy (from its own venv, default /tmp/litellm-venv,
+(``tokenrelay serve``), the floor (``bench/minimal_relay.py``: the same stack with nothing
+but parsing and re-serialising each frame), the LiteLLM proxy (from its own venv, default /tmp/litellm-venv,
 ``$LITELLM_BIN``; missing → that column is skipped with the reason), and this script as
 the load generator (``tokenrelay.bench.abench``: vLLM's TTFT/ITL definitions). Both
 gateways require an API key, as deployed ones do (LiteLLM refuses to start without one).
@@ -283,6 +284,14 @@ def tokenrelay_proc(workdir: Path, upstream: Proc, *, name: str = "tokenrelay",
         argv = [sys.executable, "-c", code, *argv[1:]]
         env["PYTHONPATH"] = str(baseline)
     return Proc(name, argv, port, "/healthz", env=env, api_key=KEY)
+
+
+def floor_proc(upstream: Proc) -> Proc:
+    """bench/minimal_relay.py: the stack alone, parsing and re-serialising each frame."""
+    port = free_port()
+    argv = [sys.executable, str(ROOT / "bench" / "minimal_relay.py"), "--port", str(port),
+            "--upstream", upstream.url]
+    return Proc("floor", argv, port, "/healthz")
 
 
 def litellm_proc(workdir: Path, upstream: Proc) -> Proc | str:
@@ -691,7 +700,7 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None or b <= 0 else a / b
 
 
-PATHS = ("direct", "tokenrelay", "before", "litellm")
+PATHS = ("direct", "floor", "tokenrelay", "before", "litellm")
 
 
 def report_runs(runs: list[Run], levels: list[tuple[int, int]],
@@ -740,7 +749,7 @@ def report_runs(runs: list[Run], levels: list[tuple[int, int]],
                         " direct and vs LiteLLM)")
     for col in ("conc.", "added TTFT p50 ms (goal ≤ 2)", "CPU µs/chunk (goal ≤ 50)",
                 "CPU vs LiteLLM (goal ≤ 0.33)", "added TTFT p50 vs LiteLLM (goal ≤ 0.33)",
-                "added TTFT p99 vs LiteLLM"):
+                "added TTFT p99 vs LiteLLM", "CPU vs minimal relay"):
         goals.add_column(col, justify="right")
     for c, _ in levels:
         tr, ll = summary.get(f"tokenrelay@{c}"), summary.get(f"litellm@{c}")
@@ -750,13 +759,16 @@ def report_runs(runs: list[Run], levels: list[tuple[int, int]],
                           ll and ll["gateway_cpu_us_per_chunk"])
         lat_ratio = ratio(tr["added_ttft_p50_ms"], ll and ll["added_ttft_p50_ms"])
         lat99 = ratio(tr["added_ttft_p99_ms"], ll and ll["added_ttft_p99_ms"])
+        fl = summary.get(f"floor@{c}")
+        vs_floor = ratio(tr["gateway_cpu_us_per_chunk"], fl and fl["gateway_cpu_us_per_chunk"])
         goals.add_row(str(c), mark(tr["added_ttft_p50_ms"], GOALS["added_ttft_p50_ms"]),
                       mark(tr["gateway_cpu_us_per_chunk"], GOALS["cpu_us_per_chunk"], 1),
                       mark(cpu_ratio, GOALS["vs_litellm"]),
-                      mark(lat_ratio, GOALS["vs_litellm"]), fmt(lat99))
+                      mark(lat_ratio, GOALS["vs_litellm"]), fmt(lat99), fmt(vs_floor))
         summary[f"ratios@{c}"] = {"cpu_vs_litellm": cpu_ratio,
                                   "added_ttft_p50_vs_litellm": lat_ratio,
-                                  "added_ttft_p99_vs_litellm": lat99}
+                                  "added_ttft_p99_vs_litellm": lat99,
+                                  "cpu_vs_minimal_relay": vs_floor}
     console.print(goals)
     return summary
 
@@ -851,6 +863,10 @@ async def main(args: argparse.Namespace) -> None:
         targets: list[tuple[str, str, str, str, Proc | None]] = [
             ("direct", upstream.url, FAST, PACED, None),
             ("tokenrelay", gateway.url, "fast", "paced", gateway)]
+        floor = floor_proc(upstream)
+        procs.append(floor)
+        floor.start(workdir)
+        targets.insert(1, ("floor", floor.url, FAST, PACED, floor))
         if args.baseline:
             before = tokenrelay_proc(workdir, upstream, name="before",
                                      baseline=Path(args.baseline).resolve())

@@ -3,11 +3,15 @@
 The gateway (uvicorn on a thread) serves the scripted mock, so the numbers have known
 bounds: 20 tokens at 200 tokens/s take at least ~95 ms. Timings are only checked for
 consistency (TTFT within E2EL, percentiles in order), never against a budget.
+
+The load generator (``abench``) is also driven directly against the fault-injecting
+``MockUpstream`` on loopback, for the request it sends and how it classifies failures.
 """
 
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -15,6 +19,10 @@ from typing import Any
 
 import pytest
 from _pty import cli_env, strip_ansi, tokenrelay
+from _upstream import Upstream
+
+from tokenrelay.bench import BenchReport, RequestOutcome, abench
+from tokenrelay.mock_upstream import MockUpstream
 
 MODEL = "mock:tokens=20,tokens_per_second=200"
 METRICS = ("ttft_ms", "tpot_ms", "itl_ms", "e2el_ms")
@@ -110,3 +118,100 @@ def test_bad_header_is_a_usage_error(gateway: str) -> None:
     code, _, err = bench(gateway, "-m", MODEL, "-H", "no-colon")
     assert code == 2
     assert "Name: value" in err
+
+
+# -- abench against the fault-injecting mock upstream ---------------------------------
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[MockUpstream]:
+    with MockUpstream() as server:
+        yield server
+
+
+async def run(url: str, model: str, **kwargs: Any) -> tuple[BenchReport, list[RequestOutcome]]:
+    seen: list[RequestOutcome] = []
+    kwargs.setdefault("concurrency", 2)
+    kwargs.setdefault("requests", 3)
+    report = await abench(base_url=url, model=model, timeout=5, on_result=seen.append,
+                          **kwargs)
+    return report, seen
+
+
+async def test_request_headers_body_and_usage(upstream: MockUpstream) -> None:
+    upstream.reset()
+    report, seen = await run(upstream.url, "tokens=7", concurrency=2, requests=5,
+                             api_key="sk-bench", max_tokens=5, prompt="hi there",
+                             headers={"X-Extra": "1"})
+    assert len(seen) == 5 and all(o.ok for o in seen)
+    assert report.completed == 5 and report.failed == 0 and report.errors == {}
+    # max_tokens cuts the 7 tokens to 5; the usage chunk says so.
+    assert report.usage_reported == 5 and report.total_output_tokens == 25
+    assert report.total_chunks == 25 and report.itl.count == 5 * 4
+    calls = upstream.chat_requests()
+    assert len(calls) == 5
+    for call in calls:
+        assert call.method == "POST" and call.path == "/v1/chat/completions"
+        h = call.headers
+        assert h["authorization"] == "Bearer sk-bench"
+        assert h["content-type"] == "application/json"
+        assert h["accept"] == "text/event-stream"
+        assert h["accept-encoding"] == "identity"
+        assert h["user-agent"] == "tokenrelay-bench"
+        assert h["x-extra"] == "1"
+        assert call.body == {"model": "tokens=7", "stream": True, "max_tokens": 5,
+                             "messages": [{"role": "user", "content": "hi there"}],
+                             "stream_options": {"include_usage": True}}
+        assert call.outcome == "complete"
+
+
+async def test_concurrency_is_the_number_of_requests_in_flight(upstream: MockUpstream) -> None:
+    upstream.reset()
+    report, _ = await run(upstream.url, "tokens=3;delay=0.2", concurrency=4, requests=8)
+    assert report.completed == 8
+    starts = sorted(r.started_at for r in upstream.chat_requests())
+    # Two waves of four: the fifth request starts only once the first ones are over.
+    assert starts[3] - starts[0] < 0.15
+    assert starts[4] - starts[0] >= 0.2
+
+
+async def test_without_stream_options_chunks_are_counted() -> None:
+    with Upstream() as server:
+        report, _ = await run(server.url, "no_stream_options", concurrency=1, requests=2)
+        bodies = [c.body for c in server.calls]
+    assert report.completed == 2 and report.usage_reported == 0
+    assert report.total_output_tokens == report.total_chunks == 2 * 4
+    # Asked once with stream_options, then never again.
+    assert ["stream_options" in b for b in bodies] == [True, False, False]
+
+
+@pytest.mark.parametrize(("model", "expected"), [
+    ("fault=401", "HTTP 401: mock-upstream: injected 401"),
+    ("tokens=5;fault=error;after=2",
+     "the provider failed mid-stream: mock-upstream: injected error after 2 tokens"),
+    ("tokens=5;fault=malformed;after=2", "the provider sent a malformed chunk"),
+    ("tokens=5;fault=close;after=2", "the stream ended without its terminator"),
+    ("tokens=0", "the stream carried no content"),
+    ("tokens=5;fault=reset;after=2", "ClientPayloadError"),
+    ("tokens=5;fault=stall;after=2", "SocketTimeoutError"),
+])
+async def test_failures_are_classified(upstream: MockUpstream, model: str,
+                                       expected: str) -> None:
+    kwargs = {"timeout": 0.3} if "stall" in model else {}
+    report = await abench(base_url=upstream.url, model=model, concurrency=2, requests=3,
+                          **kwargs)
+    assert report.completed == 0 and report.failed == 3
+    (message, count), = report.errors.items()
+    assert count == 3
+    assert message.startswith(expected), message
+    assert report.ttft.count == 0 and report.ttft.median is None
+
+
+async def test_connection_refused_is_a_failure() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    report, seen = await run(f"http://127.0.0.1:{port}/v1", "m", concurrency=2, requests=2)
+    assert report.failed == 2 and not any(o.ok for o in seen)
+    (message, count), = report.errors.items()
+    assert count == 2 and message.startswith("ClientConnectorError"), message

@@ -548,3 +548,23 @@ def test_llama_cpp_server_is_a_real_peer(llama_server: str) -> None:
     result = s.result
     assert result.text.strip() and result.finish_reason in ("stop", "length")
     assert 0 < result.usage.completion_tokens <= 16 and result.usage.prompt_tokens > 0
+
+
+async def test_a_connection_the_server_closed_after_a_body_is_not_reused_into_an_error() -> None:
+    # "close": the body ends cleanly without [DONE] and the server closes the connection
+    # right after, as the pool gets it back. The next request must not fail on it (nor
+    # need the stream's retry: max_retries=0).
+    from tokenrelay.mock_upstream import MockUpstream
+
+    no_retry = tokenrelay.RetryPolicy(max_retries=0)
+    with MockUpstream() as server:
+        provider = OpenAIProvider(base_url=server.url)
+        for _ in range(5):
+            with pytest.raises(tokenrelay.StreamError) as info:
+                await tokenrelay.acomplete("hi", provider=provider, model="tokens=5;fault=close;after=2",
+                                           retry=no_retry)
+            assert info.value.code == "truncated"
+            result = await tokenrelay.acomplete("hi", provider=provider, model="tokens=3",
+                                                retry=no_retry)
+            assert result.text == "tok0 tok1 tok2"
+        await provider.aclose()

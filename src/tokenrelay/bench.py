@@ -35,7 +35,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
+import aiohttp
 
 from ._openai_wire import ChatChunkParser, error_message
 from .errors import StreamError, UsageError
@@ -224,25 +224,26 @@ class _Endpoint:
         return body
 
 
-async def _one(client: httpx.AsyncClient, endpoint: _Endpoint) -> RequestOutcome:
+async def _one(session: aiohttp.ClientSession, endpoint: _Endpoint) -> RequestOutcome:
+    """One request; closes ``session`` when its connection must not be used again."""
     outcome = RequestOutcome()
     while True:
         with_usage = endpoint.with_usage
         start = time.perf_counter()
         try:
-            async with client.stream("POST", endpoint.url, content=endpoint.body()) as response:
-                if response.status_code != 200:
-                    data = await response.aread()
-                    if (with_usage and response.status_code in (400, 422)
+            async with session.post(endpoint.url, data=endpoint.body()) as response:
+                if response.status != 200:
+                    data = await response.read()
+                    if (with_usage and response.status in (400, 422)
                             and b"stream_options" in data):
                         # An older server: ask again without it and count chunks instead.
                         endpoint.with_usage = False
                         continue
-                    outcome.error = _status_line(response, data)
+                    outcome.error = _status_line(response.status, data)
                     return outcome
                 parser = ChatChunkParser()
                 last = start
-                async for data in response.aiter_raw():
+                async for data in response.content.iter_any():
                     now = time.perf_counter()
                     for chunk in parser.feed(data):
                         if chunk.text or chunk.tool_calls:
@@ -258,9 +259,17 @@ async def _one(client: httpx.AsyncClient, endpoint: _Endpoint) -> RequestOutcome
                 parser.end()
                 outcome.e2el = time.perf_counter() - start
         except StreamError as exc:
+            # Never reuse the connection of a broken stream: after a body cut short the
+            # server closes it, but aiohttp pooled it as soon as the body ended and,
+            # unlike httpcore, does not look before reusing it, so the next POST would
+            # fail to write. The session holds just this connection; the worker opens
+            # a new one.
+            await session.close()
             outcome.error = exc.message
             return outcome
-        except httpx.HTTPError as exc:
+        # The sock_read/sock_connect timeouts are ServerTimeoutError, a ClientError and a
+        # TimeoutError; a bare TimeoutError would otherwise end the worker, and the run.
+        except (aiohttp.ClientError, TimeoutError) as exc:
             outcome.error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             return outcome
         break
@@ -273,12 +282,12 @@ async def _one(client: httpx.AsyncClient, endpoint: _Endpoint) -> RequestOutcome
     return outcome
 
 
-def _status_line(response: httpx.Response, data: bytes) -> str:
+def _status_line(status: int, data: bytes) -> str:
     try:
         message, _ = error_message(json.loads(data))
     except ValueError:
         message = data.decode("utf-8", "replace").strip()[:200]
-    return f"HTTP {response.status_code}: {message}"[:300]
+    return f"HTTP {status}: {message}"[:300]
 
 
 async def abench(
@@ -293,7 +302,6 @@ async def abench(
     headers: Mapping[str, str] | None = None,
     timeout: float = 300.0,
     on_result: Callable[[RequestOutcome], None] | None = None,
-    transport: httpx.AsyncBaseTransport | None = None,
 ) -> BenchReport:
     """Send ``requests`` streamed chat completions, ``concurrency`` at a time.
 
@@ -309,7 +317,6 @@ async def abench(
         headers: extra request headers (e.g. a mock upstream's behaviour).
         timeout: seconds a request may wait for its next byte before it fails.
         on_result: called with each finished request (progress display).
-        transport: an httpx transport instead of the network (tests).
     """
     if concurrency < 1 or requests < 1:
         raise UsageError("concurrency and requests must be at least 1")
@@ -321,26 +328,35 @@ async def abench(
     workers = min(concurrency, requests)
     outcomes: list[RequestOutcome] = []
     remaining = requests
-    # One client with one connection per worker, so ``concurrency`` connections in all.
-    # A shared client would need Limits >= concurrency (httpx's default pool of 100
-    # silently queues the rest, and the queueing shows up as TTFT), and httpcore 1.0's
-    # pool bookkeeping is quadratic in its connections (encode/httpcore#1035): measured
-    # here, a shared 64-connection pool doubled the client's CPU per chunk.
-    limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
-    client_timeout = httpx.Timeout(connect=10.0, read=timeout, write=10.0, pool=None)
+    # Only a read timeout: sock_read is the longest wait for the next byte, and a
+    # stream may last as long as it keeps sending (total=None).
+    client_timeout = aiohttp.ClientTimeout(total=None, sock_connect=10.0, sock_read=timeout)
 
-    tls = httpx.create_ssl_context()  # one for all clients: loading CAs costs ~50 ms each
+    # One session with one connection per worker, so ``concurrency`` connections in all
+    # and no pool to queue in. Measured here (c=64, 256 requests of 100 tokens from
+    # ``tokenrelay mock-upstream``, bench CPU / content chunks) it costs the same as one
+    # shared session with limit=concurrency: ~33 µs per chunk at one frame per read
+    # (tps=200), 8-10 µs when reads carry ~7 frames (tps=2000). The httpx client it
+    # replaced (an AsyncClient per worker) cost 65 and 20 (bench/README.md).
+    def open_session() -> aiohttp.ClientSession:
+        return aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=1), headers=sent, timeout=client_timeout,
+            auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar())
 
     async def worker() -> None:
         nonlocal remaining
-        async with httpx.AsyncClient(headers=sent, limits=limits, timeout=client_timeout,
-                                     transport=transport, verify=tls) as client:
+        session = open_session()
+        try:
             while remaining > 0:
                 remaining -= 1
-                outcome = await _one(client, endpoint)
+                if session.closed:  # _one dropped a broken connection
+                    session = open_session()
+                outcome = await _one(session, endpoint)
                 outcomes.append(outcome)
                 if on_result is not None:
                     on_result(outcome)
+        finally:
+            await session.close()
 
     started = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(workers)))

@@ -240,8 +240,18 @@ class OpenAIProvider(Provider):
     async def _post(self, url: str, body: bytes) -> AsyncIterator[aiohttp.ClientResponse]:
         """POST ``body``; the response is released to the pool if it was read to the end,
         else closed (which is what aborts the upstream generation)."""
+        session = self._client()
         try:
-            response = await self._client().post(url, data=body, headers=STREAM_HEADERS)
+            try:
+                response = await session.post(url, data=body, headers=STREAM_HEADERS)
+            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+                if isinstance(exc, aiohttp.ClientConnectorError):
+                    raise  # could not connect at all: not a stale connection
+                # A pooled connection the server closed just as it was reused (aiohttp,
+                # unlike httpcore, does not check a pooled socket for EOF before reuse):
+                # the request never reached the server, so ask once more at once, on a
+                # fresh connection, instead of failing into the stream's retry backoff.
+                response = await session.post(url, data=body, headers=STREAM_HEADERS)
         except _TRANSPORT_ERRORS as exc:
             raise self._transport_error(exc, url) from exc
         try:
