@@ -29,8 +29,9 @@ Parts (``--parts relay,paced,profile,idle``, in this order):
   of them reached the upstream (a connection-pool cap shows here) and whether the
   gateway still answers its health check;
 * paced, at concurrency 64 and 256: the same answers at 50 tokens/s per stream, a served
-  model's pace, so that the machine is not saturated and *added TTFT* is the gateway's
-  latency rather than queueing for a CPU behind the 2,000 tokens/s streams;
+  model's pace, arriving as a Poisson process (vLLM's ``--request-rate``) at c/2 s, so
+  that neither the CPU is saturated nor the requests come in synchronised waves of c at
+  once: *added TTFT* is then the gateway's latency, not queueing behind other work;
 * ``--baseline SRC``: the gateway of another checkout (``git worktree add /tmp/old REV``,
   then ``--baseline /tmp/old/src``) as a fourth path, "before", in the same run.
 
@@ -333,7 +334,8 @@ class Run:
 
 
 async def measure(target: str, url: str, model: str, *, concurrency: int, requests: int,
-                  gateway: Proc | None, upstream: Proc) -> Run:
+                  gateway: Proc | None, upstream: Proc,
+                  request_rate: float | None = None) -> Run:
     key = gateway.api_key if gateway else None
     # A warm-up wave (connections, pools, lazy imports), at most 64 at once.
     n = min(concurrency, 64)
@@ -344,7 +346,8 @@ async def measure(target: str, url: str, model: str, *, concurrency: int, reques
     u0 = cpu_seconds(upstream.pid)
     c0 = time.process_time()
     report = await abench(base_url=url, model=model, concurrency=concurrency,
-                          requests=requests, max_tokens=TOKENS, api_key=key)
+                          requests=requests, max_tokens=TOKENS, api_key=key,
+                          request_rate=request_rate)
     c1 = time.process_time()
     u1 = cpu_seconds(upstream.pid)
     g1 = cpu_times(gateway.pid) if gateway else (0.0, 0.0)
@@ -888,10 +891,8 @@ async def main(args: argparse.Namespace) -> None:
                 except RuntimeError as exc:
                     console.print(f"[yellow]LiteLLM skipped: {exc}[/]")
                     results["litellm_skipped"] = str(exc)
-        console.print(f"upstream pid {upstream.pid}, tokenrelay pid {gateway.pid}"
-                      + "".join(f", {t[0]} pid {t[4].pid}" for t in targets[2:]
-                                if t[4] is not None and t[0] != "litellm")
-                      + (f", litellm pid {litellm.pid}" if litellm else ""))
+        console.print(f"upstream pid {upstream.pid}, " + ", ".join(
+            f"{name} pid {proc.pid}" for name, _, _, _, proc in targets if proc is not None))
 
         parts = set(args.parts.split(","))
         if "relay" in parts:
@@ -902,13 +903,18 @@ async def main(args: argparse.Namespace) -> None:
                                               gateway=proc, upstream=upstream))
             results["runs"] = report_runs(runs, levels)
         if "paced" in parts:
-            console.print(f"[bold]Paced[/] ({PACED_TPS} tokens/s per stream)")
+            # Poisson arrivals at c / (answer duration) per second: by Little's law c
+            # streams in flight on average, at most c, and no synchronised waves.
+            answer_s = TOKENS / PACED_TPS
+            console.print(f"[bold]Paced[/] ({PACED_TPS} tokens/s per stream, Poisson"
+                          f" arrivals at c/{answer_s:g} per second)")
             paced_levels = [(64, 128), (256, 256)] if args.quick else [(64, 192), (256, 512)]
             paced: list[Run] = []
             for c, n in paced_levels:
                 for name, url, _, model, proc in targets:
                     paced.append(await measure(name, url, model, concurrency=c, requests=n,
-                                               gateway=proc, upstream=upstream))
+                                               gateway=proc, upstream=upstream,
+                                               request_rate=c / answer_s))
             results["paced"] = report_runs(paced, paced_levels, PACED_TPS)
 
         profs: dict[int, dict[str, Any] | str] = {}

@@ -10,7 +10,9 @@ The load generator (``abench``) is also driven directly against the fault-inject
 
 from __future__ import annotations
 
+import itertools
 import json
+import random
 import socket
 import threading
 import time
@@ -173,6 +175,23 @@ async def test_concurrency_is_the_number_of_requests_in_flight(upstream: MockUps
     # Two waves of four: the fifth request starts only once the first ones are over.
     assert starts[3] - starts[0] < 0.15
     assert starts[4] - starts[0] >= 0.2
+
+
+async def test_request_rate_spreads_arrivals_as_a_poisson_process(upstream: MockUpstream) -> None:
+    upstream.reset()
+    rate, n = 40.0, 24
+    report, _ = await run(upstream.url, "tokens=2", concurrency=8, requests=n,
+                          request_rate=rate, seed=7)
+    assert report.completed == n and report.request_rate == rate
+    starts = sorted(r.started_at for r in upstream.chat_requests())
+    gaps = [b - a for a, b in itertools.pairwise(starts)]
+    # The schedule is the seeded exponential gaps (mean 1/rate = 25 ms), not a burst:
+    # all at once would put the 24 starts within a few ms of each other.
+    rng = random.Random(7)
+    expected = [rng.expovariate(rate) for _ in range(n)][:-1]
+    assert abs((starts[-1] - starts[0]) - sum(expected)) < 0.1
+    assert sum(gap > 0.005 for gap in gaps) >= n // 2
+    assert report.to_dict()["request_rate"] == rate
 
 
 async def test_without_stream_options_chunks_are_counted() -> None:

@@ -229,6 +229,25 @@ def test_live_bad_keys_get_an_openai_401(client: httpx.Client, headers: dict[str
     assert r.headers["www-authenticate"] == "Bearer"
 
 
+# -- /metrics -----------------------------------------------------------------------------
+
+
+def test_metrics_need_a_key_when_keys_are_configured(client: httpx.Client) -> None:
+    assert_openai_error(client.get("/metrics"), 401)
+    assert_openai_error(client.get("/metrics", headers={"authorization": "Bearer nope"}), 401)
+    r = client.get("/metrics", headers=bearer("plain"))
+    assert r.status_code == 200 and "tokenrelay_active_streams" in r.text
+
+
+def test_metrics_public_opens_them_to_a_scraper_without_a_key(tmp_path: Path) -> None:
+    config = ServerConfig(serve_local=False, metrics_public=True,
+                          keys=[KeyConfig(id="k", sha256=hash_key(RAW["plain"]))],
+                          log=LogConfig(enabled=False))
+    with LiveGateway(config) as live, httpx.Client(base_url=live.url, timeout=TIMEOUT) as c:
+        assert c.get("/metrics").status_code == 200
+        assert_openai_error(c.get("/v1/models"), 401)  # the rest still needs the key
+
+
 # -- no keys: loopback only --------------------------------------------------------------
 
 
@@ -586,7 +605,8 @@ def test_keys_and_upstream_secrets_never_appear_in_any_output(
         assert call("GET", "/v1/models", headers=good).status_code == 200
         call("GET", "/healthz")
         call("GET", "/openapi.json")
-        metrics = call("GET", "/metrics").text
+        assert call("GET", "/metrics").status_code == 401  # keys configured: one needed
+        metrics = call("GET", "/metrics", headers=good).text
         assert "tokenrelay_requests" in metrics
         reqlog = live.gateway.reqlog
         assert reqlog is not None

@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import random
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping
@@ -126,6 +127,8 @@ class BenchReport:
     itl: Stats
     e2el: Stats
     errors: dict[str, int]
+    #: Requests/s of the Poisson arrivals; ``None``: all at once (as many as in flight).
+    request_rate: float | None = None
 
     @property
     def request_throughput(self) -> float:
@@ -141,6 +144,7 @@ class BenchReport:
             "base_url": self.base_url,
             "model": self.model,
             "concurrency": self.concurrency,
+            "request_rate": self.request_rate,
             "requests": self.requests,
             "completed": self.completed,
             "failed": self.failed,
@@ -159,7 +163,8 @@ class BenchReport:
 
 
 def summarize(outcomes: list[RequestOutcome], duration: float, *, base_url: str = "",
-              model: str = "", concurrency: int = 1) -> BenchReport:
+              model: str = "", concurrency: int = 1,
+              request_rate: float | None = None) -> BenchReport:
     """Pool the outcomes of a run into a :class:`BenchReport` (vLLM's definitions)."""
     ttfts: list[float] = []
     tpots: list[float] = []
@@ -187,7 +192,7 @@ def summarize(outcomes: list[RequestOutcome], duration: float, *, base_url: str 
         total_output_tokens=total, total_chunks=chunks, usage_reported=reported,
         ttft=Stats.of(ttfts),
         tpot=Stats.of(tpots), itl=Stats.of(itls), e2el=Stats.of(e2els),
-        errors=dict(errors.most_common()),
+        errors=dict(errors.most_common()), request_rate=request_rate,
     )
 
 
@@ -302,8 +307,17 @@ async def abench(
     headers: Mapping[str, str] | None = None,
     timeout: float = 300.0,
     on_result: Callable[[RequestOutcome], None] | None = None,
+    request_rate: float | None = None,
+    seed: int = 0,
 ) -> BenchReport:
     """Send ``requests`` streamed chat completions, ``concurrency`` at a time.
+
+    By default every request is sent as soon as a slot is free, so a run starts with a
+    burst of ``concurrency`` requests (vLLM's default, ``--request-rate inf``). With
+    ``request_rate`` the requests arrive as a Poisson process of that many per second
+    (exponential gaps from ``random.Random(seed)``, as vLLM's ``--request-rate``), still
+    at most ``concurrency`` in flight: a request that arrives with every slot busy waits
+    for one, and its times count from when it is sent.
 
     Args:
         base_url: the API root (``http://host:port/v1``) or the full
@@ -317,9 +331,20 @@ async def abench(
         headers: extra request headers (e.g. a mock upstream's behaviour).
         timeout: seconds a request may wait for its next byte before it fails.
         on_result: called with each finished request (progress display).
+        request_rate: requests per second of Poisson arrivals; ``None``: no pacing.
+        seed: the arrival schedule's random seed (the same schedule for every run).
     """
     if concurrency < 1 or requests < 1:
         raise UsageError("concurrency and requests must be at least 1")
+    if request_rate is not None and not request_rate > 0:
+        raise UsageError("request_rate must be a positive number of requests per second")
+    arrivals: list[float] = []
+    if request_rate is not None:
+        rng = random.Random(seed)
+        at = 0.0
+        for _ in range(requests):
+            arrivals.append(at)
+            at += rng.expovariate(request_rate)
     endpoint = _Endpoint(chat_url(base_url), model, prompt, max_tokens)
     sent = {"Content-Type": "application/json", "Accept": "text/event-stream",
             "Accept-Encoding": "identity", "User-Agent": "tokenrelay-bench", **(headers or {})}
@@ -348,7 +373,12 @@ async def abench(
         session = open_session()
         try:
             while remaining > 0:
+                index = requests - remaining
                 remaining -= 1
+                if arrivals:
+                    wait = started + arrivals[index] - time.perf_counter()
+                    if wait > 0:
+                        await asyncio.sleep(wait)
                 if session.closed:  # _one dropped a broken connection
                     session = open_session()
                 outcome = await _one(session, endpoint)
@@ -362,4 +392,4 @@ async def abench(
     await asyncio.gather(*(worker() for _ in range(workers)))
     duration = time.perf_counter() - started
     return summarize(outcomes, duration, base_url=base_url, model=model,
-                     concurrency=concurrency)
+                     concurrency=concurrency, request_rate=request_rate)

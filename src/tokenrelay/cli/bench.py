@@ -46,6 +46,8 @@ def _table(report: BenchReport) -> Any:
     rows = [
         ("Endpoint", f"{report.base_url}  (model {report.model})"),
         ("Concurrency", str(report.concurrency)),
+        ("Request rate", "all at once (as slots free up)" if report.request_rate is None
+         else f"{report.request_rate:g} req/s (Poisson arrivals)"),
         ("Completed / failed", f"{report.completed} / {report.failed}"),
         ("Duration", f"{report.duration:.2f} s"),
         ("Output tokens", f"{report.total_output_tokens}"
@@ -77,6 +79,9 @@ def _table(report: BenchReport) -> Any:
               show_default=True, help="Requests in flight at once.")
 @click.option("-n", "--requests", type=click.IntRange(1, 10_000_000), default=100, metavar="M",
               show_default=True, help="Requests in all.")
+@click.option("--request-rate", type=click.FloatRange(0, min_open=True), metavar="R",
+              help="Poisson arrivals at R requests/s, still at most N in flight"
+                   " (default: all at once, as slots free up).")
 @click.option("--prompt", default=DEFAULT_PROMPT, metavar="TEXT", help="The user message.")
 @click.option("--max-tokens", type=click.IntRange(1), metavar="K",
               help="max_tokens of each request.")
@@ -88,7 +93,8 @@ def _table(report: BenchReport) -> Any:
               show_default=True, metavar="SECONDS",
               help="Longest wait for the next byte of a response.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
-def bench(base_url: str, model: str, concurrency: int, requests: int, prompt: str,
+def bench(base_url: str, model: str, concurrency: int, requests: int,
+          request_rate: float | None, prompt: str,
           max_tokens: int | None, api_key: str | None, header: tuple[str, ...],
           timeout: float, as_json: bool) -> None:
     """Benchmark an OpenAI-compatible streaming endpoint (vLLM's serving metrics).
@@ -101,6 +107,7 @@ def bench(base_url: str, model: str, concurrency: int, requests: int, prompt: st
     Examples:
       tokenrelay bench --base-url http://127.0.0.1:8000/v1 -m qwen -c 16 -n 200
       tokenrelay bench --base-url http://127.0.0.1:8000/v1 -m mock -c 64 -n 640 --json
+      tokenrelay bench --base-url http://127.0.0.1:8000/v1 -m qwen -c 64 --request-rate 20
     """
     from rich.console import Console
     from rich.progress import (
@@ -128,7 +135,7 @@ def bench(base_url: str, model: str, concurrency: int, requests: int, prompt: st
         report = asyncio.run(abench(
             base_url=base_url, model=model, concurrency=concurrency, requests=requests,
             prompt=prompt, max_tokens=max_tokens, api_key=api_key, headers=headers,
-            timeout=timeout, on_result=on_result))
+            timeout=timeout, on_result=on_result, request_rate=request_rate))
 
     if as_json:
         sys.stdout.write(json.dumps(report.to_dict(), indent=2) + "\n")

@@ -408,6 +408,11 @@ class Gateway:
         return JSONResponse({"status": "ok", "active_streams": self.limiter.total_active()})
 
     async def metrics_endpoint(self, request: HTTPRequest) -> Response:
+        if not self.config.metrics_public:
+            try:
+                self.auth.check(request.headers)  # type: ignore[arg-type]
+            except GatewayHTTPError as exc:
+                return _error_response(exc)
         return Response(self.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     async def index(self, request: HTTPRequest) -> Response:

@@ -11,6 +11,7 @@ keep_alive_timeout = 5.0  # an idle keep-alive connection is closed after this
 max_body_bytes = 1048576  # 413 above this, before parsing
 cors_origins = ["https://app.example.com"]
 cors_credentials = false
+metrics_public = false    # true: GET /metrics without a key (else any gateway key)
 
 [log]
 path = "/var/lib/tokenrelay/requests.db"   # default: the user data dir
@@ -134,6 +135,9 @@ class ServerConfig(BaseModel):
     max_tokens_default: int | None = Field(None, ge=1)
     cors_origins: list[str] = Field(default_factory=list)
     cors_credentials: bool = False
+    #: With keys configured, ``GET /metrics`` needs one (model names and traffic are not
+    #: for anyone who can reach the port) unless this is set for a scraper without one.
+    metrics_public: bool = False
     models: list[ModelRoute] = Field(default_factory=list)
     keys: list[KeyConfig] = Field(default_factory=list)
     log: LogConfig = Field(default_factory=LogConfig)
