@@ -352,21 +352,6 @@ class AsyncStream:
         if upstream is not None:
             await upstream.aclose()
 
-    async def _next_chunk(self, deadline: float | None, timer: TaskDeadline) -> Chunk:
-        if deadline is None:
-            return await self._upstream.__anext__()  # type: ignore[no-any-return]
-        # One lazily re-armed timer per stream (_timer.py): an asyncio.timeout_at per
-        # chunk cost ~10 µs, a third of the gateway's own work per relayed chunk.
-        timer.arm(deadline)
-        try:
-            return await self._upstream.__anext__()  # type: ignore[no-any-return]
-        except asyncio.CancelledError:
-            if timer.expired():
-                raise builtins.TimeoutError from None
-            raise
-        finally:
-            timer.disarm()
-
     def _deadline(self, loop_now: float, total_deadline: float | None) -> tuple[float | None, str]:
         per = self.timeouts.idle if self._acc.started else self.timeouts.first_token
         kind = "idle" if self._acc.started else "first_token"
@@ -386,17 +371,29 @@ class AsyncStream:
         try:
             while True:
                 self._upstream = self.provider.stream(self.request, raw=self.raw).__aiter__()
+                next_chunk = self._upstream.__anext__
                 try:
                     while True:
                         deadline, kind = self._deadline(loop.time(), total_deadline)
+                        # One lazily re-armed timer per stream (_timer.py): an
+                        # asyncio.timeout_at per chunk cost ~10 µs, a third of the
+                        # gateway's own work per relayed chunk.
+                        if deadline is not None:
+                            timer.arm(deadline)
                         try:
-                            chunk = await self._next_chunk(deadline, timer)
+                            chunk = await next_chunk()
                         except StopAsyncIteration:
                             break
+                        except asyncio.CancelledError:
+                            if deadline is not None and timer.expired():
+                                raise _timeout_error(kind, self.timeouts, acc.started) from None
+                            raise
                         except TokenrelayError:
                             raise
                         except builtins.TimeoutError as exc:
-                            raise _timeout_error(kind, self.timeouts, self._acc.started) from exc
+                            raise _timeout_error(kind, self.timeouts, acc.started) from exc
+                        finally:
+                            timer.disarm()
                         for event in acc.feed(chunk, time.monotonic()):
                             yield event
                     if acc.finish_reason is None:

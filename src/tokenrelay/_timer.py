@@ -21,6 +21,10 @@ __all__ = ["LazyTimer", "TaskDeadline"]
 _SLACK = 0.001
 
 
+def _nothing() -> None:
+    pass
+
+
 class LazyTimer:
     """Calls ``callback()`` once the loop time passes the armed deadline."""
 
@@ -48,8 +52,14 @@ class LazyTimer:
         self.when = None
 
     def close(self) -> None:
-        """Disarm and drop the handle (it would otherwise stay in the loop's heap)."""
+        """Disarm and drop the handle (it would otherwise stay in the loop's heap).
+
+        Also drops the callback: it is usually a bound method of the timer's owner, which
+        holds the timer, and that cycle would leave both (and what the owner holds: a
+        task, a response) to the cyclic collector instead of freeing them here.
+        """
         self.when = None
+        self._callback = _nothing
         if self._handle is not None:
             self._handle.cancel()
             self._handle = None
@@ -105,6 +115,7 @@ class TaskDeadline:
 
     def close(self) -> None:
         self._timer.close()
+        self._task = None
 
     def expired(self) -> bool:
         """After a CancelledError: whether it was this deadline's (then absorbed)."""

@@ -7,6 +7,7 @@ file or the environment, never from requests.
 
 from __future__ import annotations
 
+import gc
 import re
 import sys
 from typing import TYPE_CHECKING, Any
@@ -142,6 +143,11 @@ def serve(host: str | None, port: int | None, config_file: str | None,
     else:
         click.echo("tokenrelay: no API keys: listening on loopback only, without"
                    " authentication", err=True)
+    # Everything imported and built so far lives as long as the process: move it out of
+    # the collector's reach, so a full collection under load walks only what requests
+    # made (measured: a 34 ms gen-2 pause at 256 streams otherwise, 15 ms at idle).
+    gc.collect()
+    gc.freeze()
     server.run(sockets=[sock])
     if not server.started:  # the app's startup failed; uvicorn logged why
         sys.exit(1)

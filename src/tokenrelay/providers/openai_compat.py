@@ -27,7 +27,7 @@ import json
 import threading
 import time
 import weakref
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import aiohttp
@@ -297,9 +297,23 @@ class OpenAIProvider(Provider):
             body.pop("stream_options", None)
         return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
 
+    # What the Responses provider changes (providers/openai_responses.py): the path, the
+    # body, the parser, the non-streamed answer; the I/O below is shared.
+    path = "/chat/completions"
+    #: Whether bodies carry stream_options (retried without it on a 400 naming it).
+    uses_stream_options = True
+
+    def _parser(self, *, raw: bool) -> Any:
+        """The incremental parser: ``feed(bytes) -> list[Chunk]``, ``started``, ``end()``."""
+        return ChatChunkParser(raw=raw)
+
+    def _from_json(self, obj: Any, *, raw: bool) -> list[Chunk]:
+        """The chunks of a non-streamed answer (a server that ignored stream=true)."""
+        return completion_to_chunks(obj, raw=raw)
+
     async def stream(self, request: Request, *, raw: bool = False) -> AsyncIterator[Chunk]:
-        url = f"{self.base_url}/chat/completions"
-        with_options = self.stream_options_supported
+        url = self.base_url + self.path
+        with_options = self.uses_stream_options and self.stream_options_supported
         while True:
             body = self._body(request, stream_options=with_options)
             async with self._post(url, body) as response:
@@ -326,30 +340,24 @@ class OpenAIProvider(Provider):
                         f"{url} answered with an HTML page, not an event stream; check"
                         " the base URL (the API root, usually ending in /v1)"
                     )
-                chunks = self._chunks(response, ChatChunkParser(raw=raw))
-                async with contextlib.aclosing(chunks):  # closed with the response
-                    async for chunk in chunks:
+                # The hot loop: one read, its chunks. Inline rather than a generator of
+                # its own: every async-generator layer costs each relayed chunk a resume.
+                parser = self._parser(raw=raw)
+                content = response.content
+                while True:
+                    try:
+                        data = await content.readany()
+                    except _TRANSPORT_ERRORS as exc:
+                        raise self._broken(exc, started=parser.started) from exc
+                    if not data:
+                        break
+                    for chunk in parser.feed(data):
                         yield chunk
+                parser.end()
                 return
 
-    async def _chunks(
-        self, response: aiohttp.ClientResponse, parser: Any
-    ) -> AsyncGenerator[Chunk, None]:
-        """Feed the body to ``parser`` (``feed`` / ``started`` / ``end``) and yield its chunks."""
-        content = response.content
-        try:
-            while True:
-                data = await content.readany()
-                if not data:
-                    break
-                for chunk in parser.feed(data):
-                    yield chunk
-        except _TRANSPORT_ERRORS as exc:
-            raise self._broken(exc, started=parser.started) from exc
-        parser.end()
-
     async def _unstreamed(self, response: aiohttp.ClientResponse, *, raw: bool) -> list[Chunk]:
-        # Some servers ignore stream=true and answer with one chat.completion object.
+        # Some servers ignore stream=true and answer with one complete object.
         try:
             obj = json.loads(await response.read())
         except ValueError as exc:
@@ -359,7 +367,7 @@ class OpenAIProvider(Provider):
             ) from exc
         except _TRANSPORT_ERRORS as exc:
             raise self._broken(exc, started=False) from exc
-        return completion_to_chunks(obj, raw=raw)
+        return self._from_json(obj, raw=raw)
 
     # -- models -----------------------------------------------------------------------
 

@@ -31,18 +31,16 @@ model called functions) or ``stop``; ``response.incomplete`` ends with ``length`
 
 from __future__ import annotations
 
-import contextlib
 import json
-from collections.abc import AsyncIterator
 from typing import Any
 
 from .._openai_wire import error_message
 from .._sse import SSEDecoder
-from ..errors import ProviderError, StreamError, UsageError
+from ..errors import StreamError, UsageError
 from ..events import Usage
 from ..request import Request
 from .base import Chunk, ToolCallChunk
-from .openai_compat import OpenAIProvider, _read_some
+from .openai_compat import OpenAIProvider
 
 __all__ = ["OpenAIResponsesProvider", "ResponsesEventParser", "response_to_chunks"]
 
@@ -327,28 +325,15 @@ class OpenAIResponsesProvider(OpenAIProvider):
     def __repr__(self) -> str:
         return f"OpenAIResponsesProvider(base_url={self.base_url!r})"
 
-    async def stream(self, request: Request, *, raw: bool = False) -> AsyncIterator[Chunk]:
-        url = f"{self.base_url}/responses"
-        body = json.dumps(responses_body(request), separators=(",", ":"),
+    path = "/responses"
+    uses_stream_options = False
+
+    def _body(self, request: Request, *, stream_options: bool) -> bytes:
+        return json.dumps(responses_body(request), separators=(",", ":"),
                           ensure_ascii=False).encode()
-        async with self._post(url, body) as response:
-            if response.status >= 400:
-                raise self._status_error(response, await _read_some(response))
-            content_type = response.headers.get("content-type", "")
-            if "json" in content_type and "event-stream" not in content_type:
-                try:
-                    obj = json.loads(await response.read())
-                except ValueError as exc:
-                    raise StreamError(f"{url} answered with malformed JSON instead of an"
-                                      " event stream", code="malformed_chunk") from exc
-                for chunk in response_to_chunks(obj, raw=raw):
-                    yield chunk
-                return
-            if content_type.startswith("text/html"):
-                raise ProviderError(
-                    f"{url} answered with an HTML page, not an event stream; check the"
-                    " base URL (the API root, usually ending in /v1)")
-            chunks = self._chunks(response, ResponsesEventParser(raw=raw))
-            async with contextlib.aclosing(chunks):  # closed with the response
-                async for chunk in chunks:
-                    yield chunk
+
+    def _parser(self, *, raw: bool) -> ResponsesEventParser:
+        return ResponsesEventParser(raw=raw)
+
+    def _from_json(self, obj: Any, *, raw: bool) -> list[Chunk]:
+        return response_to_chunks(obj, raw=raw)

@@ -27,17 +27,18 @@ from starlette.routing import Route
 from .._stream import AsyncStream, Result
 from ..config import resolve
 from ..errors import TokenrelayError, UsageError
+from ..events import StreamEvent
 from ..providers.base import Provider
 from ..request import Message, Request, RetryPolicy, Timeouts
 from .config import KeyConfig, ServerConfig
 from .encode import (
     ChunkEncoder,
+    SimpleEncoder,
     completion_body,
     dumps,
     error_body,
     error_from_exc,
     error_status,
-    simple_frames,
 )
 from .metrics import CONTENT_TYPE_LATEST, GatewayMetrics
 from .openapi import openapi_document
@@ -264,28 +265,40 @@ class Gateway:
 
     # -- the streaming path ----------------------------------------------------------
 
-    async def relay(self, stream: AsyncStream, frames: AsyncIterator[bytes], *,
+    async def relay(self, stream: AsyncStream, encode: Callable[[StreamEvent], bytes], *,
                     lease: Lease, key_id: str, endpoint: str, model: str) -> AsyncIterator[bytes]:
-        """Frames of one stream; bookkeeping in ``finally`` (end, error or disconnect)."""
+        """The frames of one stream (``encode`` turns an event into its frames, or ``b""``);
+        bookkeeping in ``finally`` (end, error or disconnect).
+
+        One generator from events to frames, with nothing per frame but ``encode``: every
+        async-generator layer between the provider and the socket costs each relayed
+        chunk a resume.
+        """
         started = time.monotonic()
         gauge = self.metrics.active_streams.labels(model)
         gauge.inc()
         http_status = 200
         try:
-            first = True
-            async for frame in frames:
-                if first:
-                    first = False
-                    result = stream._result
-                    if result is not None and result.error is not None and not stream.text:
-                        # Failed before anything was sent: a real HTTP error status.
-                        http_status = error_status(result.error)
-                        body = dumps(_core_error_body(result.error))
-                        raise EarlyResponse(http_status, body, [
-                            (b"content-type", b"application/json"),
-                            (b"content-length", str(len(body)).encode()),
-                        ] + _retry_after(result.error), frame=frame)
+            events = stream.__aiter__()
+            async for event in events:  # up to the first frame
+                frame = encode(event)
+                if not frame:
+                    continue
+                result = stream._result
+                if result is not None and result.error is not None and not stream.text:
+                    # Failed before anything was sent: a real HTTP error status.
+                    http_status = error_status(result.error)
+                    body = dumps(_core_error_body(result.error))
+                    raise EarlyResponse(http_status, body, [
+                        (b"content-type", b"application/json"),
+                        (b"content-length", str(len(body)).encode()),
+                    ] + _retry_after(result.error), frame=frame)
                 yield frame
+                break
+            async for event in events:
+                frame = encode(event)
+                if frame:
+                    yield frame
         finally:
             gauge.dec()
             await stream.aclose()
@@ -319,13 +332,7 @@ class Gateway:
                                         model=chat.model)
         encoder = ChunkEncoder(chat.model, include_usage=bool(
             chat.stream_options and chat.stream_options.include_usage))
-
-        async def frames() -> AsyncIterator[bytes]:
-            async for event in stream:
-                for frame in encoder.encode(event):
-                    yield frame
-
-        return self.sse(self.relay(stream, frames(), lease=lease, key_id=key.id,
+        return self.sse(self.relay(stream, encoder.encode, lease=lease, key_id=key.id,
                                    endpoint="chat.completions", model=_label(chat.model)))
 
     async def _complete(self, stream: AsyncStream, *, request: HTTPRequest, lease: Lease,
@@ -390,7 +397,7 @@ class Gateway:
         except GatewayHTTPError as exc:
             return self.rejected(exc)
         stream = self.open(core, provider)
-        return self.sse(self.relay(stream, simple_frames(stream.__aiter__()), lease=lease,
+        return self.sse(self.relay(stream, SimpleEncoder().encode, lease=lease,
                                    key_id=key.id, endpoint="chat", model=_label(model)))
 
     async def list_models(self, request: HTTPRequest) -> Response:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
 from ..errors import APIStatusError, TimeoutError, TokenrelayError
@@ -37,11 +36,11 @@ except ImportError:  # pragma: no cover - the [server] extra installs orjson
 
 __all__ = [
     "ChunkEncoder",
+    "SimpleEncoder",
     "completion_body",
     "dumps",
     "error_body",
     "error_status",
-    "simple_frames",
     "tool_call_id",
 ]
 
@@ -129,14 +128,15 @@ class ChunkEncoder:
         choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
         return self.frame(self._head + dumps([choice]) + b"}")
 
-    def encode(self, event: StreamEvent) -> list[bytes]:
-        frames: list[bytes] = []
-        if isinstance(event, TextDelta):
+    def encode(self, event: StreamEvent) -> bytes:
+        """The frames ``event`` completes, joined (``b""`` for none)."""
+        if isinstance(event, TextDelta):  # the hot path: one frame
             if not self._sent_role:
                 self._sent_role = True
-                return [self._chunk({"role": "assistant", "content": event.delta})]
-            frames.append(self._chunk({"content": event.delta}))
-        elif isinstance(event, ToolCallDelta):
+                return self._chunk({"role": "assistant", "content": event.delta})
+            return self._chunk({"content": event.delta})
+        frames: list[bytes] = []
+        if isinstance(event, ToolCallDelta):
             call: dict[str, Any] = {"index": event.index,
                                     "function": {"arguments": event.arguments_delta}}
             if event.index not in self._tool_ids:  # the first piece of this call
@@ -152,7 +152,7 @@ class ChunkEncoder:
             frames.append(self._chunk(delta))
         elif isinstance(event, Done):
             if event.finish_reason in ("error", "cancelled"):
-                return []  # an error frame was sent, or nobody is listening
+                return b""  # an error frame was sent, or nobody is listening
             if not self._sent_role:
                 self._sent_role = True
                 frames.append(self._chunk({"role": "assistant", "content": ""}))
@@ -165,7 +165,7 @@ class ChunkEncoder:
         elif isinstance(event, ErrorEvent):
             # Exactly one error event, then the end: never a silent end, never a fake stop.
             frames.append(self.frame(dumps(error_from_exc(event))))
-        return frames
+        return b"".join(frames)
 
 
 def completion_body(model: str, result: Any) -> dict[str, Any]:
@@ -192,23 +192,29 @@ def completion_body(model: str, result: Any) -> dict[str, Any]:
     }
 
 
-async def simple_frames(events: AsyncIterator[StreamEvent]) -> AsyncIterator[bytes]:
+class SimpleEncoder:
     """The ``/chat`` format: ``event: text`` frames, then ``usage`` / ``done`` or ``error``."""
-    n = 0
-    async for event in events:
+
+    __slots__ = ("_n",)
+
+    def __init__(self) -> None:
+        self._n = 0
+
+    def encode(self, event: StreamEvent) -> bytes:
+        """The frame of ``event`` (``b""`` for none)."""
         if isinstance(event, TextDelta):
             name, data = b"text", dumps({"text": event.delta})
         elif isinstance(event, ErrorEvent):
             name, data = b"error", dumps(error_from_exc(event)["error"])
         elif isinstance(event, Done):
             if event.finish_reason in ("error", "cancelled"):
-                continue
+                return b""
             name, data = b"done", dumps({
                 "finish_reason": event.finish_reason,
                 "usage": event.usage.to_dict(),
                 "metrics": event.metrics.to_dict(),
             })
         else:
-            continue
-        n += 1
-        yield b"id: %d\nevent: %s\ndata: %s\n\n" % (n, name, data)
+            return b""
+        self._n += 1
+        return b"id: %d\nevent: %s\ndata: %s\n\n" % (self._n, name, data)

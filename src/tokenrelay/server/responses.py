@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
 from pydantic import ValidationError
@@ -268,11 +267,5 @@ async def create_response(gateway: Gateway, request: Any) -> Any:
                                        model=req.model, endpoint="responses",
                                        render=encoder.body)
 
-    async def frames() -> AsyncIterator[bytes]:
-        async for event in stream:
-            data = encoder.encode(event)
-            if data:
-                yield data
-
-    return gateway.sse(gateway.relay(stream, frames(), lease=lease, key_id=key.id,
+    return gateway.sse(gateway.relay(stream, encoder.encode, lease=lease, key_id=key.id,
                                      endpoint="responses", model=_label(req.model)))
