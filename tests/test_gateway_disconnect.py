@@ -7,6 +7,7 @@ its limits are released, and nothing (tasks, sockets) is left behind.
 
 from __future__ import annotations
 
+import logging
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -164,7 +165,9 @@ def test_a_burst_of_disconnects_leaves_no_tasks_or_sockets_behind(
 
 
 def test_a_client_that_stops_reading_is_dropped(make_gateway: MakeGateway,
-                                                upstream: MockUpstream) -> None:
+                                                upstream: MockUpstream,
+                                                caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING)
     live = make_gateway(send_timeout=1)
     # A tiny receive window that is never read: the gateway's sends block, and after
     # send_timeout it must give up instead of holding the stream (and its limits).
@@ -180,6 +183,10 @@ def test_a_client_that_stops_reading_is_dropped(make_gateway: MakeGateway,
         # Dropped, not lingering: uvicorn's close() would wait forever for the unread
         # buffer to drain; the server's protocol aborts the connection (server/run.py).
         assert poll(lambda: live.connections() == 0, 3), "the connection lingers"
+        # One warning line, not uvicorn's "Exception in ASGI application" traceback.
+        dropped = [r for r in caplog.records if "read nothing for 1s" in r.getMessage()]
+        assert len(dropped) == 1 and dropped[0].name == "tokenrelay.server"
+        assert not [r for r in caplog.records if r.exc_info], caplog.text
     finally:
         sock.close()
 

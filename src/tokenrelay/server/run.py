@@ -36,6 +36,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from ..errors import ConfigurationError
 from .config import ServerConfig
+from .sse import SendTimeout
 
 __all__ = [
     "HeaderTimeoutProtocol",
@@ -129,6 +130,22 @@ class HeaderTimeoutProtocol(HttpToolsProtocol):
             self.transport.close()
 
 
+class _DroppedClients(logging.Filter):
+    """uvicorn logs an exception raised by the app with its traceback ("Exception in ASGI
+    application"); a client dropped because it stopped reading is expected behaviour, so
+    it becomes one warning line of ours instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, SendTimeout):
+            log.warning("%s", exc)
+            return False
+        return True
+
+
+_DROPPED_CLIENTS = _DroppedClients()
+
+
 def header_timeout_protocol(seconds: float, write_timeout: float | None = None,
                             ) -> type[HeaderTimeoutProtocol]:
     """The protocol class with its deadlines set (uvicorn takes a class, not options)."""
@@ -153,7 +170,7 @@ def uvicorn_config(config: ServerConfig, app: Any = None, *,
         from .app import create_app
 
         app = create_app(config)
-    return uvicorn.Config(
+    uv = uvicorn.Config(
         app,
         host=config.host,
         port=config.port,
@@ -173,6 +190,10 @@ def uvicorn_config(config: ServerConfig, app: Any = None, *,
         log_level="warning",
         log_config=log_config,
     )
+    # After Config, which (re)configures uvicorn's loggers; one filter for any number of
+    # servers in the process.
+    logging.getLogger("uvicorn.error").addFilter(_DROPPED_CLIENTS)
+    return uv
 
 
 def build_server(config: ServerConfig, app: Any = None, *,

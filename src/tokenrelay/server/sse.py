@@ -23,7 +23,7 @@ from typing import Any
 
 from .._timer import LazyTimer, TaskDeadline
 
-__all__ = ["SSE_HEADERS", "EarlyResponse", "SSEResponse"]
+__all__ = ["SSE_HEADERS", "EarlyResponse", "SSEResponse", "SendTimeout"]
 
 SSE_HEADERS: list[tuple[bytes, bytes]] = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
@@ -33,6 +33,10 @@ SSE_HEADERS: list[tuple[bytes, bytes]] = [
 ]
 
 _END = object()
+
+
+class SendTimeout(ConnectionAbortedError):
+    """A client stopped reading for longer than the send timeout: its stream is dropped."""
 
 
 class EarlyResponse(Exception):
@@ -116,8 +120,10 @@ class SSEResponse:
             if self.on_close is not None:
                 await self.on_close(reason)
         if reason == "send_timeout":
-            # Raising after the response started makes the server close the connection.
-            raise ConnectionAbortedError("SSE client stopped reading (send timeout)")
+            # Raising after the response started makes the server close the connection
+            # (server/run.py logs it as one warning line, not uvicorn's traceback).
+            raise SendTimeout(f"dropped a client that read nothing for {self.send_timeout:g}s"
+                              " (send timeout)")
 
     async def _watch_disconnect(self, receive: Any, state: _State) -> None:
         while True:
