@@ -23,8 +23,8 @@ Parts (``--parts relay,paced,profile,idle``, in this order):
   kernel share, and how long the gateway waited for a CPU (other load on the machine);
 * profile: py-spy samples of tokenrelay at c=1 and c=64 grouped by component
   (``$PY_SPY`` or /tmp/pyspy-venv/bin/py-spy), then single stages timed alone, and the
-  CPU cost of reading the same upstream streams with httpx, httpx2 and aiohttp
-  (aiohttp from ``$AIOHTTP_PATH``, default /tmp/aiohttp-lib: ``pip install --target``);
+  CPU cost of reading the same upstream streams with httpx, httpx2 (if installed) and
+  aiohttp;
 * idle, last: RSS with 1,000 streams open, all waiting on a 60 s first token, how many
   of them reached the upstream (a connection-pool cap shows here) and whether the
   gateway still answers its health check;
@@ -672,14 +672,12 @@ def client_costs(upstream: Proc, workdir: Path) -> dict[str, float | str]:
     script.write_text(MICRO)
     url = upstream.url + "/chat/completions"
     out: dict[str, float | str] = {}
-    aiohttp_path = os.environ.get("AIOHTTP_PATH", "/tmp/aiohttp-lib")
     names = {"httpx": "httpx 0.28, one shared pool (OpenAIProvider until 2026-12-02)",
              "httpx-per-conn": "httpx 0.28, a client per connection",
              "httpx2": "httpx2 (pydantic fork, linear pool), shared pool",
              "aiohttp": "aiohttp, shared connector (OpenAIProvider now)"}
     for kind, label in names.items():
-        extra = aiohttp_path if kind == "aiohttp" else ""
-        done = subprocess.run([sys.executable, str(script), url, kind, extra],
+        done = subprocess.run([sys.executable, str(script), url, kind, ""],
                               capture_output=True, text=True, timeout=180, check=False)
         key = f"upstream read: {label} (client CPU µs per SSE frame, c=64)"
         if done.returncode == 0:

@@ -137,45 +137,42 @@ class SSEResponse:
     async def _stream(self, state: _State) -> None:
         send = state.send
         source = self.source.__aiter__()
-        # The first frame is awaited in a task of its own, so that the wait can time out
-        # (headers go out, then heartbeats) without cancelling the source.
-        first_task = asyncio.ensure_future(source.__anext__())
-        try:
-            first: Any = None
-            if self.wait_first > 0:
-                await asyncio.wait({first_task}, timeout=self.wait_first)
-            if first_task.done():
-                try:
-                    first = first_task.result()
-                except StopAsyncIteration:
-                    first = _END
-                except EarlyResponse as early:
-                    await send({"type": "http.response.start", "status": early.status,
-                                "headers": early.headers})
-                    await send({"type": "http.response.body", "body": early.body,
-                                "more_body": False})
-                    return
+        # This task awaits the first frame itself. If it is slow, a timer opens the
+        # stream meanwhile (headers, ": stream open", then heartbeats) from a task of its
+        # own; until then a failure keeps its real HTTP status (EarlyResponse). No task
+        # or asyncio.wait per request: both sat on the path to the first token.
+        if self.wait_first > 0:
+            state.open_after(self.wait_first, self.headers)
+        else:
+            state.opened = True
             await send({"type": "http.response.start", "status": 200, "headers": self.headers})
-            if first is None:
-                # Flush the headers at once so clients and proxies see the stream start.
-                await state.write(b": stream open\n\n", self.send_timeout)
-                while not first_task.done():
-                    await asyncio.wait({first_task}, timeout=self.heartbeat)
-                    if not first_task.done():
-                        await state.write(b": ping\n\n", self.send_timeout)
-                try:
-                    first = first_task.result()
-                except StopAsyncIteration:
-                    first = _END
-                except EarlyResponse as item:
-                    # Too late for a status (heartbeats started): send its error frame.
-                    first = _END
-                    if item.frame:
-                        await state.write(item.frame, self.send_timeout)
-        finally:
-            if not first_task.done():
-                first_task.cancel()
-                await asyncio.gather(first_task, return_exceptions=True)
+            await state.write(b": stream open\n\n", self.send_timeout)
+            state.heartbeats()
+        first: Any
+        try:
+            first = await source.__anext__()
+        except StopAsyncIteration:
+            first = _END
+        except EarlyResponse as early:
+            if not state.opened:
+                state.opened = True
+                state.cancel_open()
+                await send({"type": "http.response.start", "status": early.status,
+                            "headers": early.headers})
+                await send({"type": "http.response.body", "body": early.body,
+                            "more_body": False})
+                return
+            # Too late for a status (the stream is open): send its error frame.
+            await state.wait_open()
+            first = _END
+            if early.frame:
+                await state.write(early.frame, self.send_timeout)
+        if not state.opened:
+            state.opened = True
+            state.cancel_open()
+            await send({"type": "http.response.start", "status": 200, "headers": self.headers})
+        else:
+            await state.wait_open()
         if first is not _END:
             await state.write(first, self.send_timeout)
             # The hot loop: one frame, one send, in this task; the timers are lazy
@@ -194,8 +191,9 @@ class SSEResponse:
 class _State:
     """One response's shared state: disconnect flag, send deadline, heartbeat timer."""
 
-    __slots__ = ("_ping", "done", "gone", "heartbeat", "heartbeat_timer", "loop",
-                 "send", "send_deadline", "sending", "task")
+    __slots__ = ("_open_timer", "_opening", "_ping", "done", "gone", "heartbeat",
+                 "heartbeat_timer", "loop", "opened", "send", "send_deadline", "sending",
+                 "task")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, task: asyncio.Task[Any], send: Any,
                  heartbeat: float) -> None:
@@ -209,6 +207,38 @@ class _State:
         self.send_deadline = TaskDeadline(loop)
         self.heartbeat_timer: LazyTimer | None = None
         self._ping: asyncio.Task[None] | None = None
+        #: The status line went out (or is going out: ``_opening``).
+        self.opened = False
+        self._open_timer: LazyTimer | None = None
+        self._opening: asyncio.Task[None] | None = None
+
+    def open_after(self, seconds: float, headers: list[tuple[bytes, bytes]]) -> None:
+        """Open the stream (200, headers, a comment) if no frame came within ``seconds``."""
+
+        def open_now() -> None:
+            if self.opened or self.done or self.gone:
+                return
+            self.opened = True  # decided here, synchronously: the stream's task sees it
+            self._opening = asyncio.ensure_future(self._open(headers))
+
+        self._open_timer = LazyTimer(open_now, self.loop)
+        self._open_timer.arm(self.loop.time() + seconds)
+
+    def cancel_open(self) -> None:
+        if self._open_timer is not None:
+            self._open_timer.close()
+
+    async def wait_open(self) -> None:
+        """Wait until the opening task has sent the headers (it may still be sending)."""
+        if self._opening is not None:
+            await self._opening
+
+    async def _open(self, headers: list[tuple[bytes, bytes]]) -> None:
+        # Plain sends, no deadline: the stream's own writes carry the send timeout.
+        await self.send({"type": "http.response.start", "status": 200, "headers": headers})
+        await self.send({"type": "http.response.body", "body": b": stream open\n\n",
+                         "more_body": True})
+        self.heartbeats()
 
     async def write(self, body: bytes, timeout: float) -> None:
         now = self.loop.time()
@@ -224,8 +254,9 @@ class _State:
 
     def heartbeats(self) -> None:
         """From now on, send a ``: ping`` whenever no frame went out for ``heartbeat`` s."""
-        self.heartbeat_timer = LazyTimer(self._on_quiet, self.loop)
-        self.heartbeat_timer.arm(self.loop.time() + self.heartbeat)
+        if self.heartbeat_timer is None:
+            self.heartbeat_timer = LazyTimer(self._on_quiet, self.loop)
+            self.heartbeat_timer.arm(self.loop.time() + self.heartbeat)
 
     def _on_quiet(self) -> None:
         if self.done or self.gone:
@@ -257,7 +288,9 @@ class _State:
     def close(self) -> None:
         self.done = True
         self.send_deadline.close()
+        self.cancel_open()
         if self.heartbeat_timer is not None:
             self.heartbeat_timer.close()
-        if self._ping is not None and not self._ping.done():
-            self._ping.cancel()
+        for task in (self._ping, self._opening):
+            if task is not None and not task.done():
+                task.cancel()
