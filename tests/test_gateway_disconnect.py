@@ -37,6 +37,7 @@ SPECS = {
     "flood": "tokens=1000000;tps=5000",
     "quick": "tokens=3",
     "midstall": "tokens=50;fault=stall;after=2",
+    "lateerror": "tokens=5;delay=1;fault=error;after=0",
 }
 #: How soon the upstream must see a client's disconnect.
 ABORT_WITHIN = 0.5
@@ -205,6 +206,22 @@ def test_heartbeats_are_sent_while_the_upstream_stalls_mid_stream(
     assert b"[DONE]" not in body
     # The client left during the stall: the upstream request is aborted.
     assert poll(lambda: live.active() == 0, 3)
+
+
+def test_a_failure_after_the_stream_opened_is_one_error_frame(make_gateway: MakeGateway) -> None:
+    # The first token is slow (1 s): the gateway opens the stream after wait_first (0.3 s)
+    # with a 200 and pings; the upstream then fails before any token. Too late for an
+    # HTTP status: one error frame, then the end, never [DONE] or a made-up stop.
+    live = make_gateway(heartbeat=0.3)
+    with open_stream(live.port, chat_body("lateerror")) as sock:
+        raw = recv_all(sock)
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")
+    assert b": stream open" in body and b": ping" in body
+    assert body.count(b"data: ") == 1
+    error = body[body.index(b"data: "):]
+    assert b'"error"' in error and b"[DONE]" not in body and b'"finish_reason"' not in body
+    assert body.index(b": stream open") < body.index(b"data: ")
 
 
 def test_heartbeats_are_sent_before_the_first_token(make_gateway: MakeGateway) -> None:
