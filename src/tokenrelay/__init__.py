@@ -8,7 +8,8 @@
 
 from . import errors, events, providers, structured, tools
 from ._api import abatch, acomplete, astream, batch, complete, stream
-from ._stream import AsyncStream, Result, Stream, ToolCall
+from ._stream import AsyncStream, Result, ToolCall
+from ._sync_stream import Stream
 from .errors import (
     APIStatusError,
     AuthenticationError,

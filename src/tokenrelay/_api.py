@@ -8,7 +8,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from . import _portal
-from ._stream import AsyncStream, Result, Stream
+from ._stream import AsyncStream, Result
+from ._sync_stream import Stream
 from .config import Settings, resolve
 from .errors import TokenrelayError, UsageError
 from .events import StreamEvent, TextDelta

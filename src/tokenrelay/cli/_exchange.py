@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 from .. import stream as open_stream
-from .._stream import Result, Stream
+from .._stream import Result
+from .._sync_stream import Stream
 from ..events import StreamEvent, TextDelta
 from ..log import ExchangeLog, default_log_path
 from ..request import Message

@@ -5,10 +5,10 @@ format is parsed by the pure :class:`~tokenrelay._openai_wire.ChatChunkParser` a
 module is the thin I/O shell around it: one POST, errors translated once, the response
 closed when the consumer stops.
 
-The HTTP client is aiohttp: on this project's gateway benchmark it reads a relayed stream
-for ~17 µs of CPU per frame, against 41 µs (httpx, one client per connection) to 170 µs
-(httpx with one shared pool, whose bookkeeping grows with its connections), and its
-connector queues requests beyond ``max_connections`` in O(1) (bench/README.md).
+The HTTP client is aiohttp: on this project's gateway benchmark it reads 64 relayed
+streams for 6.4 µs of CPU per frame, against 13 µs (httpx, one client per connection) to
+92 µs (httpx with one shared pool, whose bookkeeping grows with its connections), and its
+connector queues requests beyond ``max_connections`` in O(1) (bench/README.md, 2026-12-02).
 
 One provider object is cached and shared by every caller, and callers come from
 different event loops (the sync API's background loop, each ``asyncio.run``, the
@@ -18,15 +18,11 @@ them, so the provider keeps one session per running loop (:class:`LoopSessions`)
 
 from __future__ import annotations
 
-import asyncio
-import atexit
 import builtins
 import contextlib
 import email.utils
 import json
-import threading
 import time
-import weakref
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
@@ -45,9 +41,10 @@ from ..errors import (
     status_error,
 )
 from ..request import Message, Request, ToolSpec
+from ._sessions import LoopSessions
 from .base import Chunk, ModelInfo, Provider
 
-__all__ = ["LoopSessions", "OpenAIProvider"]
+__all__ = ["OpenAIProvider"]
 
 #: Error bodies are read up to this size: they are for a message, not for data.
 _MAX_ERROR_BODY = 64 * 1024
@@ -83,89 +80,6 @@ def checked_base_url(base_url: str) -> str:
     if not host:
         raise UsageError(f"invalid base URL {base_url!r}: it names no host")
     return url
-
-
-class LoopSessions:
-    """One ``aiohttp.ClientSession`` per event loop, made by ``factory`` on first use.
-
-    A session holds its loop, so a mapping keyed weakly by loop would keep every loop
-    alive; instead the sessions of loops that have closed (each ``asyncio.run``) are
-    dropped when the next session is made, and the rest at interpreter exit.
-    """
-
-    def __init__(self, factory: Any) -> None:
-        self._factory = factory
-        self._sessions: dict[asyncio.AbstractEventLoop, aiohttp.ClientSession] = {}
-        self._lock = threading.Lock()
-        _ALL_SESSIONS.add(self)
-        # A provider dropped with sessions still open (a test's, a script's): close them
-        # quietly instead of aiohttp's "Unclosed client session" report at collection.
-        weakref.finalize(self, _drop_each, self._sessions)
-
-    def get(self) -> aiohttp.ClientSession:
-        loop = asyncio.get_running_loop()
-        session = self._sessions.get(loop)
-        if session is None or session.closed:
-            with self._lock:
-                for other in [lp for lp in self._sessions if lp.is_closed()]:
-                    _drop(self._sessions.pop(other))
-                session = self._sessions[loop] = self._factory()
-        return session
-
-    async def aclose(self) -> None:
-        """Close the running loop's session; other loops' sessions are left to them."""
-        with self._lock:
-            session = self._sessions.pop(asyncio.get_running_loop(), None)
-        if session is not None:
-            await session.close()
-
-    def _drop_all(self) -> None:
-        with self._lock:
-            sessions = dict(self._sessions)
-            self._sessions.clear()
-        for loop, session in sessions.items():
-            if loop.is_closed() or not loop.is_running():
-                _drop(session)
-                continue
-            done = threading.Event()
-
-            def close(session: aiohttp.ClientSession = session,
-                      done: threading.Event = done) -> None:
-                _drop(session)
-                done.set()
-
-            try:
-                loop.call_soon_threadsafe(close)
-            except RuntimeError:  # closed meanwhile
-                continue
-            done.wait(0.5)
-
-
-_ALL_SESSIONS: weakref.WeakSet[LoopSessions] = weakref.WeakSet()
-
-
-def _drop_each(sessions: dict[asyncio.AbstractEventLoop, aiohttp.ClientSession]) -> None:
-    for session in list(sessions.values()):
-        _drop(session)
-
-
-def _drop(session: aiohttp.ClientSession) -> None:
-    """Close a session without awaiting (its loop is closed or about to stop).
-
-    aiohttp only offers an async close; ``_close()`` is the synchronous part of it
-    (closing the transports), and marks the connector closed so that neither object
-    reports itself "unclosed" when collected.
-    """
-    connector = session.connector
-    session.detach()
-    if connector is not None and not connector.closed:
-        connector._close()
-
-
-@atexit.register
-def _close_sessions_at_exit() -> None:
-    for sessions in list(_ALL_SESSIONS):
-        sessions._drop_all()
 
 
 class OpenAIProvider(Provider):
