@@ -7,7 +7,8 @@
 
 Every process is separate: one mock upstream (``tokenrelay mock-upstream``), the gateway
 (``tokenrelay serve``), the floor (``bench/minimal_relay.py``: the same stack with nothing
-but parsing and re-serialising each frame), the LiteLLM proxy (from its own venv, default /tmp/litellm-venv,
+but parsing and re-serialising each frame) and the bare floor (the same without Starlette:
+a bare ASGI callable), the LiteLLM proxy (from its own venv, default /tmp/litellm-venv,
 ``$LITELLM_BIN``; missing → that column is skipped with the reason), and this script as
 the load generator (``tokenrelay.bench.abench``: vLLM's TTFT/ITL definitions). Both
 gateways require an API key, as deployed ones do (LiteLLM refuses to start without one).
@@ -287,12 +288,13 @@ def tokenrelay_proc(workdir: Path, upstream: Proc, *, name: str = "tokenrelay",
     return Proc(name, argv, port, "/healthz", env=env, api_key=KEY)
 
 
-def floor_proc(upstream: Proc) -> Proc:
-    """bench/minimal_relay.py: the stack alone, parsing and re-serialising each frame."""
+def floor_proc(upstream: Proc, *, raw: bool = False) -> Proc:
+    """bench/minimal_relay.py: the stack alone, parsing and re-serialising each frame
+    (``raw``: without Starlette either, a bare ASGI callable under uvicorn)."""
     port = free_port()
     argv = [sys.executable, str(ROOT / "bench" / "minimal_relay.py"), "--port", str(port),
-            "--upstream", upstream.url]
-    return Proc("floor", argv, port, "/healthz")
+            "--upstream", upstream.url] + (["--raw"] if raw else [])
+    return Proc("bare" if raw else "floor", argv, port, "/healthz")
 
 
 def litellm_proc(workdir: Path, upstream: Proc) -> Proc | str:
@@ -701,7 +703,7 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None or b <= 0 else a / b
 
 
-PATHS = ("direct", "floor", "tokenrelay", "before", "litellm")
+PATHS = ("direct", "bare", "floor", "tokenrelay", "before", "litellm")
 
 
 def report_runs(runs: list[Run], levels: list[tuple[int, int]],
@@ -865,9 +867,12 @@ async def main(args: argparse.Namespace) -> None:
             ("direct", upstream.url, FAST, PACED, None),
             ("tokenrelay", gateway.url, "fast", "paced", gateway)]
         floor = floor_proc(upstream)
-        procs.append(floor)
-        floor.start(workdir)
-        targets.insert(1, ("floor", floor.url, FAST, PACED, floor))
+        bare = floor_proc(upstream, raw=True)
+        for proc in (floor, bare):
+            procs.append(proc)
+            proc.start(workdir)
+        targets[1:1] = [("bare", bare.url, FAST, PACED, bare),
+                        ("floor", floor.url, FAST, PACED, floor)]
         if args.baseline:
             before = tokenrelay_proc(workdir, upstream, name="before",
                                      baseline=Path(args.baseline).resolve())

@@ -63,10 +63,59 @@ def create_app(upstream: str) -> Starlette:
                              Route("/healthz", health)])
 
 
+def create_raw_app(upstream: str) -> object:
+    """The same relay as a bare ASGI callable: no Starlette (no routing, no middleware,
+    no send wrappers), uvicorn calling it directly. The floor below the floor."""
+    session: aiohttp.ClientSession | None = None
+    headers = [(b"content-type", b"text/event-stream")]
+
+    async def app(scope: dict, receive: object, send: object) -> None:  # type: ignore[type-arg]
+        nonlocal session
+        if scope["type"] != "http":
+            return
+        if scope["path"] == "/healthz":
+            await send({"type": "http.response.start", "status": 200,  # type: ignore[operator]
+                        "headers": [(b"content-type", b"application/json")]})
+            await send({"type": "http.response.body", "body": b'{"status": "ok"}'})  # type: ignore[operator]
+            return
+        if session is None:
+            session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=4096))
+        body = b""
+        while True:
+            message = await receive()  # type: ignore[operator]
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        response = await session.post(f"{upstream}/chat/completions", data=body,
+                                      headers={"content-type": "application/json"})
+        await send({"type": "http.response.start", "status": 200, "headers": headers})  # type: ignore[operator]
+        buffer = b""
+        content = response.content
+        while True:
+            data = await content.readany()
+            if not data:
+                break
+            buffer += data
+            while b"\n\n" in buffer:
+                frame, buffer = buffer.split(b"\n\n", 1)
+                if not frame.startswith(b"data: "):
+                    continue
+                payload = frame[6:]
+                out = (b"data: [DONE]\n\n" if payload == b"[DONE]" else
+                       b"data: " + orjson.dumps(orjson.loads(payload)) + b"\n\n")
+                await send({"type": "http.response.body", "body": out, "more_body": True})  # type: ignore[operator]
+        response.release()
+        await send({"type": "http.response.body", "body": b""})  # type: ignore[operator]
+
+    return app
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--upstream", required=True, help="the upstream API root (…/v1)")
+    parser.add_argument("--raw", action="store_true", help="a bare ASGI app, no Starlette")
     args = parser.parse_args()
-    uvicorn.run(create_app(args.upstream), host="127.0.0.1", port=args.port, loop="uvloop",
+    app = create_raw_app(args.upstream) if args.raw else create_app(args.upstream)
+    uvicorn.run(app, host="127.0.0.1", port=args.port, loop="uvloop",  # type: ignore[arg-type]
                 http="httptools", log_level="warning", access_log=False, backlog=4096)

@@ -170,6 +170,28 @@ def test_mid_stream_error_without_streaming_is_a_502(
     assert len(upstream.chat_requests()) == 1
 
 
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/chat"])
+def test_a_bug_in_an_endpoint_is_a_500_and_the_gateway_goes_on(
+        client: httpx.Client, live: LiveGateway, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture, path: str) -> None:
+    # The streaming POSTs skip Starlette's middleware stack (server/app.py, GatewayApp):
+    # an unexpected exception must still be a 500, logged, with nothing leaked.
+    def broken(model: str) -> Any:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(live.gateway, "lookup", broken)
+    body = ({"model": "ok", "prompt": "hi"} if path == "/chat"
+            else chat_body("ok"))
+    response = client.post(path, json=body)
+    assert response.status_code == 500
+    assert "a bug" not in response.text
+    assert any("a bug" in r.getMessage() or (r.exc_info and "a bug" in str(r.exc_info[1]))
+               for r in caplog.records)
+    monkeypatch.undo()
+    response, payloads = post_stream(client, "ok")
+    assert response.status_code == 200 and payloads[-1] == "[DONE]"
+
+
 def test_a_healthy_route_after_the_faults(client: httpx.Client) -> None:
     response, payloads = post_stream(client, "ok")
     assert response.status_code == 200 and texts(payloads) == token_text(4)
