@@ -107,6 +107,51 @@ def test_parser_error_frame_alone_raises_at_once() -> None:
         ChatChunkParser().feed(b'event: error\ndata: {"message": "bad"}\n\n')
 
 
+ROLE = b'data: {"choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}\n\n'
+
+
+@pytest.mark.parametrize("name", ["openai_text_usage", "openai_tool_calls", "openai_error_frame"])
+def test_parser_one_frame_per_read_equals_the_general_path(name: str) -> None:
+    # A read that is exactly one plain data frame takes a shortcut (_sse.plain_data): it
+    # must give the same chunks and the same error as the general path.
+    data = fixture(name)
+    frames = [f + b"\n\n" for f in data.split(b"\n\n") if f.strip()]
+    assert len(frames) > 3
+
+    def run(reads: list[bytes]) -> tuple[list[Chunk], str | None]:
+        parser, chunks = ChatChunkParser(raw=True), []
+        try:
+            for read in reads:
+                chunks += parser.feed(read)
+            parser.end()
+        except tokenrelay.StreamError as exc:
+            return chunks, exc.code
+        return chunks, None
+
+    assert run(frames) == run([data]) == run([data[i:i + 5] for i in range(0, len(data), 5)])
+
+
+@pytest.mark.parametrize(("frame", "code"), [
+    (b'data: {"error": {"message": "boom", "code": "overloaded"}}\n\n', "overloaded"),
+    (b"data: {nope\n\n", "malformed_chunk"),
+    (b"data: [1, 2]\n\n", "malformed_chunk"),
+    (b'data: {"choices": 3}\n\n', "malformed_chunk"),
+])
+def test_parser_errors_in_a_frame_of_its_own(frame: bytes, code: str) -> None:
+    parser = ChatChunkParser()
+    parser.feed(ROLE)
+    with pytest.raises(tokenrelay.StreamError) as info:
+        parser.feed(frame)
+    assert info.value.code == code
+
+
+def test_parser_invalid_utf8_in_a_frame_of_its_own_is_replaced() -> None:
+    parser = ChatChunkParser()
+    parser.feed(ROLE)
+    (chunk,) = parser.feed(b'data: {"choices":[{"index":0,"delta":{"content":"a\xffb"}}]}\n\n')
+    assert chunk.text == "a\ufffdb"
+
+
 def test_parser_malformed_and_non_object_chunks() -> None:
     for body in (b"data: {nope\n\n", b"data: [1, 2]\n\n"):
         with pytest.raises(tokenrelay.StreamError) as info:

@@ -69,7 +69,7 @@ async def test_a_cancellation_arriving_with_the_deadline_stands() -> None:
     never: asyncio.Future[object] = loop.create_future()
     task = asyncio.ensure_future(_guarded(deadline, loop.time() + 0.05, never))
     await asyncio.sleep(0.045)
-    loop.call_at(deadline._timer.when or 0, task.cancel)  # at the very moment it expires
+    loop.call_at(deadline.when or 0, task.cancel)  # at the very moment it expires
     with pytest.raises(asyncio.CancelledError):
         await task
     deadline.close()

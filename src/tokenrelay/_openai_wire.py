@@ -93,6 +93,21 @@ class ChatChunkParser:
         """Parse one network read; return the chunks it completed."""
         if self._error is not None:
             raise self._error
+        plain = None if self.done else self._sse.plain_data(data)
+        if plain is not None:
+            # The common read: one plain data frame. Anything unusual about it (not JSON,
+            # not UTF-8, an error object, an odd shape) goes the general way below, which
+            # has the same decoder state and says what is wrong.
+            if plain == b"[DONE]":
+                self.done = True
+                return []
+            try:
+                obj = _loads(plain)
+                if type(obj) is dict and not obj.get("error"):
+                    chunk = self._chunk(obj)
+                    return [] if chunk is None else [chunk]
+            except (ValueError, AttributeError, TypeError, KeyError, IndexError):
+                pass
         chunks: list[Chunk] = []
         for payload, event, _, _ in self._sse.feed(data):
             if self.done:

@@ -127,6 +127,29 @@ class SSEDecoder:
             self._partial.append(tail)
         return self._lines(lines)
 
+    def plain_data(self, chunk: bytes) -> bytes | None:
+        """The payload, as bytes, when ``chunk`` is exactly one ``data: X\\n\\n`` frame and
+        nothing is pending; else ``None`` and nothing changes (use :meth:`feed`).
+
+        Most reads of a token stream are one such frame: this skips UTF-8 decoding and
+        line splitting for them (a JSON parser takes the bytes as they are).
+        """
+        if (
+            self._started
+            and not self._pending_cr
+            and not self._partial
+            and not self._data
+            and not self._event
+            and self._retry is None
+            and chunk.startswith(b"data: ")
+            and chunk.find(b"\n") == len(chunk) - 2
+            and chunk.endswith(b"\n\n")
+            and b"\r" not in chunk
+            and not self._decoder.getstate()[0]
+        ):
+            return chunk[6:-2]
+        return None
+
     def _lines(self, lines: list[str]) -> list[ServerSentEvent]:
         events: list[ServerSentEvent] = []
         data = self._data

@@ -125,6 +125,7 @@ class _Accumulator:
     __slots__ = (
         "_arguments",
         "_keep_raw",
+        "_plain",
         "buffer",
         "chunk_count",
         "finish_reason",
@@ -139,6 +140,8 @@ class _Accumulator:
     )
 
     def __init__(self, *, keep_raw: bool, structured: StructuredPartials | None = None) -> None:
+        #: Neither raw chunks nor structured partials to make: text chunks take a shortcut.
+        self._plain = not keep_raw and structured is None
         self.buffer = TextBuffer()
         #: With response_format: the partial-JSON state of the answer, and its result.
         self.structured = structured
@@ -163,6 +166,16 @@ class _Accumulator:
         return self.buffer.text()
 
     def feed(self, chunk: Chunk, now: float) -> list[StreamEvent]:
+        text = chunk.text
+        if (text and self._plain and chunk.tool_calls is None and chunk.usage is None
+                and chunk.finish_reason is None):
+            # Almost every chunk: text and nothing else, no raw chunks or structured output.
+            self.chunk_count += 1
+            if self.first_token_at is None:
+                self.first_token_at = now
+            self.last_token_at = now
+            self.token_times.append(now)
+            return [TextDelta(text, self.buffer, self.buffer.append(text))]
         events: list[StreamEvent] = []
         if self._keep_raw and chunk.raw is not None:
             self.raw_chunks.append(chunk.raw)  # type: ignore[union-attr]
@@ -351,14 +364,6 @@ class AsyncStream:
         if upstream is not None:
             await upstream.aclose()
 
-    def _deadline(self, loop_now: float, total_deadline: float | None) -> tuple[float | None, str]:
-        per = self.timeouts.idle if self._acc.started else self.timeouts.first_token
-        kind = "idle" if self._acc.started else "first_token"
-        deadline = None if per is None else loop_now + per
-        if total_deadline is not None and (deadline is None or total_deadline <= deadline):
-            return total_deadline, "total"
-        return deadline, kind
-
     async def _run(self) -> AsyncIterator[StreamEvent]:
         loop = asyncio.get_running_loop()
         total_deadline = (
@@ -371,9 +376,19 @@ class AsyncStream:
             while True:
                 self._upstream = self.provider.stream(self.request, raw=self.raw).__aiter__()
                 next_chunk = self._upstream.__anext__
+                first_token, idle = self.timeouts.first_token, self.timeouts.idle
                 try:
                     while True:
-                        deadline, kind = self._deadline(loop.time(), total_deadline)
+                        # The deadline of this wait (inline: it runs once per chunk).
+                        if acc.first_token_at is None:
+                            per, kind = first_token, "first_token"
+                        else:
+                            per, kind = idle, "idle"
+                        deadline = None if per is None else loop.time() + per
+                        if total_deadline is not None and (
+                            deadline is None or total_deadline <= deadline
+                        ):
+                            deadline, kind = total_deadline, "total"
                         # One lazily re-armed timer per stream (_timer.py): an
                         # asyncio.timeout_at per chunk cost ~10 µs, a third of the
                         # gateway's own work per relayed chunk.

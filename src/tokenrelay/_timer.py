@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from typing import Any
 
 __all__ = ["LazyTimer", "TaskDeadline"]
 
@@ -74,10 +75,13 @@ class LazyTimer:
             self._handle_when = when
             return
         self.when = None
+        self._expire()
+
+    def _expire(self) -> None:
         self._callback()
 
 
-class TaskDeadline:
+class TaskDeadline(LazyTimer):
     """``asyncio.timeout_at`` for a hot loop: arm, await, disarm, without a timer each time.
 
     Usage (the await must directly follow ``arm``, and nothing else may be awaited while
@@ -98,24 +102,31 @@ class TaskDeadline:
     task as well, in which case the cancellation stands.
     """
 
-    __slots__ = ("_cancelling", "_fired", "_task", "_timer")
+    __slots__ = ("_cancelling", "_fired", "_fixed", "_task")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
-        self._timer = LazyTimer(self._expire, loop)
-        self._task: asyncio.Task[object] | None = None
+    def __init__(self, loop: asyncio.AbstractEventLoop | None = None,
+                 task: asyncio.Task[Any] | None = None) -> None:
+        """``task``: the one task that will ever arm it (else the current one, each time)."""
+        super().__init__(_nothing, loop)
+        self._fixed = task
+        self._task: asyncio.Task[Any] | None = task
         self._fired = False
         self._cancelling = 0
 
     def arm(self, when: float) -> None:
-        self._task = asyncio.current_task()
-        self._timer.arm(when)
-
-    def disarm(self) -> None:
-        self._timer.when = None
+        if self._fixed is None:
+            self._task = asyncio.current_task()
+        # LazyTimer.arm, inline: this runs for every chunk.
+        self.when = when
+        if self._handle is None or when < self._handle_when:
+            if self._handle is not None:
+                self._handle.cancel()
+            self._handle = self._loop.call_at(when, self._fire)
+            self._handle_when = when
 
     def close(self) -> None:
-        self._timer.close()
-        self._task = None
+        super().close()
+        self._task = self._fixed = None
 
     def expired(self) -> bool:
         """After a CancelledError: whether it was this deadline's (then absorbed)."""

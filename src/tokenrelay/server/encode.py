@@ -99,6 +99,9 @@ def error_from_exc(exc: TokenrelayError | ErrorEvent) -> dict[str, Any]:
     return error_body(client_message(code, exc.message), type=kind, code=code)
 
 
+_TEXT_TAIL = b'"logprobs":null,"finish_reason":null}]}'
+
+
 class ChunkEncoder:
     """Builds ``chat.completion.chunk`` SSE frames for one response."""
 
@@ -124,6 +127,13 @@ class ChunkEncoder:
         self._event_id += 1
         return b"id: %d\ndata: %s\n\n" % (self._event_id, payload)
 
+    def _text(self, text: str) -> bytes:
+        # The hot path (a text delta after the first): the choice around the text is
+        # constant, so only the text is serialised.
+        self._event_id += 1
+        return b"id: %d\ndata: %s[{\"index\":0,\"delta\":{\"content\":%s},%s\n\n" % (
+            self._event_id, self._head, dumps(text), _TEXT_TAIL)
+
     def _chunk(self, delta: dict[str, Any], finish_reason: str | None = None) -> bytes:
         choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
         return self.frame(self._head + dumps([choice]) + b"}")
@@ -134,7 +144,7 @@ class ChunkEncoder:
             if not self._sent_role:
                 self._sent_role = True
                 return self._chunk({"role": "assistant", "content": event.delta})
-            return self._chunk({"content": event.delta})
+            return self._text(event.delta)
         frames: list[bytes] = []
         if isinstance(event, ToolCallDelta):
             call: dict[str, Any] = {"index": event.index,

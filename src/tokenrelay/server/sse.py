@@ -175,12 +175,24 @@ class SSEResponse:
             await state.wait_open()
         if first is not _END:
             await state.write(first, self.send_timeout)
-            # The hot loop: one frame, one send, in this task; the timers are lazy
-            # (_timer.py), so a frame costs no timer operation.
             state.heartbeats()
+            # The hot loop: one frame, one send, in this task. State.write inline (no
+            # coroutine per frame); the timers are lazy (_timer.py): a frame costs two
+            # float stores, no timer operation.
+            timeout = self.send_timeout
+            deadline = state.send_deadline
+            now = state.loop.time
             try:
                 async for frame in source:
-                    await state.write(frame, self.send_timeout)
+                    state.last_write = when = now()
+                    state.sending = True
+                    deadline.arm(when + timeout)
+                    try:
+                        await send({"type": "http.response.body", "body": frame,
+                                    "more_body": True})
+                    finally:
+                        deadline.when = None
+                        state.sending = False
             except EarlyResponse as item:
                 if item.frame:
                     await state.write(item.frame, self.send_timeout)
@@ -192,8 +204,8 @@ class _State:
     """One response's shared state: disconnect flag, send deadline, heartbeat timer."""
 
     __slots__ = ("_open_timer", "_opening", "_ping", "done", "gone", "heartbeat",
-                 "heartbeat_timer", "loop", "opened", "send", "send_deadline", "sending",
-                 "task")
+                 "heartbeat_timer", "last_write", "loop", "opened", "send", "send_deadline",
+                 "sending", "task")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, task: asyncio.Task[Any], send: Any,
                  heartbeat: float) -> None:
@@ -204,7 +216,9 @@ class _State:
         self.gone = False
         self.done = False
         self.sending = False
-        self.send_deadline = TaskDeadline(loop)
+        #: Loop time of the last frame or ping sent.
+        self.last_write = 0.0
+        self.send_deadline = TaskDeadline(loop, task)  # only the stream's task writes
         self.heartbeat_timer: LazyTimer | None = None
         self._ping: asyncio.Task[None] | None = None
         #: The status line went out (or is going out: ``_opening``).
@@ -241,9 +255,7 @@ class _State:
         self.heartbeats()
 
     async def write(self, body: bytes, timeout: float) -> None:
-        now = self.loop.time()
-        if self.heartbeat_timer is not None:
-            self.heartbeat_timer.arm(now + self.heartbeat)
+        self.last_write = now = self.loop.time()
         self.sending = True
         self.send_deadline.arm(now + timeout)
         try:
@@ -253,19 +265,26 @@ class _State:
             self.sending = False
 
     def heartbeats(self) -> None:
-        """From now on, send a ``: ping`` whenever no frame went out for ``heartbeat`` s."""
+        """From now on, send a ``: ping`` whenever no frame went out for ``heartbeat`` s
+        (the timer compares with ``last_write`` when it fires: a frame only stores it)."""
         if self.heartbeat_timer is None:
             self.heartbeat_timer = LazyTimer(self._on_quiet, self.loop)
-            self.heartbeat_timer.arm(self.loop.time() + self.heartbeat)
+            self.heartbeat_timer.arm(max(self.last_write, self.loop.time()) + self.heartbeat)
 
     def _on_quiet(self) -> None:
         if self.done or self.gone:
             return
+        assert self.heartbeat_timer is not None
+        due = self.last_write + self.heartbeat
+        now = self.loop.time()
+        if now + 0.001 < due:  # a frame went out meanwhile: wait for the new due time
+            self.heartbeat_timer.arm(due)
+            return
         if not self.sending and (self._ping is None or self._ping.done()):
             # Sent from a task of its own: the stream's task is waiting on its source.
+            self.last_write = now
             self._ping = asyncio.ensure_future(self._send_ping())
-        assert self.heartbeat_timer is not None
-        self.heartbeat_timer.arm(self.loop.time() + self.heartbeat)
+        self.heartbeat_timer.arm(now + self.heartbeat)
 
     async def _send_ping(self) -> None:
         if self.done or self.sending:
