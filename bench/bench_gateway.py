@@ -268,11 +268,14 @@ def upstream_proc() -> Proc:
 
 
 def tokenrelay_proc(workdir: Path, upstream: Proc, *, name: str = "tokenrelay",
-                    baseline: Path | None = None) -> Proc:
+                    baseline: Path | None = None, reqlog: bool = True) -> Proc:
     port = free_port()
     config = workdir / f"{name}.toml"
     config.write_text(
-        "[log]\nenabled = false\n\n"
+        # As shipped: every request to the SQLite request log (LiteLLM, with no
+        # database configured, logs nothing).
+        (f'[log]\npath = "{workdir / (name + ".db")}"\n\n' if reqlog
+         else "[log]\nenabled = false\n\n")
         + "".join(f'[[models]]\nname = "{name}"\nbase_url = "{upstream.url}"\n'
                   f'upstream_model = "{model}"\n\n' for name, model in
                   (("fast", FAST), ("idle", IDLE), ("paced", PACED))))
@@ -859,7 +862,7 @@ async def main(args: argparse.Namespace) -> None:
                                "cores": os.cpu_count()}
     try:
         upstream.start(workdir)
-        gateway = tokenrelay_proc(workdir, upstream)
+        gateway = tokenrelay_proc(workdir, upstream, reqlog=not args.no_reqlog)
         procs.append(gateway)
         gateway.start(workdir)
         # (name, base URL, model for the fast answers, the same at a served model's pace)
@@ -875,7 +878,8 @@ async def main(args: argparse.Namespace) -> None:
                         ("floor", floor.url, FAST, PACED, floor)]
         if args.baseline:
             before = tokenrelay_proc(workdir, upstream, name="before",
-                                     baseline=Path(args.baseline).resolve())
+                                     baseline=Path(args.baseline).resolve(),
+                                     reqlog=not args.no_reqlog)
             procs.append(before)
             before.start(workdir)
             targets.append(("before", before.url, "fast", "paced", before))
@@ -957,6 +961,8 @@ if __name__ == "__main__":
     parser.add_argument("--quick", action="store_true", help="smaller request counts")
     parser.add_argument("--no-litellm", action="store_true", help="skip the LiteLLM column")
     parser.add_argument("--no-profile", action="store_true", help="skip py-spy and stages")
+    parser.add_argument("--no-reqlog", action="store_true",
+                        help="run tokenrelay with its request log off (on by default, as shipped)")
     parser.add_argument("--json", metavar="PATH", help="also write all figures as JSON")
     parser.add_argument("--parts", default="relay,paced,idle,profile",
                         help="comma-separated parts to run: relay, paced, profile, idle"

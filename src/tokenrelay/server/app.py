@@ -136,7 +136,6 @@ class Gateway:
         # loopback-only gateway.
         self.serve_mock = (config.loopback_only if config.serve_mock is None
                            else config.serve_mock)
-        self._pending_logs: set[asyncio.Task[None]] = set()
         #: The providers made for this gateway's routes (the shared local and mock
         #: providers are not ours to close).
         self._routes: list[Provider] = []
@@ -247,7 +246,7 @@ class Gateway:
             m.upstream_status.labels(model, "ok").inc()
         if self.reqlog is not None:
             error = None if result.error is None else f"{result.error.code}: {result.error.message}"
-            task = asyncio.ensure_future(self.reqlog.record(
+            self.reqlog.record(
                 key_id=key_id, endpoint=endpoint, model=model, status=status,
                 http_status=http_status, prompt_tokens=result.usage.prompt_tokens,
                 completion_tokens=result.usage.completion_tokens,
@@ -255,13 +254,12 @@ class Gateway:
                 time_to_first_token=result.metrics.time_to_first_token,
                 duration=time.monotonic() - started,
                 prompt=[m.model_dump(exclude_none=True) for m in stream.request.messages],
-                answer=result.text, error=error))
-            self._pending_logs.add(task)
-            task.add_done_callback(self._pending_logs.discard)
+                answer=result.text, error=error)
 
     async def drain_logs(self) -> None:
-        if self._pending_logs:
-            await asyncio.gather(*self._pending_logs, return_exceptions=True)
+        """Wait until the request log has written every row queued so far."""
+        if self.reqlog is not None:
+            await asyncio.to_thread(self.reqlog.flush)
 
     # -- the streaming path ----------------------------------------------------------
 
