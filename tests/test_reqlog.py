@@ -34,6 +34,10 @@ def test_rows_queued_together_are_written_and_readable_after_flush(tmp_path: Pat
         assert [r["key_id"] for r in rows] == [f"k{i}" for i in reversed(range(50))]
         assert json.loads(rows[0]["prompt"]) == [{"role": "user", "content": "question 49"}]
         assert rows[0]["answer"] == "answer 49" and rows[0]["created_at"] > 0
+        # Types survive the batch's JSON: integers, reals, text and NULL.
+        assert isinstance(rows[0]["created_at"], float)
+        assert rows[0]["http_status"] == 200 and isinstance(rows[0]["http_status"], int)
+        assert rows[0]["time_to_first_token"] == 0.01 and rows[0]["error"] is None
     finally:
         log.close()
 
