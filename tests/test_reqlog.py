@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
 import threading
@@ -108,3 +109,30 @@ def test_one_bad_row_in_a_batch_costs_only_itself(tmp_path: Path) -> None:
         assert [r["key_id"] for r in log.rows()] == ["k3", "k1"]
     finally:
         log.close()
+
+
+def test_rows_recorded_on_a_loop_are_handed_over_in_one_batch(tmp_path: Path) -> None:
+    log = RequestLog(tmp_path / "r.db")
+
+    async def main() -> None:
+        for i in range(5):
+            log.record(**_row(i))
+        # Held on the loop until the batch timer (or hand_over) gives them to the writer.
+        assert log._pending and log._handover is not None
+        assert log.flush(5) and log.rows() == []
+        await asyncio.sleep(RequestLog.BATCH_SECONDS + 0.05)
+        assert not log._pending and log._handover is None
+        assert log.flush(5) and len(log.rows()) == 5
+        log.record(**_row(5))
+        log.hand_over()  # at once, as Gateway.drain_logs does
+        assert log._handover is None
+        assert log.flush(5) and len(log.rows()) == 6
+        log.record(**_row(6))  # pending when the log closes: close writes it
+
+    try:
+        asyncio.run(main())
+    finally:
+        log.close()
+    db = sqlite3.connect(tmp_path / "r.db")
+    assert db.execute("SELECT count(*) FROM requests").fetchone() == (7,)
+    db.close()

@@ -259,6 +259,7 @@ class Gateway:
     async def drain_logs(self) -> None:
         """Wait until the request log has written every row queued so far."""
         if self.reqlog is not None:
+            self.reqlog.hand_over()
             await asyncio.to_thread(self.reqlog.flush)
 
     # -- the streaming path ----------------------------------------------------------

@@ -1,11 +1,10 @@
 """The gateway's request log: every request to SQLite (by default), written off the loop.
 
-One writer thread takes rows from a queue and writes what arrives within 0.2 s in one
-transaction (WAL, ``synchronous=NORMAL``: no fsync per commit). The event loop only
-enqueues a dict. An ``asyncio.to_thread`` + insert + commit per request cost the gateway
-~900 µs of CPU per request on the 2026-12-03 bench (9 µs per relayed chunk of a
-100-token answer at concurrency 1); the queue and batches bring that to the figure in
-bench/README.md.
+On the event loop ``record`` only appends a row to a list that a timer hands to the
+writer thread every 0.2 s; the thread writes each batch in one statement and one
+transaction (WAL, ``synchronous=NORMAL``: no fsync per commit). An ``asyncio.to_thread``
++ insert + commit per request cost the gateway ~900 µs of CPU per request on the
+2026-12-03 bench (9 µs per relayed chunk of a 100-token answer at concurrency 1).
 
 Rows: key id, model, endpoint, status (ok / error / cancelled), HTTP status, usage, time
 to first token, duration, the prompt and answer (``redact = true`` stores neither), error.
@@ -14,6 +13,7 @@ Keys and upstream secrets are never written.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import queue
@@ -51,7 +51,7 @@ _COLUMNS = ("created_at", "key_id", "endpoint", "model", "status", "http_status"
 
 
 class RequestLog:
-    #: How long the writer gathers rows before one commit.
+    #: How long rows recorded on the event loop wait to be written together.
     BATCH_SECONDS = 0.2
 
     def __init__(self, path: str | Path, *, redact: bool = False) -> None:
@@ -72,18 +72,38 @@ class RequestLog:
             f"INSERT INTO requests ({', '.join(_COLUMNS)}) SELECT "
             + ", ".join(f"json_extract(value, '$[{i}]')" for i in range(len(_COLUMNS)))
             + " FROM json_each(?)")
-        #: Rows, ``threading.Event`` markers (flush) and ``None`` (close).
-        self._queue: queue.SimpleQueue[dict[str, Any] | threading.Event | None] = \
+        #: Batches of rows, ``threading.Event`` markers (flush) and ``None`` (close).
+        self._queue: queue.SimpleQueue[list[dict[str, Any]] | threading.Event | None] = \
             queue.SimpleQueue()
+        #: Rows recorded on the event loop since the last hand-over, and its timer: the
+        #: writer thread wakes once per batch, not once per request.
+        self._pending: list[dict[str, Any]] = []
+        self._handover: asyncio.TimerHandle | None = None
         self._closed = False
         self._writer = threading.Thread(target=self._run, name="tokenrelay-reqlog",
                                         daemon=True)
         self._writer.start()
 
     def record(self, **row: Any) -> None:
-        """Queue one row (cheap: the writer thread serialises and writes it)."""
+        """Log one request (cheap: the writer thread serialises and writes it)."""
         row.setdefault("created_at", time.time())
-        self._queue.put(row)
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # not on a loop: straight to the writer
+            self._queue.put([row])
+            return
+        self._pending.append(row)
+        if self._handover is None:
+            self._handover = loop.call_later(self.BATCH_SECONDS, self.hand_over)
+
+    def hand_over(self) -> None:
+        """Give the rows recorded on the loop to the writer now (call on the loop)."""
+        if self._handover is not None:
+            self._handover.cancel()
+            self._handover = None
+        rows, self._pending = self._pending, []
+        if rows:
+            self._queue.put(rows)
 
     def _values(self, row: dict[str, Any]) -> tuple[Any, ...]:
         if self.redact:
@@ -111,18 +131,12 @@ class RequestLog:
     def _run(self) -> None:
         while True:
             items = [self._queue.get()]
-            # What arrives within BATCH_SECONDS of a row goes in the same transaction
-            # (a flush or close writes at once): a commit per request cost more than the
-            # row itself.
-            until = time.monotonic() + self.BATCH_SECONDS
-            while isinstance(items[-1], dict):
-                wait = until - time.monotonic()
+            while True:  # whatever else is queued goes in the same transaction
                 try:
-                    items.append(self._queue.get(timeout=wait) if wait > 0
-                                 else self._queue.get_nowait())
+                    items.append(self._queue.get_nowait())
                 except queue.Empty:
                     break
-            rows = [item for item in items if isinstance(item, dict)]
+            rows = [row for item in items if isinstance(item, list) for row in item]
             if rows and not self._write(rows) and len(rows) > 1:
                 for row in rows:  # one bad row must not cost the others theirs
                     self._write([row])
@@ -133,7 +147,8 @@ class RequestLog:
                 return
 
     def flush(self, timeout: float | None = 10) -> bool:
-        """Block until the rows queued so far are written; False on timeout."""
+        """Block until the rows handed over so far are written; False on timeout. (On the
+        loop, ``hand_over()`` first; ``Gateway.drain_logs`` does both.)"""
         if self._closed:
             return True
         marker = threading.Event()
@@ -153,6 +168,7 @@ class RequestLog:
         if self._closed:
             return
         self._closed = True
+        self.hand_over()
         self._queue.put(None)
         self._writer.join(timeout=10)
         with self._lock:
