@@ -270,3 +270,43 @@ def test_library_log(tmp_path) -> None:  # type: ignore[no-untyped-def]
     assert [e.finish_reason for e in entries] == ["error", "stop"]
     assert entries[0].answer == "Streaming shows" and "mock_error" in (entries[0].error or "")
     assert entries[1].prompt == "logged prompt"
+
+
+@pytest.mark.parametrize(
+    ("provider", "timeouts", "kind"),
+    [
+        (MockProvider(tokens=5, first_token_delay=5), Timeouts(first_token=0.2), "first_token"),
+        (MockProvider(tokens=5, stall_after=2), Timeouts(idle=0.2), "idle"),
+    ],
+)
+def test_a_pinned_stream_times_out_the_same_without_asking_for_its_task(
+        provider: MockProvider, timeouts: Timeouts, kind: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """pin_task(): the timeouts cancel the pinned task; asyncio.current_task() is not
+    asked again per chunk (each call is a getpid() syscall on Python 3.11)."""
+    from tokenrelay import _timer
+
+    async def main() -> tuple[str, int]:
+        calls = 0
+        real = asyncio.current_task
+
+        def counting(loop: asyncio.AbstractEventLoop | None = None) -> asyncio.Task[object] | None:
+            nonlocal calls
+            calls += 1
+            return real(loop)
+
+        async with tokenrelay.astream("x", provider=provider, timeouts=timeouts,
+                                      retry=FAST_RETRY) as stream:
+            stream.pin_task()
+            monkeypatch.setattr(_timer.asyncio, "current_task", counting)
+            with pytest.raises(tokenrelay.TimeoutError) as info:
+                async for _ in stream:
+                    pass
+            monkeypatch.undo()
+        return info.value.kind, calls
+
+    start = time.monotonic()
+    got, calls = asyncio.run(main())
+    assert got == kind and time.monotonic() - start < 2
+    assert calls == 0
+    assert provider.cancelled == 1

@@ -303,6 +303,8 @@ class AsyncStream:
         self._agen: AsyncIterator[StreamEvent] | None = None
         self._upstream: Any = None
         self._started_at = time.monotonic()
+        #: The one task that iterates this stream, once ``pin_task`` said so.
+        self._owner: asyncio.Task[Any] | None = None
 
     # -- public surface --------------------------------------------------------------
 
@@ -323,6 +325,16 @@ class AsyncStream:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
+
+    def pin_task(self) -> None:
+        """Promise that only the current task will iterate this stream.
+
+        The timeouts then cancel that task without asking ``asyncio.current_task()`` for
+        every chunk: on Python 3.11 each call is a ``getpid()`` system call (the running
+        loop's fork check), one per relayed chunk in the gateway before it pinned its
+        streams (strace, 2026-12-03).
+        """
+        self._owner = asyncio.current_task()
 
     def __aiter__(self) -> AsyncIterator[StreamEvent]:
         if self._agen is None:
@@ -371,7 +383,7 @@ class AsyncStream:
         )
         attempt = 0
         acc = self._acc
-        timer = TaskDeadline(loop)
+        timer = TaskDeadline(loop, self._owner)  # None: the current task, per arm
         try:
             while True:
                 self._upstream = self.provider.stream(self.request, raw=self.raw).__aiter__()

@@ -128,6 +128,7 @@ class ToolLoopStream(AsyncStream):
             request, self.provider, timeouts=timeouts, retry=self.retry, raw=self.raw,
             raise_errors=False, structured=self.structured,
         )
+        self._round._owner = self._owner  # iterated by whoever iterates this loop
         return self._round
 
     def _end_round(self) -> Result:

@@ -278,6 +278,7 @@ class Gateway:
         gauge.inc()
         http_status = 200
         try:
+            stream.pin_task()  # SSEResponse iterates this generator from one task
             events = stream.__aiter__()
             async for event in events:  # up to the first frame
                 frame = encode(event)
