@@ -6,9 +6,9 @@
     .venv/bin/python bench/bench_gateway.py --parts relay --no-litellm   # one part only
 
 Every process is separate: one mock upstream (``tokenrelay mock-upstream``), the gateway
-(``tokenrelay serve``, its request log on as shipped; ``--no-reqlog``), the floor (``bench/minimal_relay.py``: the same stack with nothing
-but parsing and re-serialising each frame) and the bare floor (the same without Starlette:
-a bare ASGI callable), the LiteLLM proxy (from its own venv, default /tmp/litellm-venv,
+(``tokenrelay serve``, its request log on as shipped; ``--no-reqlog``), the floor
+(``bench/minimal_relay.py``: the same stack with nothing but parsing and re-serialising
+each frame) and the bare floor (the same without Starlette: a bare ASGI callable), the LiteLLM proxy (from its own venv, default /tmp/litellm-venv,
 ``$LITELLM_BIN``; missing → that column is skipped with the reason), and this script as
 the load generator (``tokenrelay.bench.abench``: vLLM's TTFT/ITL definitions). Both
 gateways require an API key, as deployed ones do (LiteLLM refuses to start without one).
