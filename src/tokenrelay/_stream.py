@@ -165,27 +165,27 @@ class _Accumulator:
     def text(self) -> str:
         return self.buffer.text()
 
+    def _tick(self, now: float) -> None:
+        """A chunk with content arrived at ``now``: count it and time it."""
+        self.chunk_count += 1
+        if self.first_token_at is None:
+            self.first_token_at = now
+        self.last_token_at = now
+        self.token_times.append(now)
+
     def feed(self, chunk: Chunk, now: float) -> list[StreamEvent]:
         text = chunk.text
         if (text and self._plain and chunk.tool_calls is None and chunk.usage is None
                 and chunk.finish_reason is None):
             # Almost every chunk: text and nothing else, no raw chunks or structured output.
-            self.chunk_count += 1
-            if self.first_token_at is None:
-                self.first_token_at = now
-            self.last_token_at = now
-            self.token_times.append(now)
+            self._tick(now)
             return [TextDelta(text, self.buffer, self.buffer.append(text))]
         events: list[StreamEvent] = []
         if self._keep_raw and chunk.raw is not None:
             self.raw_chunks.append(chunk.raw)  # type: ignore[union-attr]
             events.append(RawChunk(chunk.raw))
         if chunk.text or chunk.tool_calls:
-            self.chunk_count += 1
-            if self.first_token_at is None:
-                self.first_token_at = now
-            self.last_token_at = now
-            self.token_times.append(now)
+            self._tick(now)
         if chunk.text:
             end = self.buffer.append(chunk.text)
             events.append(TextDelta(chunk.text, self.buffer, end))

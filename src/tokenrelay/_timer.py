@@ -116,13 +116,7 @@ class TaskDeadline(LazyTimer):
     def arm(self, when: float) -> None:
         if self._fixed is None:
             self._task = asyncio.current_task()
-        # LazyTimer.arm, inline: this runs for every chunk.
-        self.when = when
-        if self._handle is None or when < self._handle_when:
-            if self._handle is not None:
-                self._handle.cancel()
-            self._handle = self._loop.call_at(when, self._fire)
-            self._handle_when = when
+        LazyTimer.arm(self, when)
 
     def close(self) -> None:
         super().close()

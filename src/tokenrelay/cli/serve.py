@@ -143,13 +143,6 @@ def serve(host: str | None, port: int | None, config_file: str | None,
     else:
         click.echo("tokenrelay: no API keys: listening on loopback only, without"
                    " authentication", err=True)
-    # Load the token estimator's encoding now (cl100k_base: 0.26 s, ~40 MiB): usage is
-    # estimated for every stream that ends without upstream usage (a client that left
-    # early, an upstream without stream_options), and loading it lazily stalled the event
-    # loop, every stream on it, at the first such stream.
-    from ..usage import estimate_tokens
-
-    estimate_tokens("warm-up")
     # Everything imported and built so far lives as long as the process: move it out of
     # the collector's reach, so a full collection under load walks only what requests
     # made (measured: a 34 ms gen-2 pause at 256 streams otherwise, 15 ms at idle).

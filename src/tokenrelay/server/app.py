@@ -150,6 +150,15 @@ class Gateway:
                             max_connections=route.max_connections)
             self._routes.append(provider)
             self.models[route.name] = (provider, route.upstream_model or route.name)
+        if self._routes:
+            # Load the token estimator's encoding now (cl100k_base: 0.26 s, ~40 MiB): an
+            # upstream route's usage is estimated for every stream that ends without
+            # upstream usage (a client that left early, an upstream without
+            # stream_options), and loading it lazily stalled the event loop, every stream
+            # on it, at the first such stream. (The local and mock models count their own.)
+            from ..usage import estimate_tokens
+
+            estimate_tokens("warm-up")
         if config.serve_local and "smollm2" not in self.models:
             self.models["smollm2"] = resolve("smollm2")
         if self.serve_mock and "mock" not in self.models:

@@ -269,7 +269,7 @@ class _State:
         (the timer compares with ``last_write`` when it fires: a frame only stores it)."""
         if self.heartbeat_timer is None:
             self.heartbeat_timer = LazyTimer(self._on_quiet, self.loop)
-            self.heartbeat_timer.arm(max(self.last_write, self.loop.time()) + self.heartbeat)
+            self.heartbeat_timer.arm(self.loop.time() + self.heartbeat)
 
     def _on_quiet(self) -> None:
         if self.done or self.gone:
