@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from _redis import redis_server  # noqa: F401  (the session's redis-server, see _redis.py)
 
 _ENV = ("OPENAI_API_KEY", "OPENAI_BASE_URL", "TOKENRELAY_MODEL", "TOKENRELAY_GGUF",
         "TOKENRELAY_LOG", "TOKENRELAY_HOME")

@@ -277,24 +277,30 @@ class RedisStreamLog(StreamLog):
 
     async def _keep(self) -> None:
         """Refresh every local lease every 0.5 s, in one pipelined round trip."""
-        while not self._closed:
-            await asyncio.sleep(LEASE_REFRESH_S)
-            producers = list(self._producers.values())
-            if not producers:
-                return
-            try:
-                async with self._redis.pipeline(transaction=False) as pipe:
-                    for producer in producers:
-                        m, x, lease, c = producer._keys
-                        await self._refresh(keys=[m, x, lease, c],
-                                      args=[producer.holder, _LEASE_MS, self._ttl_ms],
-                                      client=pipe)
-                    replies = await pipe.execute(raise_on_error=False)
-            except (RedisError, OSError) as exc:
-                log.warning("stream log: lease refresh failed: %s", self._unavailable(exc))
-                continue
-            for producer, reply in zip(producers, replies, strict=False):
-                producer._refreshed(reply)
+        while not self._closed and await self._refresh_all():
+            pass
+
+    async def _refresh_all(self) -> bool:
+        # A function of its own so that no strong reference to a producer outlives the
+        # pass: a producer dropped by its task must stop being refreshed.
+        await asyncio.sleep(LEASE_REFRESH_S)
+        producers = list(self._producers.values())
+        if not producers:
+            return False
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for producer in producers:
+                    m, x, lease, c = producer._keys
+                    await self._refresh(keys=[m, x, lease, c],
+                                        args=[producer.holder, _LEASE_MS, self._ttl_ms],
+                                        client=pipe)
+                replies = await pipe.execute(raise_on_error=False)
+        except (RedisError, OSError) as exc:
+            log.warning("stream log: lease refresh failed: %s", self._unavailable(exc))
+            return True
+        for producer, reply in zip(producers, replies, strict=False):
+            producer._refreshed(reply)
+        return True
 
     async def _listen(self) -> None:
         """Hear cancels published by any process (one connection for all producers)."""
