@@ -108,7 +108,8 @@ class ProducerLost(StreamLogError):
     """The producer's lease ended without the final frame (its process died).
 
     Raised by a reader once it has returned every frame written before the death:
-    ``last_seq`` is the last of them (-1: none). Answer it with :meth:`StreamLog.end_lost`.
+    ``last_seq`` is the stream's last frame (-1: none; beyond it only when the reader's
+    cursor was). Answer it with :meth:`StreamLog.end_lost`, then read on.
     """
 
     code = "producer_lost"

@@ -383,7 +383,7 @@ class MemoryReader(StreamReader):
             batch = FrameBatch(first, frames[first:])
         else:
             batch = FrameBatch(first, _EMPTY)
-        if s.status in FINAL_STATUSES and self.cursor == n - 1:
+        if s.status in FINAL_STATUSES and self.cursor >= n - 1:
             self.ended = True
             self.status = cast(FinalStatus, s.status)
         return batch
@@ -398,7 +398,7 @@ class MemoryReader(StreamReader):
             if s.dropped:
                 raise StreamNotFound(s.id)
             if s.holder is None:
-                raise ProducerLost(s.id, self.cursor)
+                raise ProducerLost(s.id, len(s.frames) - 1)
             fut = s.waiter
             if fut is None or fut.done():
                 fut = s.waiter = asyncio.get_running_loop().create_future()

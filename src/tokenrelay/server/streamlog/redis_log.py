@@ -429,6 +429,9 @@ class RedisReader(StreamReader):
         super().__init__(info, after)
         self._store = store
         self._keys = store._keys(info.id)
+        if info.ended and after >= info.last_seq:
+            self.ended = True
+            self.status = cast(FinalStatus, info.status)
 
     async def _xread(self, block_ms: int | None) -> FrameBatch:
         store = self._store
@@ -531,6 +534,6 @@ class RedisReader(StreamReader):
                 batch = await self._xread(None)
                 if batch.frames:
                     return batch
-                raise ProducerLost(self.stream_id, self.cursor)
+                raise ProducerLost(self.stream_id, last)
             # Wake just after the lease would expire if nobody renews it.
             block = store.block_ms if pttl < 0 else min(store.block_ms, pttl + 20)
