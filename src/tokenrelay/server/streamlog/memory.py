@@ -155,15 +155,17 @@ class MemoryStreamLog(StreamLog):
     def __len__(self) -> int:
         return len(self._streams)
 
-    def _sweep(self) -> None:
-        """Drop finished streams past their age, then oldest first while over max_bytes."""
+    def _sweep(self, room: int = 0) -> None:
+        """Drop finished streams past their age, then oldest first while over max_bytes
+        (with ``room`` bytes more to fit)."""
         done = self._done
         if not done:
             return
         horizon = self._clock() - self.retention_s
+        limit = self.max_bytes - room
         while done:
             stream_id, since = next(iter(done.items()))
-            if since > horizon and self._bytes <= self.max_bytes:
+            if since > horizon and self._bytes <= limit:
                 break
             del done[stream_id]
             s = self._streams.pop(stream_id)
@@ -193,7 +195,7 @@ class MemoryStreamLog(StreamLog):
     async def create(self, *, owner: str, endpoint: str, meta: Mapping[str, str] | None = None,
                      id_prefix: str = "", status: LiveStatus = "queued") -> MemoryProducer:
         self._check_create(owner, endpoint, meta, id_prefix)
-        self._sweep()
+        self._sweep(STREAM_OVERHEAD)
         if self._bytes + STREAM_OVERHEAD > self.max_bytes:
             raise StreamLogFull(f"the stream log holds {self._bytes} bytes of live streams"
                                 f" (max_bytes {self.max_bytes}); try again when some finish")
