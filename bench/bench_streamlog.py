@@ -106,10 +106,11 @@ def make_store(kind: str, url: str | None) -> StreamLog:
 # -- the measurements -----------------------------------------------------------------------
 
 
-async def append_read(store: StreamLog, streams: int, frames: int) -> float:
-    """CPU µs of this process per frame: append one per tick, one live reader per stream."""
+async def append_read(store: StreamLog, streams: int, frames: int, *, read: bool) -> float:
+    """CPU µs of this process per frame: append one per tick (and one live reader per
+    stream following it through the store, when ``read``)."""
     producers = [await store.create(owner="bench", endpoint="chat") for _ in range(streams)]
-    readers = [await store.reader(p.stream_id, owner=None) for p in producers]
+    readers = [await store.reader(p.stream_id, owner=None) for p in producers] if read else []
     payloads = [chunk(i) for i in range(frames + 1)]
     received = 0
 
@@ -130,7 +131,7 @@ async def append_read(store: StreamLog, streams: int, frames: int) -> float:
     t0 = CLOCK()
     await asyncio.gather(*(produce(p) for p in producers), *(consume(r) for r in readers))
     cpu = CLOCK() - t0
-    assert received == streams * (frames + 1), received
+    assert received == (streams * (frames + 1) if read else 0), received
     return cpu / (streams * (frames + 1)) * 1e6
 
 
@@ -190,6 +191,33 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+async def cpu_rows(args: argparse.Namespace, url: str | None, kinds: list[str], frames: int,
+                   *, read: bool) -> None:
+    runs = 1 if args.smoke else 3
+    for c in ([1, 8] if args.smoke else [1, 64]):
+        row: dict[str, float] = {}
+        server_cpu = 0.0
+        for kind in kinds:
+            store = make_store(kind, url)
+            try:
+                if kind == "redis":
+                    cpu0 = await redis_info(url, "cpu")  # type: ignore[arg-type]
+                row[kind] = min([await append_read(store, c, frames, read=read)
+                                 for _ in range(runs)])
+                if kind == "redis":
+                    cpu1 = await redis_info(url, "cpu")  # type: ignore[arg-type]
+                    spent = sum(cpu1[k] - cpu0[k] for k in ("used_cpu_user", "used_cpu_sys"))
+                    server_cpu = spent / (runs * c * (frames + 1)) * 1e6
+            finally:
+                await store.aclose()
+        line = f"  c = {c:>3}: memory {row['memory']:6.1f} µs/frame"
+        if "redis" in row:
+            line += (f" | redis {row['redis']:6.1f} µs/frame: added"
+                     f" {row['redis'] - row['memory']:+.1f} µs/frame; redis-server"
+                     f" {server_cpu:.1f} µs/frame")
+        print(line)
+
+
 async def run(args: argparse.Namespace, url: str | None) -> None:
     kinds = ["memory"] + (["redis"] if url else [])
     if not url:
@@ -198,32 +226,14 @@ async def run(args: argparse.Namespace, url: str | None) -> None:
     print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, "
           f"frame {len(chunk(0))} bytes{', smoke' if args.smoke else ''}\n")
 
-    print("append + read, CPU of this process per frame (one frame per tick, a live reader)")
-    for c in ([1, 8] if args.smoke else [1, 64]):
-        row: dict[str, float] = {}
-        server_cpu = None
-        for kind in kinds:
-            store = make_store(kind, url)
-            try:
-                if kind == "redis":
-                    cpu0 = await redis_info(url, "cpu")  # type: ignore[arg-type]
-                row[kind] = min([await append_read(store, c, frames)
-                                 for _ in range(1 if args.smoke else 3)])
-                if kind == "redis":
-                    cpu1 = await redis_info(url, "cpu")  # type: ignore[arg-type]
-                    spent = sum(cpu1[k] - cpu0[k] for k in ("used_cpu_user", "used_cpu_sys"))
-                    runs = 1 if args.smoke else 3
-                    server_cpu = spent / (runs * c * (frames + 1)) * 1e6
-            finally:
-                await store.aclose()
-        line = f"  c = {c:>3}: memory {row['memory']:6.1f} µs/frame"
-        if "redis" in row:
-            line += (f" | redis {row['redis']:6.1f} µs/frame: added {row['redis'] - row['memory']:+.1f}"
-                     f" µs/frame ({row['redis'] / row['memory']:.1f}×); redis-server"
-                     f" {server_cpu:.1f} µs/frame")
-        print(line)
+    for read, title in ((False, ("append only: the producer's CPU per frame (a connected client"
+                                 " gets its frames by hand-off)")),
+                        (True, "append + a live reader through the store (a resumed client)")):
+        print(title)
+        await cpu_rows(args, url, kinds, frames, read=read)
+        print()
 
-    print("\nresume latency: reconnect → first replayed frame (500-frame streams, random cursor)")
+    print("resume latency: reconnect → first replayed frame (500-frame streams, random cursor)")
     trials = 30 if args.smoke else args.trials
     for kind in kinds:
         store = make_store(kind, url)

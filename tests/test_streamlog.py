@@ -356,6 +356,23 @@ async def test_leaving_the_context_without_finishing_releases(store: StreamLog) 
         await asyncio.wait_for(reader.read(), 5)
 
 
+async def test_an_append_cancelled_midway_leaves_the_sequence_consistent(
+        store: StreamLog) -> None:
+    p = await store.create(owner="k", endpoint="chat")
+    await p.append([frame(0)])
+    for _ in range(5):
+        task = asyncio.create_task(p.append([frame(p.next_seq, "maybe")]))
+        await asyncio.sleep(0)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    # Whatever was stored, the producer knows where it stands and goes on.
+    last = await p.append([frame(p.next_seq, "after")])
+    await p.finish("completed", [frame(last + 1)])
+    got = await read_all(await store.reader(p.stream_id, owner="k"))
+    assert [s for s, _ in got] == list(range(last + 2))
+    assert got[last][1] == frame(last, "after")
+
+
 async def test_refresh_reports_the_lease(store: StreamLog) -> None:
     p = await store.create(owner="k", endpoint="chat")
     assert await p.refresh()

@@ -26,12 +26,12 @@ import logging
 import time
 import weakref
 from collections.abc import Mapping, Sequence
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from . import _lua
 from .base import (
@@ -117,6 +117,11 @@ class RedisStreamLog(StreamLog):
             weakref.WeakValueDictionary())
         self._keeper: asyncio.Task[None] | None = None
         self._listener: asyncio.Task[None] | None = None
+        #: Appends waiting for the writer: one pipeline carries all that arrived while
+        #: the previous one was in flight (group commit; no added wait when idle).
+        self._queue: list[_Pending] = []
+        self._writer: asyncio.Task[None] | None = None
+        self._kick: asyncio.Future[None] | None = None
         self._closed = False
 
     @classmethod
@@ -152,6 +157,79 @@ class RedisStreamLog(StreamLog):
             return await script(keys=keys, args=args)
         except (RedisError, OSError) as exc:
             raise self._unavailable(exc) from exc
+
+    async def _pipeline(self, calls: Sequence[tuple[Any, Sequence[Any]]]) -> list[Any]:
+        """Scripts ``(script, keys + args)`` in one round trip; replies or exceptions.
+
+        EVALSHA straight into the pipeline (redis-py's pipelined scripts cost a SCRIPT
+        EXISTS round trip per execute); after a NOSCRIPT (Redis restarted or flushed) the
+        scripts are loaded and the batch sent again, which every script here allows.
+        """
+        for attempt in (0, 1):
+            try:
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    for script, keys_args in calls:
+                        pipe.execute_command("EVALSHA", script.sha, *keys_args)
+                    replies = await pipe.execute(raise_on_error=False)
+                if attempt == 0 and any(isinstance(r, NoScriptError) for r in replies):
+                    for script in {id(c[0]): c[0] for c in calls}.values():
+                        script.sha = await self._redis.script_load(script.script)
+                    continue
+            except (RedisError, OSError) as exc:
+                raise self._unavailable(exc) from exc
+            return list(replies)
+        raise AssertionError("unreachable")
+
+    async def _submit(self, producer: RedisProducer, nframes: int, keys_args: list[Any]) -> Any:
+        """Queue an append for the writer task and wait for its reply."""
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._queue.append(_Pending(producer, nframes, keys_args, fut))
+        kick = self._kick
+        if kick is not None:
+            self._kick = None
+            if not kick.done():
+                kick.set_result(None)
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._write_loop(), name="streamlog-writer")
+        return await fut
+
+    async def _write_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while not self._closed:
+            if not self._queue:
+                self._kick = kick = loop.create_future()
+                await kick
+                continue
+            await self._write_batch()
+
+    async def _write_batch(self) -> None:
+        # A function of its own: no reference to a producer outlives the batch.
+        # An append whose caller was cancelled before it was sent is dropped; one already
+        # sent is applied to its producer all the same.
+        batch = [p for p in self._queue if not p.fut.cancelled()]
+        self._queue = []
+        if not batch:
+            return
+        try:
+            replies = await self._pipeline([(self._append, p.keys_args) for p in batch])
+        except StreamLogUnavailable as exc:
+            for p in batch:
+                if not p.fut.done():
+                    p.fut.set_exception(exc)
+            return
+        for p, reply in zip(batch, replies, strict=True):
+            if isinstance(reply, Exception):
+                result: Any = self._unavailable(reply)
+            else:
+                try:
+                    result = p.producer._applied(reply, p.nframes)
+                except StreamLogUnavailable as exc:
+                    result = exc
+            if not p.fut.done():
+                if isinstance(result, BaseException):
+                    p.fut.set_exception(result)
+                else:
+                    p.fut.set_result(result)
 
     def _bad(self, what: str) -> StreamLogUnavailable:
         return StreamLogUnavailable(f"the stream log ({self._where}) sent an invalid {what}")
@@ -266,10 +344,9 @@ class RedisStreamLog(StreamLog):
 
     async def aclose(self) -> None:
         self._closed = True
-        for task in (self._keeper, self._listener):
-            if task is not None:
-                task.cancel()
-        tasks = [t for t in (self._keeper, self._listener) if t is not None]
+        tasks = [t for t in (self._keeper, self._listener, self._writer) if t is not None]
+        for task in tasks:
+            task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await self._redis.aclose(close_connection_pool=True)
 
@@ -288,15 +365,11 @@ class RedisStreamLog(StreamLog):
         if not producers:
             return False
         try:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for producer in producers:
-                    m, x, lease, c = producer._keys
-                    await self._refresh(keys=[m, x, lease, c],
-                                        args=[producer.holder, _LEASE_MS, self._ttl_ms],
-                                        client=pipe)
-                replies = await pipe.execute(raise_on_error=False)
-        except (RedisError, OSError) as exc:
-            log.warning("stream log: lease refresh failed: %s", self._unavailable(exc))
+            replies = await self._pipeline([
+                (self._refresh, [4, *p._keys, p.holder, _LEASE_MS, self._ttl_ms])
+                for p in producers])
+        except StreamLogUnavailable as exc:
+            log.warning("stream log: lease refresh failed: %s", exc)
             return True
         for producer, reply in zip(producers, replies, strict=False):
             producer._refreshed(reply)
@@ -343,6 +416,13 @@ def _code(reply: Any, store: RedisStreamLog) -> int:
     return int(reply[0])
 
 
+class _Pending(NamedTuple):
+    producer: RedisProducer
+    nframes: int
+    keys_args: list[Any]
+    fut: asyncio.Future[Any]
+
+
 class RedisProducer(Producer):
     """The lease on one stream in Redis (see :class:`~.base.Producer`)."""
 
@@ -358,25 +438,32 @@ class RedisProducer(Producer):
         store = self._store
         store._check_frames(frames)
         m, x, lease, _ = self._keys
-        reply = await store._call(store._append, [m, x, lease], [
-            self.holder, self.next_seq, live, final, repr(time.time()), store._ttl_ms,
-            _LEASE_MS, cap, *frames])
-        code = _code(reply, store)
+        code, last = await store._submit(self, len(frames), [
+            3, m, x, lease, self.holder, self.next_seq, live, final, repr(time.time()),
+            store._ttl_ms, _LEASE_MS, cap, *frames])
         if code == 1:
-            last = int(reply[1])
-            if last != self.next_seq + len(frames) - 1:
-                raise store._bad("append reply")
-            self.next_seq = last + 1
-            return last
+            return int(last)
         if code == -5:
             raise StreamTooLarge(f"stream {self.stream_id} would exceed max_stream_bytes"
                                  f" ({store.max_stream_bytes})")
-        self._on_lost()
-        self.closed = True
-        store._producers.pop(self.stream_id, None)
         reason = {-1: "expired", -2: "already ended", -3: "held by another producer",
                   -4: "further along than this producer"}.get(code, f"code {code}")
         raise LeaseLost(f"stream {self.stream_id} is no longer this producer's ({reason})")
+
+    def _applied(self, reply: Any, nframes: int) -> tuple[int, int]:
+        """Apply an append's reply to this producer (even if its caller was cancelled)."""
+        store = self._store
+        code = _code(reply, store)
+        if code == 1:
+            last = int(reply[1])
+            if last != self.next_seq + nframes - 1:
+                raise store._bad("append reply")
+            self.next_seq = last + 1
+        elif code != -5:
+            self._on_lost()
+            self.closed = True
+            store._producers.pop(self.stream_id, None)
+        return code, int(reply[1])
 
     async def append(self, frames: Sequence[bytes], *, status: LiveStatus | None = None) -> int:
         if status is not None and status not in LIVE_STATUSES:
