@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -17,13 +16,13 @@ from _redis import RedisServer, redis_prefix
 
 pytest.importorskip("redis")
 
-import redis.asyncio as aioredis  # noqa: E402
+import redis.asyncio as aioredis
 
-from tokenrelay.server.streamlog import (  # noqa: E402
+from tokenrelay.server.streamlog import (
     ProducerLost,
     StreamLogUnavailable,
 )
-from tokenrelay.server.streamlog.redis_log import RedisStreamLog  # noqa: E402
+from tokenrelay.server.streamlog.redis_log import RedisStreamLog
 
 
 @pytest.fixture
@@ -186,14 +185,14 @@ async def test_a_producer_process_killed_mid_stream(store: RedisStreamLog,
                                                     redis_server: RedisServer) -> None:
     """SIGKILL the producing process: the reader gets every frame written, once, then
     ProducerLost within 2 s of the death, and the stream ends with the typed error."""
-    child = subprocess.Popen([sys.executable, "-c", _CHILD, redis_server.url, store.prefix],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]
-                                                                  / "src")})
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _CHILD, redis_server.url, store.prefix,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")})
     try:
         assert child.stdout is not None
-        loop = asyncio.get_running_loop()
-        stream_id = (await loop.run_in_executor(None, child.stdout.readline)).decode().strip()
+        async with asyncio.timeout(30):
+            stream_id = (await child.stdout.readline()).decode().strip()
         reader = await store.reader(stream_id, owner="k")
         got: list[tuple[int, bytes]] = []
         async with asyncio.timeout(20):
@@ -202,8 +201,8 @@ async def test_a_producer_process_killed_mid_stream(store: RedisStreamLog,
                 got += [(batch.first_seq + i, d) for i, d in enumerate(batch.frames)]
         child.send_signal(signal.SIGKILL)
         killed = time.monotonic()
-        child.wait(10)
-        acked = [int(line) for line in child.stdout.read().split()]
+        await asyncio.wait_for(child.wait(), 10)
+        acked = [int(line) for line in (await child.stdout.read()).split()]
         with pytest.raises(ProducerLost) as caught:
             async with asyncio.timeout(10):
                 while True:
@@ -220,9 +219,9 @@ async def test_a_producer_process_killed_mid_stream(store: RedisStreamLog,
         assert list((await reader.read(timeout=5)).frames) == [b"producer_lost"]
         assert reader.ended and reader.status == "failed"
     finally:
-        if child.poll() is None:
+        if child.returncode is None:
             child.kill()
-            child.wait(10)
+            await child.wait()
 
 
 async def _waiting_reader(server: RedisServer) -> tuple[RedisStreamLog, asyncio.Task[object]]:
