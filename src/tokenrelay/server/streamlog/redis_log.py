@@ -77,6 +77,8 @@ class RedisStreamLog(StreamLog):
 
     Args:
         client: a ``redis.asyncio.Redis`` with ``protocol=2`` (:meth:`from_url` makes one).
+        read_client: the same for readers' blocking ``XREAD``s (default ``client``): a pool
+            of its own, so that many waiting readers never hold up producers' appends.
         prefix: prepended to every key and channel.
         retention_s: TTL of every key; renewed while live, set again at the end.
         max_stream_bytes / max_frame_bytes: caps on a stream / one frame.
@@ -84,7 +86,8 @@ class RedisStreamLog(StreamLog):
         read_count: most entries one read returns.
     """
 
-    def __init__(self, client: aioredis.Redis, *, prefix: str = "tokenrelay:",
+    def __init__(self, client: aioredis.Redis, *, read_client: aioredis.Redis | None = None,
+                 prefix: str = "tokenrelay:",
                  retention_s: float = 600.0, max_stream_bytes: int = 64 << 20,
                  max_frame_bytes: int = 1 << 20, block_ms: int = 1000,
                  read_count: int = 512, where: str = "redis") -> None:
@@ -102,8 +105,9 @@ class RedisStreamLog(StreamLog):
         self._ttl_ms = max(int(retention_s * 1000), _LEASE_MS * 2)
         self._where = where
         self._redis = client
+        self._reads = read_client or client
         # Entries are parsed here, strictly, from the raw RESP2 reply.
-        client.set_response_callback("XREAD", _raw)
+        self._reads.set_response_callback("XREAD", _raw)
         self._create = client.register_script(_lua.CREATE)
         self._append = client.register_script(_lua.APPEND)
         self._refresh = client.register_script(_lua.REFRESH)
@@ -125,21 +129,27 @@ class RedisStreamLog(StreamLog):
         self._closed = False
 
     @classmethod
-    def from_url(cls, url: str, *, max_connections: int = 1024, block_ms: int = 1000,
-                 **kwargs: Any) -> RedisStreamLog:
+    def from_url(cls, url: str, *, max_connections: int = 256, max_readers: int = 4096,
+                 block_ms: int = 1000, **kwargs: Any) -> RedisStreamLog:
         """A store on the Redis at ``url`` (``redis://``, ``rediss://``, ``unix://``).
 
-        Each command has ``block_ms`` + 1 s to answer and is tried twice at most, so a
-        stopped server is an error within a few seconds, never a hang.
+        Two pools: ``max_connections`` for writes and lookups, ``max_readers`` for readers
+        waiting in ``XREAD BLOCK`` (one connection each while they wait). Each command has
+        ``block_ms`` + 1 s to answer and is tried twice at most, so a stopped server is an
+        error within a few seconds, never a hang.
         """
-        pool = aioredis.BlockingConnectionPool.from_url(
-            url, max_connections=max_connections, timeout=5.0, protocol=2,
-            socket_timeout=block_ms / 1000 + 1.0, socket_connect_timeout=2.0,
-            retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 1))
-        kw = pool.connection_kwargs
+        def pool(size: int) -> aioredis.BlockingConnectionPool:
+            return aioredis.BlockingConnectionPool.from_url(
+                url, max_connections=size, timeout=5.0, protocol=2,
+                socket_timeout=block_ms / 1000 + 1.0, socket_connect_timeout=2.0,
+                retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 1))
+
+        commands = pool(max_connections)
+        kw = commands.connection_kwargs
         where = kw.get("path") or f"{kw.get('host', 'localhost')}:{kw.get('port', 6379)}"
-        return cls(aioredis.Redis(connection_pool=pool), block_ms=block_ms,
-                   where=f"redis at {where}", **kwargs)
+        return cls(aioredis.Redis(connection_pool=commands),
+                   read_client=aioredis.Redis(connection_pool=pool(max_readers)),
+                   block_ms=block_ms, where=f"redis at {where}", **kwargs)
 
     # -- plumbing ------------------------------------------------------------------------
 
@@ -349,6 +359,8 @@ class RedisStreamLog(StreamLog):
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await self._redis.aclose(close_connection_pool=True)
+        if self._reads is not self._redis:
+            await self._reads.aclose(close_connection_pool=True)
 
     # -- background: leases and cancels ----------------------------------------------------
 
@@ -529,7 +541,7 @@ class RedisReader(StreamReader):
             args += ["BLOCK", block_ms]
         args += ["STREAMS", key, f"0-{first}"]
         try:
-            reply = await store._redis.execute_command(*args)
+            reply = await store._reads.execute_command(*args)
         except (RedisError, OSError) as exc:
             raise store._unavailable(exc) from exc
         if reply is None or reply == []:
