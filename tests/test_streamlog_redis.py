@@ -63,6 +63,23 @@ async def test_one_stream_key_entry_ids_from_seq_and_a_ttl_on_every_key(
         assert 0 < await raw.pttl(key) <= 60_000
 
 
+async def test_a_finished_stream_expires_after_retention_s_a_live_one_does_not(
+        redis_server: RedisServer, raw: aioredis.Redis) -> None:
+    store = RedisStreamLog.from_url(redis_server.url, prefix=redis_prefix(), retention_s=1.5)
+    try:
+        done = await store.create(owner="k", endpoint="chat")
+        await done.finish("completed", [b"end"])
+        live = await store.create(owner="k", endpoint="chat")
+        await live.append([b"0"])
+        await asyncio.sleep(2.2)  # past retention_s: the live one's keys were renewed
+        assert await store.info(done.stream_id, owner="k") is None
+        assert await raw.exists(*store._keys(done.stream_id)) == 0
+        info = await store.info(live.stream_id, owner="k")
+        assert info is not None and info.last_seq == 0 and info.producer_alive
+    finally:
+        await store.aclose()
+
+
 async def test_the_lease_is_kept_alive_while_the_producer_lives(
         store: RedisStreamLog, raw: aioredis.Redis) -> None:
     p = await store.create(owner="k", endpoint="chat")

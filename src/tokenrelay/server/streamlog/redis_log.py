@@ -114,7 +114,8 @@ class RedisStreamLog(StreamLog):
         self.read_count = read_count
         self.prefix = prefix
         self.channel = f"{prefix}cancel"
-        self._ttl_ms = max(int(retention_s * 1000), _LEASE_MS * 2)
+        # (at least a lease's life: live keys are renewed with the lease)
+        self._ttl_ms = max(int(retention_s * 1000), _LEASE_MS)
         self._command_timeout = block_ms / 1000 + 1.0
         self._where = where
         self._redis = client
