@@ -27,7 +27,7 @@ SLACK = 2
 
 def _run(face: str, how: str, provider: str, url: str) -> dict[str, int]:
     proc = subprocess.run([sys.executable, str(CLIENT), face, how, provider, url],
-                          capture_output=True, text=True, timeout=120)
+                          check=False, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
