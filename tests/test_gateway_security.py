@@ -23,7 +23,7 @@ from typing import Any
 
 import httpx
 import pytest
-from _harness import LiveGateway, Processes, closed_port
+from _harness import LiveGateway, Processes, closed_port, sse_payloads
 from pydantic import ValidationError
 
 from tokenrelay.cli.serve import server_config
@@ -379,8 +379,7 @@ def test_max_tokens_is_clamped_to_the_keys_limit(client: httpx.Client, stream: b
         assert choice["finish_reason"] == "length"
         assert len(choice["message"]["content"].split()) == 3
         return
-    chunks = [json.loads(line[6:]) for line in r.text.splitlines()
-              if line.startswith("data: {")]
+    chunks = [json.loads(p) for p in sse_payloads(r.text) if p != "[DONE]"]
     deltas = [c["choices"][0]["delta"].get("content") for c in chunks if c["choices"]]
     assert len([d for d in deltas if d]) == 3
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"
