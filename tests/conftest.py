@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 from _harness import Processes
+from _redis import redis_server  # noqa: F401  (the session's redis-server, see _redis.py)
 
 _ENV = ("OPENAI_API_KEY", "OPENAI_BASE_URL", "TOKENRELAY_MODEL", "TOKENRELAY_GGUF",
         "TOKENRELAY_LOG", "TOKENRELAY_HOME")
