@@ -211,8 +211,8 @@ class RedisStreamLog(StreamLog):
 
         The batch is packed by hiredis and sent on one pooled connection, its replies read
         under one deadline: redis-py's pipeline packs each argument in Python and arms a
-        timer per reply, which cost 27 µs of CPU per append at 64 streams here against
-        N µs this way (bench/bench_streamlog.py). After a NOSCRIPT (Redis restarted or
+        timer per reply: 27 µs of CPU per append at 64 streams that way, 7 µs this way
+        (bench/bench_streamlog.py; bench/README.md). After a NOSCRIPT (Redis restarted or
         flushed) the scripts are loaded and the batch sent again, and after a connection
         error it is sent once more: every script here may run twice.
         """
