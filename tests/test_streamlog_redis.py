@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import signal
 import sys
 import time
@@ -180,30 +181,36 @@ async def test_reads_are_bounded_by_read_count(redis_server: RedisServer) -> Non
 # -- failures: the producer's process, and Redis itself -----------------------------------
 
 _CHILD = """
-import asyncio, sys
+import asyncio, random, sys
 from tokenrelay.server.streamlog.redis_log import RedisStreamLog
 
 async def main():
     store = RedisStreamLog.from_url(sys.argv[1], prefix=sys.argv[2])
+    rng = random.Random(int(sys.argv[3]))
     p = await store.create(owner="k", endpoint="chat")
     print(p.stream_id, flush=True)
-    seq = 0
+    tick = 0
     while True:
-        last = await p.append([b"frame %d" % seq])
+        n = rng.randint(1, 4)
+        last = await p.append([b"t%d %d/%d" % (tick, i, n) for i in range(n)])
         print(last, flush=True)
-        seq += 1
-        await asyncio.sleep(0.02)
+        tick += 1
+        await asyncio.sleep(rng.uniform(0, 0.03))
 
 asyncio.run(main())
 """
 
 
+@pytest.mark.parametrize("seed", [1, 2, 3])
 async def test_a_producer_process_killed_mid_stream(store: RedisStreamLog,
-                                                    redis_server: RedisServer) -> None:
-    """SIGKILL the producing process: the reader gets every frame written, once, then
-    ProducerLost within 2 s of the death, and the stream ends with the typed error."""
+                                                    redis_server: RedisServer,
+                                                    seed: int) -> None:
+    """SIGKILL the producing process at a random point: the reader gets every frame
+    written, once, whole ticks only, then ProducerLost within 2 s of the death, and the
+    stream ends with the typed error."""
+    rng = random.Random(seed)
     child = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", _CHILD, redis_server.url, store.prefix,
+        sys.executable, "-c", _CHILD, redis_server.url, store.prefix, str(seed),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
         env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")})
     try:
@@ -212,10 +219,12 @@ async def test_a_producer_process_killed_mid_stream(store: RedisStreamLog,
             stream_id = (await child.stdout.readline()).decode().strip()
         reader = await store.reader(stream_id, owner="k")
         got: list[tuple[int, bytes]] = []
+        kill_after = rng.randint(1, 40)
         async with asyncio.timeout(20):
-            while len(got) < 15:
+            while len(got) < kill_after:
                 batch = await reader.read()
                 got += [(batch.first_seq + i, d) for i, d in enumerate(batch.frames)]
+        await asyncio.sleep(rng.uniform(0, 0.03))  # anywhere in a tick
         child.send_signal(signal.SIGKILL)
         killed = time.monotonic()
         await asyncio.wait_for(child.wait(), 10)
@@ -229,8 +238,15 @@ async def test_a_producer_process_killed_mid_stream(store: RedisStreamLog,
         assert lost_after <= 2.0, f"producer_lost after {lost_after:.2f} s"
         seqs = [s for s, _ in got]
         assert seqs == list(range(len(seqs)))  # no gap, no duplicate
-        assert [d for _, d in got] == [b"frame %d" % s for s in seqs]
         assert seqs[-1] >= max(acked, default=0)  # every acknowledged frame arrived
+        # Whole ticks only: a tick is stored entirely or not at all.
+        ticks: dict[bytes, list[bytes]] = {}
+        for _, data in got:
+            tick, part = data.split(b" ")
+            ticks.setdefault(tick, []).append(part)
+        for parts in ticks.values():
+            n = int(parts[0].split(b"/")[1])
+            assert parts == [b"%d/%d" % (i, n) for i in range(n)]
         assert caught.value.last_seq == seqs[-1]
         assert await store.end_lost(stream_id, last_seq=seqs[-1], frames=[b"producer_lost"])
         assert list((await reader.read(timeout=5)).frames) == [b"producer_lost"]
