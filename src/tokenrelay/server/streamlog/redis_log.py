@@ -10,8 +10,9 @@ process, or at its next lease refresh (≤ 0.5 s) if that connection missed it.
 
 Retention: every key has a TTL of ``retention_s``, renewed while the producer is alive
 and set again by the final frame; Redis drops the stream then. Total size is Redis's
-own ``maxmemory`` (use ``maxmemory-policy volatile-ttl``: the keys closest to expiry,
-i.e. the oldest finished streams, go first); ``max_stream_bytes`` caps each stream.
+own ``maxmemory`` (use ``maxmemory-policy volatile-lru``: finished streams nobody reads
+go first, while a live stream's keys are touched every 0.5 s; ``volatile-ttl`` would evict
+the short-lived leases first); ``max_stream_bytes`` caps each stream.
 
 Replies are checked as hostile: types, entry ids (consecutive from the cursor), frame
 sizes (``max_frame_bytes``), at most ``read_count`` entries per read. Anything else is
