@@ -156,7 +156,7 @@ async def test_frames_after_the_final_one_are_an_error(
 
 @pytest.mark.parametrize("field, value", [
     ("s", b"hacked"), ("n", b"-7"), ("n", b"many"), ("o", b"o" * 300), ("m", b"[1, 2]"),
-    ("m", b'{"a": 1}'), ("t", b"yesterday"),
+    ("m", b'{"a": 1}'), ("t", b"yesterday"), ("t", b"nan"), ("f", b"inf"),
 ])
 async def test_a_bad_record_is_an_error(store: RedisStreamLog, raw: aioredis.Redis,
                                         field: str, value: bytes) -> None:

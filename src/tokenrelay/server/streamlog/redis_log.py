@@ -288,10 +288,14 @@ class RedisStreamLog(StreamLog):
             return
         try:
             replies = await self._pipeline([(self._append, p.keys_args) for p in batch])
-        except StreamLogUnavailable as exc:
+        except BaseException as exc:
+            # Never leave a producer waiting: the writer stops only when the store closes.
+            error = exc if isinstance(exc, StreamLogUnavailable) else self._unavailable(exc)
             for p in batch:
                 if not p.fut.done():
-                    p.fut.set_exception(exc)
+                    p.fut.set_exception(error)
+            if not isinstance(exc, StreamLogUnavailable):
+                raise
             return
         for p, reply in zip(batch, replies, strict=True):
             if isinstance(reply, Exception):
@@ -324,6 +328,9 @@ class RedisStreamLog(StreamLog):
                 raise ValueError
             status_s = status.decode()
             if status_s not in FINAL_STATUSES and status_s not in LIVE_STATUSES:
+                raise ValueError
+            if not math.isfinite(float(created)) or (finished and not math.isfinite(
+                    float(finished))):
                 raise ValueError
             meta_d = json.loads(meta) if meta else {}
             if not isinstance(meta_d, dict) or not all(
@@ -423,6 +430,10 @@ class RedisStreamLog(StreamLog):
         tasks = [t for t in (self._keeper, self._listener, self._writer) if t is not None]
         for task in tasks:
             task.cancel()
+        for pending in self._queue:
+            if not pending.fut.done():
+                pending.fut.set_exception(StreamLogUnavailable("the stream log is closed"))
+        self._queue = []
         await asyncio.gather(*tasks, return_exceptions=True)
         await self._redis.aclose(close_connection_pool=True)
         if self._reads is not self._redis:
