@@ -380,6 +380,43 @@ async def test_refresh_reports_the_lease(store: StreamLog) -> None:
     assert not await p.refresh()
 
 
+# -- readers, as the producer sees them --------------------------------------------------
+
+
+async def wait_until(check, timeout: float) -> float:  # type: ignore[no-untyped-def]
+    t0 = time.monotonic()
+    while not check():
+        assert time.monotonic() - t0 < timeout, "not within the time"
+        await asyncio.sleep(0.02)
+    return time.monotonic() - t0
+
+
+async def test_the_producer_knows_whether_anyone_reads(store: StreamLog) -> None:
+    p = await store.create(owner="k", endpoint="chat")
+    assert p.readers == 0 and p.readers_seen_at is None
+    first = await store.reader(p.stream_id, owner="k")
+    async with await store.reader(p.stream_id, owner="k"):
+        await wait_until(lambda: p.readers == 2, 1.5)  # a lease refresh at most
+        await first.aclose()
+        await first.aclose()  # idempotent
+        await wait_until(lambda: p.readers == 1, 1.5)
+    await wait_until(lambda: p.readers == 0, 1.5)
+    seen = p.readers_seen_at
+    assert seen is not None and time.monotonic() - seen < 2.0
+    # A reader dropped without aclose() (its task died) stops counting too.
+    reader = await store.reader(p.stream_id, owner="k")
+    await wait_until(lambda: p.readers == 1, 1.5)
+    del reader
+    gc.collect()
+    await wait_until(lambda: p.readers == 0, 3.0)
+    # Refused readers never count.
+    with pytest.raises(StreamNotFound):
+        await store.reader(p.stream_id, owner="mallory")
+    await p.finish("completed", [frame(0)])
+    with pytest.raises(ValueError):
+        await store.reader(p.stream_id, after=5, owner="k")
+
+
 # -- sizes --------------------------------------------------------------------------------
 
 

@@ -50,7 +50,7 @@ async def test_one_stream_key_entry_ids_from_seq_and_a_ttl_on_every_key(
     p = await store.create(owner="k", endpoint="chat", meta={"model": "m"})
     await p.append([b"a", b"b"], status="in_progress")
     await store.cancel(p.stream_id, owner="k")
-    m, x, lease, c = store._keys(p.stream_id)
+    m, x, lease, c, _ = store._keys(p.stream_id)
     entries = await raw.xrange(x)
     assert [(eid, fields) for eid, fields in entries] == [
         (b"0-1", {b"d": b"a"}), (b"0-2", {b"d": b"b"})]
@@ -91,6 +91,29 @@ async def test_the_lease_is_kept_alive_while_the_producer_lives(
     assert 0 < await raw.pttl(store._keys(p.stream_id)[2]) <= 1500
     await p.append([b"x"])
     assert list((await reader.read(timeout=5)).frames) == [b"x"]
+
+
+async def test_a_reader_in_another_process_counts_and_its_death_too(
+        store: RedisStreamLog, redis_server: RedisServer) -> None:
+    other = RedisStreamLog.from_url(redis_server.url, prefix=store.prefix)
+    try:
+        p = await store.create(owner="k", endpoint="chat")
+        reader = await other.reader(p.stream_id, owner="k")
+        await wait_for(lambda: p.readers == 1, 1.5)
+        # Its process stops renewing (dropped without aclose, as in a crash): it lapses.
+        other._readers.clear()
+        del reader
+        await wait_for(lambda: p.readers == 0, 3.0)
+        assert p.readers_seen_at is not None
+    finally:
+        await other.aclose()
+
+
+async def wait_for(check, timeout: float) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "not within the time"
+        await asyncio.sleep(0.05)
 
 
 async def test_cancel_from_another_process_reaches_the_producer_at_once(

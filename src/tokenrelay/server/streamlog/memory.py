@@ -78,6 +78,8 @@ class _Stream:
         "nbytes",
         "owner",
         "producer",
+        "readers",
+        "readers_left_at",
         "status",
         "waiter",
     )
@@ -101,6 +103,14 @@ class _Stream:
         #: Resolved (and cleared) by the next change; awaited by every waiting reader.
         self.waiter: asyncio.Future[None] | None = None
         self.dropped = False
+        #: Readers attached now, and when the last one left (time.monotonic()).
+        self.readers = 0
+        self.readers_left_at: float | None = None
+
+    def detach(self) -> None:
+        self.readers -= 1
+        if self.readers == 0:
+            self.readers_left_at = time.monotonic()
 
     def wake(self) -> None:
         fut = self.waiter
@@ -355,6 +365,14 @@ class MemoryProducer(Producer):
         self.closed = True
         return last
 
+    @property
+    def readers(self) -> int:
+        return self._s.readers
+
+    @property
+    def readers_seen_at(self) -> float | None:
+        return time.monotonic() if self._s.readers else self._s.readers_left_at
+
     async def refresh(self) -> bool:
         alive = self._s.holder == self.holder and not self._s.dropped
         if not alive:
@@ -373,6 +391,12 @@ class MemoryReader(StreamReader):
     def __init__(self, s: _Stream, info: StreamInfo, after: int) -> None:
         super().__init__(info, after)
         self._s = s
+        s.readers += 1
+        # A reader dropped without aclose() detaches too.
+        self._detach = weakref.finalize(self, s.detach)
+
+    async def aclose(self) -> None:
+        self._detach()  # once: a finalizer runs at most once
 
     def read_nowait(self) -> FrameBatch:
         """What follows the cursor now (possibly nothing), without waiting."""

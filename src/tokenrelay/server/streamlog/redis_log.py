@@ -129,8 +129,14 @@ class RedisStreamLog(StreamLog):
         self._cancel = client.register_script(_lua.CANCEL)
         self._acquire = client.register_script(_lua.ACQUIRE)
         self._probe = client.register_script(_lua.PROBE)
+        self._touch = client.register_script(_lua.TOUCH)
+        self._detach = client.register_script(_lua.DETACH)
+        self._attach = client.register_script(_lua.ATTACH)
         #: This process's live producers (weak: a dropped producer stops being refreshed).
         self._producers: weakref.WeakValueDictionary[str, RedisProducer] = (
+            weakref.WeakValueDictionary())
+        #: This process's attached readers, by token (weak, likewise).
+        self._readers: weakref.WeakValueDictionary[str, RedisReader] = (
             weakref.WeakValueDictionary())
         self._keeper: asyncio.Task[None] | None = None
         self._listener: asyncio.Task[None] | None = None
@@ -166,9 +172,9 @@ class RedisStreamLog(StreamLog):
 
     # -- plumbing ------------------------------------------------------------------------
 
-    def _keys(self, stream_id: str) -> tuple[str, str, str, str]:
+    def _keys(self, stream_id: str) -> tuple[str, str, str, str, str]:
         base = f"{self.prefix}{{{stream_id}}}:"
-        return base + "m", base + "x", base + "l", base + "c"
+        return base + "m", base + "x", base + "l", base + "c", base + "r"
 
     def _unavailable(self, exc: BaseException) -> StreamLogUnavailable:
         # Never the URL: it may carry a password.
@@ -353,7 +359,7 @@ class RedisStreamLog(StreamLog):
         stream_id = new_stream_id(id_prefix)
         holder = new_stream_id()
         created = time.time()
-        m, _, lease, _ = self._keys(stream_id)
+        m, _, lease, _, _ = self._keys(stream_id)
         meta_json = json.dumps(dict(meta or {}), separators=(",", ":"))
         ok = await self._call(self._create, [m, lease], [
             holder, owner, endpoint, repr(created), status, meta_json, _LEASE_MS, self._ttl_ms])
@@ -365,16 +371,19 @@ class RedisStreamLog(StreamLog):
 
     def _register(self, producer: RedisProducer) -> RedisProducer:
         self._producers[producer.stream_id] = producer
-        if self._keeper is None or self._keeper.done():
-            self._keeper = asyncio.create_task(self._keep(), name="streamlog-lease-keeper")
+        self._start_keeper()
         if self._listener is None or self._listener.done():
             self._listener = asyncio.create_task(self._listen(), name="streamlog-cancels")
         return producer
 
+    def _start_keeper(self) -> None:
+        if self._keeper is None or self._keeper.done():
+            self._keeper = asyncio.create_task(self._keep(), name="streamlog-keeper")
+
     async def info(self, stream_id: str, *, owner: str | None) -> StreamInfo | None:
         if not valid_stream_id(stream_id):
             return None
-        m, _, lease, c = self._keys(stream_id)
+        m, _, lease, c, _ = self._keys(stream_id)
         info = self._parse_info(stream_id, await self._call(self._info, [m, lease, c], []))
         if info is None or (owner is not None and info.owner != owner):
             return None
@@ -382,17 +391,32 @@ class RedisStreamLog(StreamLog):
 
     async def reader(self, stream_id: str, *, after: int = -1,
                      owner: str | None) -> RedisReader:
-        info = await self.info(stream_id, owner=owner)
-        if info is None:
+        if not valid_stream_id(stream_id):
             raise StreamNotFound(stream_id)
-        check_after(after, info)
-        return RedisReader(self, info, after)
+        token = new_stream_id()
+        m, _, lease, c, r = self._keys(stream_id)
+        # The record, and the reader attached, in one round trip.
+        info = self._parse_info(stream_id, await self._call(
+            self._attach, [m, lease, c, r], [token, _LEASE_MS, self._ttl_ms]))
+        if info is None or (owner is not None and info.owner != owner):
+            if info is not None:
+                await self._call(self._detach, [r], [token])
+            raise StreamNotFound(stream_id)
+        try:
+            check_after(after, info)
+        except ValueError:
+            await self._call(self._detach, [r], [token])
+            raise
+        reader = RedisReader(self, info, after, token)
+        self._readers[token] = reader
+        self._start_keeper()
+        return reader
 
     async def cancel(self, stream_id: str, *, owner: str | None) -> StreamInfo | None:
         info = await self.info(stream_id, owner=owner)  # the owner check comes first
         if info is None or info.ended:
             return info
-        m, _, lease, c = self._keys(stream_id)
+        m, _, lease, c, _ = self._keys(stream_id)
         reply = await self._call(self._cancel, [m, lease, c],
                                  [self._ttl_ms, self.channel, stream_id])
         return self._parse_info(stream_id, reply)
@@ -401,7 +425,7 @@ class RedisStreamLog(StreamLog):
         if not valid_stream_id(stream_id):
             raise StreamNotFound(stream_id)
         holder = new_stream_id()
-        m, _, lease, c = self._keys(stream_id)
+        m, _, lease, c, _ = self._keys(stream_id)
         reply = await self._call(self._acquire, [m, lease, c], [holder, _LEASE_MS])
         info = self._parse_info(stream_id, reply)
         if info is None:
@@ -419,7 +443,7 @@ class RedisStreamLog(StreamLog):
         if not valid_stream_id(stream_id):
             return False
         self._check_frames(frames)
-        m, x, lease, _ = self._keys(stream_id)
+        m, x, lease, _, _ = self._keys(stream_id)
         reply = await self._call(self._append, [m, x, lease], [
             "", last_seq + 1, "", status, repr(time.time()), self._ttl_ms, _LEASE_MS, 0,
             *frames])
@@ -442,21 +466,25 @@ class RedisStreamLog(StreamLog):
     # -- background: leases and cancels ----------------------------------------------------
 
     async def _keep(self) -> None:
-        """Refresh every local lease every 0.5 s, in one pipelined round trip."""
+        """Every 0.5 s, in one round trip: renew this process's leases (and learn of
+        cancels and readers) and its readers' presence."""
         while not self._closed and await self._refresh_all():
             pass
 
     async def _refresh_all(self) -> bool:
-        # A function of its own so that no strong reference to a producer outlives the
-        # pass: a producer dropped by its task must stop being refreshed.
+        # A function of its own so that no strong reference to a producer or reader
+        # outlives the pass: one dropped by its task must stop being renewed.
         await asyncio.sleep(LEASE_REFRESH_S)
         producers = list(self._producers.values())
-        if not producers:
+        readers = list(self._readers.values())
+        if not producers and not readers:
             return False
         try:
             replies = await self._pipeline([
-                (self._refresh, [4, *p._keys, p.holder, _LEASE_MS, self._ttl_ms])
-                for p in producers])
+                (self._refresh, [5, *p._keys, p.holder, _LEASE_MS, self._ttl_ms])
+                for p in producers] + [
+                (self._touch, [1, r._keys[4], r.token, _LEASE_MS, self._ttl_ms])
+                for r in readers])
         except StreamLogUnavailable as exc:
             log.warning("stream log: lease refresh failed: %s", exc)
             return True
@@ -526,7 +554,7 @@ class RedisProducer(Producer):
             raise LeaseLost(f"stream {self.stream_id} is no longer this producer's")
         store = self._store
         store._check_frames(frames)
-        m, x, lease, _ = self._keys
+        m, x, lease, _, _ = self._keys
         code, last = await store._submit(self, len(frames), [
             3, m, x, lease, self.holder, self.next_seq, live, final, repr(time.time()),
             store._ttl_ms, _LEASE_MS, cap, *frames])
@@ -570,10 +598,14 @@ class RedisProducer(Producer):
         return last
 
     def _refreshed(self, reply: Any) -> bool:
-        if isinstance(reply, list) and len(reply) == 2:
-            alive, cancel = reply
+        if (isinstance(reply, list) and len(reply) == 3
+                and all(isinstance(v, int) for v in reply)):
+            alive, cancel, readers = reply
             if cancel == 1:
                 self._on_cancel()
+            self._readers = readers
+            if readers > 0:
+                self._readers_seen_at = time.monotonic()
             if alive == 0 and not self.closed:
                 self._on_lost()
                 self.closed = True
@@ -585,9 +617,8 @@ class RedisProducer(Producer):
         if self.closed:
             return False
         store = self._store
-        m, x, lease, c = self._keys
         return self._refreshed(await store._call(
-            store._refresh, [m, x, lease, c], [self.holder, _LEASE_MS, store._ttl_ms]))
+            store._refresh, self._keys, [self.holder, _LEASE_MS, store._ttl_ms]))
 
     async def release(self) -> None:
         if self.closed:
@@ -601,13 +632,23 @@ class RedisProducer(Producer):
 class RedisReader(StreamReader):
     """A cursor on one stream in Redis (see :class:`~.base.StreamReader`)."""
 
-    def __init__(self, store: RedisStreamLog, info: StreamInfo, after: int) -> None:
+    def __init__(self, store: RedisStreamLog, info: StreamInfo, after: int,
+                 token: str) -> None:
         super().__init__(info, after)
         self._store = store
         self._keys = store._keys(info.id)
+        self.token = token
+        self._attached = True
         if info.ended and after >= info.last_seq:
             self.ended = True
             self.status = cast(FinalStatus, info.status)
+
+    async def aclose(self) -> None:
+        if self._attached:
+            self._attached = False
+            store = self._store
+            store._readers.pop(self.token, None)
+            await store._call(store._detach, [self._keys[4]], [self.token])
 
     async def _xread(self, block_ms: int | None) -> FrameBatch:
         store = self._store
@@ -683,7 +724,7 @@ class RedisReader(StreamReader):
             if batch.frames:
                 return batch
             # Nothing came: is the stream still there, and its producer?
-            m, _, lease, _ = self._keys
+            m, _, lease, _, _ = self._keys
             probe = await store._call(store._probe, [m, lease], [])
             if probe is None:
                 raise StreamNotFound(self.stream_id)
