@@ -107,6 +107,8 @@ async def test_finish_needs_a_final_frame_and_a_final_status(store: StreamLog) -
         await p.finish("completed", [])
     with pytest.raises(ValueError):
         await p.finish("in_progress", [frame(0)])  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        await p.append([frame(0)], status="completed")  # type: ignore[arg-type]
     await p.finish("incomplete", [frame(0)])
 
 

@@ -33,6 +33,7 @@ from typing import cast
 
 from .base import (
     FINAL_STATUSES,
+    LIVE_STATUSES,
     FinalStatus,
     FrameBatch,
     LeaseLost,
@@ -328,6 +329,8 @@ class MemoryProducer(Producer):
 
     def append_nowait(self, frames: Sequence[bytes], *, status: LiveStatus | None = None) -> int:
         """:meth:`append` without a coroutine: for a caller on the hot path."""
+        if status is not None and status not in LIVE_STATUSES:
+            raise ValueError(f"not a live status: {status!r} (finish() ends a stream)")
         s = self._s
         if s.holder != self.holder or s.dropped:
             self._on_lost()
