@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import queue
 import sqlite3
 import threading
@@ -56,7 +57,12 @@ class RequestLog:
 
     def __init__(self, path: str | Path, *, redact: bool = False) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # Prompts and answers: readable by the gateway's user only. The folder is made
+        # 0700 when this creates it, the file 0600 (SQLite gives its -wal and -shm files
+        # the database file's mode); existing ones keep what their owner chose.
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if not self.path.exists():
+            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))
         self.redact = redact
         self._lock = threading.Lock()
         self._db = sqlite3.connect(self.path, check_same_thread=False, timeout=10)
