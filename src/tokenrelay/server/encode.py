@@ -105,7 +105,7 @@ _OWN_MESSAGES = frozenset({"invalid_request", "timeout_first_token", "timeout_id
                            "timeout_total", "truncated", "structured_output_invalid",
                            SERVER_SHUTDOWN})
 _GENERIC = {
-    "rate_limited": "is rate limited; retry after a while",
+    "rate_limited": "is rate limited; retry after the delay in the Retry-After header",
     "bad_request": "refused the request; check its parameters (e.g. the prompt's length"
                    " against the model's context)",
     "connection_error": "is unavailable; try again later",
