@@ -230,4 +230,4 @@ def test_random_requests_get_an_answer_and_never_a_5xx(gateway: LiveGateway) -> 
     assert not failures, failures[:10]
     assert sum(statuses.values()) == RANDOM_REQUESTS
     # The run reached the endpoints, not only the guards: answers and refusals both.
-    assert statuses[200] > 200 and statuses[400] > 300 and statuses[415] > 50, statuses
+    assert statuses[200] > 50 and statuses[400] > 300 and statuses[415] > 100, statuses
