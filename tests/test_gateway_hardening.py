@@ -20,8 +20,8 @@ from typing import Any
 
 import httpx
 import pytest
-from _gateway import open_stream, poll
-from _live import LiveGateway
+from _gateway import open_stream
+from _harness import LiveGateway, poll
 from _raw_http import RawServer, response
 
 from tokenrelay import RetryPolicy

@@ -9,22 +9,17 @@ is dropped with a reset, not left in FIN-WAIT-1 holding the kernel's send buffer
 from __future__ import annotations
 
 import json
-import os
-import queue
 import signal
 import socket
 import sqlite3
-import subprocess
-import sys
-import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from _gateway import LiveGateway, chat_body, config, open_stream, poll, routes, sse_payloads
+from _gateway import chat_body, config, open_stream, routes
+from _harness import LiveGateway, Proc, Processes, poll, sse_payloads
 
 from tokenrelay.mock_upstream import MockUpstream
 
@@ -33,67 +28,21 @@ DRAIN = 1.5
 #: Slack for a loaded 2-core machine on top of the promised bound.
 SLACK = 3.0
 LONG = "mock:tokens=2000,tokens_per_second=10"
-#: A clean stop: uvicorn re-raises the SIGTERM it handled once it is done (as systemd
-#: and shells expect of a process stopped by a signal).
-EXITED = (0, -signal.SIGTERM)
+#: A clean stop: SIGTERM handled, answers drained, the log written (not uvicorn's re-raise).
+EXITED = (0,)
 
 
-class Serve:
-    """`tokenrelay serve --config FILE` in a process of its own, on a free port."""
-
-    def __init__(self, tmp: Path, **settings: Any) -> None:
-        self.db = tmp / "log" / "requests.db"
-        lines = [f"{k} = {json.dumps(v)}" for k, v in {
-            "port": 0, "serve_local": False, **settings}.items()]
-        lines += ["[log]", f"path = {json.dumps(str(self.db))}"]
-        self.config = tmp / "gateway.toml"
-        self.config.write_text("\n".join(lines) + "\n")
-        script = Path(sys.executable).with_name("tokenrelay")
-        argv = [str(script)] if script.exists() else [sys.executable, "-m", "tokenrelay.cli"]
-        env = {k: v for k, v in os.environ.items() if k != "TOKENRELAY_API_KEYS"}
-        self.proc = subprocess.Popen([*argv, "serve", "--config", str(self.config)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                     stdin=subprocess.DEVNULL, text=True, env=env)
-        self.lines: queue.Queue[str] = queue.Queue()
-        self.stderr: list[str] = []
-        threading.Thread(target=self._read, daemon=True).start()
-        self.url = ""
-        deadline = time.monotonic() + 30
-        while not self.url:
-            line = self.lines.get(timeout=max(0.1, deadline - time.monotonic()))
-            if "serving on" in line:
-                self.url = line.split()[3]
-        self.port = int(self.url.rsplit(":", 1)[1])
-
-    def _read(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self.stderr.append(line)
-            self.lines.put(line)
-
-    def rows(self) -> list[dict[str, Any]]:
-        with sqlite3.connect(self.db) as db:
-            db.row_factory = sqlite3.Row
-            return [dict(r) for r in db.execute("SELECT * FROM requests ORDER BY id")]
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(10)
+def serve(processes: Processes, tmp: Path, **settings: Any) -> tuple[Proc, Path]:
+    """`tokenrelay serve --config FILE` as users run it, with its request log in ``tmp``."""
+    db = tmp / "log" / "requests.db"
+    proc = processes.serve({"serve_local": False, "log": {"path": str(db)}, **settings})
+    return proc, db
 
 
-@pytest.fixture
-def serve(tmp_path: Path) -> Iterator[Any]:
-    started: list[Serve] = []
-
-    def start(**settings: Any) -> Serve:
-        server = Serve(tmp_path, **settings)
-        started.append(server)
-        return server
-
-    yield start
-    for server in started:
-        server.stop()
+def log_rows(db: Path) -> list[dict[str, Any]]:
+    with sqlite3.connect(db) as conn:
+        conn.row_factory = sqlite3.Row
+        return [dict(r) for r in conn.execute("SELECT * FROM requests ORDER BY id")]
 
 
 def open_post(port: int, path: str, body: dict[str, Any]) -> socket.socket:
@@ -133,8 +82,8 @@ def dechunk(raw: bytes) -> tuple[bytes, bool]:
 
 
 def test_sigterm_ends_running_answers_with_one_shutdown_error_within_the_drain(
-        serve: Any) -> None:
-    server = serve(drain_timeout_s=DRAIN)
+        processes: Processes, tmp_path: Path) -> None:
+    server, db = serve(processes, tmp_path, drain_timeout_s=DRAIN)
     streams = {
         "chat": open_post(server.port, "/v1/chat/completions",
                           {"model": LONG, "messages": HI, "stream": True}),
@@ -150,16 +99,29 @@ def test_sigterm_ends_running_answers_with_one_shutdown_error_within_the_drain(
         "unstreamed": open_post(server.port, "/v1/chat/completions",
                                 {"model": LONG, "messages": HI}),
     }
+    try:
+        answers, ended_in = _sigterm_while_running(server, streams, waiting)
+    finally:
+        for sock in [*streams.values(), *waiting.values()]:
+            sock.close()
+    assert ended_in < DRAIN + SLACK, ended_in
+    assert server.popen.wait(DRAIN + SLACK + 5) in EXITED, server.output()
+    _check_shutdown_answers(answers, db)
+
+
+def _sigterm_while_running(server: Proc, streams: dict[str, socket.socket],
+                           waiting: dict[str, socket.socket]) -> tuple[dict[str, bytes], float]:
     first = {name: sock.recv(65536) for name, sock in streams.items()}
     assert all(b"200 OK" in data for data in first.values()), first
     time.sleep(0.3)
     sent_at = time.monotonic()
-    server.proc.send_signal(signal.SIGTERM)
+    server.signal(signal.SIGTERM)
     answers = {name: first.get(name, b"") + read_to_end(sock, DRAIN + SLACK + 5)
                for name, sock in {**streams, **waiting}.items()}
-    ended_in = time.monotonic() - sent_at
-    assert ended_in < DRAIN + SLACK, ended_in
-    assert server.proc.wait(DRAIN + SLACK + 5) in EXITED, "".join(server.stderr)
+    return answers, time.monotonic() - sent_at
+
+
+def _check_shutdown_answers(answers: dict[str, bytes], db: Path) -> None:
     for name in ("chat", "simple", "responses"):
         body, complete = dechunk(answers[name])
         assert complete, (name, answers[name][-300:])
@@ -180,32 +142,34 @@ def test_sigterm_ends_running_answers_with_one_shutdown_error_within_the_drain(
         assert head.startswith(b"HTTP/1.1 503 "), (name, answers[name][:300])
         assert json.loads(body)["error"]["code"] == "server_shutdown"
     # Flushed before the process exited: one row per request, shutdowns marked.
-    rows = server.rows()
+    rows = log_rows(db)
     assert len(rows) == 6, rows
     assert sum("server_shutdown" in (r["error"] or "") for r in rows) == 5
 
 
-def test_sigterm_writes_every_answered_request_to_the_log(serve: Any) -> None:
-    server = serve()
+def test_sigterm_writes_every_answered_request_to_the_log(processes: Processes,
+                                                         tmp_path: Path) -> None:
+    server, db = serve(processes, tmp_path)
     with httpx.Client(base_url=server.url, timeout=10) as c:
         for _ in range(30):
             assert c.post("/v1/chat/completions", json={"model": "mock", "messages": HI},
                           ).status_code == 200
-    server.proc.send_signal(signal.SIGTERM)  # at once: the last batch is still pending
-    assert server.proc.wait(15) in EXITED
-    assert len(server.rows()) == 30
+    server.signal(signal.SIGTERM)  # at once: the last batch is still pending
+    assert server.popen.wait(15) in EXITED
+    assert len(log_rows(db)) == 30
 
 
-def test_kill_9_loses_nothing_answered_more_than_a_batch_ago(serve: Any) -> None:
-    server = serve()
+def test_kill_9_loses_nothing_answered_more_than_a_batch_ago(processes: Processes,
+                                                             tmp_path: Path) -> None:
+    server, db = serve(processes, tmp_path)
     with httpx.Client(base_url=server.url, timeout=10) as c:
         for _ in range(30):
             assert c.post("/v1/chat/completions", json={"model": "mock", "messages": HI},
                           ).status_code == 200
     time.sleep(0.2 + 0.5)  # the batch window, and time for its commit on a loaded machine
-    server.proc.kill()
-    server.proc.wait(10)
-    assert len(server.rows()) == 30
+    server.signal(signal.SIGKILL)
+    server.popen.wait(10)
+    assert len(log_rows(db)) == 30
 
 
 # -- a client that stopped reading ----------------------------------------------------------

@@ -34,11 +34,12 @@ Example::
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.util
 import logging
 import socket
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import uvicorn
@@ -312,6 +313,14 @@ class GatewayServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, *, drain_timeout: float) -> None:
         super().__init__(config)
         self.drain_timeout = drain_timeout
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        with super().capture_signals():
+            yield
+            # The SIGTERM / Ctrl-C was handled: a drained, flushed stop is a clean exit
+            # (status 0), not uvicorn's re-raise of the signal to die by it.
+            self._captured_signals.clear()
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         gateway = getattr(getattr(self.config.app, "state", None), "gateway", None)
