@@ -6,9 +6,17 @@ transaction (WAL, ``synchronous=NORMAL``: no fsync per commit). An ``asyncio.to_
 + insert + commit per request cost the gateway ~900 µs of CPU per request on the
 2026-12-03 bench (9 µs per relayed chunk of a 100-token answer at concurrency 1).
 
-Rows: key id, model, endpoint, status (ok / error / cancelled), HTTP status, usage, time
-to first token, duration, the prompt and answer (``redact = true`` stores neither), error.
-Keys and upstream secrets are never written.
+Rows: key id, model, endpoint, status (ok / error / cancelled / refused), HTTP status,
+usage, time to first token, duration, the prompt and answer (``redact = true`` stores
+neither), error. Keys and upstream secrets are never written. A request refused before it
+reached a model (400, 401, 403, 404, 413, 415, 429, 431, …) is a ``refused`` row with its
+path as the endpoint; a stream its client left before the first frame has HTTP status 499.
+
+What a crash can lose: committed rows survive a killed process (WAL; ``synchronous=NORMAL``
+gives up only the last commits to a power loss), so a ``kill -9`` loses the rows recorded
+in the last ``BATCH_SECONDS`` (0.2 s) and the batch being written, no more. A clean stop
+(SIGTERM: the lifespan's shutdown, ``Gateway.aclose``) writes everything first. The
+database is created ``0600`` and its folder ``0700`` when this creates them.
 """
 
 from __future__ import annotations
