@@ -16,7 +16,7 @@ import stat
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import httpx
 import pytest
@@ -370,9 +370,52 @@ def keyed_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveGate
         yield live
 
 
+class H11Gateway:
+    """The gateway's app under uvicorn's pure-Python h11 protocol (``http="h11"``)."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        import asyncio
+        import threading
+
+        import uvicorn
+
+        from tokenrelay.server.run import uvicorn_config
+
+        self.server = uvicorn.Server(uvicorn_config(config, log_config=None, http="h11"))
+        self.gateway = self.server.config.app.state.gateway
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=lambda: self.loop.run_until_complete(
+            self.server.serve(sockets=[self.sock])), daemon=True)
+
+    def __enter__(self) -> Self:
+        self.thread.start()
+        assert poll(lambda: self.server.started, 10)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+        self.loop.close()
+        self.sock.close()
+
+
+@pytest.fixture(scope="module", params=["httptools", "h11"])
+def capped_gateway(request: pytest.FixtureRequest, keyed_gateway: LiveGateway,
+                   tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    if request.param == "httptools":
+        yield keyed_gateway  # the shipped protocol
+        return
+    config = gateway_config(tmp_path_factory.mktemp("h11"),
+                            keys=[KeyConfig(id="a", sha256=hash_key(KEY))])
+    with H11Gateway(config) as live:
+        yield live
+
+
 @pytest.mark.parametrize("shape", ["one_line", "many_headers", "url"])
 def test_request_line_and_headers_over_64_kib_are_431_before_auth(
-        keyed_gateway: LiveGateway, shape: str) -> None:
+        capped_gateway: Any, shape: str) -> None:
     if shape == "one_line":
         head = b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: " + b"a" * 70_000
     elif shape == "many_headers":
@@ -380,24 +423,27 @@ def test_request_line_and_headers_over_64_kib_are_431_before_auth(
             b"X-H%d: %s\r\n" % (i, b"b" * 100) for i in range(700))
     else:
         head = b"GET /v1/models?q=" + b"c" * 70_000 + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-    answer, _ = raw_request(keyed_gateway.port, head + b"\r\n")
+    answer, _ = raw_request(capped_gateway.port, head + b"\r\n")
     assert answer.startswith(b"HTTP/1.1 431 "), answer[:200]
     body = json.loads(answer.partition(b"\r\n\r\n")[2])
     assert body["error"]["code"] == "headers_too_large"
+    assert capped_gateway.gateway.reqlog is not None
+    assert poll(lambda: any(r["http_status"] == 431
+                            for r in capped_gateway.gateway.reqlog.rows(1000)), 5)
 
 
-def test_a_64_mb_header_line_is_cut_off_early(keyed_gateway: LiveGateway) -> None:
+def test_a_64_mb_header_line_is_cut_off_early(capped_gateway: Any) -> None:
     head = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: " + b"a" * (64 << 20)
-    answer, sent = raw_request(keyed_gateway.port, head, chunk=1 << 20)
+    answer, sent = raw_request(capped_gateway.port, head, chunk=1 << 20)
     assert answer.startswith(b"HTTP/1.1 431 "), answer[:200]
     # The server stopped taking the line long before its end (it held 58 MB before).
     assert sent < 16 << 20, sent
 
 
-def test_headers_under_the_cap_are_served(keyed_gateway: LiveGateway) -> None:
+def test_headers_under_the_cap_are_served(capped_gateway: Any) -> None:
     head = (b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer "
             + KEY.encode() + b"\r\nConnection: close\r\nX-Big: " + b"a" * 60_000 + b"\r\n\r\n")
-    answer, _ = raw_request(keyed_gateway.port, head)
+    answer, _ = raw_request(capped_gateway.port, head)
     assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
 
 

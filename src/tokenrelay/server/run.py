@@ -37,13 +37,16 @@ import asyncio
 import contextlib
 import importlib.util
 import logging
+import re
 import socket
 import struct
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import h11
 import uvicorn
 from uvicorn.config import LOGGING_CONFIG
+from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from ..errors import ConfigurationError
@@ -54,6 +57,7 @@ from .sse import SendTimeout
 __all__ = [
     "MAX_HEADER_BYTES",
     "GatewayServer",
+    "HeaderCapH11Protocol",
     "HeaderTimeoutProtocol",
     "bind",
     "build_server",
@@ -73,6 +77,8 @@ GRACEFUL_SHUTDOWN_MARGIN = 5
 #: The request line and headers of one request, together (nginx: 4 × 8 KiB buffers).
 MAX_HEADER_BYTES = 64 * 1024
 _LINGER_RESET = struct.pack("ii", 1, 0)
+#: The end of a request's head as h11 finds it (a bare LF is accepted too).
+_HEAD_END = re.compile(rb"\n\r?\n")
 
 
 def abort_with_reset(transport: asyncio.Transport) -> None:
@@ -168,22 +174,9 @@ class HeaderTimeoutProtocol(HttpToolsProtocol):
         """431, before the app (and so auth) sees the request; the connection closes."""
         self._refused = True
         self._cancel_header_timer()
-        message = (f"the request line and headers are over {self.max_header_bytes} bytes"
-                   " together")
-        if self.on_refused is not None:
-            try:
-                scope = dict(self.scope)  # no path yet if the headers never ended
-                scope.setdefault("path", self.url[:200].decode("latin-1"))
-                self.on_refused(scope, 431, "headers_too_large", message)
-            except Exception:
-                log.warning("could not log a refused request", exc_info=True)
-        body = dumps(error_body(message, type="invalid_request_error",
-                                code="headers_too_large"))
-        self.transport.write(
-            b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
-            b"content-type: application/json\r\ncontent-length: %d\r\n"
-            b"connection: close\r\n\r\n%s" % (len(body), body))
-        self.transport.close()
+        scope = dict(self.scope)  # no path yet if the headers never ended
+        scope.setdefault("path", self.url[:200].decode("latin-1"))
+        _refuse_headers(self.transport, self.max_header_bytes, self.on_refused, scope)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_header_timer()
@@ -229,6 +222,61 @@ class HeaderTimeoutProtocol(HttpToolsProtocol):
             self.transport.close()
 
 
+def _refuse_headers(transport: asyncio.Transport, max_bytes: int,
+                    on_refused: Callable[[Any, int, str, str], None] | None,
+                    scope: Any) -> None:
+    message = f"the request line and headers are over {max_bytes} bytes together"
+    if on_refused is not None:
+        try:
+            on_refused(scope, 431, "headers_too_large", message)
+        except Exception:  # logging must not keep the connection open
+            log.warning("could not log a refused request", exc_info=True)
+    body = dumps(error_body(message, type="invalid_request_error", code="headers_too_large"))
+    transport.write(
+        b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
+        b"content-type: application/json\r\ncontent-length: %d\r\n"
+        b"connection: close\r\n\r\n%s" % (len(body), body))
+    transport.close()
+
+
+class HeaderCapH11Protocol(H11Protocol):
+    """uvicorn's pure-Python h11 protocol with the same header cap (for
+    ``uvicorn_config(http="h11")``; the gateway ships with httptools).
+
+    h11 itself stops buffering at ``h11_max_incomplete_event_size`` (set to
+    ``MAX_HEADER_BYTES``), which uvicorn answers as a plain 400; this answers 431 like the
+    httptools protocol. (No header or write timeouts here: those are httptools-only.)
+    """
+
+    max_header_bytes: int = MAX_HEADER_BYTES
+    on_refused: Callable[[Any, int, str, str], None] | None = None
+
+    def data_received(self, data: bytes) -> None:
+        if self.conn.their_state is h11.IDLE:  # reading a request's line and headers
+            # h11 bounds only an *incomplete* head; one completed by this read may be
+            # bigger (a 77 KB head in two reads): measure it before h11 parses it.
+            pending = self.conn.trailing_data[0] + data
+            end = _HEAD_END.search(pending)
+            if (end is None and len(pending) > self.max_header_bytes) or (
+                    end is not None and end.start() > self.max_header_bytes):
+                line = pending.split(b"\r\n", 1)[0].split(b" ")
+                path = line[1][:200].decode("latin-1") if len(line) > 1 else ""
+                _refuse_headers(self.transport, self.max_header_bytes, self.on_refused,
+                                {"type": "http", "path": path})
+                return
+        super().data_received(data)
+
+    def send_400_response(self, msg: str) -> None:
+        pending = self.conn.trailing_data[0]
+        if len(pending) > self.max_header_bytes:
+            line = pending.split(b"\r\n", 1)[0].split(b" ")
+            path = line[1][:200].decode("latin-1") if len(line) > 1 else ""
+            _refuse_headers(self.transport, self.max_header_bytes, self.on_refused,
+                            {"type": "http", "path": path})
+            return
+        super().send_400_response(msg)
+
+
 class _DroppedClients(logging.Filter):
     """uvicorn logs an exception raised by the app with its traceback ("Exception in ASGI
     application"); a client dropped because it stopped reading is expected behaviour, so
@@ -262,13 +310,16 @@ def _loop() -> str:
 
 
 def uvicorn_config(config: ServerConfig, app: Any = None, *,
-                   log_config: dict[str, Any] | None = LOGGING_CONFIG) -> uvicorn.Config:
+                   log_config: dict[str, Any] | None = LOGGING_CONFIG,
+                   http: str = "httptools") -> uvicorn.Config:
     """The uvicorn settings of the gateway.
 
     Args:
         config: the gateway configuration.
         app: the ASGI app; default ``create_app(config)``.
         log_config: uvicorn's logging setup; ``None`` leaves logging alone (tests).
+        http: ``"httptools"`` (shipped: header, body and write timeouts, the header cap)
+            or ``"h11"`` (pure Python: the header cap only).
     """
     if app is None:
         from .app import create_app
@@ -282,7 +333,10 @@ def uvicorn_config(config: ServerConfig, app: Any = None, *,
         # A second after the app's own send_timeout (it ends the stream first).
         http=header_timeout_protocol(
             config.header_timeout, config.send_timeout + 1.0,
-            on_refused=None if gateway is None else gateway.log_refused),
+            on_refused=None if gateway is None else gateway.log_refused)
+        if http == "httptools" else type(
+            "HeaderCapH11Protocol", (HeaderCapH11Protocol,),
+            {"on_refused": staticmethod(gateway.log_refused) if gateway else None}),
         loop=_loop(),
         ws="none",
         lifespan="on",
@@ -291,7 +345,7 @@ def uvicorn_config(config: ServerConfig, app: Any = None, *,
         backlog=BACKLOG,
         # The drain ends answers first (GatewayServer); this only cuts what it could not.
         timeout_graceful_shutdown=int(config.drain_timeout_s + GRACEFUL_SHUTDOWN_MARGIN),
-        # With h11 instead of httptools, the same header cap (h11 answers it with 400).
+        # With h11 instead of httptools, the same header cap (HeaderCapH11Protocol).
         h11_max_incomplete_event_size=MAX_HEADER_BYTES,
         # Behind no proxy by default: X-Forwarded-For from clients is not trusted.
         proxy_headers=False,
