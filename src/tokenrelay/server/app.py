@@ -42,7 +42,7 @@ from .encode import (
     error_from_exc,
     error_status,
 )
-from .guard import Refusal, RequestGuard
+from .guard import Refusal, RequestGuard, logging_refusals
 from .metrics import CONTENT_TYPE_LATEST, GatewayMetrics
 from .openapi import openapi_document
 from .reqlog import RequestLog
@@ -240,21 +240,21 @@ class Gateway:
     def rejected(self, exc: GatewayHTTPError, request: HTTPRequest | None = None,
                  ) -> JSONResponse:
         """Count and log a refused request and answer it as an OpenAI error object."""
-        self.metrics.errors.labels(exc.code or "http_" + str(exc.status)).inc()
         if request is not None:
             self.log_refused(request.scope, exc.status, exc.code or "", exc.message)
+        else:
+            self.metrics.errors.labels(exc.code or "http_" + str(exc.status)).inc()
         return _error_response(exc)
 
     def log_refused(self, scope: Any, status: int, code: str, message: str) -> None:
-        """Log a request refused before it reached a model (once per request)."""
-        if self.reqlog is None or scope.get("tokenrelay.logged"):
+        """Count and log a request refused before it reached a model (once per request:
+        the guard, the body cap, the header cap, an endpoint, Starlette's 404/405)."""
+        if scope.get("tokenrelay.logged"):
             return
+        self.metrics.errors.labels(code or "http_" + str(status)).inc()
+        if self.reqlog is not None:
+            self.reqlog.record_refused(scope, status, code, message)
         scope["tokenrelay.logged"] = True
-        self.reqlog.record(
-            key_id=scope.get("tokenrelay.key", "-"), endpoint=scope.get("path", ""),
-            model="-", status="refused", http_status=status, prompt_tokens=0,
-            completion_tokens=0, usage_estimated=0, time_to_first_token=None, duration=0.0,
-            prompt=None, answer=None, error=f"{code or 'http_' + str(status)}: {message}"[:500])
 
     def sse(self, frames: AsyncIterator[bytes]) -> SSEResponse:
         """An event stream of ``frames`` with this gateway's heartbeat and send timeout."""
@@ -602,17 +602,8 @@ class GatewayApp(Starlette):
             if not (scope["method"] == "POST" and scope["path"] in self._logged_paths):
                 # Starlette's answers (404, 405) and the GET endpoints' 401s: log any
                 # refusal from the status line (never a streaming path: no cost per chunk).
-                send = _logging_refusals(scope, send, self._gateway)
+                send = logging_refusals(scope, send, self._gateway.log_refused)
         await super().__call__(scope, receive, send)
-
-
-def _logging_refusals(scope: Any, send: Any, gateway: Gateway) -> Any:
-    async def logged_send(message: Any) -> None:
-        if message["type"] == "http.response.start" and message["status"] >= 400:
-            gateway.log_refused(scope, message["status"], "", "refused")
-        await send(message)
-
-    return logged_send
 
 
 def _endpoint_app(endpoint: Callable[[HTTPRequest], Any]) -> Callable[..., Any]:

@@ -19,9 +19,10 @@ Both answer an OpenAI error object; ``Gateway.log_refused`` logs them like every
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Callable
 from typing import Any
 
-__all__ = ["Refusal", "RequestGuard"]
+__all__ = ["Refusal", "RequestGuard", "logging_refusals"]
 
 #: Names that always mean this machine.
 _LOOPBACK_NAMES = frozenset({"localhost", "localhost.", "ip6-localhost", "ip6-loopback"})
@@ -110,3 +111,15 @@ class RequestGuard:
                 415, "unsupported_media_type",
                 "the Content-Type header must be application/json (a request body is"
                 " JSON)", param="content-type")
+
+
+def logging_refusals(scope: Any, send: Any,
+                     log_refused: Callable[[Any, int, str, str], None]) -> Any:
+    """``send``, telling ``log_refused`` of a response whose status is 400 or more (for
+    the answers no endpoint logs itself: Starlette's 404 and 405, the GET endpoints' 401)."""
+    async def logged_send(message: Any) -> None:
+        if message["type"] == "http.response.start" and message["status"] >= 400:
+            log_refused(scope, message["status"], "", "refused")
+        await send(message)
+
+    return logged_send

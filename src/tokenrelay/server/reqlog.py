@@ -110,6 +110,18 @@ class RequestLog:
         if self._handover is None:
             self._handover = loop.call_later(self.BATCH_SECONDS, self.hand_over)
 
+    def record_refused(self, scope: Any, status: int, code: str, message: str) -> None:
+        """Log a request refused before it reached a model, once per request (its ASGI
+        ``scope`` is marked): the key if it was known, the path, the status and why."""
+        if scope.get("tokenrelay.logged"):
+            return
+        scope["tokenrelay.logged"] = True
+        self.record(
+            key_id=scope.get("tokenrelay.key", "-"), endpoint=scope.get("path", ""),
+            model="-", status="refused", http_status=status, prompt_tokens=0,
+            completion_tokens=0, usage_estimated=0, time_to_first_token=None, duration=0.0,
+            prompt=None, answer=None, error=f"{code or 'http_' + str(status)}: {message}"[:500])
+
     def hand_over(self) -> None:
         """Give the rows recorded on the loop to the writer now (call on the loop)."""
         if self._handover is not None:

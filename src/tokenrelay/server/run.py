@@ -1,4 +1,5 @@
-"""Running the gateway under uvicorn, with the one timeout uvicorn lacks.
+"""Running the gateway under uvicorn, with what uvicorn lacks: header deadlines and a cap,
+resets for dropped readers, a shutdown that drains.
 
 uvicorn closes idle keep-alive connections (``timeout_keep_alive``) but has no timeout for
 *reading a request*: a client that connects and then sends its headers a byte at a time
