@@ -12,12 +12,14 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, MutableMapping
 from importlib import resources
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ValidationError
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request as HTTPRequest
@@ -30,7 +32,8 @@ from ..errors import TokenrelayError, UsageError
 from ..events import StreamEvent
 from ..providers.base import Provider
 from ..request import Message, Request, RetryPolicy, Timeouts
-from .config import KeyConfig, ServerConfig
+from .access import AccessLog, log_access
+from .config import KeyConfig, ModelRoute, ServerConfig
 from .encode import (
     ChunkEncoder,
     SimpleEncoder,
@@ -117,6 +120,10 @@ def _error_response(exc: GatewayHTTPError) -> JSONResponse:
 def _validation_error(exc: ValidationError) -> GatewayHTTPError:
     err = exc.errors()[0]
     field = ".".join(str(p) for p in err["loc"]) or "body"
+    if err["type"] == "extra_forbidden":
+        # OpenAI's own wording for a parameter it does not know.
+        return GatewayHTTPError(400, f"Unrecognized request argument supplied: {field}",
+                                param=field, code="unknown_parameter")
     return GatewayHTTPError(400, f"invalid {field}: {err['msg']}", param=field,
                             code="invalid_value")
 
@@ -132,6 +139,11 @@ class Gateway:
         self.timeouts = Timeouts()
         self.retry = RetryPolicy()
         self.models: dict[str, tuple[Provider, str]] = {}
+        #: The configured upstream route of each routed model name.
+        self.route_of: dict[str, ModelRoute] = {}
+        #: OpenAI parameters already warned about as ignored (one line each, not one
+        #: per request).
+        self._warned: set[str] = set()
         # The scripted mock lets callers choose stalls and delays: by default only on a
         # loopback-only gateway.
         self.serve_mock = (config.loopback_only if config.serve_mock is None
@@ -150,6 +162,7 @@ class Gateway:
                             max_connections=route.max_connections)
             self._routes.append(provider)
             self.models[route.name] = (provider, route.upstream_model or route.name)
+            self.route_of[route.name] = route
         if self._routes:
             # Load the token estimator's encoding now (cl100k_base: 0.26 s, ~40 MiB): an
             # upstream route's usage is estimated for every stream that ends without
@@ -217,10 +230,33 @@ class Gateway:
         except ValidationError as exc:
             raise _validation_error(exc) from exc
 
-    def rejected(self, exc: GatewayHTTPError) -> JSONResponse:
+    def rejected(self, exc: GatewayHTTPError, request: HTTPRequest | None = None
+                 ) -> JSONResponse:
         """Count a refused request and answer it as an OpenAI error object."""
         self.metrics.errors.labels(exc.code or "http_" + str(exc.status)).inc()
+        if request is not None:
+            log_access(request.scope, exc.status, duration=0.0)
         return _error_response(exc)
+
+    def unused_parameters(self, model: str, params: dict[str, Any], *,
+                          api: str = "chat_completions") -> dict[str, Any]:
+        """What to do with OpenAI parameters the gateway itself does not act on
+        (``reasoning_effort``, ``store``, ``user``, ...): the ``extra`` to pass to an
+        OpenAI-compatible upstream speaking the same ``api``, or ``{}`` and one warning
+        line per parameter (per gateway, not per request) for a model that cannot use
+        them."""
+        if not params:
+            return {}
+        route = self.route_of.get(model)
+        if route is not None and route.api == api:
+            return params
+        new = sorted(set(params) - self._warned)
+        if new:
+            self._warned.update(new)
+            log.warning("ignoring OpenAI parameter%s %s: model %r does not use %s"
+                        " (warned once)", "s" if len(new) > 1 else "", ", ".join(new),
+                        _label(model), "them" if len(new) > 1 else "it")
+        return {}
 
     def sse(self, frames: AsyncIterator[bytes]) -> SSEResponse:
         """An event stream of ``frames`` with this gateway's heartbeat and send timeout."""
@@ -233,11 +269,18 @@ class Gateway:
                            raise_errors=False)
 
     def finish(self, *, stream: AsyncStream, lease: Lease, key_id: str, endpoint: str,
-               model: str, started: float, http_status: int) -> None:
-        """Release limits, count metrics and log one finished (or cancelled) request."""
+               model: str, started: float, http_status: int,
+               scope: MutableMapping[str, Any] | None = None) -> None:
+        """Release limits, count metrics and log one finished (or cancelled) request
+        (``scope``: the HTTP request's, for its console access line)."""
         result = stream.result
         lease.release(result.usage.total_tokens)
         status = {"cancelled": "cancelled", "error": "error"}.get(result.finish_reason, "ok")
+        if scope is not None:
+            log_access(scope, http_status, duration=time.monotonic() - started, model=model,
+                       outcome=status, ttft=result.metrics.time_to_first_token,
+                       prompt_tokens=result.usage.prompt_tokens,
+                       completion_tokens=result.usage.completion_tokens)
         m = self.metrics
         m.requests.labels(endpoint, model, status).inc()
         if result.metrics.time_to_first_token is not None:
@@ -274,7 +317,8 @@ class Gateway:
     # -- the streaming path ----------------------------------------------------------
 
     async def relay(self, stream: AsyncStream, encode: Callable[[StreamEvent], bytes], *,
-                    lease: Lease, key_id: str, endpoint: str, model: str) -> AsyncIterator[bytes]:
+                    lease: Lease, key_id: str, endpoint: str, model: str,
+                    scope: MutableMapping[str, Any] | None = None) -> AsyncIterator[bytes]:
         """The frames of one stream (``encode`` turns an event into its frames, or ``b""``);
         bookkeeping in ``finally`` (end, error or disconnect).
 
@@ -312,7 +356,7 @@ class Gateway:
             gauge.dec()
             await stream.aclose()
             self.finish(stream=stream, lease=lease, key_id=key_id, endpoint=endpoint,
-                        model=model, started=started, http_status=http_status)
+                        model=model, started=started, http_status=http_status, scope=scope)
 
     # -- endpoints -------------------------------------------------------------------
 
@@ -328,12 +372,13 @@ class Gateway:
                     model=upstream_model, temperature=chat.temperature, max_tokens=max_tokens,
                     top_p=chat.top_p, stop=chat.stop, seed=chat.seed,  # type: ignore[arg-type]
                     response_format=chat.core_response_format(), tools=chat.core_tools(),
-                    tool_choice=chat.core_tool_choice())
+                    tool_choice=chat.core_tool_choice(),
+                    extra=self.unused_parameters(chat.model, chat.unused_parameters()))
             except (ValidationError, ValueError) as exc:
                 raise GatewayHTTPError(400, f"invalid messages: {exc}", param="messages") from exc
             lease = self.limiter.acquire(key, max_tokens or 0)
         except GatewayHTTPError as exc:
-            return self.rejected(exc)
+            return self.rejected(exc, request)
 
         stream = self.open(core, provider)
         if not chat.stream:
@@ -342,7 +387,8 @@ class Gateway:
         encoder = ChunkEncoder(chat.model, include_usage=bool(
             chat.stream_options and chat.stream_options.include_usage))
         return self.sse(self.relay(stream, encoder.encode, lease=lease, key_id=key.id,
-                                   endpoint="chat.completions", model=_label(chat.model)))
+                                   endpoint="chat.completions", model=_label(chat.model),
+                                   scope=request.scope))
 
     async def _complete(self, stream: AsyncStream, *, request: HTTPRequest, lease: Lease,
                         key_id: str, model: str, endpoint: str = "chat.completions",
@@ -377,7 +423,8 @@ class Gateway:
             self.metrics.active_streams.labels(label).dec()
             await stream.aclose()
             self.finish(stream=stream, lease=lease, key_id=key_id, endpoint=endpoint,
-                        model=label, started=started, http_status=http_status)
+                        model=label, started=started, http_status=http_status,
+                        scope=request.scope)
 
     async def simple_chat(self, request: HTTPRequest) -> Any:
         try:
@@ -404,10 +451,26 @@ class Gateway:
                            max_tokens=max_tokens, temperature=chat.temperature)
             lease = self.limiter.acquire(key, max_tokens or 0)
         except GatewayHTTPError as exc:
-            return self.rejected(exc)
+            return self.rejected(exc, request)
         stream = self.open(core, provider)
         return self.sse(self.relay(stream, SimpleEncoder().encode, lease=lease,
-                                   key_id=key.id, endpoint="chat", model=_label(model)))
+                                   key_id=key.id, endpoint="chat", model=_label(model),
+                                   scope=request.scope))
+
+    def model_object(self, name: str, created: int) -> dict[str, Any]:
+        """The OpenAI model object of a served name; a routed model's ``owned_by`` is its
+        route (the upstream host and model; never the key or the URL's path)."""
+        route = self.route_of.get(name)
+        if route is None:
+            provider = self.models[name][0] if name in self.models else resolve(name)[0]
+            owner = {"local": "tokenrelay (embedded)", "mock": "tokenrelay (mock)"}.get(
+                provider.name, provider.name)
+            return {"id": name, "object": "model", "created": created, "owned_by": owner}
+        upstream = route.upstream_model or route.name
+        return {"id": name, "object": "model", "created": created,
+                "owned_by": f"{urlsplit(route.base_url).netloc} ({upstream})",
+                "route": {"upstream_model": upstream,
+                          "host": urlsplit(route.base_url).netloc, "api": route.api}}
 
     async def list_models(self, request: HTTPRequest) -> Response:
         try:
@@ -415,9 +478,18 @@ class Gateway:
         except GatewayHTTPError as exc:
             return _error_response(exc)
         created = int(time.time())
-        data = [{"id": name, "object": "model", "created": created,
-                 "owned_by": provider.name} for name, (provider, _) in self.models.items()]
+        data = [self.model_object(name, created) for name in self.models]
         return JSONResponse({"object": "list", "data": data})
+
+    async def retrieve_model(self, request: HTTPRequest) -> Response:
+        """``GET /v1/models/{id}`` (``client.models.retrieve``)."""
+        name = request.path_params["model"]
+        try:
+            self.auth.check(request.headers)  # type: ignore[arg-type]
+            self.lookup(name)  # 404 for a name not served; a scripted mock:... is served
+        except GatewayHTTPError as exc:
+            return _error_response(exc)
+        return JSONResponse(self.model_object(name, int(time.time())))
 
     async def healthz(self, request: HTTPRequest) -> Response:
         # Unauthenticated (for load balancers): no model names here, /v1/models has them.
@@ -500,10 +572,40 @@ class GatewayApp(Starlette):
 
 def _endpoint_app(endpoint: Callable[[HTTPRequest], Any]) -> Callable[..., Any]:
     async def app(scope: Any, receive: Any, send: Any) -> None:
-        response = await endpoint(HTTPRequest(scope, receive, send))
-        await response(scope, receive, send)
+        try:
+            response = await endpoint(HTTPRequest(scope, receive, send))
+            await response(scope, receive, send)
+        except Exception:
+            log_access(scope, 500, duration=0.0)  # uvicorn answers 500 and logs why
+            raise
 
     return app
+
+
+#: The OpenAI error ``type`` and ``code`` of Starlette's own HTTP errors.
+_HTTP_ERRORS = {404: ("invalid_request_error", "not_found"),
+                405: ("invalid_request_error", "method_not_allowed")}
+
+
+async def _http_error(request: HTTPRequest, exc: Exception) -> Response:
+    """Starlette's 404 / 405 (and any other ``HTTPException``) as OpenAI error JSON, as
+    OpenAI answers them: SDKs parse ``error.message`` out of every error body."""
+    assert isinstance(exc, HTTPException)
+    kind, code = _HTTP_ERRORS.get(exc.status_code, ("invalid_request_error",
+                                                    f"http_{exc.status_code}"))
+    method, path = request.method, request.url.path
+    if exc.status_code == 404:
+        message = (f"Invalid URL ({method} {path}): no such endpoint here;"
+                   " see GET /openapi.json")
+    elif exc.status_code == 405:
+        allowed = (exc.headers or {}).get("Allow", "")
+        message = f"{method} is not allowed on {path}" + (f"; use {allowed}" if allowed else "")
+    else:
+        message = str(exc.detail)
+    if exc.status_code in (204, 304):
+        return Response(status_code=exc.status_code, headers=exc.headers)
+    return JSONResponse(error_body(message, type=kind, code=code),
+                        status_code=exc.status_code, headers=exc.headers)
 
 
 def create_app(config: ServerConfig | None = None) -> Starlette:
@@ -526,13 +628,19 @@ def create_app(config: ServerConfig | None = None) -> Starlette:
         Route("/v1/responses", responses, methods=["POST"]),
         Route("/responses", responses, methods=["POST"]),
         Route("/v1/models", gateway.list_models, methods=["GET"]),
+        Route("/v1/models/{model:path}", gateway.retrieve_model, methods=["GET"]),
+        Route("/models", gateway.list_models, methods=["GET"]),
+        Route("/models/{model:path}", gateway.retrieve_model, methods=["GET"]),
         Route("/chat", gateway.simple_chat, methods=["POST"]),
         Route("/healthz", gateway.healthz, methods=["GET"]),
         Route("/metrics", gateway.metrics_endpoint, methods=["GET"]),
         Route("/openapi.json", openapi_json, methods=["GET"]),
         Route("/", gateway.index, methods=["GET"]),
     ]
-    middleware = [Middleware(BodyLimit, max_bytes=config.max_body_bytes)]
+    streams = frozenset(("/v1/chat/completions", "/chat/completions", "/v1/responses",
+                         "/responses", "/chat"))
+    middleware = [Middleware(AccessLog, streams=streams),
+                  Middleware(BodyLimit, max_bytes=config.max_body_bytes)]
     if config.cors_origins:
         middleware.append(Middleware(
             CORSMiddleware, allow_origins=config.cors_origins,
@@ -553,7 +661,8 @@ def create_app(config: ServerConfig | None = None) -> Starlette:
                   "/v1/responses": responses, "/responses": responses,
                   "/chat": gateway.simple_chat}
     app = GatewayApp(direct=direct, max_body_bytes=config.max_body_bytes, routes=routes,
-                     middleware=middleware, lifespan=lifespan)
+                     middleware=middleware, lifespan=lifespan,
+                     exception_handlers={HTTPException: _http_error})
     app.state.gateway = gateway
     return app
 

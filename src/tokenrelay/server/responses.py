@@ -253,12 +253,13 @@ async def create_response(gateway: Gateway, request: Any) -> Any:
         max_tokens = gateway.limiter.clamp_max_tokens(
             key, req.max_output_tokens, gateway.config.max_tokens_default)
         try:
-            core = req.to_core(upstream_model, max_tokens)
+            core = req.to_core(upstream_model, max_tokens, extra=gateway.unused_parameters(
+                req.model, req.unused_parameters(), api="responses"))
         except (ValidationError, ValueError) as exc:
             raise GatewayHTTPError(400, f"invalid input: {exc}", param="input") from exc
         lease = gateway.limiter.acquire(key, max_tokens or 0)
     except GatewayHTTPError as exc:
-        return gateway.rejected(exc)
+        return gateway.rejected(exc, request)
 
     stream = gateway.open(core, provider)
     encoder = ResponsesEncoder(req, model=req.model)
@@ -268,4 +269,5 @@ async def create_response(gateway: Gateway, request: Any) -> Any:
                                        render=encoder.body)
 
     return gateway.sse(gateway.relay(stream, encoder.encode, lease=lease, key_id=key.id,
-                                     endpoint="responses", model=_label(req.model)))
+                                     endpoint="responses", model=_label(req.model),
+                                     scope=request.scope))
