@@ -284,7 +284,8 @@ def _serve(tmp_path: Path, *args: str, requests: int = 1) -> tuple[str, str]:
         url = next(line for line in seen if "serving on" in line).split()[-1]
         with openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0) as sdk:
             for _ in range(requests):
-                sdk.chat.completions.create(model="mock", messages=PROMPT)
+                sdk.chat.completions.create(model="mock", messages=PROMPT,
+                                            reasoning_effort="low")
         if "--quiet" not in args:
             while not any("POST /v1/chat/completions" in line for line in seen):
                 seen.append(lines.get(timeout=10))
@@ -306,6 +307,12 @@ def test_serve_banner_and_access_lines(tmp_path: Path) -> None:
     assert re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d 127\.0\.0\.1 \"POST /v1/chat/completions\""
                     r" 200 model=mock ttft=\S+ prompt_tokens=\d+ completion_tokens=4 ", line)
     assert "Traceback" not in err
+
+
+def test_serve_warns_once_about_parameters_it_ignores(tmp_path: Path) -> None:
+    _, err = _serve(tmp_path, "--quiet", requests=3)
+    warnings = [line for line in err.splitlines() if "ignoring OpenAI parameter" in line]
+    assert len(warnings) == 1 and "reasoning_effort" in warnings[0], err
 
 
 def test_serve_quiet_prints_no_access_lines(tmp_path: Path) -> None:

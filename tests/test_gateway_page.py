@@ -306,7 +306,7 @@ def test_every_icon_button_has_an_accessible_label(page: Page, gateway: GatewayS
     page.click("#toggle-sidebar") if not page.locator("#sidebar").is_visible() else None
     expect(page.locator('[data-testid="conversation"]')).to_have_count(1)
     unlabelled = page.evaluate("""() => [...document.querySelectorAll('button')]
-        .filter(b => !b.textContent.trim() || b.querySelector('svg') && !b.textContent.trim())
+        .filter(b => !b.textContent.trim())  // icon only
         .filter(b => !(b.getAttribute('aria-label') || '').trim())
         .map(b => b.outerHTML.slice(0, 120))""")
     assert unlabelled == []
