@@ -443,3 +443,21 @@ def test_a_reload_mid_answer_keeps_the_conversation(page: Page, gateway: Gateway
     expect(page.locator(".msg.user .bubble")).to_have_text(["A long one"])
     expect(last_answer(page)).to_have_attribute("data-state", "interrupted")
     expect(last_answer(page).locator(".error")).to_contain_text("interrupted")
+
+
+def test_deleting_the_conversation_that_streams_stops_it_for_good(page: Page,
+                                                                  gateway: GatewayServer) -> None:
+    page.set_viewport_size(DESKTOP)
+    open_chat(page, gateway, "mock:tokens=60,tokens_per_second=30")
+    ask(page, "Doomed")
+    expect(last_answer(page)).to_have_attribute("data-state", "streaming")
+    items = page.locator('[data-testid="conversation"]')
+    expect(items).to_have_count(1)
+    items.first.get_by_role("button", name="Delete conversation: Doomed").click()
+    expect(items).to_have_count(0)
+    expect(page.locator(".msg")).to_have_count(0)
+    expect(page.locator("#send")).to_be_visible()  # the stream was stopped
+    time.sleep(0.3)  # its late ending must not bring the conversation back
+    page.reload()
+    expect(page.locator("#no-conversations")).to_be_visible()
+    expect(items).to_have_count(0)
