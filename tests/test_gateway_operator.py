@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import tomllib
+import typing
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,17 +26,12 @@ import pytest
 from _gateway import LiveGateway, config, routes
 from click.testing import CliRunner
 from openai.types.chat import ChatCompletionMessageParam
+from pydantic import BaseModel
 
 from tokenrelay.cli.serve import serve
 from tokenrelay.mock_upstream import MockUpstream
 from tokenrelay.server.access import ACCESS_LOGGER, access_line
-from tokenrelay.server.config import (
-    KeyConfig,
-    LogConfig,
-    ModelRoute,
-    ServerConfig,
-    load_config,
-)
+from tokenrelay.server.config import ServerConfig, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "gateway.toml"
@@ -293,6 +289,8 @@ def _serve(tmp_path: Path, *args: str, requests: int = 1) -> tuple[str, str]:
         proc.terminate()
         proc.wait(timeout=15)
         reader.join(5)
+        assert proc.stderr is not None
+        proc.stderr.close()
     while not lines.empty():
         seen.append(lines.get_nowait())
     return url, "".join(seen)
@@ -324,8 +322,12 @@ def test_serve_quiet_prints_no_access_lines(tmp_path: Path) -> None:
 # -- examples/gateway.toml ---------------------------------------------------------------
 
 
-def _settings(model: type[Any]) -> set[str]:
-    return set(model.model_fields)
+def _section(annotation: Any) -> type[BaseModel] | None:
+    """The model of a config table (``log: LogConfig``, ``models: list[ModelRoute]``)."""
+    for candidate in (annotation, *typing.get_args(annotation)):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
 
 
 def test_example_config_loads_and_shows_every_setting_with_a_comment() -> None:
@@ -336,10 +338,17 @@ def test_example_config_loads_and_shows_every_setting_with_a_comment() -> None:
     # Every setting is in the file (set, or commented out where setting it would change
     # the default's meaning), and every line that sets one carries a comment.
     written = set(re.findall(r"^#? ?([a-z0-9_]+) = ", text, re.MULTILINE))
-    for fields, name in ((_settings(ServerConfig) - {"models", "keys", "log"}, "top level"),
-                         (_settings(LogConfig), "[log]"), (_settings(ModelRoute), "[[models]]"),
-                         (_settings(KeyConfig), "[[keys]]")):
-        assert fields <= written, (name, fields - written)
+    sections = set(re.findall(r"^#? ?\[\[?([a-z_]+)\]\]?", text, re.MULTILINE))
+    top = set()
+    for name, field in ServerConfig.model_fields.items():
+        kind = _section(field.annotation)
+        if kind is None:
+            top.add(name)
+            continue
+        assert name in sections, f"[{name}] is missing"
+        missing = set(kind.model_fields) - written
+        assert not missing, (name, missing)
+    assert top <= written, top - written
     for line in text.splitlines():
         if re.match(r"^[a-z0-9_]+ = ", line):
             assert "#" in line.split("=", 1)[1] or line.startswith("sha256"), line
@@ -349,6 +358,9 @@ def test_example_config_loads_and_shows_every_setting_with_a_comment() -> None:
                 "body_timeout", "keep_alive_timeout", "max_body_bytes", "cors_credentials",
                 "metrics_public", "access_log", "serve_local"):
         assert data[key] == getattr(defaults, key), key
+    for section in ("log", "streams"):  # the tables of one each: their defaults too
+        for key, value in data[section].items():
+            assert value == getattr(getattr(defaults, section), key), (section, key)
 
 
 def test_example_config_is_linked_from_serve_help_and_the_readme() -> None:
