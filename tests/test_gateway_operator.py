@@ -8,12 +8,7 @@ Clients are the official ``openai`` SDK wherever it has a call for the request.
 from __future__ import annotations
 
 import logging
-import os
-import queue
 import re
-import subprocess
-import sys
-import threading
 import tomllib
 import typing
 from collections.abc import Iterator
@@ -24,6 +19,7 @@ import httpx
 import openai
 import pytest
 from _gateway import LiveGateway, config, routes
+from _harness import Processes, poll
 from click.testing import CliRunner
 from openai.types.chat import ChatCompletionMessageParam
 from pydantic import BaseModel
@@ -82,8 +78,6 @@ def access(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixtur
 
 def access_lines(caplog: pytest.LogCaptureFixture, live: LiveGateway, count: int
                  ) -> list[str]:
-    from _gateway import poll
-
     def lines() -> list[str]:
         return [r.getMessage() for r in caplog.records if r.name == "tokenrelay.access"]
 
@@ -255,49 +249,24 @@ def test_a_client_that_leaves_is_logged_as_cancelled(live: LiveGateway,
 # -- what `serve` prints -----------------------------------------------------------------
 
 
-def _serve(tmp_path: Path, *args: str, requests: int = 1) -> tuple[str, str]:
-    """Run ``tokenrelay serve`` (mock only), make requests, stop it: (url, stderr)."""
-    cfg = tmp_path / "gw.toml"
-    cfg.write_text(f'serve_local = false\n[log]\npath = "{tmp_path / "req.db"}"\n')
-    script = Path(sys.executable).with_name("tokenrelay")
-    argv = [str(script)] if script.exists() else [sys.executable, "-m", "tokenrelay.cli"]
-    proc = subprocess.Popen([*argv, "serve", "--port", "0", "--config", str(cfg), *args],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            stdin=subprocess.DEVNULL, text=True, env=dict(os.environ))
-    lines: queue.Queue[str] = queue.Queue()
-
-    def read() -> None:
-        assert proc.stderr is not None
-        for line in proc.stderr:
-            lines.put(line)
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
-    seen: list[str] = []
-    try:
-        while not any("access log:" in line for line in seen):
-            seen.append(lines.get(timeout=20))
-        url = next(line for line in seen if "serving on" in line).split()[-1]
-        with openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0) as sdk:
-            for _ in range(requests):
-                sdk.chat.completions.create(model="mock", messages=PROMPT,
-                                            reasoning_effort="low")
-        if "--quiet" not in args:
-            while not any("POST /v1/chat/completions" in line for line in seen):
-                seen.append(lines.get(timeout=10))
-    finally:
-        proc.terminate()
-        proc.wait(timeout=15)
-        reader.join(5)
-        assert proc.stderr is not None
-        proc.stderr.close()
-    while not lines.empty():
-        seen.append(lines.get_nowait())
-    return url, "".join(seen)
+def _serve(processes: Processes, tmp_path: Path, *args: str, requests: int = 1
+           ) -> tuple[str, str]:
+    """``tokenrelay serve`` (mock only) as users run it, ``requests`` requests, then
+    stopped: (its URL, what it printed)."""
+    config = {"serve_local": False, "log": {"path": str(tmp_path / "req.db")}}
+    serve = processes.serve(config, *args)
+    with openai.OpenAI(base_url=serve.url + "/v1", api_key="x", max_retries=0) as sdk:
+        for _ in range(requests):
+            sdk.chat.completions.create(model="mock", messages=PROMPT,
+                                        reasoning_effort="low")
+    if "--quiet" not in args:
+        poll(lambda: serve.output().count("POST /v1/chat/completions") >= requests, 10)
+    processes.stop(serve)
+    return serve.url, serve.output()
 
 
-def test_serve_banner_and_access_lines(tmp_path: Path) -> None:
-    url, err = _serve(tmp_path)
+def test_serve_banner_and_access_lines(processes: Processes, tmp_path: Path) -> None:
+    url, err = _serve(processes, tmp_path)
     assert re.search(rf"chat page: +{re.escape(url)}/\n", err), err
     assert re.search(r"models: +mock \(tokenrelay \(mock\)\)", err), err
     assert f"request log: {tmp_path / 'req.db'}" in err
@@ -307,14 +276,15 @@ def test_serve_banner_and_access_lines(tmp_path: Path) -> None:
     assert "Traceback" not in err
 
 
-def test_serve_warns_once_about_parameters_it_ignores(tmp_path: Path) -> None:
-    _, err = _serve(tmp_path, "--quiet", requests=3)
+def test_serve_warns_once_about_parameters_it_ignores(processes: Processes,
+                                                      tmp_path: Path) -> None:
+    _, err = _serve(processes, tmp_path, "--quiet", requests=3)
     warnings = [line for line in err.splitlines() if "ignoring OpenAI parameter" in line]
     assert len(warnings) == 1 and "reasoning_effort" in warnings[0], err
 
 
-def test_serve_quiet_prints_no_access_lines(tmp_path: Path) -> None:
-    _, err = _serve(tmp_path, "--quiet", requests=2)
+def test_serve_quiet_prints_no_access_lines(processes: Processes, tmp_path: Path) -> None:
+    _, err = _serve(processes, tmp_path, "--quiet", requests=2)
     assert "chat page:" in err
     assert "POST /v1/chat/completions" not in err, err
 

@@ -21,7 +21,8 @@ from typing import Any
 from urllib.parse import quote
 
 import pytest
-from _browser import GatewayServer, chromium_path, launch_chromium
+from _browser import chromium_path, launch_chromium
+from _harness import LiveGateway
 
 pytest.importorskip("playwright.sync_api",
                     reason="needs Playwright for Python: pip install playwright")
@@ -31,7 +32,6 @@ pytestmark = pytest.mark.skipif(
 from playwright.sync_api import Page, Route, expect
 
 from tokenrelay.errors import ConfigurationError
-from tokenrelay.server.app import create_app
 from tokenrelay.server.config import ServerConfig
 
 SHOTS = Path("/tmp")
@@ -64,14 +64,14 @@ def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
 
 
 @pytest.fixture
-def gateway(tmp_path: Path) -> Iterator[GatewayServer]:
+def gateway(tmp_path: Path) -> Iterator[LiveGateway]:
     log = {"path": str(tmp_path / "r.db")}
     try:
-        app = create_app(ServerConfig.model_validate({"log": log}))
+        live = LiveGateway(ServerConfig.model_validate({"log": log}))
     except ConfigurationError:  # the embedded model is not installed: mock only
-        app = create_app(ServerConfig.model_validate({"log": log, "serve_local": False}))
-    with GatewayServer(app) as server:
-        yield server
+        live = LiveGateway(ServerConfig.model_validate({"log": log, "serve_local": False}))
+    with live:
+        yield live
 
 
 @pytest.fixture
@@ -86,7 +86,7 @@ def page(browser: Any) -> Iterator[Page]:
     assert not errors, f"JavaScript errors on the page: {errors}"
 
 
-def open_chat(page: Page, server: GatewayServer, model: str = "mock") -> None:
+def open_chat(page: Page, server: LiveGateway, model: str = "mock") -> None:
     page.goto(f"{server.url}/?model={quote(model)}")
     expect(page.locator("#model")).to_have_value(model)
 
@@ -124,7 +124,7 @@ def fake_chat(page: Page, body: str) -> list[dict[str, Any]]:
     return seen
 
 
-def chat_rows(server: GatewayServer, count: int) -> list[dict[str, Any]]:
+def chat_rows(server: LiveGateway, count: int) -> list[dict[str, Any]]:
     """The gateway's request-log rows of ``POST /chat`` (oldest first), once ``count``."""
     reqlog = server.app.state.gateway.reqlog
     deadline = time.monotonic() + 5
@@ -148,7 +148,7 @@ def no_sideways_scroll(page: Page) -> dict[str, int]:
 
 @pytest.mark.parametrize("size", [PHONE, DESKTOP], ids=["phone", "desktop"])
 def test_nothing_scrolls_sideways_and_every_header_control_is_visible(
-        page: Page, gateway: GatewayServer, size: dict[str, int]) -> None:
+        page: Page, gateway: LiveGateway, size: dict[str, int]) -> None:
     page.set_viewport_size(size)
     open_chat(page, gateway)
     fake_chat(page, sse(answer_frames(RICH)))
@@ -181,7 +181,7 @@ def test_nothing_scrolls_sideways_and_every_header_control_is_visible(
 # -- markdown tables, code blocks ----------------------------------------------------------
 
 
-def test_markdown_tables_render_as_tables(page: Page, gateway: GatewayServer) -> None:
+def test_markdown_tables_render_as_tables(page: Page, gateway: LiveGateway) -> None:
     open_chat(page, gateway)
     fake_chat(page, sse(answer_frames(RICH, size=5)))
     ask(page, "table please")
@@ -201,7 +201,7 @@ def test_markdown_tables_render_as_tables(page: Page, gateway: GatewayServer) ->
     assert "<p>not | a table</p>" in html
 
 
-def test_code_blocks_have_colouring_and_a_copy_button(page: Page, gateway: GatewayServer
+def test_code_blocks_have_colouring_and_a_copy_button(page: Page, gateway: LiveGateway
                                                       ) -> None:
     open_chat(page, gateway)
     fake_chat(page, sse(answer_frames(RICH)))
@@ -241,7 +241,7 @@ def test_code_blocks_have_colouring_and_a_copy_button(page: Page, gateway: Gatew
 # -- copy, regenerate, edit; labels --------------------------------------------------------
 
 
-def test_each_answer_can_be_copied_and_regenerated(page: Page, gateway: GatewayServer) -> None:
+def test_each_answer_can_be_copied_and_regenerated(page: Page, gateway: LiveGateway) -> None:
     open_chat(page, gateway)
     ask(page, "First question")
     expect(last_answer(page)).to_have_attribute("data-state", "done")
@@ -271,7 +271,7 @@ def test_each_answer_can_be_copied_and_regenerated(page: Page, gateway: GatewayS
     assert json.loads(rows[3]["prompt"]) == [{"role": "user", "content": "First question"}]
 
 
-def test_editing_and_resending_the_last_prompt(page: Page, gateway: GatewayServer) -> None:
+def test_editing_and_resending_the_last_prompt(page: Page, gateway: LiveGateway) -> None:
     open_chat(page, gateway)
     ask(page, "First question")
     expect(last_answer(page)).to_have_attribute("data-state", "done")
@@ -297,7 +297,7 @@ def test_editing_and_resending_the_last_prompt(page: Page, gateway: GatewayServe
         {"role": "user", "content": "Second question"}]
 
 
-def test_every_icon_button_has_an_accessible_label(page: Page, gateway: GatewayServer
+def test_every_icon_button_has_an_accessible_label(page: Page, gateway: LiveGateway
                                                    ) -> None:
     open_chat(page, gateway)
     fake_chat(page, sse(answer_frames(RICH)))
@@ -318,7 +318,7 @@ def test_every_icon_button_has_an_accessible_label(page: Page, gateway: GatewayS
 # -- Enter while an answer streams -----------------------------------------------------------
 
 
-def test_enter_while_streaming_queues_the_prompt(page: Page, gateway: GatewayServer) -> None:
+def test_enter_while_streaming_queues_the_prompt(page: Page, gateway: LiveGateway) -> None:
     open_chat(page, gateway, "mock:tokens=30,tokens_per_second=30")
     ask(page, "First question")
     expect(last_answer(page)).to_have_attribute("data-state", "streaming")
@@ -352,7 +352,7 @@ def test_enter_while_streaming_queues_the_prompt(page: Page, gateway: GatewaySer
 # -- the server going away -----------------------------------------------------------------
 
 
-def test_server_gone_says_so_and_offers_to_retry(page: Page, gateway: GatewayServer) -> None:
+def test_server_gone_says_so_and_offers_to_retry(page: Page, gateway: LiveGateway) -> None:
     open_chat(page, gateway)
     gateway.__exit__(None, None, None)  # the server stops
     ask(page, "Are you there?")
@@ -373,7 +373,7 @@ def test_server_gone_says_so_and_offers_to_retry(page: Page, gateway: GatewaySer
 
 
 def test_server_shutdown_mid_answer_says_so_and_keeps_the_text(page: Page,
-                                                               gateway: GatewayServer) -> None:
+                                                               gateway: LiveGateway) -> None:
     open_chat(page, gateway)
     frames = answer_frames("The first half of an answer")[:-1]
     frames.append(("error", {"message": "the server is shutting down", "type": "server_error",
@@ -396,7 +396,7 @@ def test_server_shutdown_mid_answer_says_so_and_keeps_the_text(page: Page,
 # -- the conversation list ---------------------------------------------------------------------
 
 
-def test_conversations_are_kept_browsable_and_deletable(page: Page, gateway: GatewayServer
+def test_conversations_are_kept_browsable_and_deletable(page: Page, gateway: LiveGateway
                                                         ) -> None:
     page.set_viewport_size(DESKTOP)
     open_chat(page, gateway)
@@ -435,7 +435,7 @@ def test_conversations_are_kept_browsable_and_deletable(page: Page, gateway: Gat
     expect(items.locator(".conv-title")).to_have_text(["About dogs"])
 
 
-def test_a_reload_mid_answer_keeps_the_conversation(page: Page, gateway: GatewayServer) -> None:
+def test_a_reload_mid_answer_keeps_the_conversation(page: Page, gateway: LiveGateway) -> None:
     open_chat(page, gateway, "mock:tokens=200,tokens_per_second=20")
     ask(page, "A long one")
     expect(last_answer(page)).to_have_attribute("data-state", "streaming")
@@ -446,7 +446,7 @@ def test_a_reload_mid_answer_keeps_the_conversation(page: Page, gateway: Gateway
 
 
 def test_deleting_the_conversation_that_streams_stops_it_for_good(page: Page,
-                                                                  gateway: GatewayServer) -> None:
+                                                                  gateway: LiveGateway) -> None:
     page.set_viewport_size(DESKTOP)
     open_chat(page, gateway, "mock:tokens=60,tokens_per_second=30")
     ask(page, "Doomed")
