@@ -14,6 +14,7 @@ look at.
 from __future__ import annotations
 
 import json
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +23,7 @@ from urllib.parse import quote
 
 import pytest
 from _browser import chromium_path, launch_chromium
-from _harness import LiveGateway
+from _harness import LiveGateway, Processes
 
 pytest.importorskip("playwright.sync_api",
                     reason="needs Playwright for Python: pip install playwright")
@@ -386,6 +387,20 @@ def test_server_shutdown_mid_answer_says_so_and_keeps_the_text(page: Page,
     expect(answer.locator(".error")).to_contain_text("The server shut down while answering")
     expect(answer.locator(".error").get_by_role("button", name="Try again: regenerate this answer")
            ).to_be_visible()
+    # Shutting down before the first token: a 503 with the same code.
+    page.unroute("**/chat")
+    page.route("**/chat", lambda route: route.fulfill(
+        status=503, content_type="application/json", body=json.dumps({"error": {
+            "message": "the server is shutting down", "type": "server_error",
+            "code": "server_shutdown"}})))
+    ask(page, "Once more")
+    expect(last_answer(page).locator(".error")).to_contain_text(
+        "The server shut down while answering")
+    # A proxy answering for a gateway that is gone (no OpenAI error body).
+    page.unroute("**/chat")
+    page.route("**/chat", lambda route: route.fulfill(status=502, body="Bad Gateway"))
+    ask(page, "Hello?")
+    expect(last_answer(page).locator(".error")).to_contain_text("Can't reach the tokenrelay server")
     # A stream that just stops (no done, no error) is a lost connection, not a success.
     page.unroute("**/chat")
     fake_chat(page, sse(answer_frames("Cut off")[:-1]))
@@ -461,3 +476,23 @@ def test_deleting_the_conversation_that_streams_stops_it_for_good(page: Page,
     page.reload()
     expect(page.locator("#no-conversations")).to_be_visible()
     expect(items).to_have_count(0)
+
+
+def test_server_dying_mid_answer_says_so_and_keeps_the_text(page: Page, processes: Processes,
+                                                            tmp_path: Path) -> None:
+    # `tokenrelay serve` as users run it, killed mid-answer: its connections just drop.
+    serve = processes.serve({"serve_local": False, "log": {"path": str(tmp_path / "r.db")}})
+    model = "mock:tokens=400,tokens_per_second=40"
+    page.goto(f"{serve.url}/?model={quote(model)}")
+    expect(page.locator("#model")).to_have_value(model)
+    ask(page, "A long story")
+    answer = last_answer(page)
+    expect(answer).to_have_attribute("data-state", "streaming")
+    time.sleep(0.3)
+    processes.stop(serve, signal.SIGKILL)
+    expect(answer).to_have_attribute("data-state", "error")
+    error = answer.locator(".error")
+    expect(error).to_contain_text("connection to the server was lost")
+    expect(error).to_contain_text("What arrived is kept above")
+    assert answer.locator(".content").inner_text().strip()
+    expect(error.get_by_role("button", name="Try again: regenerate this answer")).to_be_visible()
