@@ -157,6 +157,7 @@ def test_nothing_scrolls_sideways_and_every_header_control_is_visible(
     expect(last_answer(page)).to_have_attribute("data-state", "done")
     expect(last_answer(page).locator("table")).to_be_visible()
     assert no_sideways_scroll(page) == {"page": 0, "body": 0, "main": 0}
+    expect(page.get_by_role("combobox", name="Model")).to_be_visible()  # named at any width
     for control in ("#toggle-sidebar", "#model", "#new-chat"):
         box = page.locator(control).bounding_box()
         assert box is not None, control
