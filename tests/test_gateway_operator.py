@@ -355,3 +355,34 @@ def test_access_log_setting_is_off_with_quiet() -> None:
     assert server_config(None).access_log is True
     assert server_config(None, quiet=True).access_log is False
     assert ServerConfig.model_validate({"access_log": False}).access_log is False
+
+
+def test_a_console_that_stops_reading_does_not_stall_the_gateway(tmp_path: Path) -> None:
+    # stderr is a pipe nobody reads once the banner is out: ~500 access lines fill its
+    # 64 KiB; a write() on the event loop would then block every request for good.
+    import subprocess
+
+    from _harness import tokenrelay_argv
+
+    cfg = tmp_path / "gw.toml"
+    cfg.write_text("serve_local = false\n[log]\nenabled = false\n")
+    proc = subprocess.Popen(tokenrelay_argv("serve", "--port", "0", "--config", str(cfg)),
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stderr is not None
+        banner = ""
+        while "access log:" not in banner:
+            line = proc.stderr.readline()
+            assert line, banner
+            banner += line
+        url = re.search(r"serving on (\S+)", banner).group(1)  # type: ignore[union-attr]
+        body = {"model": "mock:tokens=1", "messages": PROMPT}
+        with httpx.Client(base_url=url, timeout=5) as http:
+            for _ in range(1200):  # nothing reads stderr any more
+                assert http.post("/v1/chat/completions", json=body).status_code == 200
+    finally:
+        proc.kill()
+        proc.wait(10)
+        assert proc.stderr is not None
+        proc.stderr.close()
