@@ -36,6 +36,14 @@ from tokenrelay.errors import ConfigurationError
 from tokenrelay.server.config import ServerConfig
 
 SHOTS = Path("/tmp")
+
+
+def paced(tokens: int, per_second: int) -> str:
+    """A scripted mock answer of ``tokens`` tokens at ``per_second`` (the one spelling of
+    the mock's options lives here)."""
+    return f"mock:tokens={tokens},tokens_per_second={per_second}"
+
+
 PHONE = {"width": 390, "height": 844}
 DESKTOP = {"width": 1280, "height": 800}
 
@@ -321,7 +329,7 @@ def test_every_icon_button_has_an_accessible_label(page: Page, gateway: LiveGate
 
 
 def test_enter_while_streaming_queues_the_prompt(page: Page, gateway: LiveGateway) -> None:
-    open_chat(page, gateway, "mock:tokens=30,tokens_per_second=30")
+    open_chat(page, gateway, paced(30, 30))
     ask(page, "First question")
     expect(last_answer(page)).to_have_attribute("data-state", "streaming")
     ask(page, "Then this")
@@ -452,7 +460,7 @@ def test_conversations_are_kept_browsable_and_deletable(page: Page, gateway: Liv
 
 
 def test_a_reload_mid_answer_keeps_the_conversation(page: Page, gateway: LiveGateway) -> None:
-    open_chat(page, gateway, "mock:tokens=200,tokens_per_second=20")
+    open_chat(page, gateway, paced(200, 20))
     ask(page, "A long one")
     expect(last_answer(page)).to_have_attribute("data-state", "streaming")
     page.reload()
@@ -464,7 +472,7 @@ def test_a_reload_mid_answer_keeps_the_conversation(page: Page, gateway: LiveGat
 def test_deleting_the_conversation_that_streams_stops_it_for_good(page: Page,
                                                                   gateway: LiveGateway) -> None:
     page.set_viewport_size(DESKTOP)
-    open_chat(page, gateway, "mock:tokens=60,tokens_per_second=30")
+    open_chat(page, gateway, paced(60, 30))
     ask(page, "Doomed")
     expect(last_answer(page)).to_have_attribute("data-state", "streaming")
     items = page.locator('[data-testid="conversation"]')
@@ -483,7 +491,7 @@ def test_server_dying_mid_answer_says_so_and_keeps_the_text(page: Page, processe
                                                             tmp_path: Path) -> None:
     # `tokenrelay serve` as users run it, killed mid-answer: its connections just drop.
     serve = processes.serve({"serve_local": False, "log": {"path": str(tmp_path / "r.db")}})
-    model = "mock:tokens=400,tokens_per_second=40"
+    model = paced(400, 40)
     page.goto(f"{serve.url}/?model={quote(model)}")
     expect(page.locator("#model")).to_have_value(model)
     ask(page, "A long story")
