@@ -54,6 +54,7 @@ def live(tmp_path_factory: pytest.TempPathFactory, upstream: MockUpstream
     models = routes(upstream.url, up="tokens=6")
     models.append({"name": "up-responses", "base_url": upstream.url,
                    "upstream_model": "tokens=3", "api": "responses"})
+    models.append({"name": "org/model-7b", "base_url": upstream.url, "upstream_model": "tokens=2"})
     with LiveGateway(config(tmp, models)) as gateway:
         yield gateway
 
@@ -102,6 +103,8 @@ def test_models_retrieve_and_routed_owners(client: openai.OpenAI) -> None:
     listed = {m.id: m.owned_by for m in client.models.list()}
     assert listed["up"] == routed.owned_by and listed["mock"] == mock.owned_by
     assert all(owner != "openai" for owner in listed.values()), listed
+    # Names with a slash (Hugging Face style) too.
+    assert client.models.retrieve("org/model-7b").id == "org/model-7b"
     # The scripted mock's names are served, so they can be retrieved too.
     assert client.models.retrieve("mock:tokens=3").id == "mock:tokens=3"
 
