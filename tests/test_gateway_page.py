@@ -434,6 +434,12 @@ def test_conversations_are_kept_browsable_and_deletable(page: Page, gateway: Liv
     expect(page.locator(".msg.assistant")).to_have_count(2)
     expect(last_answer(page)).to_have_attribute("data-state", "done")
 
+    # What a hand-edited or older page's storage may hold is skipped, not a broken page.
+    page.evaluate("""() => {
+        localStorage.setItem("tokenrelay.conversation.bad", "{not json");
+        localStorage.setItem("tokenrelay.conversation.odd", JSON.stringify(
+            {id: "odd", title: "Odd", updated: 1, turns: [{prompt: 5}, null]}));
+    }""")
     page.reload()  # kept across reloads; the open conversation stays open
     items = page.locator('[data-testid="conversation"]')
     expect(items).to_have_count(2)
