@@ -194,7 +194,8 @@ def test_unknown_fields_are_still_a_400_naming_the_field(client: openai.OpenAI) 
 
 
 @pytest.mark.parametrize("params", [{"logprobs": True}, {"top_logprobs": 3},
-                                    {"modalities": ["text", "audio"]}])
+                                    {"modalities": ["text", "audio"]},
+                                    {"audio": {"voice": "alloy", "format": "wav"}}])
 def test_what_the_gateway_cannot_deliver_is_refused_by_name(client: openai.OpenAI,
                                                             params: dict[str, Any]) -> None:
     with pytest.raises(openai.BadRequestError) as caught:
@@ -389,3 +390,13 @@ def test_a_console_that_stops_reading_does_not_stall_the_gateway(tmp_path: Path)
         proc.wait(10)
         assert proc.stderr is not None
         proc.stderr.close()
+
+
+@pytest.mark.parametrize("params", [{"conversation": "conv_1"}, {"prompt": {"id": "pmpt_1"}},
+                                    {"top_logprobs": 2}, {"background": True}])
+def test_responses_parameters_it_cannot_deliver_are_refused_by_name(
+        client: openai.OpenAI, params: dict[str, Any]) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.responses.create(model="mock", input="hi", **params)
+    name = next(iter(params))
+    assert name in caught.value.message and "Unrecognized" not in caught.value.message

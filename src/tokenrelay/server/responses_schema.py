@@ -231,6 +231,14 @@ class ResponsesRequest(BaseModel):
     moderation: dict[str, Any] | None = None
     previous_response_id: str | None = None
     background: bool | None = None
+    # OpenAI parameters whose result this gateway cannot deliver: refused by name.
+    conversation: Any = None
+    prompt: Any = None
+    top_logprobs: int | None = None
+    context_management: Any = None
+    background_options: Any = None
+    image: Any = None
+    access_programs: Any = None
 
     @field_validator("tools", mode="before")
     @classmethod
@@ -241,6 +249,14 @@ class ResponsesRequest(BaseModel):
                 raise ValueError(f"tools of type {kind!r} are not supported here"
                                  " (function tools only)")
         return value
+
+    @field_validator("conversation", "prompt", "top_logprobs", "context_management",
+                     "background_options", "image", "access_programs")
+    @classmethod
+    def _nothing_undeliverable(cls, value: Any) -> Any:
+        if value in (None, 0, [], {}):  # what SDKs send by default
+            return value
+        raise ValueError("not supported by this gateway")
 
     @field_validator("previous_response_id", "background")
     @classmethod
