@@ -511,3 +511,25 @@ def test_server_dying_mid_answer_says_so_and_keeps_the_text(page: Page, processe
     expect(error).to_contain_text("What arrived is kept above")
     assert answer.locator(".content").inner_text().strip()
     expect(error.get_by_role("button", name="Try again: regenerate this answer")).to_be_visible()
+
+
+def test_the_key_bar_fits_a_phone_too(page: Page, tmp_path: Path) -> None:
+    from tokenrelay.server.config import hash_key
+
+    key = "page-test-key-0123456789"
+    config = ServerConfig.model_validate({
+        "serve_local": False, "serve_mock": True, "log": {"path": str(tmp_path / "r.db")},
+        "keys": [{"id": "k", "sha256": hash_key(key)}]})
+    with LiveGateway(config) as gateway:
+        page.set_viewport_size(PHONE)
+        page.goto(gateway.url + "/")
+        keybar = page.locator("#keybar")
+        expect(keybar).to_be_visible()
+        assert no_sideways_scroll(page) == {"page": 0, "body": 0, "main": 0}
+        box = page.get_by_role("button", name="Use key").bounding_box()
+        assert box is not None and box["x"] + box["width"] <= PHONE["width"]
+        page.screenshot(path=str(SHOTS / "tokenrelay_page_phone_key.png"))
+        page.get_by_role("textbox", name="API key").fill(key)
+        page.get_by_role("button", name="Use key").click()
+        expect(keybar).to_be_hidden()
+        expect(page.locator("#model option[value=mock]")).to_have_count(1)
