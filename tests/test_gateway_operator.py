@@ -217,6 +217,7 @@ def test_access_line_format() -> None:
     assert access_line({"method": "GET", "path": "/"}, 404, duration=0) == \
         '- "GET /" 404 time=0.000s'
     assert "outcome=cancelled" in access_line(scope, 200, duration=0, outcome="cancelled")
+    assert " model=m key=alice " in access_line(scope, 200, duration=0, model="m", key="alice")
 
 
 def test_one_access_line_per_request(client: openai.OpenAI, live: LiveGateway,
@@ -400,3 +401,16 @@ def test_responses_parameters_it_cannot_deliver_are_refused_by_name(
         client.responses.create(model="mock", input="hi", **params)
     name = next(iter(params))
     assert name in caught.value.message and "Unrecognized" not in caught.value.message
+
+
+def test_access_line_names_the_key_id_never_the_key(tmp_path: Path,
+                                                    access: pytest.LogCaptureFixture) -> None:
+    from tokenrelay.server.config import hash_key
+
+    raw = "operator-test-key-0123456789"
+    with LiveGateway(config(tmp_path, [], keys=[{"id": "alice", "sha256": hash_key(raw)}])
+                     ) as live, openai.OpenAI(base_url=live.url + "/v1", api_key=raw,
+                                              max_retries=0) as sdk:
+        sdk.chat.completions.create(model="mock", messages=PROMPT)
+        line = access_lines(access, live, 1)[-1]
+    assert " model=mock key=alice " in line and raw not in line

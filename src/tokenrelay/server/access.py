@@ -8,7 +8,9 @@ chunk: :class:`AccessLog` wraps ``send`` only for requests that are not streams.
 
 A line reads (logfmt, so that ``grep``/``awk`` take it apart)::
 
-    127.0.0.1 "POST /v1/chat/completions" 200 model=mock ttft=0.012s prompt_tokens=3 completion_tokens=5 time=0.030s
+    127.0.0.1 "POST /v1/chat/completions" 200 model=mock key=alice ttft=0.012s prompt_tokens=3 completion_tokens=5 time=0.030s
+
+(``key=``: the id of the gateway key used, never the key; absent without keys.)
 
 ``tokenrelay serve --quiet`` (or ``access_log = false``) turns it off.
 """
@@ -30,7 +32,8 @@ LOGGED = "tokenrelay.access_logged"
 
 
 def access_line(scope: Mapping[str, Any], status: int, *, duration: float,
-                model: str | None = None, outcome: str | None = None,
+                model: str | None = None, key: str | None = None,
+                outcome: str | None = None,
                 ttft: float | None = None, prompt_tokens: int | None = None,
                 completion_tokens: int | None = None) -> str:
     """One access line (pure: the tests check it without a server)."""
@@ -41,6 +44,8 @@ def access_line(scope: Mapping[str, Any], status: int, *, duration: float,
     parts = [f'{who} "{scope.get("method", "-")} {scope.get("path", "")}" {status}']
     if model is not None:
         parts.append("model=" + (model if model and " " not in model else repr(model)))
+    if key is not None:
+        parts.append("key=" + key)
     if outcome and outcome != "ok":
         parts.append("outcome=" + outcome)
     if ttft is not None:

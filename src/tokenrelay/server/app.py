@@ -47,7 +47,7 @@ from .metrics import CONTENT_TYPE_LATEST, GatewayMetrics
 from .openapi import openapi_document
 from .reqlog import RequestLog
 from .schema import ChatCompletionRequest, SimpleChatRequest
-from .security import Authenticator, GatewayHTTPError, Lease, Limiter
+from .security import ANONYMOUS, Authenticator, GatewayHTTPError, Lease, Limiter
 from .sse import EarlyResponse, SSEResponse
 
 __all__ = ["Gateway", "create_app"]
@@ -278,6 +278,7 @@ class Gateway:
         status = {"cancelled": "cancelled", "error": "error"}.get(result.finish_reason, "ok")
         if scope is not None:
             log_access(scope, http_status, duration=time.monotonic() - started, model=model,
+                       key=None if key_id == ANONYMOUS.id else key_id,
                        outcome=status, ttft=result.metrics.time_to_first_token,
                        prompt_tokens=result.usage.prompt_tokens,
                        completion_tokens=result.usage.completion_tokens)
