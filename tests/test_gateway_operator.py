@@ -273,7 +273,7 @@ def _serve(processes: Processes, tmp_path: Path, *args: str, requests: int = 1
 def test_serve_banner_and_access_lines(processes: Processes, tmp_path: Path) -> None:
     url, err = _serve(processes, tmp_path)
     assert re.search(rf"chat page: +{re.escape(url)}/\n", err), err
-    assert re.search(r"models: +mock \(tokenrelay \(mock\)\)", err), err
+    assert re.search(r"models: +mock \(scripted\)\n", err), err
     assert f"request log: {tmp_path / 'req.db'}" in err
     line = next(line for line in err.splitlines() if "POST /v1/chat/completions" in line)
     assert re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d 127\.0\.0\.1 \"POST /v1/chat/completions\""

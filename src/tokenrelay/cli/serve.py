@@ -97,14 +97,21 @@ def server_config(config_file: str | None = None, *, host: str | None = None,
 def banner(config: ServerConfig, gateway: Any, base: str) -> list[str]:
     """What ``serve`` prints when it starts: where to point a browser and a client, what
     it serves, where requests are logged, who may use it."""
+    from urllib.parse import urlsplit
+
     models = []
-    for name in gateway.models:
-        owner = gateway.model_object(name, 0)["owned_by"]
-        models.append(f"{name} ({owner})")
+    for name, (provider, upstream) in gateway.models.items():
+        route = gateway.route_of.get(name)
+        if route is not None:
+            models.append(f"{name} → {urlsplit(route.base_url).netloc}"
+                          + (f" as {upstream}" if upstream != name else ""))
+        else:
+            kind = {"local": "embedded", "mock": "scripted"}.get(provider.name, provider.name)
+            models.append(f"{name} ({kind})")
     lines = [
         f"tokenrelay: serving on {base}",
         f"  chat page:   {base}/",
-        f"  OpenAI API:  {base}/v1  (GET {base}/openapi.json describes it)",
+        f"  OpenAI API:  {base}/v1  (described at /openapi.json)",
         "  models:      " + (", ".join(models) or "none"),
     ]
     if gateway.reqlog is not None:
