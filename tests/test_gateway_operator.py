@@ -129,7 +129,9 @@ def test_models_retrieve_and_routed_owners(client: openai.OpenAI) -> None:
 ])
 def test_every_404_and_405_is_an_openai_error_body(live: LiveGateway, method: str, path: str,
                                                    status: int) -> None:
-    response = httpx.request(method, live.url + path, timeout=5)
+    # (A POST carries a JSON body: without one the gateway answers 415 first.)
+    response = httpx.request(method, live.url + path, timeout=5,
+                             json={} if method == "POST" else None)
     assert response.status_code == status
     assert response.headers["content-type"].startswith("application/json")
     error = response.json()["error"]
@@ -331,7 +333,8 @@ def test_example_config_loads_and_shows_every_setting_with_a_comment() -> None:
     defaults = ServerConfig()
     for key in ("host", "port", "heartbeat", "send_timeout", "header_timeout",
                 "body_timeout", "keep_alive_timeout", "max_body_bytes", "cors_credentials",
-                "metrics_public", "access_log", "serve_local"):
+                "metrics_public", "access_log", "serve_local", "allowed_hosts",
+                "drain_timeout_s"):
         assert data[key] == getattr(defaults, key), key
     for section in ("log", "streams"):  # the tables of one each: their defaults too
         for key, value in data[section].items():
@@ -414,3 +417,15 @@ def test_access_line_names_the_key_id_never_the_key(tmp_path: Path,
         sdk.chat.completions.create(model="mock", messages=PROMPT)
         line = access_lines(access, live, 1)[-1]
     assert " model=mock key=alice " in line and raw not in line
+
+
+def test_refusals_before_an_endpoint_get_their_access_line(
+        live: LiveGateway, access: pytest.LogCaptureFixture) -> None:
+    url = live.url + "/v1/chat/completions"
+    httpx.post(url, content=b"{}", headers={"content-type": "text/plain"}, timeout=5)  # 415
+    too_big = b'{"x": "' + b"a" * live.gateway.config.max_body_bytes + b'"}'
+    httpx.post(url, content=too_big, headers={"content-type": "application/json"},
+               timeout=5)  # 413 on the direct path
+    lines = access_lines(access, live, 2)
+    assert [line.split('"')[2].split()[0] for line in lines] == ["415", "413"], lines
+    assert all('"POST /v1/chat/completions"' in line for line in lines)
