@@ -533,3 +533,22 @@ def test_the_key_bar_fits_a_phone_too(page: Page, tmp_path: Path) -> None:
         page.get_by_role("button", name="Use key").click()
         expect(keybar).to_be_hidden()
         expect(page.locator("#model option[value=mock]")).to_have_count(1)
+
+
+def test_a_real_shutdown_mid_answer_reads_as_one(page: Page, processes: Processes,
+                                                 tmp_path: Path) -> None:
+    # SIGTERM with an answer streaming: after drain_timeout_s the gateway sends one
+    # "server_shutdown" error frame; the page says so in words.
+    serve = processes.serve({"serve_local": False, "drain_timeout_s": 0.5,
+                             "log": {"path": str(tmp_path / "r.db")}})
+    model = paced(400, 40)
+    page.goto(f"{serve.url}/?model={quote(model)}")
+    expect(page.locator("#model")).to_have_value(model)
+    ask(page, "A long story")
+    answer = last_answer(page)
+    expect(answer).to_have_attribute("data-state", "streaming")
+    processes.stop(serve)  # SIGTERM
+    expect(answer).to_have_attribute("data-state", "error")
+    expect(answer.locator(".error")).to_contain_text("The server shut down while answering")
+    expect(answer.locator(".error")).to_contain_text("What arrived is kept above")
+    page.screenshot(path=str(SHOTS / "tokenrelay_page_server_shutdown.png"))
