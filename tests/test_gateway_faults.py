@@ -180,7 +180,7 @@ def test_a_bug_in_an_endpoint_is_a_500_and_the_gateway_goes_on(
     def broken(model: str) -> Any:
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr(live.gateway, "lookup", broken)
+    monkeypatch.setattr(live.gateway.router, "lookup", broken)
     body = ({"model": "ok", "prompt": "hi"} if path == "/chat"
             else chat_body("ok"))
     response = client.post(path, json=body)

@@ -164,7 +164,7 @@ def test_unused_openai_parameters_are_passed_to_openai_compatible_upstreams(
     # Chat Completions only: what the gateway would send is checked here).
     gateway = live.gateway
     params = {"reasoning": {"effort": "low"}, "store": False, "prompt_cache_key": "k"}
-    assert gateway.unused_parameters("up-responses", params, api="responses") == params
+    assert gateway.router.unused_parameters("up-responses", params, api="responses") == params
 
 
 def test_unused_openai_parameters_are_ignored_with_one_warning_line(

@@ -320,6 +320,12 @@ class AsyncStream:
             raise RuntimeError("the stream has not finished: iterate it or await final()")
         return self._result
 
+    @property
+    def error(self) -> TokenrelayError | None:
+        """The error this stream ended with; None while it runs and after a clean end."""
+        result = self._result
+        return None if result is None else result.error
+
     async def __aenter__(self) -> Self:
         return self
 

@@ -1,7 +1,7 @@
 """The OpenAI Responses API, ``POST /v1/responses``, over the tokenrelay core.
 
-The request (``responses_schema.py``) becomes a core ``Request``, streamed by whatever
-provider serves the model (an upstream Chat Completions or Responses API, the embedded
+The request (``responses_schema.py``) becomes a core ``Request`` (the endpoint is in
+``endpoints.py``), streamed by whatever provider serves the model (an upstream Chat Completions or Responses API, the embedded
 model, the mock): the answer is core events, re-serialised by :class:`ResponsesEncoder`
 as the documented Responses stream::
 
@@ -28,16 +28,12 @@ import time
 import uuid
 from typing import Any
 
-from pydantic import ValidationError
-
 from .._stream import Result
 from ..events import Done, ErrorEvent, StreamEvent, TextDelta, ToolCallDelta, Usage, UsageEvent
-from .app import Gateway, _label
 from .encode import client_message, dumps, tool_call_id
 from .responses_schema import ResponsesRequest
-from .security import GatewayHTTPError, reservation
 
-__all__ = ["ResponsesEncoder", "create_response"]
+__all__ = ["ResponsesEncoder"]
 
 # -- the answer ------------------------------------------------------------------------
 
@@ -243,34 +239,3 @@ def _copy(item: dict[str, Any]) -> dict[str, Any]:
     if "content" in copy:
         copy["content"] = [dict(part) for part in copy["content"]]
     return copy
-
-
-# -- the endpoint ----------------------------------------------------------------------
-
-
-async def create_response(gateway: Gateway, request: Any) -> Any:
-    """``POST /v1/responses``: the same path as chat completions, another wire format."""
-    try:
-        key, req = await gateway.admit(request, ResponsesRequest)
-        provider, upstream_model = gateway.lookup(req.model)
-        max_tokens = gateway.limiter.clamp_max_tokens(
-            key, req.max_output_tokens, gateway.config.max_tokens_default)
-        try:
-            core = req.to_core(upstream_model, max_tokens, extra=gateway.unused_parameters(
-                req.model, req.unused_parameters(), api="responses"))
-        except (ValidationError, ValueError) as exc:
-            raise GatewayHTTPError(400, f"invalid input: {exc}", param="input") from exc
-        lease = gateway.limiter.acquire(key, reservation(core, key))
-    except GatewayHTTPError as exc:
-        return gateway.rejected(exc, request)
-
-    stream = gateway.open(core, provider)
-    encoder = ResponsesEncoder(req, model=req.model, route=gateway.route(req.model))
-    if not req.stream:
-        return await gateway._complete(stream, request=request, lease=lease, key_id=key.id,
-                                       model=req.model, endpoint="responses",
-                                       render=encoder.body, route=gateway.route(req.model))
-
-    return gateway.sse(gateway.relay(stream, encoder.encode, lease=lease, key_id=key.id,
-                                     endpoint="responses", model=_label(req.model),
-                                     route=gateway.route(req.model), scope=request.scope))

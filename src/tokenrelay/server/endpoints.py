@@ -1,0 +1,177 @@
+"""The gateway's endpoints: each turns its body into a core ``Request`` and its encoder,
+then takes the one shared path (``gateway.py``: admit → produce → deliver).
+
+``POST /v1/chat/completions``, ``/chat`` and ``/v1/responses`` answer from a model; the
+others describe the gateway (models, health, metrics, the OpenAPI document, the page).
+"""
+
+from __future__ import annotations
+
+import time
+from importlib import resources
+from typing import Any
+
+from pydantic import ValidationError
+from starlette.requests import Request as HTTPRequest
+from starlette.responses import HTMLResponse, JSONResponse, Response
+
+from ..request import Message, Request
+from .encode import ChunkEncoder, SimpleEncoder, dumps
+from .gateway import Gateway, error_response
+from .metrics import CONTENT_TYPE_LATEST
+from .openapi import openapi_document
+from .responses import ResponsesEncoder
+from .responses_schema import ResponsesRequest
+from .routing import label
+from .schema import ChatCompletionRequest, SimpleChatRequest
+from .security import GatewayHTTPError, reservation
+
+__all__ = ["Endpoints"]
+
+
+class Endpoints:
+    """The endpoints of one gateway (bound methods, for Starlette's routes)."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+        self.router = gateway.router
+        self._openapi = dumps(openapi_document(auth=bool(gateway.config.keys)))
+
+    # -- answered by a model ---------------------------------------------------------
+
+    async def chat_completions(self, request: HTTPRequest) -> Any:
+        """``POST /v1/chat/completions``."""
+        gw, router = self.gateway, self.router
+        try:
+            key, chat = await gw.admit(request, ChatCompletionRequest)
+            provider, upstream_model = router.lookup(chat.model)
+            max_tokens = gw.limiter.clamp_max_tokens(
+                key, chat.effective_max_tokens(), gw.config.max_tokens_default)
+            try:
+                core = Request(
+                    messages=chat.core_messages(),
+                    model=upstream_model, temperature=chat.temperature, max_tokens=max_tokens,
+                    top_p=chat.top_p, stop=chat.stop, seed=chat.seed,  # type: ignore[arg-type]
+                    response_format=chat.core_response_format(), tools=chat.core_tools(),
+                    tool_choice=chat.core_tool_choice(),
+                    extra=router.unused_parameters(chat.model, chat.unused_parameters()))
+            except (ValidationError, ValueError) as exc:
+                raise GatewayHTTPError(400, f"invalid messages: {exc}", param="messages") from exc
+            lease = gw.limiter.acquire(key, reservation(core, key))
+        except GatewayHTTPError as exc:
+            return gw.rejected(exc, request)
+
+        stream = gw.open(core, provider)
+        route = router.route(chat.model)
+        if not chat.stream:
+            return await gw.complete(stream, request=request, lease=lease, key_id=key.id,
+                                     model=chat.model, route=route)
+        encoder = ChunkEncoder(chat.model, include_usage=bool(
+            chat.stream_options and chat.stream_options.include_usage), route=route)
+        return gw.sse(gw.relay(stream, encoder.encode, lease=lease, key_id=key.id,
+                               endpoint="chat.completions", model=label(chat.model),
+                               route=route, scope=request.scope))
+
+    async def simple_chat(self, request: HTTPRequest) -> Any:
+        """``POST /chat``: a prompt (and optional history) in, plain text deltas out."""
+        gw, router = self.gateway, self.router
+        try:
+            key, chat = await gw.admit(request, SimpleChatRequest)
+            model = chat.model or router.default_model()
+            if model is None:
+                raise GatewayHTTPError(404, "no models are configured", param="model",
+                                       code="model_not_found")
+            provider, upstream_model = router.lookup(model)
+            messages: list[Message] = []
+            if chat.system:
+                messages.append(Message(role="system", content=chat.system))
+            for item in chat.history or []:
+                try:
+                    messages.append(Message.model_validate(item))
+                except ValidationError as exc:
+                    raise GatewayHTTPError(400, f"invalid history item: {item!r}",
+                                           param="history") from exc
+            messages.append(Message(role="user", content=chat.prompt))
+            max_tokens = gw.limiter.clamp_max_tokens(
+                key, chat.max_tokens, gw.config.max_tokens_default)
+            core = Request(messages=tuple(messages), model=upstream_model,
+                           max_tokens=max_tokens, temperature=chat.temperature)
+            lease = gw.limiter.acquire(key, reservation(core, key))
+        except GatewayHTTPError as exc:
+            return gw.rejected(exc, request)
+        stream = gw.open(core, provider)
+        route = router.route(model)
+        return gw.sse(gw.relay(stream, SimpleEncoder(route).encode, lease=lease,
+                               key_id=key.id, endpoint="chat", model=label(model),
+                               route=route, scope=request.scope))
+
+    async def create_response(self, request: HTTPRequest) -> Any:
+        """``POST /v1/responses``: the same path as chat completions, another wire format."""
+        gw, router = self.gateway, self.router
+        try:
+            key, req = await gw.admit(request, ResponsesRequest)
+            provider, upstream_model = router.lookup(req.model)
+            max_tokens = gw.limiter.clamp_max_tokens(
+                key, req.max_output_tokens, gw.config.max_tokens_default)
+            try:
+                core = req.to_core(upstream_model, max_tokens, extra=router.unused_parameters(
+                    req.model, req.unused_parameters(), api="responses"))
+            except (ValidationError, ValueError) as exc:
+                raise GatewayHTTPError(400, f"invalid input: {exc}", param="input") from exc
+            lease = gw.limiter.acquire(key, reservation(core, key))
+        except GatewayHTTPError as exc:
+            return gw.rejected(exc, request)
+
+        stream = gw.open(core, provider)
+        route = router.route(req.model)
+        encoder = ResponsesEncoder(req, model=req.model, route=route)
+        if not req.stream:
+            return await gw.complete(stream, request=request, lease=lease, key_id=key.id,
+                                     model=req.model, endpoint="responses",
+                                     render=encoder.body, route=route)
+        return gw.sse(gw.relay(stream, encoder.encode, lease=lease, key_id=key.id,
+                               endpoint="responses", model=label(req.model),
+                               route=route, scope=request.scope))
+
+    # -- about the gateway -----------------------------------------------------------
+
+    async def list_models(self, request: HTTPRequest) -> Response:
+        """``GET /v1/models``."""
+        try:
+            self.gateway.auth.check(request.headers)  # type: ignore[arg-type]
+        except GatewayHTTPError as exc:
+            return error_response(exc)
+        return JSONResponse(self.router.model_list(int(time.time())))
+
+    async def retrieve_model(self, request: HTTPRequest) -> Response:
+        """``GET /v1/models/{id}`` (``client.models.retrieve``)."""
+        name = request.path_params["model"]
+        try:
+            self.gateway.auth.check(request.headers)  # type: ignore[arg-type]
+            self.router.lookup(name)  # 404 for a name not served; a scripted mock:... is
+        except GatewayHTTPError as exc:
+            return error_response(exc)
+        return JSONResponse(self.router.model_object(name, int(time.time())))
+
+    async def healthz(self, request: HTTPRequest) -> Response:
+        # Unauthenticated (for load balancers): no model names here, /v1/models has them.
+        return JSONResponse({"status": "ok",
+                             "active_streams": self.gateway.limiter.total_active()})
+
+    async def metrics(self, request: HTTPRequest) -> Response:
+        """``GET /metrics`` (Prometheus), behind the API keys unless ``metrics_public``."""
+        if not self.gateway.config.metrics_public:
+            try:
+                self.gateway.auth.check(request.headers)  # type: ignore[arg-type]
+            except GatewayHTTPError as exc:
+                return error_response(exc)
+        return Response(self.gateway.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    async def openapi_json(self, request: HTTPRequest) -> Response:
+        return Response(self._openapi, media_type="application/json")
+
+    async def index(self, request: HTTPRequest) -> Response:
+        """``GET /``: the chat page."""
+        page = resources.files("tokenrelay.server") / "static" / "index.html"
+        return HTMLResponse(page.read_text(encoding="utf-8"),
+                            headers={"cache-control": "no-store"})
