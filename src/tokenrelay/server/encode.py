@@ -3,6 +3,13 @@
 Chunks are re-serialised from tokenrelay events against the OpenAI schema, never copied
 from upstream bytes: whatever the provider (an upstream API, the embedded model, the mock),
 clients get the same well-formed ``chat.completion.chunk`` objects.
+
+Every encoder numbers the frames of its stream 0, 1, 2, … (one sequence per stream, the
+same for every endpoint) and writes each frame's number as its SSE ``id:`` (the
+Responses encoder also as the event's ``sequence_number``). ``next_seq`` is the number of
+the next frame: the frames that ``encode`` returns are numbered from its value before the
+call up to its value after, which is what a producer appending them to the stream log
+(``server/streamlog/``) needs to know.
 """
 
 from __future__ import annotations
@@ -151,7 +158,8 @@ class ChunkEncoder:
         self.route = route
         self.created = int(time.time())
         self.include_usage = include_usage
-        self._event_id = 0
+        #: The sequence number (SSE ``id:``) of the next frame.
+        self.next_seq = 0
         self._sent_role = False
         # Per tool-call index: its id (sent once), and whether its name was sent. The SDK
         # concatenates every string it receives for an index, so id and name go out once.
@@ -165,15 +173,17 @@ class ChunkEncoder:
         )
 
     def frame(self, payload: bytes) -> bytes:
-        self._event_id += 1
-        return b"id: %d\ndata: %s\n\n" % (self._event_id, payload)
+        seq = self.next_seq
+        self.next_seq = seq + 1
+        return b"id: %d\ndata: %s\n\n" % (seq, payload)
 
     def _text(self, text: str) -> bytes:
         # The hot path (a text delta after the first): the choice around the text is
         # constant, so only the text is serialised.
-        self._event_id += 1
+        seq = self.next_seq
+        self.next_seq = seq + 1
         return b"id: %d\ndata: %s[{\"index\":0,\"delta\":{\"content\":%s},%s\n\n" % (
-            self._event_id, self._head, dumps(text), _TEXT_TAIL)
+            seq, self._head, dumps(text), _TEXT_TAIL)
 
     def _chunk(self, delta: dict[str, Any], finish_reason: str | None = None) -> bytes:
         choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
@@ -212,7 +222,7 @@ class ChunkEncoder:
                 frames.append(self.frame(
                     self._head + b'[],"usage":' + dumps(usage_dict(event.usage)) + b"}"
                 ))
-            frames.append(b"data: [DONE]\n\n")
+            frames.append(self.frame(b"[DONE]"))  # numbered too: a resume may stop at it
         elif isinstance(event, ErrorEvent):
             # Exactly one error event, then the end: never a silent end, never a fake stop.
             frames.append(self.frame(dumps(error_from_exc(event, self.route))))
@@ -246,10 +256,11 @@ def completion_body(model: str, result: Any) -> dict[str, Any]:
 class SimpleEncoder:
     """The ``/chat`` format: ``event: text`` frames, then ``usage`` / ``done`` or ``error``."""
 
-    __slots__ = ("_n", "route")
+    __slots__ = ("next_seq", "route")
 
     def __init__(self, route: str | None = None) -> None:
-        self._n = 0
+        #: The sequence number (SSE ``id:``) of the next frame.
+        self.next_seq = 0
         self.route = route
 
     def encode(self, event: StreamEvent) -> bytes:
@@ -268,5 +279,6 @@ class SimpleEncoder:
             })
         else:
             return b""
-        self._n += 1
-        return b"id: %d\nevent: %s\ndata: %s\n\n" % (self._n, name, data)
+        seq = self.next_seq
+        self.next_seq = seq + 1
+        return b"id: %d\nevent: %s\ndata: %s\n\n" % (seq, name, data)

@@ -83,7 +83,8 @@ class ResponsesEncoder:
         self.route = route
         self.created_at = int(time.time())
         self._echo = request.echo()
-        self._seq = 0
+        #: The sequence number of the next frame (its SSE ``id:`` and ``sequence_number``).
+        self.next_seq = 0
         self._started = False
         self.output: list[dict[str, Any]] = []
         self._message: dict[str, Any] | None = None  # the open message item
@@ -94,8 +95,8 @@ class ResponsesEncoder:
     # -- frames ---------------------------------------------------------------------
 
     def _frame(self, frames: list[bytes], kind: str, **fields: Any) -> None:
-        seq = self._seq
-        self._seq += 1
+        seq = self.next_seq
+        self.next_seq = seq + 1
         payload = dumps({"type": kind, "sequence_number": seq, **fields})
         frames.append(b"event: %s\nid: %d\ndata: %s\n\n" % (kind.encode(), seq, payload))
 
