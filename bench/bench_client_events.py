@@ -27,7 +27,7 @@ from typing import Any
 import httpx
 
 import tokenrelay
-from tokenrelay._openai_wire import ChatChunkParser
+from tokenrelay.providers._openai_wire import ChatChunkParser
 from tokenrelay.providers.openai_compat import OpenAIProvider
 
 N_CHUNKS = 2000

@@ -427,8 +427,10 @@ async def idle_streams(target: str, gateway: Proc, upstream: Proc, n: int) -> di
 #: Component of a frame, by file; the deepest frame with a component owns a sample.
 COMPONENTS = [
     ("httpx upstream read", ("(httpx/", "(httpcore/", "(h11/", "(anyio/", "(sniffio/")),
+    # (before the provider shell: the first component that names a frame owns it)
+    ("SSE decode + chunk parse", ("tokenrelay/providers/_sse.py",
+                                  "tokenrelay/providers/_openai_wire.py")),
     ("provider shell (openai_compat)", ("tokenrelay/providers/",)),
-    ("SSE decode + chunk parse", ("tokenrelay/_sse.py", "tokenrelay/_openai_wire.py")),
     ("AsyncStream (_stream, events)", ("tokenrelay/_stream.py", "tokenrelay/events.py")),
     ("encoder (encode.py, orjson)", ("tokenrelay/server/encode.py",)),
     ("SSE response + relay (sse.py, gateway.py, app.py)", ("tokenrelay/server/sse.py",
@@ -584,9 +586,9 @@ print(json.dumps(asyncio.run(variants[kind]())))
 
 def stage_costs() -> dict[str, float]:
     """µs per chunk of single stages of the relay path, in-process, no network."""
-    from tokenrelay._openai_wire import ChatChunkParser
     from tokenrelay._stream import AsyncStream
     from tokenrelay.events import TextDelta
+    from tokenrelay.providers._openai_wire import ChatChunkParser
     from tokenrelay.providers.base import Chunk, Provider
     from tokenrelay.request import Message, Request
     from tokenrelay.server.encode import ChunkEncoder

@@ -10,7 +10,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from email.utils import formatdate
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,6 @@ from _upstream import FIXTURES, Upstream
 
 import tokenrelay
 from tokenrelay import config
-from tokenrelay._openai_wire import ChatChunkParser
 from tokenrelay.events import (
     Done,
     ErrorEvent,
@@ -32,8 +31,11 @@ from tokenrelay.events import (
     Usage,
     UsageEvent,
 )
+from tokenrelay.providers._openai_wire import ChatChunkParser
 from tokenrelay.providers.base import Chunk
-from tokenrelay.providers.openai_compat import OpenAIProvider, retry_after
+from tokenrelay.providers.http import HTTPProvider, read_some, retry_after
+from tokenrelay.providers.openai_compat import OpenAIProvider
+from tokenrelay.request import Request
 
 # -- the pure parser on recorded bodies --------------------------------------------------
 
@@ -613,3 +615,54 @@ async def test_a_connection_the_server_closed_after_a_body_is_not_reused_into_an
                                                 retry=no_retry)
             assert result.text == "tok0 tok1 tok2"
         await provider.aclose()
+
+
+# -- the HTTP shell, for a provider that is not OpenAI's --------------------------------
+
+
+class _KeyHeaderProvider(HTTPProvider):
+    """A provider whose API takes its key as ``x-api-key`` (Anthropic's scheme): it shares
+    the HTTP shell and sends no Bearer header, nothing to undo."""
+
+    name = "key-header"
+
+    def __init__(self, *, base_url: str, api_key: str) -> None:
+        super().__init__(base_url=base_url, headers={"x-api-key": api_key})
+
+    async def stream(self, request: Request, *, raw: bool = False) -> AsyncIterator[Chunk]:
+        body = json.dumps({"model": request.model, "stream": True,
+                           "messages": [{"role": m.role, "content": m.content}
+                                        for m in request.messages]}).encode()
+        async with self._post(self.base_url + "/chat/completions", body) as response:
+            if response.status != 200:
+                raise self._status_error(response, await read_some(response))
+            parser = ChatChunkParser(raw=raw)
+            while data := await response.content.readany():
+                for chunk in parser.feed(data):
+                    yield chunk
+            parser.end()
+
+
+def test_a_provider_with_its_own_auth_shares_the_http_shell(upstream: Upstream) -> None:
+    provider = _KeyHeaderProvider(base_url=upstream.url, api_key="sk-anthropic-like")
+    assert not isinstance(provider, OpenAIProvider)
+    assert "sk-anthropic-like" not in repr(provider)
+
+    async def run() -> tuple[str, BaseException]:
+        try:
+            text = (await tokenrelay.acomplete("hi", provider=provider, model="ok",
+                                               **FAST)).text
+            with pytest.raises(tokenrelay.APIStatusError) as raised:
+                await tokenrelay.acomplete("hi", provider=provider, model="status:401", **FAST)
+            return text, raised.value
+        finally:
+            await provider.aclose()
+
+    text, error = asyncio.run(run())
+    assert text == "Hello, world!"
+    call = upstream.calls[0]
+    assert call.headers["x-api-key"] == "sk-anthropic-like"
+    assert "authorization" not in call.headers
+    # Errors are translated by the shell: the status, the body's text, no OpenAI hint.
+    assert isinstance(error, tokenrelay.APIStatusError) and error.status_code == 401
+    assert "OPENAI_API_KEY" not in str(error)

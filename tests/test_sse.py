@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tokenrelay._sse import ServerSentEvent, SSEDecoder, comment, encode_event
+from tokenrelay.providers._sse import ServerSentEvent, SSEDecoder, comment, encode_event
 
 
 def decode(*chunks: bytes) -> list[ServerSentEvent]:

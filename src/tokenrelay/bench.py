@@ -38,9 +38,9 @@ from typing import Any
 
 import aiohttp
 
-from ._openai_wire import ChatChunkParser, error_message
 from .errors import StreamError, UsageError
-from .providers.openai_compat import checked_base_url
+from .providers._openai_wire import ChatChunkParser, error_message
+from .providers.http import checked_base_url
 
 __all__ = ["BenchReport", "RequestOutcome", "Stats", "abench", "chat_url", "summarize"]
 

@@ -34,11 +34,11 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from .._openai_wire import error_message
-from .._sse import SSEDecoder
 from ..errors import StreamError, UsageError
 from ..events import Usage
 from ..request import Request
+from ._openai_wire import error_message
+from ._sse import SSEDecoder
 from .base import Chunk, ToolCallChunk
 from .openai_compat import OpenAIProvider
 

@@ -16,10 +16,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from ..errors import StreamError
+from ..events import Usage
 from ._sse import SSEDecoder
-from .errors import StreamError
-from .events import Usage
-from .providers.base import Chunk, ToolCallChunk
+from .base import Chunk, ToolCallChunk
 
 __all__ = ["ChatChunkParser", "completion_to_chunks", "error_message", "parse_usage"]
 
