@@ -46,9 +46,11 @@ def _pack_py(args: tuple[Any, ...]) -> bytes:
 
 pack: Callable[[tuple[Any, ...]], bytes]
 try:
-    from hiredis import pack_command as pack
+    from hiredis import pack_command
 except ImportError:  # hiredis < 2.1, or not installed: the same bytes, packed in Python
     pack = _pack_py
+else:
+    pack = pack_command
 
 
 def parse_seq(value: Any) -> int:
