@@ -52,6 +52,7 @@ _Body = TypeVar("_Body", bound=BaseModel)
 
 
 def error_response(exc: GatewayHTTPError) -> JSONResponse:
+    """A refusal as OpenAI's error object, with its status and headers."""
     return JSONResponse(
         error_body(exc.message, type=exc.type, code=exc.code, param=exc.param),
         status_code=exc.status, headers=exc.headers)
@@ -66,7 +67,6 @@ def _validation_error(exc: ValidationError) -> GatewayHTTPError:
                                 param=field, code="unknown_parameter")
     return GatewayHTTPError(400, f"invalid {field}: {err['msg']}", param=field,
                             code="invalid_value")
-
 
 
 class Gateway:
