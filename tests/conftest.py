@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import signal
 import socket
 from collections.abc import Iterator
 from typing import Any
@@ -21,6 +22,12 @@ from _harness import Processes
 #: is a test that quietly did not run.
 NOT_APPLICABLE = "not applicable here:"
 STRICT_SKIPS = os.environ.get("TOKENRELAY_STRICT_SKIPS") == "1"
+
+# A shell starts background jobs with SIGINT ignored, and an ignored signal stays ignored
+# across exec: every CLI the tests start would then ignore Ctrl-C. Catching it here makes
+# children start with the default disposition, as from a terminal.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 _ENV = ("OPENAI_API_KEY", "OPENAI_BASE_URL", "TOKENRELAY_MODEL", "TOKENRELAY_GGUF",
         "TOKENRELAY_LOG", "TOKENRELAY_HOME")
