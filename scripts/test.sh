@@ -10,9 +10,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # System packages: Debian's Chromium (headless browser test of the chat page; Playwright
-# never downloads a browser here), iproute2 (`ip`, to bring up loopback in the namespace).
+# never downloads a browser here), redis-server (the Redis stream store; the tests start
+# their own on a free port), iproute2 (`ip`, to bring up loopback in the namespace).
 missing=()
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v ip >/dev/null 2>&1 || missing+=(iproute2)
 command -v unshare >/dev/null 2>&1 || missing+=(util-linux)
 if [ ${#missing[@]} -gt 0 ]; then
@@ -24,7 +26,7 @@ if [ ${#missing[@]} -gt 0 ]; then
     fi
 fi
 
-scripts/setup.sh local,server,llama-server,test
+scripts/setup.sh local,server,llama-server,redis,test
 # Tests never touch the network beyond loopback.
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 NO_PROXY="127.0.0.1,localhost"
 unset OPENAI_API_KEY OPENAI_BASE_URL TOKENRELAY_MODEL TOKENRELAY_LOG || true

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 from _harness import Processes
+from _redis import redis_server  # noqa: F401  (the session's redis-server, see _redis.py)
 
 #: A skip whose reason starts with this cannot apply to a machine that runs CI (another
 #: OS, say); any other skip is a failure under ``TOKENRELAY_STRICT_SKIPS=1``
