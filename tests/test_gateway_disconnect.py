@@ -55,7 +55,7 @@ def upstream() -> Iterator[MockUpstream]:
 def make_gateway(upstream: MockUpstream, tmp_path: Path) -> Iterator[MakeGateway]:
     upstream.reset()
     with ExitStack() as stack:
-        def make(loop: str = "asyncio", **options: Any) -> LiveGateway:
+        def make(loop: str = "uvloop", **options: Any) -> LiveGateway:
             models = routes(upstream.url, **SPECS)
             return stack.enter_context(LiveGateway(config(tmp_path, models, **options),
                                                    loop=loop))

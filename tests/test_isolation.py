@@ -37,10 +37,9 @@ def test_nothing_but_loopback_is_reachable_at_the_os_level() -> None:
 
 
 def test_a_skip_fails_under_strict_skips(tmp_path: Path) -> None:
-    (tmp_path / "conftest.py").write_text(
-        (Path(__file__).with_name("conftest.py")).read_text())
-    (tmp_path / "_harness.py").write_text(
-        (Path(__file__).with_name("_harness.py")).read_text())
+    here = Path(__file__).parent
+    for helper in [here / "conftest.py", *here.glob("_*.py")]:  # the suite's own hooks
+        (tmp_path / helper.name).write_text(helper.read_text())
     (tmp_path / "test_skips.py").write_text(textwrap.dedent("""
         import pytest
 
