@@ -121,8 +121,8 @@ def contenders(url: str, model: str) -> dict[str, Callable[[], int]]:
             "tokenrelay.astream": tr_async, "tokenrelay.stream (sync)": tr_sync}
 
 
-def measure(chunks: int, runs: int) -> dict[str, Any]:
-    model = f"tokens={chunks}"
+def measure(chunks: int, runs: int, tps: float | None = None) -> dict[str, Any]:
+    model = f"tokens={chunks}" + ("" if tps is None else f";tps={tps:g}")
     with mock_upstream() as url:
         fns = contenders(url, model)
         for fn in fns.values():  # warm-up: imports, connection pools, the estimator
@@ -137,7 +137,7 @@ def measure(chunks: int, runs: int) -> dict[str, Any]:
     medians = {name: statistics.median(values) for name, values in cpu.items()}
     base = medians["openai SDK (async)"]
     return {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "chunks": chunks,
-            "runs": runs, "python": sys.version.split()[0],
+            "runs": runs, "tps": tps, "python": sys.version.split()[0],
             "us_per_event": medians, "runs_us": cpu,
             "ratio_to_sdk_async": {name: m / base for name, m in medians.items()}}
 
@@ -146,13 +146,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--chunks", type=int, default=4000)
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--tps", type=float, default=None,
+                        help="pace the upstream (chunks per second): one frame per read, each"
+                             " a wake-up of its own; default as fast as it can")
     parser.add_argument("--smoke", action="store_true", help="seconds: 300 chunks, 1 run")
     parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
     args = parser.parse_args()
     if args.smoke:
         args.chunks, args.runs = 300, 1
-    report = measure(args.chunks, args.runs)
-    print(f"{args.chunks} content chunks over loopback from tokenrelay mock-upstream,"
+    report = measure(args.chunks, args.runs, args.tps)
+    pace = "as fast as it can" if args.tps is None else f"{args.tps:g} chunks/s"
+    print(f"{args.chunks} content chunks over loopback from tokenrelay mock-upstream ({pace}),"
           f" median of {args.runs}; client CPU (all threads) per content event")
     print(f"{'':26} {'µs/event':>9} {'× SDK (async)':>14}")
     for name, value in report["us_per_event"].items():
