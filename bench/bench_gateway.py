@@ -922,7 +922,7 @@ async def main(args: argparse.Namespace) -> None:
                           f" arrivals at c/{answer_s:g} per second)")
             paced_levels = [(64, 128), (256, 256)] if args.quick else [(64, 192), (256, 512)]
             if args.smoke:
-                paced_levels = [(8, 8)]
+                paced_levels = [(2, 2)]
             paced: list[Run] = []
             for c, n in paced_levels:
                 for name, url, _, model, proc in targets:

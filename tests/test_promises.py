@@ -19,7 +19,7 @@ from typing import Any
 
 import httpx
 import pytest
-from _gateway import chat_body, config, fd_count, open_stream, recv_all, recv_until, routes
+from _gateway import chat_body, config, fd_count, open_stream, recv_until, routes
 from _harness import LiveGateway, Processes, free_port, poll
 from _pty import PtyProcess, cli_env, tokenrelay_argv
 from _upstream import Upstream
@@ -86,7 +86,7 @@ def test_408_and_409_are_retried(status: int, upstream: MockUpstream) -> None:
 def live(upstream: MockUpstream, tmp_path: Path) -> Iterator[LiveGateway]:
     upstream.reset()
     models = routes(upstream.url, slow="tokens=1000;tps=50", quick="tokens=3",
-                    broken="tokens=5;fault=error;after=2", refused="fault=500")
+                    broken="tokens=5;fault=error;after=2", refused="fault=401")
     with LiveGateway(config(tmp_path, models, cors_origins=["https://app.example"],
                             log={"path": str(tmp_path / "r.db"), "redact": True})) as gw:
         yield gw
@@ -151,7 +151,7 @@ def test_tasks_and_fds_return_to_the_baseline_on_uvloop(
         upstream_process: str, tmp_path: Path, model: str) -> None:
     """After normal ends, errors before and after the first token, and disconnects."""
     models = routes(upstream_process, slow="tokens=1000;tps=50", quick="tokens=3",
-                    broken="tokens=5;fault=error;after=2", refused="fault=500")
+                    broken="tokens=5;fault=error;after=2", refused="fault=401")
     with LiveGateway(config(tmp_path, models)) as live:
         _back_to_baseline(live, model)
 
@@ -160,12 +160,13 @@ def _back_to_baseline(live: LiveGateway, model: str) -> None:
     assert type(live.loop).__module__.startswith("uvloop")
 
     def one() -> None:
-        sock = open_stream(live.port, chat_body(model))
         if model == "slow":
+            sock = open_stream(live.port, chat_body(model))
             recv_until(sock, b'" tok1"')  # then the client leaves
-        else:
-            recv_all(sock)
-        sock.close()
+            sock.close()
+            return
+        with httpx.Client(timeout=10) as client:  # read to the end, then hang up
+            client.post(live.url + "/v1/chat/completions", json=chat_body(model)).read()
 
     # Warm-up: one round builds what is made once (the upstream connection pool, the
     # log's writer); the baseline counts it.
