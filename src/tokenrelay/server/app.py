@@ -12,12 +12,14 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, MutableMapping
 from importlib import resources
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ValidationError
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request as HTTPRequest
@@ -27,11 +29,14 @@ from starlette.routing import Route
 from .._stream import AsyncStream, Result
 from ..config import resolve
 from ..errors import TokenrelayError, UsageError
-from ..events import StreamEvent
+from ..events import ErrorEvent, StreamEvent
 from ..providers.base import Provider
 from ..request import Message, Request, RetryPolicy, Timeouts
-from .config import KeyConfig, ServerConfig
+from .access import AccessLog, log_access
+from .config import KeyConfig, ModelRoute, ServerConfig
 from .encode import (
+    SERVER_SHUTDOWN,
+    SHUTDOWN_MESSAGE,
     ChunkEncoder,
     SimpleEncoder,
     completion_body,
@@ -40,11 +45,13 @@ from .encode import (
     error_from_exc,
     error_status,
 )
+from .guard import Refusal, RequestGuard, logging_refusals
 from .metrics import CONTENT_TYPE_LATEST, GatewayMetrics
 from .openapi import openapi_document
 from .reqlog import RequestLog
 from .schema import ChatCompletionRequest, SimpleChatRequest
-from .security import Authenticator, GatewayHTTPError, Lease, Limiter
+from .security import ANONYMOUS, Authenticator, GatewayHTTPError, Lease, Limiter, reservation
+from .shutdown import Drain, is_shutdown
 from .sse import EarlyResponse, SSEResponse
 
 __all__ = ["Gateway", "create_app"]
@@ -60,9 +67,17 @@ MAX_MOCK_TOKENS = 10_000
 class BodyLimit:
     """Pure ASGI middleware: 413 for bodies over the cap, before anything parses them."""
 
-    def __init__(self, app: Any, max_bytes: int) -> None:
+    def __init__(self, app: Any, max_bytes: int,
+                 on_refused: Callable[[Any, int, str, str], None] | None = None) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.on_refused = on_refused
+
+    async def _refuse(self, scope: Any, send: Any) -> None:
+        message = f"request body over {self.max_bytes} bytes"
+        if self.on_refused is not None:
+            self.on_refused(scope, 413, "body_too_large", message)
+        await _send_error(send, 413, message, "invalid_request_error", "body_too_large")
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -75,8 +90,7 @@ class BodyLimit:
                 except ValueError:
                     too_big = True
                 if too_big:
-                    await _send_error(send, 413, f"request body over {self.max_bytes} bytes",
-                                      "invalid_request_error", "body_too_large")
+                    await self._refuse(scope, send)
                     return
         received = 0
 
@@ -92,16 +106,16 @@ class BodyLimit:
         try:
             await self.app(scope, limited_receive, send)
         except _BodyTooLarge:
-            await _send_error(send, 413, f"request body over {self.max_bytes} bytes",
-                              "invalid_request_error", "body_too_large")
+            await self._refuse(scope, send)
 
 
 class _BodyTooLarge(Exception):
     pass
 
 
-async def _send_error(send: Any, status: int, message: str, type: str, code: str) -> None:
-    body = dumps(error_body(message, type=type, code=code))
+async def _send_error(send: Any, status: int, message: str, type: str, code: str,
+                      param: str | None = None) -> None:
+    body = dumps(error_body(message, type=type, code=code, param=param))
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"),
                             (b"content-length", str(len(body)).encode())]})
@@ -117,6 +131,10 @@ def _error_response(exc: GatewayHTTPError) -> JSONResponse:
 def _validation_error(exc: ValidationError) -> GatewayHTTPError:
     err = exc.errors()[0]
     field = ".".join(str(p) for p in err["loc"]) or "body"
+    if err["type"] == "extra_forbidden":
+        # OpenAI's own wording for a parameter it does not know.
+        return GatewayHTTPError(400, f"Unrecognized request argument supplied: {field}",
+                                param=field, code="unknown_parameter")
     return GatewayHTTPError(400, f"invalid {field}: {err['msg']}", param=field,
                             code="invalid_value")
 
@@ -132,6 +150,11 @@ class Gateway:
         self.timeouts = Timeouts()
         self.retry = RetryPolicy()
         self.models: dict[str, tuple[Provider, str]] = {}
+        #: The configured upstream route of each routed model name.
+        self.route_of: dict[str, ModelRoute] = {}
+        #: OpenAI parameters already warned about as ignored (one line each, not one
+        #: per request).
+        self._warned: set[str] = set()
         # The scripted mock lets callers choose stalls and delays: by default only on a
         # loopback-only gateway.
         self.serve_mock = (config.loopback_only if config.serve_mock is None
@@ -150,6 +173,8 @@ class Gateway:
                             max_connections=route.max_connections)
             self._routes.append(provider)
             self.models[route.name] = (provider, route.upstream_model or route.name)
+            self.route_of[route.name] = route
+        self._route_names = frozenset(route.name for route in config.models)
         if self._routes:
             # Load the token estimator's encoding now (cl100k_base: 0.26 s, ~40 MiB): an
             # upstream route's usage is estimated for every stream that ends without
@@ -163,6 +188,8 @@ class Gateway:
             self.models["smollm2"] = resolve("smollm2")
         if self.serve_mock and "mock" not in self.models:
             self.models["mock"] = resolve("mock")
+        #: The requests answering a model, ended at the drain deadline on shutdown.
+        self.drain = Drain()
         self.reqlog: RequestLog | None = None
         if config.log.enabled:
             from ..log import default_log_path
@@ -171,6 +198,11 @@ class Gateway:
             self.reqlog = RequestLog(path, redact=config.log.redact)
 
     # -- helpers -------------------------------------------------------------------
+
+    def route(self, model: str) -> str | None:
+        """``model`` if it is one of the config's upstream routes (whose errors clients
+        see only in general terms), else None (the embedded model, the mock)."""
+        return model if model in self._route_names else None
 
     def lookup(self, model: str) -> tuple[Provider, str]:
         found = self.models.get(model)
@@ -211,16 +243,52 @@ class Gateway:
     async def admit(self, request: HTTPRequest, schema: type[_Body]) -> tuple[KeyConfig, _Body]:
         """The caller's key and its validated body (401 / 413 / 400 as GatewayHTTPError)."""
         key = self.auth.check(request.headers)  # type: ignore[arg-type]
+        request.scope["tokenrelay.key"] = key.id  # for the log of a later refusal
         body = await self.read_body(request)
         try:
             return key, schema.model_validate(body)
         except ValidationError as exc:
             raise _validation_error(exc) from exc
 
-    def rejected(self, exc: GatewayHTTPError) -> JSONResponse:
-        """Count a refused request and answer it as an OpenAI error object."""
-        self.metrics.errors.labels(exc.code or "http_" + str(exc.status)).inc()
+    def rejected(self, exc: GatewayHTTPError, request: HTTPRequest | None = None,
+                 ) -> JSONResponse:
+        """Count and log a refused request and answer it as an OpenAI error object."""
+        if request is not None:
+            self.log_refused(request.scope, exc.status, exc.code or "", exc.message)
+        else:
+            self.metrics.errors.labels(exc.code or "http_" + str(exc.status)).inc()
         return _error_response(exc)
+
+    def log_refused(self, scope: Any, status: int, code: str, message: str) -> None:
+        """Count and log a request refused before it reached a model (once per request:
+        the guard, the body cap, the header cap, an endpoint, Starlette's 404/405)."""
+        log_access(scope, status, duration=0.0)  # the console's line (once, too)
+        if scope.get("tokenrelay.logged"):
+            return
+        self.metrics.errors.labels(code or "http_" + str(status)).inc()
+        if self.reqlog is not None:
+            self.reqlog.record_refused(scope, status, code, message)
+        scope["tokenrelay.logged"] = True
+
+    def unused_parameters(self, model: str, params: dict[str, Any], *,
+                          api: str = "chat_completions") -> dict[str, Any]:
+        """What to do with OpenAI parameters the gateway itself does not act on
+        (``reasoning_effort``, ``store``, ``user``, ...): the ``extra`` to pass to an
+        OpenAI-compatible upstream speaking the same ``api``, or ``{}`` and one warning
+        line per parameter (per gateway, not per request) for a model that cannot use
+        them."""
+        if not params:
+            return {}
+        route = self.route_of.get(model)
+        if route is not None and route.api == api:
+            return params
+        new = sorted(set(params) - self._warned)
+        if new:
+            self._warned.update(new)
+            log.warning("ignoring OpenAI parameter%s %s: model %r does not use %s"
+                        " (warned once)", "s" if len(new) > 1 else "", ", ".join(new),
+                        _label(model), "them" if len(new) > 1 else "it")
+        return {}
 
     def sse(self, frames: AsyncIterator[bytes]) -> SSEResponse:
         """An event stream of ``frames`` with this gateway's heartbeat and send timeout."""
@@ -233,11 +301,21 @@ class Gateway:
                            raise_errors=False)
 
     def finish(self, *, stream: AsyncStream, lease: Lease, key_id: str, endpoint: str,
-               model: str, started: float, http_status: int) -> None:
-        """Release limits, count metrics and log one finished (or cancelled) request."""
+               model: str, started: float, http_status: int, shutdown: bool = False,
+               scope: MutableMapping[str, Any] | None = None) -> None:
+        """Release limits, count metrics and log one finished (or cancelled) request
+        (``scope``: the HTTP request's, for its console access line)."""
         result = stream.result
         lease.release(result.usage.total_tokens)
         status = {"cancelled": "cancelled", "error": "error"}.get(result.finish_reason, "ok")
+        if shutdown:
+            status = "error"
+        if scope is not None:
+            log_access(scope, http_status, duration=time.monotonic() - started, model=model,
+                       key=None if key_id == ANONYMOUS.id else key_id,
+                       outcome=status, ttft=result.metrics.time_to_first_token,
+                       prompt_tokens=result.usage.prompt_tokens,
+                       completion_tokens=result.usage.completion_tokens)
         m = self.metrics
         m.requests.labels(endpoint, model, status).inc()
         if result.metrics.time_to_first_token is not None:
@@ -248,6 +326,10 @@ class Gateway:
         if status == "cancelled":
             m.cancellations.labels(model, "client_disconnect").inc()
         if result.error is not None:
+            if result.error.code != SERVER_SHUTDOWN:
+                # The operator's copy of what clients see only in general terms.
+                log.warning("%s %s failed (%s): %s", endpoint, model, result.error.code,
+                            result.error.message)
             m.errors.labels(result.error.code).inc()
             m.upstream_status.labels(
                 model, str(getattr(result.error, "status_code", result.error.code))).inc()
@@ -255,6 +337,8 @@ class Gateway:
             m.upstream_status.labels(model, "ok").inc()
         if self.reqlog is not None:
             error = None if result.error is None else f"{result.error.code}: {result.error.message}"
+            if shutdown:
+                error = f"{SERVER_SHUTDOWN}: {SHUTDOWN_MESSAGE}"
             self.reqlog.record(
                 key_id=key_id, endpoint=endpoint, model=model, status=status,
                 http_status=http_status, prompt_tokens=result.usage.prompt_tokens,
@@ -274,7 +358,9 @@ class Gateway:
     # -- the streaming path ----------------------------------------------------------
 
     async def relay(self, stream: AsyncStream, encode: Callable[[StreamEvent], bytes], *,
-                    lease: Lease, key_id: str, endpoint: str, model: str) -> AsyncIterator[bytes]:
+                    lease: Lease, key_id: str, endpoint: str, model: str,
+                    route: str | None = None,
+                    scope: MutableMapping[str, Any] | None = None) -> AsyncIterator[bytes]:
         """The frames of one stream (``encode`` turns an event into its frames, or ``b""``);
         bookkeeping in ``finally`` (end, error or disconnect).
 
@@ -285,34 +371,56 @@ class Gateway:
         started = time.monotonic()
         gauge = self.metrics.active_streams.labels(model)
         gauge.inc()
-        http_status = 200
+        http_status = 499  # client closed request, until the first frame goes out
+        shutdown = False
+        task = asyncio.current_task()
+        self.drain.add(task)
         try:
             stream.pin_task()  # SSEResponse iterates this generator from one task
             events = stream.__aiter__()
-            async for event in events:  # up to the first frame
-                frame = encode(event)
-                if not frame:
-                    continue
-                result = stream._result
-                if result is not None and result.error is not None and not stream.text:
-                    # Failed before anything was sent: a real HTTP error status.
-                    http_status = error_status(result.error)
-                    body = dumps(_core_error_body(result.error))
-                    raise EarlyResponse(http_status, body, [
+            try:
+                async for event in events:  # up to the first frame
+                    frame = encode(event)
+                    if not frame:
+                        continue
+                    result = stream._result
+                    if result is not None and result.error is not None and not stream.text:
+                        # Failed before anything was sent: a real HTTP error status.
+                        http_status = error_status(result.error)
+                        body = dumps(_core_error_body(result.error, route))
+                        raise EarlyResponse(http_status, body, [
+                            (b"content-type", b"application/json"),
+                            (b"content-length", str(len(body)).encode()),
+                        ] + _retry_after(result.error), frame=frame)
+                    http_status = 200
+                    yield frame
+                    break
+                async for event in events:
+                    frame = encode(event)
+                    if frame:
+                        yield frame
+            except asyncio.CancelledError as exc:
+                if not is_shutdown(exc) or task is None:
+                    raise
+                task.uncancel()  # the drain's cancellation: answer it, as an error
+                shutdown = True
+                await stream.aclose()
+                frame = encode(_SHUTDOWN_EVENT)
+                if http_status == 499:
+                    http_status = 503
+                    body = dumps(_shutdown_body())
+                    raise EarlyResponse(503, body, [
                         (b"content-type", b"application/json"),
                         (b"content-length", str(len(body)).encode()),
-                    ] + _retry_after(result.error), frame=frame)
+                        (b"retry-after", b"1")], frame=frame) from None
                 yield frame
-                break
-            async for event in events:
-                frame = encode(event)
-                if frame:
-                    yield frame
         finally:
+            self.drain.discard(task)
             gauge.dec()
             await stream.aclose()
             self.finish(stream=stream, lease=lease, key_id=key_id, endpoint=endpoint,
-                        model=model, started=started, http_status=http_status)
+                        model=model, started=started, http_status=http_status,
+                        shutdown=shutdown, scope=scope)
 
     # -- endpoints -------------------------------------------------------------------
 
@@ -328,30 +436,36 @@ class Gateway:
                     model=upstream_model, temperature=chat.temperature, max_tokens=max_tokens,
                     top_p=chat.top_p, stop=chat.stop, seed=chat.seed,  # type: ignore[arg-type]
                     response_format=chat.core_response_format(), tools=chat.core_tools(),
-                    tool_choice=chat.core_tool_choice())
+                    tool_choice=chat.core_tool_choice(),
+                    extra=self.unused_parameters(chat.model, chat.unused_parameters()))
             except (ValidationError, ValueError) as exc:
                 raise GatewayHTTPError(400, f"invalid messages: {exc}", param="messages") from exc
-            lease = self.limiter.acquire(key, max_tokens or 0)
+            lease = self.limiter.acquire(key, reservation(core, key))
         except GatewayHTTPError as exc:
-            return self.rejected(exc)
+            return self.rejected(exc, request)
 
         stream = self.open(core, provider)
         if not chat.stream:
             return await self._complete(stream, request=request, lease=lease, key_id=key.id,
-                                        model=chat.model)
+                                        model=chat.model, route=self.route(chat.model))
         encoder = ChunkEncoder(chat.model, include_usage=bool(
-            chat.stream_options and chat.stream_options.include_usage))
+            chat.stream_options and chat.stream_options.include_usage),
+            route=self.route(chat.model))
         return self.sse(self.relay(stream, encoder.encode, lease=lease, key_id=key.id,
-                                   endpoint="chat.completions", model=_label(chat.model)))
+                                   endpoint="chat.completions", model=_label(chat.model),
+                                   route=self.route(chat.model), scope=request.scope))
 
     async def _complete(self, stream: AsyncStream, *, request: HTTPRequest, lease: Lease,
                         key_id: str, model: str, endpoint: str = "chat.completions",
                         render: Callable[[str, Result], dict[str, Any]] = completion_body,
-                        ) -> Response:
+                        route: str | None = None) -> Response:
         label = _label(model)
         started = time.monotonic()
         http_status = 200
+        shutdown = False
         self.metrics.active_streams.labels(label).inc()
+        task = asyncio.current_task()
+        self.drain.add(task)
         try:
             # Starlette does not cancel an endpoint whose client left: watch for it, so
             # that a disconnect aborts the upstream request here too, not only in streams.
@@ -359,9 +473,16 @@ class Gateway:
             gone = asyncio.ensure_future(_disconnected(request))
             try:
                 await asyncio.wait({consume, gone}, return_when=asyncio.FIRST_COMPLETED)
+            except asyncio.CancelledError as exc:
+                if not is_shutdown(exc) or task is None:
+                    raise
+                task.uncancel()  # the drain's cancellation: a 503, not a cut connection
+                http_status, shutdown = 503, True
+                return JSONResponse(_shutdown_body(), status_code=503,
+                                    headers={"retry-after": "1"})
             finally:
-                for task in (consume, gone):
-                    task.cancel()
+                for waiter in (consume, gone):
+                    waiter.cancel()
                 await asyncio.gather(consume, gone, return_exceptions=True)
             if consume.cancelled():
                 http_status = 499  # client closed request: nobody gets this response
@@ -369,15 +490,18 @@ class Gateway:
             result = stream.result
             if result.error is not None:
                 http_status = error_status(result.error)
-                return JSONResponse(_core_error_body(result.error), status_code=http_status,
+                return JSONResponse(_core_error_body(result.error, route),
+                                    status_code=http_status,
                                     headers={k.decode(): v.decode()
                                                  for k, v in _retry_after(result.error)})
             return Response(dumps(render(model, result)), media_type="application/json")
         finally:
+            self.drain.discard(task)
             self.metrics.active_streams.labels(label).dec()
             await stream.aclose()
             self.finish(stream=stream, lease=lease, key_id=key_id, endpoint=endpoint,
-                        model=label, started=started, http_status=http_status)
+                        model=label, started=started, http_status=http_status,
+                        shutdown=shutdown, scope=request.scope)
 
     async def simple_chat(self, request: HTTPRequest) -> Any:
         try:
@@ -402,12 +526,29 @@ class Gateway:
                 key, chat.max_tokens, self.config.max_tokens_default)
             core = Request(messages=tuple(messages), model=upstream_model,
                            max_tokens=max_tokens, temperature=chat.temperature)
-            lease = self.limiter.acquire(key, max_tokens or 0)
+            lease = self.limiter.acquire(key, reservation(core, key))
         except GatewayHTTPError as exc:
-            return self.rejected(exc)
+            return self.rejected(exc, request)
         stream = self.open(core, provider)
-        return self.sse(self.relay(stream, SimpleEncoder().encode, lease=lease,
-                                   key_id=key.id, endpoint="chat", model=_label(model)))
+        route = self.route(model)
+        return self.sse(self.relay(stream, SimpleEncoder(route).encode, lease=lease,
+                                   key_id=key.id, endpoint="chat", model=_label(model),
+                                   route=route, scope=request.scope))
+
+    def model_object(self, name: str, created: int) -> dict[str, Any]:
+        """The OpenAI model object of a served name; a routed model's ``owned_by`` is its
+        route (the upstream host and model; never the key or the URL's path)."""
+        route = self.route_of.get(name)
+        if route is None:
+            provider = self.models[name][0] if name in self.models else resolve(name)[0]
+            owner = {"local": "tokenrelay (embedded)", "mock": "tokenrelay (mock)"}.get(
+                provider.name, provider.name)
+            return {"id": name, "object": "model", "created": created, "owned_by": owner}
+        upstream = route.upstream_model or route.name
+        return {"id": name, "object": "model", "created": created,
+                "owned_by": f"{urlsplit(route.base_url).netloc} ({upstream})",
+                "route": {"upstream_model": upstream,
+                          "host": urlsplit(route.base_url).netloc, "api": route.api}}
 
     async def list_models(self, request: HTTPRequest) -> Response:
         try:
@@ -415,9 +556,18 @@ class Gateway:
         except GatewayHTTPError as exc:
             return _error_response(exc)
         created = int(time.time())
-        data = [{"id": name, "object": "model", "created": created,
-                 "owned_by": provider.name} for name, (provider, _) in self.models.items()]
+        data = [self.model_object(name, created) for name in self.models]
         return JSONResponse({"object": "list", "data": data})
+
+    async def retrieve_model(self, request: HTTPRequest) -> Response:
+        """``GET /v1/models/{id}`` (``client.models.retrieve``)."""
+        name = request.path_params["model"]
+        try:
+            self.auth.check(request.headers)  # type: ignore[arg-type]
+            self.lookup(name)  # 404 for a name not served; a scripted mock:... is served
+        except GatewayHTTPError as exc:
+            return _error_response(exc)
+        return JSONResponse(self.model_object(name, int(time.time())))
 
     async def healthz(self, request: HTTPRequest) -> Response:
         # Unauthenticated (for load balancers): no model names here, /v1/models has them.
@@ -437,6 +587,7 @@ class Gateway:
                             headers={"cache-control": "no-store"})
 
     async def aclose(self) -> None:
+        self.drain.close()
         await self.drain_logs()
         for provider in self._routes:
             await provider.aclose()  # this loop's upstream connections
@@ -459,8 +610,15 @@ def _label(model: str) -> str:
     return "mock" if model.startswith("mock:") else model
 
 
-def _core_error_body(exc: TokenrelayError) -> dict[str, Any]:
-    return error_from_exc(exc)
+def _core_error_body(exc: TokenrelayError, route: str | None = None) -> dict[str, Any]:
+    return error_from_exc(exc, route)
+
+
+_SHUTDOWN_EVENT = ErrorEvent(SERVER_SHUTDOWN, SHUTDOWN_MESSAGE, True)
+
+
+def _shutdown_body() -> dict[str, Any]:
+    return error_body(SHUTDOWN_MESSAGE, type="server_error", code=SERVER_SHUTDOWN)
 
 
 def _retry_after(exc: TokenrelayError) -> list[tuple[bytes, bytes]]:
@@ -483,27 +641,75 @@ class GatewayApp(Starlette):
     """
 
     def __init__(self, *, direct: dict[str, Callable[[HTTPRequest], Any]],
-                 max_body_bytes: int, **kwargs: Any) -> None:
+                 max_body_bytes: int, gateway: Gateway, guard: RequestGuard,
+                 logged_paths: frozenset[str], **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self._direct = {path: BodyLimit(_endpoint_app(endpoint), max_body_bytes)
+        self._gateway = gateway
+        self._guard = guard
+        #: Paths whose endpoints log their own refusals (the streaming POSTs).
+        self._logged_paths = logged_paths
+        self._direct = {path: BodyLimit(_endpoint_app(endpoint), max_body_bytes,
+                                        gateway.log_refused)
                         for path, endpoint in direct.items()}
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST":
-            app = self._direct.get(scope["path"])
-            if app is not None:
-                scope["app"] = self
-                await app(scope, receive, send)
+        if scope["type"] == "http":
+            try:
+                self._guard.check(scope)  # Host (DNS rebinding), POST Content-Type
+            except Refusal as refusal:
+                self._gateway.log_refused(scope, refusal.status, refusal.code, refusal.message)
+                await _send_error(send, refusal.status, refusal.message,
+                                  "invalid_request_error", refusal.code, refusal.param)
                 return
+            if scope["method"] == "POST":
+                app = self._direct.get(scope["path"])
+                if app is not None:
+                    scope["app"] = self
+                    await app(scope, receive, send)
+                    return
+            if not (scope["method"] == "POST" and scope["path"] in self._logged_paths):
+                # Starlette's answers (404, 405) and the GET endpoints' 401s: log any
+                # refusal from the status line (never a streaming path: no cost per chunk).
+                send = logging_refusals(scope, send, self._gateway.log_refused)
         await super().__call__(scope, receive, send)
 
 
 def _endpoint_app(endpoint: Callable[[HTTPRequest], Any]) -> Callable[..., Any]:
     async def app(scope: Any, receive: Any, send: Any) -> None:
-        response = await endpoint(HTTPRequest(scope, receive, send))
-        await response(scope, receive, send)
+        try:
+            response = await endpoint(HTTPRequest(scope, receive, send))
+            await response(scope, receive, send)
+        except Exception:
+            log_access(scope, 500, duration=0.0)  # uvicorn answers 500 and logs why
+            raise
 
     return app
+
+
+#: The OpenAI error ``type`` and ``code`` of Starlette's own HTTP errors.
+_HTTP_ERRORS = {404: ("invalid_request_error", "not_found"),
+                405: ("invalid_request_error", "method_not_allowed")}
+
+
+async def _http_error(request: HTTPRequest, exc: Exception) -> Response:
+    """Starlette's 404 / 405 (and any other ``HTTPException``) as OpenAI error JSON, as
+    OpenAI answers them: SDKs parse ``error.message`` out of every error body."""
+    assert isinstance(exc, HTTPException)
+    kind, code = _HTTP_ERRORS.get(exc.status_code, ("invalid_request_error",
+                                                    f"http_{exc.status_code}"))
+    method, path = request.method, request.url.path
+    if exc.status_code == 404:
+        message = (f"Invalid URL ({method} {path}): no such endpoint here;"
+                   " see GET /openapi.json")
+    elif exc.status_code == 405:
+        allowed = (exc.headers or {}).get("Allow", "")
+        message = f"{method} is not allowed on {path}" + (f"; use {allowed}" if allowed else "")
+    else:
+        message = str(exc.detail)
+    if exc.status_code in (204, 304):
+        return Response(status_code=exc.status_code, headers=exc.headers)
+    return JSONResponse(error_body(message, type=kind, code=code),
+                        status_code=exc.status_code, headers=exc.headers)
 
 
 def create_app(config: ServerConfig | None = None) -> Starlette:
@@ -526,13 +732,18 @@ def create_app(config: ServerConfig | None = None) -> Starlette:
         Route("/v1/responses", responses, methods=["POST"]),
         Route("/responses", responses, methods=["POST"]),
         Route("/v1/models", gateway.list_models, methods=["GET"]),
+        Route("/v1/models/{model:path}", gateway.retrieve_model, methods=["GET"]),
         Route("/chat", gateway.simple_chat, methods=["POST"]),
         Route("/healthz", gateway.healthz, methods=["GET"]),
         Route("/metrics", gateway.metrics_endpoint, methods=["GET"]),
         Route("/openapi.json", openapi_json, methods=["GET"]),
         Route("/", gateway.index, methods=["GET"]),
     ]
-    middleware = [Middleware(BodyLimit, max_bytes=config.max_body_bytes)]
+    streaming = frozenset({"/v1/chat/completions", "/chat/completions", "/v1/responses",
+                           "/responses", "/chat"})
+    middleware = [Middleware(AccessLog, streams=streaming),
+                  Middleware(BodyLimit, max_bytes=config.max_body_bytes,
+                             on_refused=gateway.log_refused)]
     if config.cors_origins:
         middleware.append(Middleware(
             CORSMiddleware, allow_origins=config.cors_origins,
@@ -552,8 +763,12 @@ def create_app(config: ServerConfig | None = None) -> Starlette:
                   "/chat/completions": gateway.chat_completions,
                   "/v1/responses": responses, "/responses": responses,
                   "/chat": gateway.simple_chat}
-    app = GatewayApp(direct=direct, max_body_bytes=config.max_body_bytes, routes=routes,
-                     middleware=middleware, lifespan=lifespan)
+    guard = RequestGuard(check_host=not config.keys or bool(config.allowed_hosts),
+                         allowed_hosts=config.allowed_hosts)
+    app = GatewayApp(direct=direct, max_body_bytes=config.max_body_bytes, gateway=gateway,
+                     guard=guard, logged_paths=streaming, routes=routes,
+                     middleware=middleware, lifespan=lifespan,
+                     exception_handlers={HTTPException: _http_error})
     app.state.gateway = gateway
     return app
 
