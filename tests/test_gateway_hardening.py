@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 import pytest
 from _gateway import open_stream
-from _harness import LiveGateway, poll
+from _harness import LiveGateway, poll, sse_payloads
 from _raw_http import RawServer, response
 
 from tokenrelay import RetryPolicy
@@ -112,7 +112,7 @@ def test_the_reservation_is_settled_with_the_real_usage_every_way(
         r = c.post("/v1/chat/completions", headers=key(4), json={
             "model": "mock:tokens=7", "messages": HI, "stream": True,
             "stream_options": {"include_usage": True}})
-        usage = json.loads(r.text.split("data: ")[-2])["usage"]
+        usage = json.loads(sse_payloads(r.text)[-2])["usage"]  # the frame before [DONE]
         assert poll(lambda: tpm_gateway.gateway.limiter.total_active() == 0, 2)
         assert window(tpm_gateway, "k4") == usage["total_tokens"]
         # Failed mid-stream: what was generated counts, not the reservation.
