@@ -68,7 +68,7 @@ def test_an_unreachable_endpoint_is_one_line_and_the_rest_still_lists() -> None:
 
 
 def test_compare_json_has_both_modes() -> None:
-    done = tokenrelay("compare", "-m", "mock:tokens=12,tokens_per_second=40", "--json", "hi")
+    done = tokenrelay("compare", "-m", "mock:tokens=12,tps=40", "--json", "hi")
     assert done.returncode == 0, done.stderr
     streamed, whole = json.loads(done.stdout)["runs"]
     assert (streamed["mode"], whole["mode"]) == ("streamed", "non-streamed")
@@ -125,7 +125,7 @@ def test_chat_refuses_bad_options_before_the_first_question() -> None:
 
 def test_chat_reports_a_failed_answer_and_goes_on(tmp_path: Path) -> None:
     saved = tmp_path / "c.json"
-    done = tokenrelay("chat", "-m", "mock:error_after=2", input=f"one two\n/save {saved}\n")
+    done = tokenrelay("chat", "-m", "mock:fault=error,after=2", input=f"one two\n/save {saved}\n")
     assert done.returncode == 0
     assert "error: mock error after 2 tokens" in done.stderr
     messages = json.loads(saved.read_text())["messages"]

@@ -22,7 +22,7 @@ def test_the_log_lives_under_tokenrelay_home() -> None:
 
 def test_exchanges_are_recorded_newest_first() -> None:
     assert tokenrelay("-m", "mock", "first").returncode == 0
-    assert tokenrelay("-m", "mock:error_after=2", "-s", "be brief", "second").returncode == 1
+    assert tokenrelay("-m", "mock:fault=error,after=2", "-s", "be brief", "second").returncode == 1
     assert tokenrelay("-m", "mock", "--no-log", "not logged").returncode == 0
 
     second, first = _entries()

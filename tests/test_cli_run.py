@@ -112,7 +112,7 @@ def _first_byte_and_end(*args: str) -> tuple[float, float, str]:
 
 
 def test_streaming_shows_text_long_before_the_end_and_no_stream_only_at_the_end() -> None:
-    model = "mock:tokens=16,tokens_per_second=10"  # ~1.5 s of generation
+    model = "mock:tokens=16,tps=10"  # ~1.5 s of generation
     first, end, text = _first_byte_and_end("-m", model, "hi")
     assert end - first > 1.0
     first, end, buffered = _first_byte_and_end("-m", model, "--no-stream", "hi")
@@ -167,9 +167,9 @@ def test_sampling_options_reach_the_model() -> None:
 
 
 @pytest.mark.parametrize(("model", "flag"), [
-    ("mock:first_token_delay=5", "--timeout-first-token"),
-    ("mock:stall_after=2", "--timeout-idle"),
-    ("mock:tokens=100,tokens_per_second=20", "--timeout-total"),
+    ("mock:delay=5", "--timeout-first-token"),
+    ("mock:fault=stall,after=2", "--timeout-idle"),
+    ("mock:tokens=100,tps=20", "--timeout-total"),
 ])
 def test_timeouts_fail_with_a_hint(model: str, flag: str) -> None:
     done = tokenrelay("-m", model, flag, "0.3", "hi")
@@ -201,7 +201,7 @@ def test_missing_model_file_is_a_configuration_error() -> None:
 
 
 def test_mid_stream_error_keeps_the_partial_answer_on_stdout() -> None:
-    done = tokenrelay("-m", "mock:error_after=3", "hello", "world")
+    done = tokenrelay("-m", "mock:fault=error,after=3", "hello", "world")
     assert done.returncode == 1
     assert done.stdout == "Mock answer to:\n"
     assert _one_error_line(done.stderr) == "error: mock error after 3 tokens"
@@ -209,14 +209,14 @@ def test_mid_stream_error_keeps_the_partial_answer_on_stdout() -> None:
 
 def test_mid_stream_error_of_an_openai_compatible_server() -> None:
     with Upstream() as server:
-        done = tokenrelay("--base-url", server.url, "-m", "error_after:2", "hi")
+        done = tokenrelay("--base-url", server.url, "-m", "fault=error,after=2", "hi")
     assert done.returncode == 1
     assert done.stdout == "Hello,\n"
     _one_error_line(done.stderr)
 
 
 def test_json_mode_prints_the_error_event_and_fails() -> None:
-    done = tokenrelay("-m", "mock:error_after=3", "--json", "hi")
+    done = tokenrelay("-m", "mock:fault=error,after=3", "--json", "hi")
     assert done.returncode == 1
     events = [json.loads(line) for line in done.stdout.splitlines()]
     assert [e["type"] for e in events[-2:]] == ["error", "done"]

@@ -66,7 +66,7 @@ def run(
     \b
     Examples:
       tokenrelay "Why is the sky blue?"
-      tokenrelay -m mock:tokens_per_second=20 --json "hello"
+      tokenrelay -m mock:tps=20 --json "hello"
       git diff | tokenrelay -s "Review this diff" -
       tokenrelay --schema person.json "Invent a person"
       tokenrelay --tool weather:get_weather "Weather in Paris?"
