@@ -19,7 +19,7 @@ from _upstream import Upstream
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="needs a POSIX pty")
 
 SLOW = "mock:tokens=200,tps=20"  # ten seconds of text unless stopped
-FOOTER = r"mock · ~?\d+/~?\d+ tokens · first token \d+(ms|\.\d+s) · "
+FOOTER = r"mock · ~?\d+ prompt \+ ~?\d+ completion tokens · first token \d+(ms|\.\d+s) · "
 
 
 @pytest.fixture
