@@ -132,6 +132,22 @@ def test_prompt_from_stdin(args: tuple[str, ...]) -> None:
     assert done.stdout == "Mock answer to: from stdin\n"
 
 
+def test_prompt_and_stdin_are_joined_with_a_blank_line() -> None:
+    # `cat notes.txt | tokenrelay "Summarise:"` sent only "Summarise:" (issue 11).
+    done = tokenrelay("-m", "mock", "Summarise:", input="line one\nline two\n")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "Mock answer to: Summarise:\n\nline one\nline two\n"
+    # Empty stdin adds nothing.
+    done = tokenrelay("-m", "mock", "Summarise:", input="")
+    assert done.stdout == "Mock answer to: Summarise:\n"
+
+
+def test_compare_joins_stdin_too() -> None:
+    done = tokenrelay("compare", "-m", "mock", "--json", "Summarise:", input="notes\n")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["prompt"] == "Summarise:\n\nnotes"
+
+
 def test_empty_prompt_is_a_usage_error() -> None:
     done = tokenrelay("-m", "mock", input="")
     assert done.returncode == 2

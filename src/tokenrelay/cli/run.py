@@ -14,14 +14,27 @@ from ._render import Terminal
 __all__ = ["output_options", "read_prompt", "run"]
 
 
+def _piped_stdin() -> str | None:
+    """What was piped in, or ``None`` when stdin is a terminal (or closed)."""
+    if sys.stdin is None or sys.stdin.isatty():
+        return None
+    return sys.stdin.read()
+
+
 def read_prompt(words: tuple[str, ...]) -> str:
-    """The prompt: the words joined by spaces, or stdin when there are none or ``-``."""
+    """The prompt: the words joined by spaces; with stdin piped in too, the words, a
+    blank line, then stdin (as simonw/llm does: ``cat notes.txt | tokenrelay
+    "Summarise:"``). No words, or ``-``, reads the prompt from stdin alone."""
     if not words or words == ("-",):
-        if sys.stdin is None or sys.stdin.isatty():
+        piped = _piped_stdin()
+        if piped is None:
             raise UsageError('no prompt: pass it as an argument (tokenrelay "...") or on stdin')
-        text = sys.stdin.read().rstrip()
+        text = piped.rstrip()
     else:
         text = " ".join(words)
+        piped = _piped_stdin()
+        if piped is not None and piped.strip():
+            text = f"{text}\n\n{piped.rstrip()}"
     if not text.strip():
         raise UsageError("the prompt is empty")
     return text
@@ -57,7 +70,7 @@ def run(
     as_json: bool,
     raw: bool,
 ) -> None:
-    """Stream the answer to PROMPT (words are joined; none or - reads stdin).
+    """Stream the answer to PROMPT (words are joined; stdin is appended, or is the prompt).
 
     The answer goes to stdout as it is generated; the typing indicator and a footer
     (tokens, time to first token, tokens/s) go to stderr when it is a terminal.
@@ -67,7 +80,7 @@ def run(
     Examples:
       tokenrelay "Why is the sky blue?"
       tokenrelay -m mock:tps=20 --json "hello"
-      git diff | tokenrelay -s "Review this diff" -
+      git diff | tokenrelay "Review this diff"
       tokenrelay --schema person.json "Invent a person"
       tokenrelay --tool weather:get_weather "Weather in Paris?"
     """
