@@ -189,3 +189,12 @@ def test_chat_ctrl_c_stops_the_answer_and_keeps_it_in_history(
     tty.sendline("/exit")
     assert tty.wait() == 0
     assert _last_log_entry()["finish_reason"] == "cancelled"
+
+
+def test_compare_shows_the_streamed_text_while_it_streams(terminal: list[PtyProcess]) -> None:
+    # It showed only a token count until both runs were over (issue 11).
+    tty = _start(terminal, "compare", "-m", "mock:tokens=40,tps=10", "hi")
+    tty.expect("Streaming shows each token", timeout=3)  # ~4 s of streaming in all
+    assert "streamed vs non-streamed" not in tty.text
+    tty.expect("streamed vs non-streamed", timeout=20)
+    assert tty.wait(timeout=20) == 0
