@@ -130,7 +130,7 @@ def resolve(
     if not url and not key:
         raise UsageError(
             f"unknown model {name!r}: no OpenAI-compatible endpoint is configured."
-            f" Set OPENAI_BASE_URL / OPENAI_API_KEY (or pass --base-url), or use"
+            f" Set OPENAI_BASE_URL / OPENAI_API_KEY (or pass base_url=), or use"
             f" {LOCAL_MODEL!r} (embedded) or 'mock'"
         )
     from .providers.openai_compat import OpenAIProvider

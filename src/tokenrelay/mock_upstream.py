@@ -65,7 +65,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any, Self
 
 from ._mock_http import ClientGone, Connection, Exchange, HTTPError, RequestRecord
-from ._mock_spec import FAULTS, parse_items, parse_spec
+from ._mock_spec import parse_items, parse_spec
 from .errors import ConfigurationError, UsageError
 
 __all__ = ["Behaviour", "Exchange", "MockUpstream", "RequestRecord", "sample_json",

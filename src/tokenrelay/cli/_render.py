@@ -171,14 +171,14 @@ def footer_text(result: Result, *, model_note: str | None = None,
     model = result.model or result.provider
     parts = [
         f"{model} ({model_note})" if model_note else model,
-        f"{mark}{usage.prompt_tokens} prompt + {mark}{usage.completion_tokens} completion"
-        " tokens",
+        (f"{mark}{usage.prompt_tokens} prompt + {mark}{usage.completion_tokens} completion"
+         " tokens"),
         f"first token {seconds(metrics.time_to_first_token)}",
     ]
     if metrics.tokens_per_second is not None:
         parts.append(f"{metrics.tokens_per_second:.1f} tok/s")
     parts.append(seconds(metrics.total_seconds))
-    finish = result.finish_reason
+    finish: str = result.finish_reason
     if finish == "length" and cap is not None:
         finish += f": stopped at the {cap}-token cap (--max-tokens to raise)"
     parts.append(finish)
