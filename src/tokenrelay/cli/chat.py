@@ -185,6 +185,7 @@ def chat(options: ModelOptions, markdown: bool, no_log: bool, stats: bool | None
                   top_p=options.top_p, stop=list(options.stop) or None, seed=options.seed)
     _, model_name = resolve(options.model, base_url=options.base_url, api_key=options.api_key)
     output = Output(markdown=markdown, stats=stats, log=not no_log)
-    session = ChatSession(options, output, Terminal.detect(), model_name=model_name)
+    session = ChatSession(options, output, Terminal.detect(),
+                          model_name=model_name or "the endpoint's first model")
     interactive = sys.stdin is not None and sys.stdin.isatty()
     session.loop(interactive=interactive)
