@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 
 import click
 
 from ..errors import UsageError
+from ..log import LogEntry
 from ._exchange import Output, stream_answer
 from ._options import ModelOptions, model_options, tool_options
 from ._render import Terminal
 
-__all__ = ["output_options", "read_prompt", "run"]
+__all__ = ["continue_options", "logged_conversation", "output_options", "read_prompt", "run"]
 
 
 def _piped_stdin() -> str | None:
@@ -40,6 +42,36 @@ def read_prompt(words: tuple[str, ...]) -> str:
     return text
 
 
+def continue_options(func: click.decorators.FC) -> click.decorators.FC:
+    """``-c/--continue`` and ``--cid ID``, shared with ``chat``."""
+    func = click.option("--cid", metavar="ID",
+                        help="Continue exchange ID of `tokenrelay logs` instead.")(func)
+    func = click.option("-c", "--continue", "continue_", is_flag=True,
+                        help="Continue the latest conversation in the log.")(func)
+    return func
+
+
+def logged_conversation(continue_: bool, cid: str | None) -> LogEntry | None:
+    """The logged exchange to continue (``-c`` / ``--cid``), or ``None``.
+
+    Raises:
+        UsageError: nothing to continue, or no such exchange.
+    """
+    if not continue_ and cid is None:
+        return None
+    from ..log import LogReader, default_log_path
+
+    reader = LogReader(default_log_path())
+    try:
+        entry = reader.latest_conversation() if cid is None else reader.get(cid)
+    finally:
+        reader.close()
+    if entry is None:
+        raise UsageError("nothing to continue: the log has no exchange yet" if cid is None
+                         else f"no exchange {cid} in the log; `tokenrelay logs` lists them")
+    return entry
+
+
 def output_options(func: click.decorators.FC) -> click.decorators.FC:
     """``--markdown``, ``--no-log`` and ``--stats``, shared with ``chat``."""
     func = click.option("--stats/--no-stats", default=None,
@@ -56,6 +88,7 @@ def output_options(func: click.decorators.FC) -> click.decorators.FC:
 @model_options
 @tool_options
 @output_options
+@continue_options
 @click.option("--no-stream", is_flag=True, help="Wait for the whole answer, then print it.")
 @click.option("--json", "as_json", is_flag=True,
               help="One JSON event per line on stdout, ending with the done event.")
@@ -66,6 +99,8 @@ def run(
     markdown: bool,
     no_log: bool,
     stats: bool | None,
+    continue_: bool,
+    cid: str | None,
     no_stream: bool,
     as_json: bool,
     raw: bool,
@@ -79,6 +114,7 @@ def run(
     \b
     Examples:
       tokenrelay "Why is the sky blue?"
+      tokenrelay -c "And at sunset?"          (continue the latest conversation)
       tokenrelay -m mock:tps=20 --json "hello"
       git diff | tokenrelay "Review this diff"
       tokenrelay --schema person.json "Invent a person"
@@ -89,11 +125,18 @@ def run(
     if markdown and options.response_format is not None:
         raise click.UsageError("--markdown cannot be combined with --schema")
     text = read_prompt(prompt)
+    conversation: str | list[dict[str, str]] = text
+    entry = logged_conversation(continue_, cid)
+    if entry is not None:
+        # The logged messages and answer, then this prompt; the same model unless -m.
+        conversation = [*entry.conversation(), {"role": "user", "content": text}]
+        if options.model is None and entry.model:
+            options = replace(options, model=entry.model)
     output = Output(json=as_json, raw=raw, markdown=markdown, buffered=no_stream,
                     stats=stats, log=not no_log,
                     structured=options.response_format is not None, tools=bool(options.tools))
     term = Terminal.detect()
-    outcome = stream_answer(text, options, output=output, term=term)
+    outcome = stream_answer(conversation, options, output=output, term=term)
     if options.tools and outcome.result.finish_reason == "tool_calls":
         rounds = 5 if options.max_tool_rounds is None else options.max_tool_rounds
         term.note(f"warning: stopped after {rounds} rounds of tool calls with the model still"
