@@ -1,32 +1,27 @@
-"""A live gateway on loopback for the gateway tests, and raw-socket clients for it.
+"""Gateway test helpers: configs routing to the mock upstream, raw-socket clients.
 
-The gateway is ``create_app(config)`` under a real uvicorn (httptools) on its own event
-loop thread: streaming behaviour (disconnects, heartbeats, slow readers) only shows over
-real sockets, ``httpx.ASGITransport`` buffers whole bodies (STYLE.md 14). The upstream
-is :class:`tokenrelay.mock_upstream.MockUpstream`, on a thread of its own.
-
-(``_live.py`` starts the same production server with ``Server.run``; this one keeps the
-event loop at hand to count its tasks and can pick asyncio or uvloop.)
+The live gateway itself is :class:`_harness.LiveGateway` (re-exported here with ``poll``
+and ``sse_payloads`` for the tests that import them from this module): streaming
+behaviour (disconnects, heartbeats, slow readers) only shows over real sockets,
+``httpx.ASGITransport`` buffers whole bodies (STYLE.md 14). The upstream is
+:class:`tokenrelay.mock_upstream.MockUpstream`, on a thread of its own.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import socket
-import threading
 import time
-from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any, Self, TypeVar
+from typing import Any
 
-import uvicorn
+from _harness import LiveGateway, poll, sse_payloads
 
-from tokenrelay.server import Gateway, ServerConfig, create_app
-from tokenrelay.server.run import uvicorn_config
+from tokenrelay.server import ServerConfig
 
-T = TypeVar("T")
+__all__ = ["LiveGateway", "chat_body", "config", "fd_count", "open_stream", "poll",
+           "recv_all", "recv_until", "routes", "sse_payloads"]
 
 PROMPT = [{"role": "user", "content": "hi"}]
 
@@ -43,103 +38,7 @@ def config(tmp: Path, models: list[dict[str, str]], **options: Any) -> ServerCon
                                         "log": {"path": str(tmp / "requests.db")}, **options})
 
 
-class LiveGateway:
-    """The gateway app under uvicorn on 127.0.0.1, any free port, in a thread."""
-
-    def __init__(self, config: ServerConfig, *, loop: str = "asyncio") -> None:
-        self.app = create_app(config)
-        self.gateway: Gateway = self.app.state.gateway
-        self.loop_kind = loop
-        self.loop: asyncio.AbstractEventLoop | None = None
-        # The production uvicorn settings (the httptools protocol with the gateway's
-        # timeouts); only the event loop is ours, to look inside it.
-        self.server = uvicorn.Server(uvicorn_config(config, self.app, log_config=None))
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port: int = self.sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self._thread: threading.Thread | None = None
-
-    def __enter__(self) -> Self:
-        if self.loop_kind == "uvloop":
-            import uvloop
-
-            self.loop = uvloop.new_event_loop()
-        else:
-            self.loop = asyncio.new_event_loop()
-        loop = self.loop
-
-        def run() -> None:
-            loop.run_until_complete(self.server.serve(sockets=[self.sock]))
-
-        self._thread = threading.Thread(target=run, name="gateway", daemon=True)
-        self._thread.start()
-        thread = self._thread
-        if not poll(lambda: self.server.started or not thread.is_alive(), 10) or \
-                not self.server.started:
-            self.server.should_exit = True
-            raise RuntimeError("the gateway did not start (see the log above)")
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.server.should_exit = True
-        assert self._thread is not None and self.loop is not None
-        self._thread.join(5)
-        if self._thread.is_alive():  # connections that never close
-            self.server.force_exit = True
-            self._thread.join(5)
-        if not self._thread.is_alive():
-            self.loop.close()
-        self.sock.close()
-
-    # -- looking inside, from the test thread -------------------------------------------
-
-    def call(self, coro: Coroutine[Any, Any, T], timeout: float = 5) -> T:
-        """Run ``coro`` on the server's event loop."""
-        assert self.loop is not None
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def task_count(self) -> int:
-        """asyncio tasks alive in the server's loop (not counting the one asking)."""
-        async def count() -> int:
-            return len(asyncio.all_tasks()) - 1
-
-        return self.call(count())
-
-    def connections(self) -> int:
-        """Client connections uvicorn holds."""
-        return len(self.server.server_state.connections)
-
-    def active(self) -> int:
-        return self.gateway.limiter.total_active()
-
-    def log_rows(self) -> list[dict[str, Any]]:
-        assert self.gateway.reqlog is not None
-        return self.gateway.reqlog.rows(1000)
-
-    def wait_log(self, predicate: Callable[[dict[str, Any]], bool], count: int = 1,
-                 timeout: float = 5) -> list[dict[str, Any]]:
-        """Rows matching ``predicate``, once there are ``count`` of them (or the timeout)."""
-        found: list[dict[str, Any]] = []
-
-        def enough() -> bool:
-            found[:] = [r for r in self.log_rows() if predicate(r)]
-            return len(found) >= count
-
-        poll(enough, timeout)
-        return found
-
-
 # -- helpers -------------------------------------------------------------------------------
-
-
-def poll(condition: Callable[[], Any], timeout: float, interval: float = 0.01) -> Any:
-    """``condition()`` once truthy, or its last (falsy) value after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value or time.monotonic() >= deadline:
-            return value
-        time.sleep(interval)
 
 
 def fd_count() -> int:
@@ -196,13 +95,3 @@ def recv_all(sock: socket.socket, timeout: float = 10) -> bytes:
             break
         received += data
     return received
-
-
-def sse_payloads(body: bytes) -> list[str]:
-    """The ``data:`` payloads of an event-stream body (already de-chunked)."""
-    payloads = []
-    for frame in body.decode().split("\n\n"):
-        data = [line[5:].strip() for line in frame.split("\n") if line.startswith("data:")]
-        if data:
-            payloads.append("\n".join(data))
-    return payloads

@@ -12,6 +12,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from _harness import Processes
+from _redis import redis_server  # noqa: F401  (the session's redis-server, see _redis.py)
 
 _ENV = ("OPENAI_API_KEY", "OPENAI_BASE_URL", "TOKENRELAY_MODEL", "TOKENRELAY_GGUF",
         "TOKENRELAY_LOG", "TOKENRELAY_HOME")
@@ -59,3 +61,11 @@ def _isolated_settings(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("TOKENRELAY_HOME", str(tmp_path / "home"))
     monkeypatch.chdir(tmp_path)  # Settings.load() reads ./.env
+
+
+@pytest.fixture
+def processes(tmp_path: Any) -> Iterator[Processes]:
+    """Start processes for this test (``processes.serve(config)``: ``tokenrelay serve``);
+    all are stopped at the end, and the test fails if one would not stop."""
+    with Processes(tmp_path / "processes") as group:
+        yield group

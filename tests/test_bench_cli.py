@@ -13,13 +13,12 @@ from __future__ import annotations
 import itertools
 import json
 import random
-import socket
-import threading
 import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from _harness import Processes, closed_port
 from _pty import cli_env, strip_ansi, tokenrelay
 from _upstream import Upstream
 
@@ -31,28 +30,11 @@ METRICS = ("ttft_ms", "tpot_ms", "itl_ms", "e2el_ms")
 
 
 @pytest.fixture(scope="module")
-def gateway() -> Iterator[str]:
-    """A live gateway; yields its API root ``http://127.0.0.1:PORT/v1``."""
-    uvicorn = pytest.importorskip("uvicorn")
-    from tokenrelay.server import ServerConfig, create_app
-
-    app = create_app(ServerConfig(serve_local=False, log={"enabled": False}))
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
-                            lifespan="on")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, name="gateway", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("the gateway did not start")
-        time.sleep(0.02)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        server.should_exit = True
-        thread.join(10)
+def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """``tokenrelay serve`` as users start it; yields its API root ``http://127.0.0.1:PORT/v1``."""
+    with Processes(tmp_path_factory.mktemp("gateway")) as processes:
+        serve = processes.serve({"serve_local": False, "log": {"enabled": False}})
+        yield serve.url + "/v1"
 
 
 def bench(url: str, *args: str) -> tuple[int, Any, str]:
@@ -227,9 +209,7 @@ async def test_failures_are_classified(upstream: MockUpstream, model: str,
 
 
 async def test_connection_refused_is_a_failure() -> None:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = closed_port()
     report, seen = await run(f"http://127.0.0.1:{port}/v1", "m", concurrency=2, requests=2)
     assert report.failed == 2 and not any(o.ok for o in seen)
     (message, count), = report.errors.items()

@@ -3,18 +3,11 @@
 from __future__ import annotations
 
 import json
-import socket
 from pathlib import Path
 
+from _harness import closed_port
 from _pty import cli_env, tokenrelay
 from _upstream import Upstream
-
-
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
 
 # -- models ----------------------------------------------------------------------------
 
@@ -52,7 +45,7 @@ def test_models_lists_the_endpoint_models() -> None:
 
 
 def test_an_unreachable_endpoint_is_one_line_and_the_rest_still_lists() -> None:
-    url = f"http://127.0.0.1:{_closed_port()}/v1"
+    url = f"http://127.0.0.1:{closed_port()}/v1"
     done = tokenrelay("models", "--base-url", url)
     assert done.returncode == 0
     assert "smollm2" in done.stdout and "mock" in done.stdout

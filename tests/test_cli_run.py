@@ -7,22 +7,17 @@ indicator and no footer unless ``--stats`` asks for one.
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import time
 
 import pytest
+from _harness import closed_port
 from _pty import cli_env, tokenrelay, tokenrelay_argv
 from _upstream import Upstream
 
 ANSWER = "Mock answer to: hello world"
 
-
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _one_error_line(stderr: str) -> str:
@@ -194,7 +189,7 @@ def test_timeouts_fail_with_a_hint(model: str, flag: str) -> None:
 
 
 def test_unreachable_server_is_one_line_and_exit_1() -> None:
-    url = f"http://127.0.0.1:{_closed_port()}/v1"
+    url = f"http://127.0.0.1:{closed_port()}/v1"
     done = tokenrelay("--base-url", url, "-m", "some-model", "--retries", "0", "hi")
     assert done.returncode == 1
     line = _one_error_line(done.stderr)

@@ -21,7 +21,8 @@ from typing import Any, TypeVar
 from urllib.parse import quote
 
 import pytest
-from _browser import GatewayServer, chromium_path, launch_chromium
+from _browser import chromium_path, launch_chromium
+from _harness import LiveGateway, poll
 
 pytest.importorskip("playwright.sync_api",
                     reason="needs Playwright for Python: pip install playwright")
@@ -31,7 +32,6 @@ pytestmark = pytest.mark.skipif(
 from playwright.sync_api import Page, expect
 
 from tokenrelay.errors import ConfigurationError
-from tokenrelay.server.app import create_app
 from tokenrelay.server.config import ServerConfig
 
 SLOW = "mock:tokens=200,tps=25,delay=0.6"
@@ -41,14 +41,10 @@ T = TypeVar("T")
 
 def wait_for(check: Callable[[], T | None], *, within: float = 2.0,
              what: str = "condition") -> T:
-    deadline = time.monotonic() + within
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not reached within {within} s (last: {value!r})")
-        time.sleep(0.02)
+    value = poll(check, within, 0.02)
+    if not value:
+        raise AssertionError(f"{what} not reached within {within} s (last: {value!r})")
+    return value  # type: ignore[no-any-return]
 
 
 @pytest.fixture(scope="module")
@@ -58,14 +54,14 @@ def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
 
 
 @pytest.fixture
-def gateway(tmp_path: Path) -> Iterator[GatewayServer]:
+def gateway(tmp_path: Path) -> Iterator[LiveGateway]:
     log = {"path": str(tmp_path / "r.db")}
     try:
-        app = create_app(ServerConfig.model_validate({"log": log}))
+        live = LiveGateway(ServerConfig.model_validate({"log": log}))
     except ConfigurationError:  # the embedded model is not installed: mock only
-        app = create_app(ServerConfig.model_validate({"log": log, "serve_local": False}))
-    with GatewayServer(app) as server:
-        yield server
+        live = LiveGateway(ServerConfig.model_validate({"log": log, "serve_local": False}))
+    with live:
+        yield live
 
 
 @pytest.fixture
@@ -78,7 +74,7 @@ def page(browser: Any) -> Iterator[Page]:
     assert not errors, f"JavaScript errors on the page: {errors}"
 
 
-def open_chat(page: Page, server: GatewayServer, model: str) -> None:
+def open_chat(page: Page, server: LiveGateway, model: str) -> None:
     page.goto(f"{server.url}/?model={quote(model)}")
     expect(page.locator("#model")).to_have_value(model)
 
@@ -88,18 +84,18 @@ def ask(page: Page, prompt: str) -> None:
     page.click("#send")
 
 
-def rows(server: GatewayServer) -> list[dict[str, Any]]:
+def rows(server: LiveGateway) -> list[dict[str, Any]]:
     reqlog = server.app.state.gateway.reqlog
     return list(reversed(reqlog.rows()))  # oldest first
 
 
-def logged(server: GatewayServer, count: int) -> list[dict[str, Any]]:
+def logged(server: LiveGateway, count: int) -> list[dict[str, Any]]:
     """The request-log rows once there are ``count`` (written off the loop, so poll)."""
     return wait_for(lambda: rows(server) if len(rows(server)) >= count else None,
                     what=f"{count} request-log rows")
 
 
-def cancellations(server: GatewayServer) -> float:
+def cancellations(server: LiveGateway) -> float:
     with urllib.request.urlopen(server.url + "/metrics", timeout=5) as res:
         text = res.read().decode()
     return sum(float(m) for m in re.findall(
@@ -107,7 +103,7 @@ def cancellations(server: GatewayServer) -> float:
 
 
 def test_stream_renders_live_and_stop_aborts_the_server(
-        page: Page, gateway: GatewayServer) -> None:
+        page: Page, gateway: LiveGateway) -> None:
     open_chat(page, gateway, SLOW)
     options = page.locator("#model option").evaluate_all("os => os.map(o => o.value)")
     assert "mock" in options and SLOW in options  # /v1/models entries plus ?model=
@@ -175,7 +171,7 @@ def test_stream_renders_live_and_stop_aborts_the_server(
     assert sent[1]["content"].strip() == partial and sent[2]["content"] == "Go on"
 
 
-def test_full_answer_shows_stats_and_sends_history(page: Page, gateway: GatewayServer) -> None:
+def test_full_answer_shows_stats_and_sends_history(page: Page, gateway: LiveGateway) -> None:
     open_chat(page, gateway, "mock")
     ask(page, "First question")
     first = page.locator(".msg.assistant").nth(0)
@@ -215,7 +211,7 @@ def test_full_answer_shows_stats_and_sends_history(page: Page, gateway: GatewayS
     assert json.loads(logged_rows[2]["prompt"]) == [{"role": "user", "content": "Fresh start"}]
 
 
-def test_streamed_markdown_is_rendered_safely(page: Page, gateway: GatewayServer) -> None:
+def test_streamed_markdown_is_rendered_safely(page: Page, gateway: LiveGateway) -> None:
     model = "mock:text=Use **bold** and `a<b>` then [docs](https://example.com/x) <img src=x>"
     open_chat(page, gateway, model)
     ask(page, "markdown please")
@@ -230,7 +226,7 @@ def test_streamed_markdown_is_rendered_safely(page: Page, gateway: GatewayServer
     expect(content).to_contain_text("<img src=x>")
 
 
-def test_errors_show_inline(page: Page, gateway: GatewayServer) -> None:
+def test_errors_show_inline(page: Page, gateway: LiveGateway) -> None:
     # Before the first token: an HTTP error status with an OpenAI error body.
     open_chat(page, gateway, "mock:fault=401")
     ask(page, "hello")
@@ -250,7 +246,7 @@ def test_errors_show_inline(page: Page, gateway: GatewayServer) -> None:
     expect(answer.locator(".error")).to_contain_text("mock error after 3 tokens")
 
 
-def test_page_sse_parser_handles_split_frames(page: Page, gateway: GatewayServer) -> None:
+def test_page_sse_parser_handles_split_frames(page: Page, gateway: LiveGateway) -> None:
     page.goto(gateway.url + "/")
     body = (": stream open\r\n\r\nid: 1\r\nevent: text\r\ndata: {\"text\":\"a\"}\r\n\r\n"
             ": ping\n\nevent: text\ndata:{\"text\":\"b\"}\n\nevent: done\ndata: {}\n\n"

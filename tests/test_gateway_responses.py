@@ -20,6 +20,7 @@ import pytest
 import requests
 import schemathesis
 from _gateway import LiveGateway, config, poll, routes
+from _harness import sse_events, sse_payloads
 from _scripted import ScriptedProvider, text_chunks, tool_call_chunks
 from hypothesis import HealthCheck, Phase, given, settings
 from openai.types.chat import ChatCompletionMessageParam
@@ -154,10 +155,8 @@ def test_sse_frames_name_their_event_and_carry_increasing_ids(live: LiveGateway)
         assert response.headers["content-type"].startswith("text/event-stream")
         assert response.headers["cache-control"] == "no-store"
         raw = response.read().decode()
-    frames = [f for f in raw.split("\n\n") if f.strip() and not f.startswith(":")]
     assert "[DONE]" not in raw
-    for n, frame in enumerate(frames):
-        fields = dict(line.split(": ", 1) for line in frame.split("\n"))
+    for n, fields in enumerate(sse_events(raw)):
         data = json.loads(fields["data"])
         assert fields["event"] == data["type"] and int(fields["id"]) == n
         assert data["sequence_number"] == n
@@ -485,7 +484,7 @@ def test_chat_tool_call_chunks_on_the_wire(live: LiveGateway) -> None:
     body = {"model": "tool", "messages": PROMPT, "stream": True,
             "tools": [{"type": "function", "function": {"name": "get_weather"}}]}
     with httpx.stream("POST", live.url + "/v1/chat/completions", json=body, timeout=10) as r:
-        payloads = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+        payloads = sse_payloads(r.read())
     assert payloads[-1] == "[DONE]"
     calls = [c for p in payloads[:-1] for c in
              (json.loads(p)["choices"][0]["delta"].get("tool_calls") or [])]

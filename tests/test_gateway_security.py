@@ -13,11 +13,9 @@ import hmac
 import json
 import logging
 import os
-import queue
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,7 +23,7 @@ from typing import Any
 
 import httpx
 import pytest
-from _live import LiveGateway
+from _harness import LiveGateway, Processes, closed_port, sse_payloads
 from pydantic import ValidationError
 
 from tokenrelay.cli.serve import server_config
@@ -288,43 +286,19 @@ def test_serve_refuses_0_0_0_0_without_keys() -> None:
     assert done.stdout == ""
 
 
-def test_serve_end_to_end_never_prints_the_raw_key(tmp_path: Path) -> None:
+def test_serve_end_to_end_never_prints_the_raw_key(processes: Processes) -> None:
     raw = "gw-cli-secret-0123456789abcdef"
-    proc = subprocess.Popen(
-        _tokenrelay_argv("serve", "--port", "0", "--api-key", raw, "--no-log"),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
-        env=_cli_env())
-    lines: queue.Queue[str] = queue.Queue()
-    seen: list[str] = []
-
-    def read_stderr() -> None:  # a thread, so that waiting for a line has a timeout
-        assert proc.stderr is not None
-        for line in proc.stderr:
-            lines.put(line)
-
-    reader = threading.Thread(target=read_stderr, daemon=True)
-    reader.start()
-    try:
-        while not any("serving on" in line for line in seen):
-            seen.append(lines.get(timeout=20))
-        url = next(line for line in seen if "serving on" in line).split()[3]
-        with httpx.Client(base_url=url, timeout=TIMEOUT) as c:
-            assert c.get("/v1/models").status_code == 401
-            r = c.get("/v1/models", headers={"authorization": f"Bearer {raw}"})
-            assert r.status_code == 200
-            assert "mock" in [m["id"] for m in r.json()["data"]]
-    finally:
-        proc.terminate()
-        proc.wait(timeout=15)
-        reader.join(5)
-    assert proc.stdout is not None
-    out = proc.stdout.read()
-    proc.stdout.close()
-    while not lines.empty():
-        seen.append(lines.get_nowait())
-    err = "".join(seen)
-    assert raw not in err + out
-    assert "Traceback" not in err
+    serve = processes.serve(None, "--api-key", raw, "--no-log")
+    with httpx.Client(base_url=serve.url, timeout=TIMEOUT) as c:
+        assert c.get("/v1/models").status_code == 401
+        r = c.get("/v1/models", headers={"authorization": f"Bearer {raw}"})
+        assert r.status_code == 200
+        assert "mock" in [m["id"] for m in r.json()["data"]]
+    assert processes.stop(serve) == 0
+    output = serve.output()
+    assert "serving on" in output
+    assert raw not in output
+    assert "Traceback" not in output
 
 
 # -- per-key limits ----------------------------------------------------------------------
@@ -405,8 +379,7 @@ def test_max_tokens_is_clamped_to_the_keys_limit(client: httpx.Client, stream: b
         assert choice["finish_reason"] == "length"
         assert len(choice["message"]["content"].split()) == 3
         return
-    chunks = [json.loads(line[6:]) for line in r.text.splitlines()
-              if line.startswith("data: {")]
+    chunks = [json.loads(p) for p in sse_payloads(r.text) if p != "[DONE]"]
     deltas = [c["choices"][0]["delta"].get("content") for c in chunks if c["choices"]]
     assert len([d for d in deltas if d]) == 3
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"
@@ -566,11 +539,6 @@ def test_routes_refuse_credentials_in_the_url_and_non_http_schemes(base_url: str
     assert "sk-in-url" not in str(info.value)
 
 
-def _dead_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def test_keys_and_upstream_secrets_never_appear_in_any_output(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -579,7 +547,7 @@ def test_keys_and_upstream_secrets_never_appear_in_any_output(
     config = ServerConfig(
         serve_local=False, log=LogConfig(path=str(db)),
         keys=[KeyConfig(id="alice", sha256=hash_key(gateway_key))],
-        models=[{"name": "upstream", "base_url": f"http://127.0.0.1:{_dead_port()}/v1",
+        models=[{"name": "upstream", "base_url": f"http://127.0.0.1:{closed_port()}/v1",
                  "api_key": upstream_key}])
     caplog.set_level(logging.DEBUG)
     seen: list[str] = []

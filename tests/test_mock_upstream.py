@@ -13,6 +13,7 @@ from typing import Any
 
 import httpx
 import pytest
+from _harness import sse_payloads
 
 from tokenrelay import UsageError
 from tokenrelay.mock_upstream import Behaviour, MockUpstream, token_text
@@ -39,7 +40,7 @@ def stream(http: httpx.Client, model: str, headers: dict[str, str] | None = None
     with http.stream("POST", "/chat/completions", headers=headers,
                      json={"model": model, "messages": PROMPT, "stream": True, **body}) as r:
         assert r.status_code == 200
-        payloads = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+        payloads = sse_payloads(r.read())
     return [p if p == "[DONE]" else json.loads(p) for p in payloads]
 
 

@@ -492,17 +492,42 @@ class AsyncStream:
         acc = self._acc
         usage = acc.usage
         if usage is None:
-            try:
-                prompt_tokens = self.provider.count_prompt_tokens(self.request)
-                completion_tokens = (
-                    self.provider.count_tokens(acc.text, model=self.request.model)
-                    + sum(self.provider.count_tokens(c.arguments) for c in acc.tool_calls.values())
-                )
-            except Exception:  # noqa: BLE001 - counting must never turn a result into a failure
-                _log.warning("token counting failed; usage reported as 0", exc_info=True)
-                prompt_tokens, completion_tokens = 0, 0
-            usage = Usage(prompt_tokens, completion_tokens, estimated=True)
-            acc.usage = usage
+            if self.provider.counting_ready():
+                usage = self._count()
+            else:
+                # A cold tokenizer load (cl100k_base: ~0.26 s) would stall the loop, and a
+                # stalled loop closes no sockets: the upstream just aborted would go on
+                # sending. Count in a thread; the loop finishes closing meanwhile.
+                counting = asyncio.ensure_future(asyncio.to_thread(self._count))
+                try:
+                    usage = await asyncio.shield(counting)
+                except asyncio.CancelledError:
+                    # Cancelled again while counting: the result still gets its usage.
+                    usage = self._count()
+                    self._set_result(reason, error, usage)
+                    raise
+        return self._set_result(reason, error, usage)
+
+    def _count(self) -> Usage:
+        """Usage counted by the provider's tokenizer (``estimated``)."""
+        acc = self._acc
+        try:
+            prompt_tokens = self.provider.count_prompt_tokens(self.request)
+            completion_tokens = (
+                self.provider.count_tokens(acc.text, model=self.request.model)
+                + sum(self.provider.count_tokens(c.arguments) for c in acc.tool_calls.values())
+            )
+        except Exception:  # noqa: BLE001 - counting must never turn a result into a failure
+            _log.warning("token counting failed; usage reported as 0", exc_info=True)
+            prompt_tokens, completion_tokens = 0, 0
+        return Usage(prompt_tokens, completion_tokens, estimated=True)
+
+    def _set_result(self, reason: FinishReason, error: TokenrelayError | None,
+                    usage: Usage) -> Result:
+        if self._result is not None:
+            return self._result
+        acc = self._acc
+        acc.usage = usage
         now = time.monotonic()
         self._result = Result(
             text=acc.text,

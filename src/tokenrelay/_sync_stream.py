@@ -41,6 +41,7 @@ class Stream:
         self._astream = astream
         self._iterating = False
         self._closed = False
+        self._pump: _portal.Handle | None = None
 
     @property
     def request(self) -> Request:
@@ -96,7 +97,7 @@ class Stream:
             for _ in range(n):
                 credits.release()
 
-        handle = _portal.submit(pump())
+        handle = self._pump = _portal.submit(pump())
         taken = 0
         try:
             while True:
@@ -140,6 +141,9 @@ class Stream:
         if self._closed:
             return
         self._closed = True
+        pump = self._pump
+        if pump is not None and not pump.finished.is_set():
+            pump.cancel()  # close() inside the loop: the pump is iterating the stream
         _portal.run(self._astream.aclose())
 
 

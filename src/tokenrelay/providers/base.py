@@ -81,6 +81,12 @@ class Provider(ABC):
         """Prompt tokens of ``request``, estimated (chat framing included roughly)."""
         return sum(self.count_tokens(m.content, model=request.model) + 4 for m in request.messages) + 3
 
+    def counting_ready(self) -> bool:
+        """Whether counting runs without a slow first load (else streams count in a thread)."""
+        from ..usage import encoding_ready
+
+        return encoding_ready()
+
     async def list_models(self) -> list[ModelInfo]:
         return []
 

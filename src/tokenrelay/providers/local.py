@@ -671,6 +671,10 @@ class LocalProvider(Provider):
         """Prompt tokens of ``request``, chat template included."""
         return len(self._tokenize(lambda v: v.prompt_tokens(request)))
 
+    def counting_ready(self) -> bool:
+        """Counting needs the model or a vocabulary-only load of it (slow the first time)."""
+        return self._loaded is not None or self._vocab_only is not None
+
     async def list_models(self) -> list[ModelInfo]:
         if self.embedded:
             return [ModelInfo("smollm2", self.name, "SmolLM2-135M-Instruct (embedded, offline)",

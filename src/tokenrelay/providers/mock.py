@@ -225,6 +225,9 @@ class MockProvider(Provider):
     def count_prompt_tokens(self, request: Request) -> int:
         return sum(len(tokenize(m.content)) for m in request.messages)
 
+    def counting_ready(self) -> bool:
+        return True
+
     async def list_models(self) -> list[ModelInfo]:
         return [ModelInfo("mock", self.name, "scripted answers for tests and demos")]
 

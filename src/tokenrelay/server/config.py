@@ -17,6 +17,14 @@ metrics_public = false    # true: GET /metrics without a key (else any gateway k
 path = "/var/lib/tokenrelay/requests.db"   # default: the user data dir
 redact = false                              # true: prompts and answers are not stored
 
+[streams]                 # the stream log between producing and delivering (README)
+store = "memory"          # "memory" (default: this process) | "redis" (shared, survives it)
+redis_url = "redis://127.0.0.1:6379/0"   # needs the redis extra: pip install "tokenrelay[redis]"
+retention_s = 600         # a finished stream can be resumed/retrieved this long
+max_bytes = 268435456     # memory store: finished streams dropped oldest first above this
+max_stream_bytes = 67108864   # one stream's frames; beyond it the stream fails
+max_resume_grace_s = 300  # cap on a request's x-tokenrelay-resume-grace
+
 [[models]]                # served model name → OpenAI-compatible upstream
 name = "qwen"
 base_url = "http://10.0.0.5:8000/v1"
@@ -63,7 +71,8 @@ from pydantic import (
 
 from ..errors import ConfigurationError
 
-__all__ = ["KeyConfig", "LogConfig", "ModelRoute", "ServerConfig", "hash_key", "load_config"]
+__all__ = ["KeyConfig", "LogConfig", "ModelRoute", "ServerConfig", "StreamsConfig", "hash_key",
+           "load_config"]
 
 
 def hash_key(key: str) -> str:
@@ -116,6 +125,40 @@ class LogConfig(BaseModel):
     redact: bool = False
 
 
+class StreamsConfig(BaseModel):
+    """``[streams]``: where streams are kept so that they outlive their connection."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    store: Literal["memory", "redis"] = "memory"
+    #: ``redis://[[user]:password@]host:port/db``, ``rediss://…`` or ``unix:///path``.
+    redis_url: str | None = Field(None, repr=False)
+    #: Prepended to every Redis key and channel (several gateways on one Redis).
+    redis_prefix: str = Field("tokenrelay:", max_length=64, pattern=r"^[A-Za-z0-9_.:-]*$")
+    #: A finished stream stays readable (resume, retrieve) this many seconds.
+    retention_s: float = Field(600.0, gt=0, le=7 * 86400)
+    #: Memory store: above this total, finished streams are dropped oldest first; when
+    #: live streams alone fill it, new streams are refused (503).
+    max_bytes: int = Field(256 << 20, ge=1 << 20)
+    #: One stream's frames; an append beyond it fails that stream (``stream_too_large``).
+    max_stream_bytes: int = Field(64 << 20, ge=64 << 10)
+    #: Upper bound on the resume grace a request may ask for.
+    max_resume_grace_s: float = Field(300.0, ge=0, le=86400)
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, value: str | None) -> str | None:
+        if value is not None and urlsplit(value).scheme not in ("redis", "rediss", "unix"):
+            raise ValueError("redis_url must start with redis://, rediss:// or unix://")
+        return value
+
+    @model_validator(mode="after")
+    def _url_for_redis(self) -> StreamsConfig:
+        if self.store == "redis" and not self.redis_url:
+            raise ValueError('store = "redis" needs redis_url')
+        return self
+
+
 class ServerConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -141,6 +184,7 @@ class ServerConfig(BaseModel):
     models: list[ModelRoute] = Field(default_factory=list)
     keys: list[KeyConfig] = Field(default_factory=list)
     log: LogConfig = Field(default_factory=LogConfig)
+    streams: StreamsConfig = Field(default_factory=StreamsConfig)
     #: Serve the embedded local model and the scripted mock besides the routes.
     serve_local: bool = True
     #: None: serve the mock only when listening on loopback.

@@ -1,0 +1,36 @@
+"""Build the configured stream store (``[streams]`` in the gateway's config)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ...errors import ConfigurationError
+from .base import StreamLog
+from .memory import MemoryStreamLog
+
+if TYPE_CHECKING:
+    from ..config import StreamsConfig
+
+__all__ = ["create_store"]
+
+
+def create_store(config: StreamsConfig) -> StreamLog:
+    """The stream log ``config`` asks for: in memory (default) or on Redis.
+
+    Building the Redis store does not connect yet: the first operation does, and fails
+    with :class:`~.base.StreamLogUnavailable` if Redis cannot be reached.
+    """
+    if config.store == "memory":
+        return MemoryStreamLog(retention_s=config.retention_s, max_bytes=config.max_bytes,
+                               max_stream_bytes=config.max_stream_bytes)
+    if not config.redis_url:
+        raise ConfigurationError('[streams] store = "redis" needs redis_url')
+    try:
+        from .redis_log import RedisStreamLog
+    except ImportError as exc:
+        raise ConfigurationError(
+            '[streams] store = "redis" needs the Redis client: pip install "tokenrelay[redis]"'
+        ) from exc
+    return RedisStreamLog.from_url(config.redis_url, prefix=config.redis_prefix,
+                                   retention_s=config.retention_s,
+                                   max_stream_bytes=config.max_stream_bytes)
