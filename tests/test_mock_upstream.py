@@ -110,7 +110,7 @@ def test_mid_stream_faults_on_the_wire(http: httpx.Client, fault: str,
 
     def read() -> None:
         with http.stream("POST", "/chat/completions", json={
-                "model": f"fault={fault};after=2", "messages": PROMPT, "stream": True}) as r:
+                "model": f"fault={fault},after=2", "messages": PROMPT, "stream": True}) as r:
             lines.extend(line for line in r.iter_lines() if line)
 
     if error is None:
