@@ -53,7 +53,7 @@ def repeated_4grams(text: str) -> float:
 
 def run(provider: LocalProvider, prompt: str, schema: Any, penalty: float, seed: int,
         cap: int) -> tuple[int, str, float, bool | None, float]:
-    extra = {} if penalty == 1.0 else {"repeat_penalty": penalty}
+    extra = {"repeat_penalty": penalty}
     started = time.perf_counter()
     with tokenrelay.stream(prompt, provider=provider, max_tokens=cap, seed=seed, extra=extra,
                            response_format=schema, raise_errors=False) as s:
