@@ -149,4 +149,4 @@ def test_top_level_help_lists_every_command_uncut_at_80_columns() -> None:
              if line.startswith("  ") and not line.startswith("   ")]
     assert names == sorted(_COMMANDS)
     flat = " ".join(listing.split())
-    assert "List the latest exchanges (newest first); `logs show ID` shows one fully." in flat
+    assert "List the latest exchanges of the CLI, library and gateway, newest first." in flat
