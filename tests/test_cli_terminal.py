@@ -198,3 +198,20 @@ def test_compare_shows_the_streamed_text_while_it_streams(terminal: list[PtyProc
     assert "streamed vs non-streamed" not in tty.text
     tty.expect("streamed vs non-streamed", timeout=20)
     assert tty.wait(timeout=20) == 0
+
+
+def test_chat_continue_in_a_terminal(terminal: list[PtyProcess], tmp_path: Path) -> None:
+    assert tokenrelay("-m", "mock", "what was the question").returncode == 0
+    saved = tmp_path / "chat.json"
+    tty = _start(terminal, "chat", "-c")
+    tty.expect("continuing a conversation of 1 turn")
+    tty.expect("Chatting with mock")  # the logged conversation's model
+    tty.expect("> ")
+    tty.sendline("and the answer?")
+    tty.expect("Mock answer to: and the answer\\?\n")
+    tty.expect("> ")
+    assert _saved(tty, saved) == [
+        ("user", "what was the question"), ("assistant", "Mock answer to: what was the question"),
+        ("user", "and the answer?"), ("assistant", "Mock answer to: and the answer?")]
+    tty.ctrl_d()
+    assert tty.wait() == 0

@@ -111,10 +111,12 @@ def cli() -> None:
 
     \b
     tokenrelay "PROMPT"        stream an answer (same as: tokenrelay run "PROMPT")
+    tokenrelay -c "PROMPT"     continue the latest conversation in the log
     tokenrelay chat            a conversation that keeps its history
     tokenrelay compare PROMPT  streamed vs non-streamed, side by side
     tokenrelay models          the models it can reach, and the default
-    tokenrelay logs            the exchanges it recorded
+    tokenrelay logs            the exchanges of the CLI, library and gateway
+    tokenrelay help COMMAND    the help of a command (also: COMMAND --help)
 
     The answer goes to stdout; the indicator, footer and errors go to stderr.
     """
