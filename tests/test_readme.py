@@ -132,6 +132,8 @@ def _run_python(source: str, *, cwd: Path, env: dict[str, str]) -> subprocess.Co
                           capture_output=True, text=True, timeout=900, check=False)
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(900)
 @pytest.mark.parametrize("index", range(2))
 def test_library_blocks(index: int, workdir: Path) -> None:
     pytest.importorskip("llama_cpp")
@@ -146,6 +148,8 @@ def test_the_top_level_await_runner_is_the_repl_s() -> None:
     assert ast.PyCF_ALLOW_TOP_LEVEL_AWAIT and asyncio.iscoroutine
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_cli_block(workdir: Path) -> None:
     pytest.importorskip("llama_cpp")
     (block,) = [b for b in blocks("sh") if _sh_kind(b) == "cli"]
@@ -157,6 +161,8 @@ def test_cli_block(workdir: Path) -> None:
             assert done.stdout.strip() or done.stderr.strip(), command
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_quick_start(workdir: Path) -> None:
     pytest.importorskip("llama_cpp")
     (block,) = [b for b in blocks("sh") if _sh_kind(b) == "quick start"]
@@ -177,6 +183,8 @@ def test_the_test_command_is_a_script_bash_accepts() -> None:
     assert subprocess.run(["bash", "-n", str(script)], check=False).returncode == 0
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_gateway_block_and_its_clients(workdir: Path) -> None:
     pytest.importorskip("llama_cpp")
     pytest.importorskip("openai")
