@@ -60,6 +60,12 @@ def test_an_unknown_keyword_names_the_function_called_and_the_close_match(
                                "; did you mean 'max_tokens'?")
 
 
+def test_every_real_keyword_still_passes() -> None:
+    assert tokenrelay.complete(prompt="hi", model="mock", max_tokens=2).text == "Mock answer"
+    assert [r.text for r in tokenrelay.batch(prompts=["a"], concurrency=1, model="mock")] == [
+        "Mock answer to: a"]
+
+
 def test_an_unknown_keyword_of_the_async_functions() -> None:
     with pytest.raises(TypeError, match=r"^astream\(\) got an unexpected keyword argument "
                                         r"'temprature'; did you mean 'temperature'\?$"):

@@ -44,14 +44,11 @@ F = TypeVar("F", bound=Callable[..., Any])
 def _checked_keywords(func: F) -> F:
     """Refuse an unknown keyword naming the function the caller called and the closest
     option (``complete(max_token=5)`` used to fail inside ``astream()``, with no hint)."""
-    own = {name for name, p in inspect.signature(func).parameters.items()
-           if p.kind is not inspect.Parameter.VAR_KEYWORD}
-    takes_options = own != set(_ASTREAM_OPTIONS) and any(
-        p.kind is inspect.Parameter.VAR_KEYWORD
-        for p in inspect.signature(func).parameters.values())
-    allowed = own | (_ASTREAM_OPTIONS if takes_options else set())
-    allowed.discard("prompt")
-    allowed.discard("prompts")
+    parameters = inspect.signature(func).parameters
+    allowed = {name for name, p in parameters.items()
+               if p.kind is not inspect.Parameter.VAR_KEYWORD}
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        allowed |= _ASTREAM_OPTIONS  # ``**options`` go to astream()
 
     def check(kwargs: dict[str, Any]) -> None:
         for key in kwargs:
