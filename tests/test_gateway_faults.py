@@ -149,17 +149,18 @@ def test_429_with_a_huge_retry_after_is_an_http_429_with_retry_after(
     assert len(upstream.chat_requests()) == 1
 
 
-def test_upstream_500_every_time_is_retried_then_passed_through_as_http_500(
+def test_upstream_500_every_time_is_retried_then_a_502(
         client: httpx.Client, upstream: MockUpstream, live: LiveGateway) -> None:
-    # error_status() passes an upstream 5xx status through (only 401/403 become 502):
-    # an OpenAI SDK client sees InternalServerError and retries it itself.
+    # error_status(): an upstream 500 is a 502 (README "Upstream errors"); an OpenAI SDK
+    # client sees InternalServerError and retries it itself. The details stay in the log.
     response = client.post("/v1/chat/completions", json=chat_body("broken"))
-    assert response.status_code == 500
+    assert response.status_code == 502
     error = response.json()["error"]
-    assert error["code"] == "server_error" and "500" in error["message"]
+    assert error["code"] == "server_error" and "'broken'" in error["message"]
     assert len(upstream.chat_requests()) == 1 + live.gateway.retry.max_retries
     (row,) = live.wait_log(lambda r: r["model"] == "broken")
-    assert (row["status"], row["http_status"]) == ("error", 500)
+    assert (row["status"], row["http_status"]) == ("error", 502)
+    assert "500" in row["error"]
 
 
 def test_mid_stream_error_without_streaming_is_a_502(

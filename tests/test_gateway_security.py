@@ -45,6 +45,7 @@ RAW = {
 }
 ALLOWED_ORIGIN = "https://app.example.com"
 MAX_BODY = 4096
+JSON = {"content-type": "application/json"}
 
 
 def bearer(key_id: str) -> dict[str, str]:
@@ -55,7 +56,7 @@ def bearer(key_id: str) -> dict[str, str]:
 def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveGateway]:
     limits: dict[str, dict[str, int]] = {
         "conc": {"max_concurrent": 2}, "rpm": {"requests_per_minute": 3},
-        "tpm": {"tokens_per_minute": 100}, "clamp": {"max_tokens": 3},
+        "tpm": {"tokens_per_minute": 110}, "clamp": {"max_tokens": 3},
     }
     keys = [KeyConfig(id=k, sha256=hash_key(raw), **limits.get(k, {}))
             for k, raw in RAW.items()]
@@ -350,8 +351,8 @@ def test_requests_per_minute_limit(client: httpx.Client) -> None:
 
 
 async def test_tokens_per_minute_is_atomic_under_concurrency(gw: LiveGateway) -> None:
-    # 20 requests at once, each reserving max_tokens=10 against 100 tokens/min: exactly
-    # 10 fit. Each admitted one lasts 1 s, so none finishes (and reconciles) meanwhile.
+    # 20 requests at once, each reserving max_tokens=10 + 1 for the prompt ("hi" is
+    # estimated at 1 token) against 110 tokens/min: exactly 10 fit. Each admitted one lasts 1 s, so none finishes (and reconciles) meanwhile.
     body = {"model": "mock:tokens=50,delay=1", "messages": HI, "max_tokens": 10}
     limits = httpx.Limits(max_connections=40)
     async with httpx.AsyncClient(base_url=gw.url, timeout=TIMEOUT, limits=limits) as c:
@@ -436,7 +437,7 @@ def test_chunked_body_over_the_cap_is_413(client: httpx.Client) -> None:
             yield b"x" * 1024
         yield b'"}]}'
 
-    r = client.post("/v1/chat/completions", content=body(), headers=bearer("plain"))
+    r = client.post("/v1/chat/completions", content=body(), headers=JSON | bearer("plain"))
     assert r.request.headers.get("transfer-encoding") == "chunked"
     assert "content-length" not in r.request.headers
     assert_openai_error(r, 413, code="body_too_large")
@@ -447,7 +448,7 @@ def test_chunked_body_under_the_cap_is_served(client: httpx.Client) -> None:
         yield b'{"model": "mock", "messages": '
         yield b'[{"role": "user", "content": "hi"}]}'
 
-    r = client.post("/v1/chat/completions", content=body(), headers=bearer("plain"))
+    r = client.post("/v1/chat/completions", content=body(), headers=JSON | bearer("plain"))
     assert r.status_code == 200, r.text
 
 
@@ -482,7 +483,8 @@ def test_invalid_parameters_are_400_naming_the_field(client: httpx.Client,
 def test_missing_field_and_bad_json_are_400(client: httpx.Client) -> None:
     r = client.post("/v1/chat/completions", json={"model": "mock"}, headers=bearer("plain"))
     assert_openai_error(r, 400, param="messages")
-    r = client.post("/v1/chat/completions", content=b"{not json", headers=bearer("plain"))
+    r = client.post("/v1/chat/completions", content=b"{not json",
+                    headers=JSON | bearer("plain"))
     assert_openai_error(r, 400, code="invalid_json")
     r = client.post("/chat", json={"prompt": "hi", "colour": "red"}, headers=bearer("plain"))
     assert_openai_error(r, 400, param="colour")
@@ -579,10 +581,11 @@ def test_keys_and_upstream_secrets_never_appear_in_any_output(
         reqlog = live.gateway.reqlog
         assert reqlog is not None
         deadline = time.monotonic() + 5
-        while len(reqlog.rows()) < 4 and time.monotonic() < deadline:
+        while len(reqlog.rows()) < 8 and time.monotonic() < deadline:
             time.sleep(0.05)
         rows = reqlog.rows()
-        assert len(rows) == 4
+        assert len(rows) == 8  # 4 answered, 4 refused (3 POSTs and /metrics: 401)
+        assert sum(row["status"] == "refused" for row in rows) == 4
         assert any(row["error"] for row in rows)
     files = b"".join(p.read_bytes() for p in tmp_path.iterdir() if p.is_file())
     haystacks = {"responses": "\n".join(seen), "logs": caplog.text, "metrics": metrics,

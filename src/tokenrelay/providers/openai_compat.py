@@ -159,7 +159,8 @@ class OpenAIProvider(Provider):
         session = self._client()
         try:
             try:
-                response = await session.post(url, data=body, headers=STREAM_HEADERS)
+                response = await session.post(url, data=body, headers=STREAM_HEADERS,
+                                              allow_redirects=False)
             except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
                 if isinstance(exc, aiohttp.ClientConnectorError):
                     raise  # could not connect at all: not a stale connection
@@ -167,7 +168,8 @@ class OpenAIProvider(Provider):
                 # unlike httpcore, does not check a pooled socket for EOF before reuse):
                 # the request never reached the server, so ask once more at once, on a
                 # fresh connection, instead of failing into the stream's retry backoff.
-                response = await session.post(url, data=body, headers=STREAM_HEADERS)
+                response = await session.post(url, data=body, headers=STREAM_HEADERS,
+                                              allow_redirects=False)
         except _TRANSPORT_ERRORS as exc:
             raise self._transport_error(exc, url) from exc
         try:
@@ -233,7 +235,9 @@ class OpenAIProvider(Provider):
         while True:
             body = self._body(request, stream_options=with_options)
             async with self._post(url, body) as response:
-                if response.status >= 400:
+                if not 200 <= response.status < 300:
+                    if not 400 <= response.status <= 599:
+                        raise self._unexpected_status(response)
                     data = await _read_some(response)
                     if (
                         with_options
@@ -311,8 +315,10 @@ class OpenAIProvider(Provider):
         url = f"{self.base_url}/models"
         try:
             async with self._client().get(
-                url, headers={"Accept": "application/json"}
+                url, headers={"Accept": "application/json"}, allow_redirects=False
             ) as response:
+                if not 200 <= response.status < 300 and not 400 <= response.status <= 599:
+                    raise self._unexpected_status(response)
                 data = await _read_some(response)
         except _TRANSPORT_ERRORS as exc:
             raise self._transport_error(exc, url) from exc
@@ -344,6 +350,26 @@ class OpenAIProvider(Provider):
         if hint:
             text += f" ({hint})"
         return status_error(status, text, body=payload, retry_after=retry_after(response.headers))
+
+    def _unexpected_status(self, response: aiohttp.ClientResponse) -> APIStatusError:
+        """A status that is neither success nor an HTTP error: a redirect (never
+        followed: it could send the prompt and the key to any host), a 1xx, or no valid
+        HTTP status at all (outside 100-599)."""
+        status = response.status
+        if 300 <= status < 400:
+            location = response.headers.get("location", "")
+            error = APIStatusError(
+                f"{self.base_url} answered {status} {response.reason or ''}, a redirect to"
+                f" {location[:200]!r}; redirects are not followed (they could send the"
+                " prompt and the key to another host): set the base URL to the API root"
+                " itself", status_code=status)
+            error.code = "upstream_redirect"
+        else:
+            error = APIStatusError(
+                f"{self.base_url} answered with HTTP status {status}, which is not a"
+                " success or an error status (200-299, 400-599)", status_code=status)
+            error.code = "upstream_invalid_status"
+        return error
 
     def _transport_error(self, exc: BaseException, url: str) -> ProviderError | ConfigurationError:
         detail = _detail(exc)

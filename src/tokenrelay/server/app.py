@@ -27,11 +27,13 @@ from starlette.routing import Route
 from .._stream import AsyncStream, Result
 from ..config import resolve
 from ..errors import TokenrelayError, UsageError
-from ..events import StreamEvent
+from ..events import ErrorEvent, StreamEvent
 from ..providers.base import Provider
 from ..request import Message, Request, RetryPolicy, Timeouts
 from .config import KeyConfig, ServerConfig
 from .encode import (
+    SERVER_SHUTDOWN,
+    SHUTDOWN_MESSAGE,
     ChunkEncoder,
     SimpleEncoder,
     completion_body,
@@ -40,11 +42,13 @@ from .encode import (
     error_from_exc,
     error_status,
 )
+from .guard import Refusal, RequestGuard, logging_refusals
 from .metrics import CONTENT_TYPE_LATEST, GatewayMetrics
 from .openapi import openapi_document
 from .reqlog import RequestLog
 from .schema import ChatCompletionRequest, SimpleChatRequest
-from .security import Authenticator, GatewayHTTPError, Lease, Limiter
+from .security import Authenticator, GatewayHTTPError, Lease, Limiter, reservation
+from .shutdown import Drain, is_shutdown
 from .sse import EarlyResponse, SSEResponse
 
 __all__ = ["Gateway", "create_app"]
@@ -60,9 +64,17 @@ MAX_MOCK_TOKENS = 10_000
 class BodyLimit:
     """Pure ASGI middleware: 413 for bodies over the cap, before anything parses them."""
 
-    def __init__(self, app: Any, max_bytes: int) -> None:
+    def __init__(self, app: Any, max_bytes: int,
+                 on_refused: Callable[[Any, int, str, str], None] | None = None) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.on_refused = on_refused
+
+    async def _refuse(self, scope: Any, send: Any) -> None:
+        message = f"request body over {self.max_bytes} bytes"
+        if self.on_refused is not None:
+            self.on_refused(scope, 413, "body_too_large", message)
+        await _send_error(send, 413, message, "invalid_request_error", "body_too_large")
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -75,8 +87,7 @@ class BodyLimit:
                 except ValueError:
                     too_big = True
                 if too_big:
-                    await _send_error(send, 413, f"request body over {self.max_bytes} bytes",
-                                      "invalid_request_error", "body_too_large")
+                    await self._refuse(scope, send)
                     return
         received = 0
 
@@ -92,16 +103,16 @@ class BodyLimit:
         try:
             await self.app(scope, limited_receive, send)
         except _BodyTooLarge:
-            await _send_error(send, 413, f"request body over {self.max_bytes} bytes",
-                              "invalid_request_error", "body_too_large")
+            await self._refuse(scope, send)
 
 
 class _BodyTooLarge(Exception):
     pass
 
 
-async def _send_error(send: Any, status: int, message: str, type: str, code: str) -> None:
-    body = dumps(error_body(message, type=type, code=code))
+async def _send_error(send: Any, status: int, message: str, type: str, code: str,
+                      param: str | None = None) -> None:
+    body = dumps(error_body(message, type=type, code=code, param=param))
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"),
                             (b"content-length", str(len(body)).encode())]})
@@ -150,6 +161,7 @@ class Gateway:
                             max_connections=route.max_connections)
             self._routes.append(provider)
             self.models[route.name] = (provider, route.upstream_model or route.name)
+        self._route_names = frozenset(route.name for route in config.models)
         if self._routes:
             # Load the token estimator's encoding now (cl100k_base: 0.26 s, ~40 MiB): an
             # upstream route's usage is estimated for every stream that ends without
@@ -163,6 +175,8 @@ class Gateway:
             self.models["smollm2"] = resolve("smollm2")
         if self.serve_mock and "mock" not in self.models:
             self.models["mock"] = resolve("mock")
+        #: The requests answering a model, ended at the drain deadline on shutdown.
+        self.drain = Drain()
         self.reqlog: RequestLog | None = None
         if config.log.enabled:
             from ..log import default_log_path
@@ -171,6 +185,11 @@ class Gateway:
             self.reqlog = RequestLog(path, redact=config.log.redact)
 
     # -- helpers -------------------------------------------------------------------
+
+    def route(self, model: str) -> str | None:
+        """``model`` if it is one of the config's upstream routes (whose errors clients
+        see only in general terms), else None (the embedded model, the mock)."""
+        return model if model in self._route_names else None
 
     def lookup(self, model: str) -> tuple[Provider, str]:
         found = self.models.get(model)
@@ -211,16 +230,31 @@ class Gateway:
     async def admit(self, request: HTTPRequest, schema: type[_Body]) -> tuple[KeyConfig, _Body]:
         """The caller's key and its validated body (401 / 413 / 400 as GatewayHTTPError)."""
         key = self.auth.check(request.headers)  # type: ignore[arg-type]
+        request.scope["tokenrelay.key"] = key.id  # for the log of a later refusal
         body = await self.read_body(request)
         try:
             return key, schema.model_validate(body)
         except ValidationError as exc:
             raise _validation_error(exc) from exc
 
-    def rejected(self, exc: GatewayHTTPError) -> JSONResponse:
-        """Count a refused request and answer it as an OpenAI error object."""
-        self.metrics.errors.labels(exc.code or "http_" + str(exc.status)).inc()
+    def rejected(self, exc: GatewayHTTPError, request: HTTPRequest | None = None,
+                 ) -> JSONResponse:
+        """Count and log a refused request and answer it as an OpenAI error object."""
+        if request is not None:
+            self.log_refused(request.scope, exc.status, exc.code or "", exc.message)
+        else:
+            self.metrics.errors.labels(exc.code or "http_" + str(exc.status)).inc()
         return _error_response(exc)
+
+    def log_refused(self, scope: Any, status: int, code: str, message: str) -> None:
+        """Count and log a request refused before it reached a model (once per request:
+        the guard, the body cap, the header cap, an endpoint, Starlette's 404/405)."""
+        if scope.get("tokenrelay.logged"):
+            return
+        self.metrics.errors.labels(code or "http_" + str(status)).inc()
+        if self.reqlog is not None:
+            self.reqlog.record_refused(scope, status, code, message)
+        scope["tokenrelay.logged"] = True
 
     def sse(self, frames: AsyncIterator[bytes]) -> SSEResponse:
         """An event stream of ``frames`` with this gateway's heartbeat and send timeout."""
@@ -233,11 +267,13 @@ class Gateway:
                            raise_errors=False)
 
     def finish(self, *, stream: AsyncStream, lease: Lease, key_id: str, endpoint: str,
-               model: str, started: float, http_status: int) -> None:
+               model: str, started: float, http_status: int, shutdown: bool = False) -> None:
         """Release limits, count metrics and log one finished (or cancelled) request."""
         result = stream.result
         lease.release(result.usage.total_tokens)
         status = {"cancelled": "cancelled", "error": "error"}.get(result.finish_reason, "ok")
+        if shutdown:
+            status = "error"
         m = self.metrics
         m.requests.labels(endpoint, model, status).inc()
         if result.metrics.time_to_first_token is not None:
@@ -248,6 +284,10 @@ class Gateway:
         if status == "cancelled":
             m.cancellations.labels(model, "client_disconnect").inc()
         if result.error is not None:
+            if result.error.code != SERVER_SHUTDOWN:
+                # The operator's copy of what clients see only in general terms.
+                log.warning("%s %s failed (%s): %s", endpoint, model, result.error.code,
+                            result.error.message)
             m.errors.labels(result.error.code).inc()
             m.upstream_status.labels(
                 model, str(getattr(result.error, "status_code", result.error.code))).inc()
@@ -255,6 +295,8 @@ class Gateway:
             m.upstream_status.labels(model, "ok").inc()
         if self.reqlog is not None:
             error = None if result.error is None else f"{result.error.code}: {result.error.message}"
+            if shutdown:
+                error = f"{SERVER_SHUTDOWN}: {SHUTDOWN_MESSAGE}"
             self.reqlog.record(
                 key_id=key_id, endpoint=endpoint, model=model, status=status,
                 http_status=http_status, prompt_tokens=result.usage.prompt_tokens,
@@ -274,7 +316,8 @@ class Gateway:
     # -- the streaming path ----------------------------------------------------------
 
     async def relay(self, stream: AsyncStream, encode: Callable[[StreamEvent], bytes], *,
-                    lease: Lease, key_id: str, endpoint: str, model: str) -> AsyncIterator[bytes]:
+                    lease: Lease, key_id: str, endpoint: str, model: str,
+                    route: str | None = None) -> AsyncIterator[bytes]:
         """The frames of one stream (``encode`` turns an event into its frames, or ``b""``);
         bookkeeping in ``finally`` (end, error or disconnect).
 
@@ -285,34 +328,56 @@ class Gateway:
         started = time.monotonic()
         gauge = self.metrics.active_streams.labels(model)
         gauge.inc()
-        http_status = 200
+        http_status = 499  # client closed request, until the first frame goes out
+        shutdown = False
+        task = asyncio.current_task()
+        self.drain.add(task)
         try:
             stream.pin_task()  # SSEResponse iterates this generator from one task
             events = stream.__aiter__()
-            async for event in events:  # up to the first frame
-                frame = encode(event)
-                if not frame:
-                    continue
-                result = stream._result
-                if result is not None and result.error is not None and not stream.text:
-                    # Failed before anything was sent: a real HTTP error status.
-                    http_status = error_status(result.error)
-                    body = dumps(_core_error_body(result.error))
-                    raise EarlyResponse(http_status, body, [
+            try:
+                async for event in events:  # up to the first frame
+                    frame = encode(event)
+                    if not frame:
+                        continue
+                    result = stream._result
+                    if result is not None and result.error is not None and not stream.text:
+                        # Failed before anything was sent: a real HTTP error status.
+                        http_status = error_status(result.error)
+                        body = dumps(_core_error_body(result.error, route))
+                        raise EarlyResponse(http_status, body, [
+                            (b"content-type", b"application/json"),
+                            (b"content-length", str(len(body)).encode()),
+                        ] + _retry_after(result.error), frame=frame)
+                    http_status = 200
+                    yield frame
+                    break
+                async for event in events:
+                    frame = encode(event)
+                    if frame:
+                        yield frame
+            except asyncio.CancelledError as exc:
+                if not is_shutdown(exc) or task is None:
+                    raise
+                task.uncancel()  # the drain's cancellation: answer it, as an error
+                shutdown = True
+                await stream.aclose()
+                frame = encode(_SHUTDOWN_EVENT)
+                if http_status == 499:
+                    http_status = 503
+                    body = dumps(_shutdown_body())
+                    raise EarlyResponse(503, body, [
                         (b"content-type", b"application/json"),
                         (b"content-length", str(len(body)).encode()),
-                    ] + _retry_after(result.error), frame=frame)
+                        (b"retry-after", b"1")], frame=frame) from None
                 yield frame
-                break
-            async for event in events:
-                frame = encode(event)
-                if frame:
-                    yield frame
         finally:
+            self.drain.discard(task)
             gauge.dec()
             await stream.aclose()
             self.finish(stream=stream, lease=lease, key_id=key_id, endpoint=endpoint,
-                        model=model, started=started, http_status=http_status)
+                        model=model, started=started, http_status=http_status,
+                        shutdown=shutdown)
 
     # -- endpoints -------------------------------------------------------------------
 
@@ -331,27 +396,32 @@ class Gateway:
                     tool_choice=chat.core_tool_choice())
             except (ValidationError, ValueError) as exc:
                 raise GatewayHTTPError(400, f"invalid messages: {exc}", param="messages") from exc
-            lease = self.limiter.acquire(key, max_tokens or 0)
+            lease = self.limiter.acquire(key, reservation(core, key))
         except GatewayHTTPError as exc:
-            return self.rejected(exc)
+            return self.rejected(exc, request)
 
         stream = self.open(core, provider)
         if not chat.stream:
             return await self._complete(stream, request=request, lease=lease, key_id=key.id,
-                                        model=chat.model)
+                                        model=chat.model, route=self.route(chat.model))
         encoder = ChunkEncoder(chat.model, include_usage=bool(
-            chat.stream_options and chat.stream_options.include_usage))
+            chat.stream_options and chat.stream_options.include_usage),
+            route=self.route(chat.model))
         return self.sse(self.relay(stream, encoder.encode, lease=lease, key_id=key.id,
-                                   endpoint="chat.completions", model=_label(chat.model)))
+                                   endpoint="chat.completions", model=_label(chat.model),
+                                   route=self.route(chat.model)))
 
     async def _complete(self, stream: AsyncStream, *, request: HTTPRequest, lease: Lease,
                         key_id: str, model: str, endpoint: str = "chat.completions",
                         render: Callable[[str, Result], dict[str, Any]] = completion_body,
-                        ) -> Response:
+                        route: str | None = None) -> Response:
         label = _label(model)
         started = time.monotonic()
         http_status = 200
+        shutdown = False
         self.metrics.active_streams.labels(label).inc()
+        task = asyncio.current_task()
+        self.drain.add(task)
         try:
             # Starlette does not cancel an endpoint whose client left: watch for it, so
             # that a disconnect aborts the upstream request here too, not only in streams.
@@ -359,9 +429,16 @@ class Gateway:
             gone = asyncio.ensure_future(_disconnected(request))
             try:
                 await asyncio.wait({consume, gone}, return_when=asyncio.FIRST_COMPLETED)
+            except asyncio.CancelledError as exc:
+                if not is_shutdown(exc) or task is None:
+                    raise
+                task.uncancel()  # the drain's cancellation: a 503, not a cut connection
+                http_status, shutdown = 503, True
+                return JSONResponse(_shutdown_body(), status_code=503,
+                                    headers={"retry-after": "1"})
             finally:
-                for task in (consume, gone):
-                    task.cancel()
+                for waiter in (consume, gone):
+                    waiter.cancel()
                 await asyncio.gather(consume, gone, return_exceptions=True)
             if consume.cancelled():
                 http_status = 499  # client closed request: nobody gets this response
@@ -369,15 +446,18 @@ class Gateway:
             result = stream.result
             if result.error is not None:
                 http_status = error_status(result.error)
-                return JSONResponse(_core_error_body(result.error), status_code=http_status,
+                return JSONResponse(_core_error_body(result.error, route),
+                                    status_code=http_status,
                                     headers={k.decode(): v.decode()
                                                  for k, v in _retry_after(result.error)})
             return Response(dumps(render(model, result)), media_type="application/json")
         finally:
+            self.drain.discard(task)
             self.metrics.active_streams.labels(label).dec()
             await stream.aclose()
             self.finish(stream=stream, lease=lease, key_id=key_id, endpoint=endpoint,
-                        model=label, started=started, http_status=http_status)
+                        model=label, started=started, http_status=http_status,
+                        shutdown=shutdown)
 
     async def simple_chat(self, request: HTTPRequest) -> Any:
         try:
@@ -402,12 +482,14 @@ class Gateway:
                 key, chat.max_tokens, self.config.max_tokens_default)
             core = Request(messages=tuple(messages), model=upstream_model,
                            max_tokens=max_tokens, temperature=chat.temperature)
-            lease = self.limiter.acquire(key, max_tokens or 0)
+            lease = self.limiter.acquire(key, reservation(core, key))
         except GatewayHTTPError as exc:
-            return self.rejected(exc)
+            return self.rejected(exc, request)
         stream = self.open(core, provider)
-        return self.sse(self.relay(stream, SimpleEncoder().encode, lease=lease,
-                                   key_id=key.id, endpoint="chat", model=_label(model)))
+        route = self.route(model)
+        return self.sse(self.relay(stream, SimpleEncoder(route).encode, lease=lease,
+                                   key_id=key.id, endpoint="chat", model=_label(model),
+                                   route=route))
 
     async def list_models(self, request: HTTPRequest) -> Response:
         try:
@@ -437,6 +519,7 @@ class Gateway:
                             headers={"cache-control": "no-store"})
 
     async def aclose(self) -> None:
+        self.drain.close()
         await self.drain_logs()
         for provider in self._routes:
             await provider.aclose()  # this loop's upstream connections
@@ -459,8 +542,15 @@ def _label(model: str) -> str:
     return "mock" if model.startswith("mock:") else model
 
 
-def _core_error_body(exc: TokenrelayError) -> dict[str, Any]:
-    return error_from_exc(exc)
+def _core_error_body(exc: TokenrelayError, route: str | None = None) -> dict[str, Any]:
+    return error_from_exc(exc, route)
+
+
+_SHUTDOWN_EVENT = ErrorEvent(SERVER_SHUTDOWN, SHUTDOWN_MESSAGE, True)
+
+
+def _shutdown_body() -> dict[str, Any]:
+    return error_body(SHUTDOWN_MESSAGE, type="server_error", code=SERVER_SHUTDOWN)
 
 
 def _retry_after(exc: TokenrelayError) -> list[tuple[bytes, bytes]]:
@@ -483,18 +573,36 @@ class GatewayApp(Starlette):
     """
 
     def __init__(self, *, direct: dict[str, Callable[[HTTPRequest], Any]],
-                 max_body_bytes: int, **kwargs: Any) -> None:
+                 max_body_bytes: int, gateway: Gateway, guard: RequestGuard,
+                 logged_paths: frozenset[str], **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self._direct = {path: BodyLimit(_endpoint_app(endpoint), max_body_bytes)
+        self._gateway = gateway
+        self._guard = guard
+        #: Paths whose endpoints log their own refusals (the streaming POSTs).
+        self._logged_paths = logged_paths
+        self._direct = {path: BodyLimit(_endpoint_app(endpoint), max_body_bytes,
+                                        gateway.log_refused)
                         for path, endpoint in direct.items()}
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST":
-            app = self._direct.get(scope["path"])
-            if app is not None:
-                scope["app"] = self
-                await app(scope, receive, send)
+        if scope["type"] == "http":
+            try:
+                self._guard.check(scope)  # Host (DNS rebinding), POST Content-Type
+            except Refusal as refusal:
+                self._gateway.log_refused(scope, refusal.status, refusal.code, refusal.message)
+                await _send_error(send, refusal.status, refusal.message,
+                                  "invalid_request_error", refusal.code, refusal.param)
                 return
+            if scope["method"] == "POST":
+                app = self._direct.get(scope["path"])
+                if app is not None:
+                    scope["app"] = self
+                    await app(scope, receive, send)
+                    return
+            if not (scope["method"] == "POST" and scope["path"] in self._logged_paths):
+                # Starlette's answers (404, 405) and the GET endpoints' 401s: log any
+                # refusal from the status line (never a streaming path: no cost per chunk).
+                send = logging_refusals(scope, send, self._gateway.log_refused)
         await super().__call__(scope, receive, send)
 
 
@@ -532,7 +640,8 @@ def create_app(config: ServerConfig | None = None) -> Starlette:
         Route("/openapi.json", openapi_json, methods=["GET"]),
         Route("/", gateway.index, methods=["GET"]),
     ]
-    middleware = [Middleware(BodyLimit, max_bytes=config.max_body_bytes)]
+    middleware = [Middleware(BodyLimit, max_bytes=config.max_body_bytes,
+                             on_refused=gateway.log_refused)]
     if config.cors_origins:
         middleware.append(Middleware(
             CORSMiddleware, allow_origins=config.cors_origins,
@@ -552,7 +661,12 @@ def create_app(config: ServerConfig | None = None) -> Starlette:
                   "/chat/completions": gateway.chat_completions,
                   "/v1/responses": responses, "/responses": responses,
                   "/chat": gateway.simple_chat}
-    app = GatewayApp(direct=direct, max_body_bytes=config.max_body_bytes, routes=routes,
+    guard = RequestGuard(check_host=not config.keys or bool(config.allowed_hosts),
+                         allowed_hosts=config.allowed_hosts)
+    streaming = frozenset({"/v1/chat/completions", "/chat/completions", "/v1/responses",
+                           "/responses", "/chat"})
+    app = GatewayApp(direct=direct, max_body_bytes=config.max_body_bytes, gateway=gateway,
+                     guard=guard, logged_paths=streaming, routes=routes,
                      middleware=middleware, lifespan=lifespan)
     app.state.gateway = gateway
     return app

@@ -12,6 +12,8 @@ max_body_bytes = 1048576  # 413 above this, before parsing
 cors_origins = ["https://app.example.com"]
 cors_credentials = false
 metrics_public = false    # true: GET /metrics without a key (else any gateway key)
+allowed_hosts = ["gateway.internal"]  # Host names served besides loopback ones
+drain_timeout_s = 10.0    # on SIGTERM, answers in progress get this long to finish
 
 [log]
 path = "/var/lib/tokenrelay/requests.db"   # default: the user data dir
@@ -181,6 +183,14 @@ class ServerConfig(BaseModel):
     #: With keys configured, ``GET /metrics`` needs one (model names and traffic are not
     #: for anyone who can reach the port) unless this is set for a scraper without one.
     metrics_public: bool = False
+    #: Host header names served besides the loopback ones (``localhost``, 127.0.0.0/8,
+    #: ``[::1]``); ``"*.example.com"`` matches its sub-domains, ``"*"`` any name.
+    #: Without keys only these are served (a web page cannot reach the gateway through
+    #: DNS rebinding); with keys, when set, too.
+    allowed_hosts: list[str] = Field(default_factory=list)
+    #: On SIGTERM, answers in progress get this many seconds to finish; then each gets
+    #: one error (``"code": "server_shutdown"``) and its end, and the server exits.
+    drain_timeout_s: float = Field(10.0, ge=0, le=3600)
     models: list[ModelRoute] = Field(default_factory=list)
     keys: list[KeyConfig] = Field(default_factory=list)
     log: LogConfig = Field(default_factory=LogConfig)

@@ -40,6 +40,7 @@ __all__ = [
     "completion_body",
     "dumps",
     "error_body",
+    "error_from_exc",
     "error_status",
     "tool_call_id",
 ]
@@ -59,18 +60,32 @@ def usage_dict(usage: Usage) -> dict[str, int]:
     }
 
 
+#: Upstream HTTP statuses a gateway client sees as they are; every other upstream status
+#: (a redirect, 401/403: the gateway's own upstream key, 404, 500, anything outside
+#: 100-599) is a 502. README.md "Upstream errors" documents this table.
+UPSTREAM_STATUS_PASSED = {
+    400: 400,  # the request itself was refused (e.g. a prompt over the context length)
+    413: 413,
+    422: 422,
+    408: 504,  # the upstream timed out reading the request
+    429: 429,  # rate limited: Retry-After is passed on
+    503: 503,  # overloaded: Retry-After is passed on
+    504: 504,
+}
+
+
 def error_status(exc: TokenrelayError) -> int:
-    """The HTTP status a gateway client should see for a core error."""
+    """The HTTP status a gateway client should see for a core error (always a valid
+    one: an upstream status is mapped by ``UPSTREAM_STATUS_PASSED``)."""
     if isinstance(exc, APIStatusError):
-        if exc.status_code in (401, 403):
-            # The gateway's own key was fine; the upstream refused ours: a gateway fault.
-            return 502
-        return exc.status_code
+        return UPSTREAM_STATUS_PASSED.get(exc.status_code, 502)
     if isinstance(exc, TimeoutError):
         return 504
     code = getattr(exc, "code", "")
     if code == "invalid_request":
         return 400
+    if code == SERVER_SHUTDOWN:
+        return 503
     return 502
 
 
@@ -80,23 +95,47 @@ def error_body(message: str, *, type: str, code: str | None = None,
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
-def client_message(code: str, message: str) -> str:
-    """What a gateway client may read of a core error.
+#: The error code of a stream the gateway ended because it is shutting down.
+SERVER_SHUTDOWN = "server_shutdown"
+SHUTDOWN_MESSAGE = ("the server is shutting down and ended this answer before it was"
+                    " complete; send the request again in a moment")
+#: Errors whose message tokenrelay wrote itself and which name no upstream detail: a
+#: client may read them as they are.
+_OWN_MESSAGES = frozenset({"invalid_request", "timeout_first_token", "timeout_idle",
+                           "timeout_total", "truncated", "structured_output_invalid",
+                           SERVER_SHUTDOWN})
+_GENERIC = {
+    "rate_limited": "is rate limited; retry after the delay in the Retry-After header",
+    "bad_request": "refused the request; check its parameters (e.g. the prompt's length"
+                   " against the model's context)",
+    "connection_error": "is unavailable; try again later",
+    "timeout_connect": "is unavailable; try again later",
+}
 
-    Connection errors name the upstream URL (an internal host); clients get a generic
-    message instead, the request log keeps the full one.
+
+def client_message(code: str, message: str, route: str | None = None) -> str:
+    """What a gateway client may read of a core error of model ``route``.
+
+    The errors of an upstream route (``route`` is its name) carry the upstream's URL (an
+    internal host) and its own error text: clients get the route name and a generic
+    message instead; the request log and the operator's log keep the full one (issue 9).
+    The embedded model's and the mock's errors (``route`` None) are tokenrelay's own.
     """
-    if code == "connection_error" or code == "timeout_connect":
-        return "the upstream model server is unavailable; try again later"
-    return message
+    if route is None or code in _OWN_MESSAGES:
+        return message
+    return (f"the upstream of model {route!r} "
+            + _GENERIC.get(code, "failed; the gateway's log has the details"))
 
 
-def error_from_exc(exc: TokenrelayError | ErrorEvent) -> dict[str, Any]:
+def error_from_exc(exc: TokenrelayError | ErrorEvent, route: str | None = None,
+                   ) -> dict[str, Any]:
     code = exc.code
     kind = "invalid_request_error" if code == "invalid_request" else "upstream_error"
     if code == "rate_limited":
         kind = "rate_limit_error"
-    return error_body(client_message(code, exc.message), type=kind, code=code)
+    elif code == SERVER_SHUTDOWN:
+        kind = "server_error"
+    return error_body(client_message(code, exc.message, route), type=kind, code=code)
 
 
 _TEXT_TAIL = b'"logprobs":null,"finish_reason":null}]}'
@@ -105,9 +144,11 @@ _TEXT_TAIL = b'"logprobs":null,"finish_reason":null}]}'
 class ChunkEncoder:
     """Builds ``chat.completion.chunk`` SSE frames for one response."""
 
-    def __init__(self, model: str, *, include_usage: bool) -> None:
+    def __init__(self, model: str, *, include_usage: bool, route: str | None = None) -> None:
         self.id = "chatcmpl-" + uuid.uuid4().hex
         self.model = model
+        #: The upstream route's name, if the model is one (its errors are generic).
+        self.route = route
         self.created = int(time.time())
         self.include_usage = include_usage
         self._event_id = 0
@@ -174,7 +215,7 @@ class ChunkEncoder:
             frames.append(b"data: [DONE]\n\n")
         elif isinstance(event, ErrorEvent):
             # Exactly one error event, then the end: never a silent end, never a fake stop.
-            frames.append(self.frame(dumps(error_from_exc(event))))
+            frames.append(self.frame(dumps(error_from_exc(event, self.route))))
         return b"".join(frames)
 
 
@@ -205,17 +246,18 @@ def completion_body(model: str, result: Any) -> dict[str, Any]:
 class SimpleEncoder:
     """The ``/chat`` format: ``event: text`` frames, then ``usage`` / ``done`` or ``error``."""
 
-    __slots__ = ("_n",)
+    __slots__ = ("_n", "route")
 
-    def __init__(self) -> None:
+    def __init__(self, route: str | None = None) -> None:
         self._n = 0
+        self.route = route
 
     def encode(self, event: StreamEvent) -> bytes:
         """The frame of ``event`` (``b""`` for none)."""
         if isinstance(event, TextDelta):
             name, data = b"text", dumps({"text": event.delta})
         elif isinstance(event, ErrorEvent):
-            name, data = b"error", dumps(error_from_exc(event)["error"])
+            name, data = b"error", dumps(error_from_exc(event, self.route)["error"])
         elif isinstance(event, Done):
             if event.finish_reason in ("error", "cancelled"):
                 return b""

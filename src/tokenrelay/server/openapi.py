@@ -264,13 +264,24 @@ _RESPONSE_EVENT = {
 _ERRORS = {
     "400": "Invalid body or parameter; `error.param` names the field.",
     "401": "Missing or invalid API key.",
+    "403": "A Host name this gateway does not serve (without keys: loopback names and"
+           " `allowed_hosts` only, against DNS rebinding).",
     "404": "Unknown model.",
     "408": "The request body did not arrive within the configured body timeout.",
-    "413": "Request body over the configured cap.",
-    "429": "A per-key limit (concurrency, requests or tokens per minute); see Retry-After.",
-    "502": "The upstream failed before the first token.",
+    "413": "Request body over the configured cap (or the upstream's, passed on).",
+    "415": "The Content-Type header is not application/json.",
+    "422": "The upstream refused the request's content (passed on).",
+    "429": "A per-key limit (concurrency, requests or tokens per minute), or the upstream's"
+           " rate limit; see Retry-After.",
+    "431": "The request line and headers are over 64 KiB together.",
+    "502": "The upstream failed before the first token (any upstream status not passed on,"
+           " a redirect, a broken connection).",
+    "503": "The upstream is overloaded (see Retry-After), or the gateway is shutting down.",
     "504": "The upstream timed out before the first token.",
 }
+#: What a POST to a model endpoint may answer besides its success.
+_POST_ERRORS = ("400", "401", "403", "404", "408", "413", "415", "422", "429", "431", "502",
+                "503", "504")
 
 
 def _error_responses(*codes: str) -> dict[str, Any]:
@@ -314,7 +325,7 @@ def openapi_document(*, auth: bool = True) -> dict[str, Any]:
                     "text/event-stream": {"schema": _RESPONSE_EVENT},
                 },
             },
-            **_error_responses("400", "401", "404", "408", "413", "429", "502", "504"),
+            **_error_responses(*_POST_ERRORS),
         },
     }
     chat_completions = {
@@ -329,7 +340,7 @@ def openapi_document(*, auth: bool = True) -> dict[str, Any]:
                     "text/event-stream": {"schema": _CHUNK_EVENT},
                 },
             },
-            **_error_responses("400", "401", "404", "408", "413", "429", "502", "504"),
+            **_error_responses(*_POST_ERRORS),
         },
     }
     paths: dict[str, Any] = {
@@ -348,7 +359,7 @@ def openapi_document(*, auth: bool = True) -> dict[str, Any]:
             "responses": {
                 "200": {"description": "The answer as server-sent events.",
                         "content": {"text/event-stream": {"schema": _CHAT_EVENT}}},
-                **_error_responses("400", "401", "404", "408", "413", "429", "502", "504"),
+                **_error_responses(*_POST_ERRORS),
             },
         }},
         "/v1/models": {"get": {

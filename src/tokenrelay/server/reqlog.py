@@ -6,9 +6,17 @@ transaction (WAL, ``synchronous=NORMAL``: no fsync per commit). An ``asyncio.to_
 + insert + commit per request cost the gateway ~900 µs of CPU per request on the
 2026-12-03 bench (9 µs per relayed chunk of a 100-token answer at concurrency 1).
 
-Rows: key id, model, endpoint, status (ok / error / cancelled), HTTP status, usage, time
-to first token, duration, the prompt and answer (``redact = true`` stores neither), error.
-Keys and upstream secrets are never written.
+Rows: key id, model, endpoint, status (ok / error / cancelled / refused), HTTP status,
+usage, time to first token, duration, the prompt and answer (``redact = true`` stores
+neither), error. Keys and upstream secrets are never written. A request refused before it
+reached a model (400, 401, 403, 404, 413, 415, 429, 431, …) is a ``refused`` row with its
+path as the endpoint; a stream its client left before the first frame has HTTP status 499.
+
+What a crash can lose: committed rows survive a killed process (WAL; ``synchronous=NORMAL``
+gives up only the last commits to a power loss), so a ``kill -9`` loses the rows recorded
+in the last ``BATCH_SECONDS`` (0.2 s) and the batch being written, no more. A clean stop
+(SIGTERM: the lifespan's shutdown, ``Gateway.aclose``) writes everything first. The
+database is created ``0600`` and its folder ``0700`` when this creates them.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import queue
 import sqlite3
 import threading
@@ -56,7 +65,12 @@ class RequestLog:
 
     def __init__(self, path: str | Path, *, redact: bool = False) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # Prompts and answers: readable by the gateway's user only. The folder is made
+        # 0700 when this creates it, the file 0600 (SQLite gives its -wal and -shm files
+        # the database file's mode); existing ones keep what their owner chose.
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if not self.path.exists():
+            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))
         self.redact = redact
         self._lock = threading.Lock()
         self._db = sqlite3.connect(self.path, check_same_thread=False, timeout=10)
@@ -95,6 +109,18 @@ class RequestLog:
         self._pending.append(row)
         if self._handover is None:
             self._handover = loop.call_later(self.BATCH_SECONDS, self.hand_over)
+
+    def record_refused(self, scope: Any, status: int, code: str, message: str) -> None:
+        """Log a request refused before it reached a model, once per request (its ASGI
+        ``scope`` is marked): the key if it was known, the path, the status and why."""
+        if scope.get("tokenrelay.logged"):
+            return
+        scope["tokenrelay.logged"] = True
+        self.record(
+            key_id=scope.get("tokenrelay.key", "-"), endpoint=scope.get("path", ""),
+            model="-", status="refused", http_status=status, prompt_tokens=0,
+            completion_tokens=0, usage_estimated=0, time_to_first_token=None, duration=0.0,
+            prompt=None, answer=None, error=f"{code or 'http_' + str(status)}: {message}"[:500])
 
     def hand_over(self) -> None:
         """Give the rows recorded on the loop to the writer now (call on the loop)."""

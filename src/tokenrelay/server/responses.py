@@ -35,7 +35,7 @@ from ..events import Done, ErrorEvent, StreamEvent, TextDelta, ToolCallDelta, Us
 from .app import Gateway, _label
 from .encode import client_message, dumps, tool_call_id
 from .responses_schema import ResponsesRequest
-from .security import GatewayHTTPError
+from .security import GatewayHTTPError, reservation
 
 __all__ = ["ResponsesEncoder", "create_response"]
 
@@ -79,9 +79,12 @@ class ResponsesEncoder:
     ``body(result)`` is the response object of a ``stream: false`` request.
     """
 
-    def __init__(self, request: ResponsesRequest, *, model: str) -> None:
+    def __init__(self, request: ResponsesRequest, *, model: str, route: str | None = None,
+                 ) -> None:
         self.id = "resp_" + uuid.uuid4().hex
         self.model = model
+        #: The upstream route's name, if the model is one (its errors are generic).
+        self.route = route
         self.created_at = int(time.time())
         self._echo = request.echo()
         self._seq = 0
@@ -208,7 +211,7 @@ class ResponsesEncoder:
                     response=self.response(status, usage=usage, incomplete=incomplete))
 
     def _fail(self, frames: list[bytes], event: ErrorEvent) -> None:
-        message = client_message(event.code, event.message)
+        message = client_message(event.code, event.message, self.route)
         self._frame(frames, "error", code=event.code, message=message, param=None)
         for item in self.output:
             if item["status"] == "in_progress":
@@ -256,16 +259,17 @@ async def create_response(gateway: Gateway, request: Any) -> Any:
             core = req.to_core(upstream_model, max_tokens)
         except (ValidationError, ValueError) as exc:
             raise GatewayHTTPError(400, f"invalid input: {exc}", param="input") from exc
-        lease = gateway.limiter.acquire(key, max_tokens or 0)
+        lease = gateway.limiter.acquire(key, reservation(core, key))
     except GatewayHTTPError as exc:
-        return gateway.rejected(exc)
+        return gateway.rejected(exc, request)
 
     stream = gateway.open(core, provider)
-    encoder = ResponsesEncoder(req, model=req.model)
+    encoder = ResponsesEncoder(req, model=req.model, route=gateway.route(req.model))
     if not req.stream:
         return await gateway._complete(stream, request=request, lease=lease, key_id=key.id,
                                        model=req.model, endpoint="responses",
-                                       render=encoder.body)
+                                       render=encoder.body, route=gateway.route(req.model))
 
     return gateway.sse(gateway.relay(stream, encoder.encode, lease=lease, key_id=key.id,
-                                     endpoint="responses", model=_label(req.model)))
+                                     endpoint="responses", model=_label(req.model),
+                                     route=gateway.route(req.model)))

@@ -6,8 +6,13 @@
 * Limits per key: concurrent streams, requests per minute, tokens per minute, a
   ``max_tokens`` clamp. The gateway runs on one event loop and no ``await`` separates a
   check from its update, so each check-and-reserve is atomic under concurrency.
-  Tokens are reserved up front (``max_tokens``) and reconciled with the real usage at the
-  end. For several replicas this state would move to Redis (ARCHITECTURE.md).
+  Tokens are reserved up front and always reconciled with the real usage at the end
+  (finished, failed or cancelled, streamed or not): the reservation is the prompt's
+  estimated tokens plus ``max_tokens`` (after the key's clamp and the configured
+  default), or plus ``UNBOUNDED_RESERVE`` when the request sets no bound at all. So a
+  key's minute exceeds its tokens/min by at most what the requests running when it was
+  reached use beyond their reservation (one request's worth, one at a time).
+  For several replicas this state would move to Redis (ARCHITECTURE.md).
 """
 
 from __future__ import annotations
@@ -19,11 +24,32 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from ..request import Request
 from .config import KeyConfig
 
-__all__ = ["ANONYMOUS", "Authenticator", "GatewayHTTPError", "Lease", "Limiter"]
+__all__ = ["ANONYMOUS", "Authenticator", "GatewayHTTPError", "Lease", "Limiter",
+           "reservation"]
 
 ANONYMOUS = KeyConfig(id="anonymous", sha256="0" * 64)
+#: Completion tokens reserved for a request without ``max_tokens`` (none asked, no key
+#: clamp, no ``max_tokens_default``): reserving 0 let such requests past tokens/min
+#: (issue 9: six 194-token answers through a 300/min key). Settled with the real usage.
+UNBOUNDED_RESERVE = 256
+#: Characters per token of the prompt estimate (English averages ~4 with cl100k).
+_CHARS_PER_TOKEN = 4
+
+
+def reservation(request: Request, key: KeyConfig) -> int:
+    """Tokens to hold for ``request`` until its real usage is known: the prompt's estimate
+    (characters / 4, cheap and never zero) plus its ``max_tokens``, or plus
+    ``UNBOUNDED_RESERVE`` (at most what the key's minute leaves room for) without one."""
+    prompt = sum(len(m.content) for m in request.messages) // _CHARS_PER_TOKEN + 1
+    if request.max_tokens is not None:
+        return prompt + request.max_tokens
+    completion = UNBOUNDED_RESERVE
+    if key.tokens_per_minute is not None:
+        completion = max(1, min(completion, key.tokens_per_minute - prompt))
+    return prompt + completion
 
 
 class GatewayHTTPError(Exception):
@@ -170,8 +196,9 @@ class Limiter:
     def _release(self, lease: Lease, used_tokens: int | None) -> None:
         state = self._states[lease.key.id]
         state.active -= 1
-        if used_tokens is not None and lease.reserved and used_tokens != lease.reserved:
-            # Reconcile the reservation with what was really used.
+        if used_tokens is not None and used_tokens != lease.reserved:
+            # Reconcile the reservation with what was really used, always (a reservation
+            # of 0 once skipped this, and with it the whole token limit).
             delta = used_tokens - lease.reserved
             state.tokens.append((self._clock(), delta))
             state.tokens_in_window += delta
