@@ -115,6 +115,14 @@ def test_gateway_requests_are_listed_with_the_cli_and_library_ones() -> None:
     assert [line.split()[3] for line in listing[1:]] == ["lib", "gw", "cli"]
 
 
+def test_refused_gateway_requests_only_on_demand() -> None:
+    _gateway_rows({"model": "m", "prompt": "hi"},
+                  {"model": "-", "prompt": None, "answer": None, "status": "refused",
+                   "http_status": 401})
+    assert [e["finish_reason"] for e in _entries()] == ["ok"]
+    assert [e["finish_reason"] for e in _entries("--refused")] == ["refused", "ok"]
+
+
 def test_the_gateway_log_is_only_read() -> None:
     path = _gateway_rows({"model": "m", "prompt": "hi"})
     before = path.stat().st_mtime_ns

@@ -260,22 +260,26 @@ class LogReader:
             db.close()
 
     def list(self, limit: int = 20, *, query: str | None = None,
-             sources: tuple[str, ...] = ()) -> list[LogEntry]:
+             sources: tuple[str, ...] = (), refused: bool = False) -> list[LogEntry]:
         """The latest ``limit`` entries of both logs, newest first (``sources``: only
-        these of cli, library, gateway)."""
+        these of cli, library, gateway; ``refused``: also the gateway's refusals, 401s
+        and 429s that never reached a model)."""
         entries: list[LogEntry] = []
         if not sources or set(sources) - {"gateway"}:
             local = self.exchanges.list(limit if not sources else limit * 4, query=query)
             entries += [e for e in local if not sources or e.source in sources]
         if not sources or "gateway" in sources:
+            where = "" if refused else "status != 'refused'"
+            args: tuple[Any, ...] = ()
             if query:
                 like = _like(query)
-                entries += self._gateway(
-                    "WHERE prompt LIKE ? ESCAPE '\\' OR answer LIKE ? ESCAPE '\\'"
-                    " OR model LIKE ? ESCAPE '\\' ORDER BY id DESC LIMIT ?",
-                    (like, like, like, limit))
-            else:
-                entries += self._gateway("ORDER BY id DESC LIMIT ?", (limit,))
+                where += (" AND " if where else "") + (
+                    "(prompt LIKE ? ESCAPE '\\' OR answer LIKE ? ESCAPE '\\'"
+                    " OR model LIKE ? ESCAPE '\\')")
+                args = (like, like, like)
+            entries += self._gateway(
+                (f"WHERE {where} " if where else "") + "ORDER BY id DESC LIMIT ?",
+                (*args, limit))
         entries.sort(key=lambda e: e.created_at, reverse=True)
         return entries[:limit]
 

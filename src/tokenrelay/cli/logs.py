@@ -122,13 +122,15 @@ _SOURCES = ("cli", "library", "gateway")
               help="Only exchanges whose prompt, messages, answer or model contain TEXT.")
 @click.option("-s", "--source", "sources", multiple=True, type=click.Choice(_SOURCES),
               help="Only these sources (repeatable).")
+@click.option("--refused", is_flag=True,
+              help="Also the gateway's refused requests (401, 429, ...: no model ran).")
 @click.option("--json", "as_json", is_flag=True, help="As JSON (one object per line).")
 @click.option("--gateway-db", metavar="PATH",
               help="The gateway's request log, when its config moved it [requests.db"
                    " beside the log].")
 @click.pass_context
 def logs(ctx: click.Context, count: int, query: str | None, sources: tuple[str, ...],
-         as_json: bool, gateway_db: str | None) -> None:
+         refused: bool, as_json: bool, gateway_db: str | None) -> None:
     """List the latest exchanges of the CLI, library and gateway, newest first.
 
     `logs show ID` shows one fully (ID as listed: 12, or g12 for the gateway).
@@ -145,7 +147,7 @@ def logs(ctx: click.Context, count: int, query: str | None, sources: tuple[str, 
     if ctx.invoked_subcommand is not None:
         return
     reader = _open(gateway_db)
-    entries = reader.list(count, query=query, sources=sources)
+    entries = reader.list(count, query=query, sources=sources, refused=refused)
     term = Terminal.detect()
     if reader.gateway_error:
         term.note(f"warning: could not read the gateway's log: {reader.gateway_error}",
