@@ -11,7 +11,8 @@ Every fenced ``python`` and ``sh`` block of README.md is found here and run:
 * the Quick start's ``scripts/setup.sh && .venv/bin/tokenrelay ...`` runs from the repo
   root (setup is idempotent: it only checks what is installed);
 * ``scripts/test.sh`` is the one command not run: it runs this very test. Its syntax is
-  checked instead.
+  checked instead;
+* the ``toml`` blocks (gateway config snippets) load into the gateway's config model.
 
 A block the test does not recognise fails the test: a new example must be run here too.
 """
@@ -96,13 +97,24 @@ def _python_blocks(gateway: bool) -> list[str]:
 
 def test_every_block_is_accounted_for() -> None:
     assert {m.group(1) for m in re.finditer(r"^```(\w*)$", README.read_text(), re.MULTILINE)
-            if m.group(1)} <= {"python", "sh"}
+            if m.group(1)} <= {"python", "sh", "toml"}
     sh = blocks("sh")
     kinds = [_sh_kind(b) for b in sh]
     assert kinds.count("quick start") == 1 and kinds.count("tests") == 1
     assert kinds.count("cli") == 1 and kinds.count("gateway") == 1, kinds
     assert len(_python_blocks(gateway=True)) == 2
     assert len(_python_blocks(gateway=False)) == 2
+
+
+def test_config_blocks_load_into_the_gateway_config() -> None:
+    import tomllib
+
+    from tokenrelay.server.config import ServerConfig
+
+    toml_blocks = blocks("toml")
+    assert toml_blocks
+    for block in toml_blocks:
+        ServerConfig.model_validate(tomllib.loads(block))  # unknown keys are refused
 
 
 def _sh_kind(block: str) -> str:
