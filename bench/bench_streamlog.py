@@ -126,6 +126,7 @@ async def append_read(store: StreamLog, streams: int, frames: int, *, read: bool
         while not r.ended:
             batch = await r.read()
             received += len(batch.frames)
+        await r.aclose()
 
     gc.collect()
     t0 = CLOCK()
@@ -153,6 +154,7 @@ async def resume_latency(store: StreamLog, trials: int, frames: int = 500) -> li
         batch = await reader.read()
         out.append((time.perf_counter() - t0) * 1000)
         assert batch.first_seq == after + 1 and batch.frames
+        await reader.aclose()
     return out
 
 

@@ -404,7 +404,8 @@ def test_responses_assistant_text_and_a_call_make_one_message(
     ({"input": [{"type": "reasoning", "summary": []}]}, "input", "not supported"),
     ({"tools": [{"type": "web_search"}]}, "tools", "function tools only"),
     ({"tool_choice": {"type": "function", "name": "nope"}}, "tool_choice", "not among the tools"),
-    ({"background": True}, "background", "Extra inputs"),
+    ({"background": True}, "background", "stores no responses"),
+    ({"reasoning_effort": "low"}, "reasoning_effort", "Unrecognized request argument"),
     ({"input": []}, "input", "at least 1"),
 ])
 def test_responses_bad_requests_are_400_naming_the_field(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import gc
 import time
 from collections.abc import AsyncIterator
 
@@ -107,6 +106,8 @@ async def test_finish_needs_a_final_frame_and_a_final_status(store: StreamLog) -
         await p.finish("completed", [])
     with pytest.raises(ValueError):
         await p.finish("in_progress", [frame(0)])  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        await p.append([frame(0)], status="completed")  # type: ignore[arg-type]
     await p.finish("incomplete", [frame(0)])
 
 
@@ -305,8 +306,8 @@ async def test_a_dropped_producer_is_lost_within_two_seconds(store: StreamLog) -
     info = await store.info(stream_id, owner="k")
     assert info is not None and info.producer_alive
     # The task running it died without finishing or releasing (as a killed process would).
-    del p
-    gc.collect()
+    del p  # freed by reference counting, as a dead task's objects are (no gc.collect():
+    #        it would report other tests' leaked sockets here)
     t0 = time.monotonic()
     with pytest.raises(ProducerLost) as caught:
         await asyncio.wait_for(reader.read(), 5)
@@ -378,6 +379,42 @@ async def test_refresh_reports_the_lease(store: StreamLog) -> None:
     assert await p.refresh()
     await p.release()
     assert not await p.refresh()
+
+
+# -- readers, as the producer sees them --------------------------------------------------
+
+
+async def wait_until(check, timeout: float) -> float:  # type: ignore[no-untyped-def]
+    t0 = time.monotonic()
+    while not check():
+        assert time.monotonic() - t0 < timeout, "not within the time"
+        await asyncio.sleep(0.02)
+    return time.monotonic() - t0
+
+
+async def test_the_producer_knows_whether_anyone_reads(store: StreamLog) -> None:
+    p = await store.create(owner="k", endpoint="chat")
+    assert p.readers == 0 and p.readers_seen_at is None
+    first = await store.reader(p.stream_id, owner="k")
+    async with await store.reader(p.stream_id, owner="k"):
+        await wait_until(lambda: p.readers == 2, 1.5)  # a lease refresh at most
+        await first.aclose()
+        await first.aclose()  # idempotent
+        await wait_until(lambda: p.readers == 1, 1.5)
+    await wait_until(lambda: p.readers == 0, 1.5)
+    seen = p.readers_seen_at
+    assert seen is not None and time.monotonic() - seen < 2.0
+    # A reader dropped without aclose() (its task died) stops counting too.
+    reader = await store.reader(p.stream_id, owner="k")
+    await wait_until(lambda: p.readers == 1, 1.5)
+    del reader
+    await wait_until(lambda: p.readers == 0, 3.0)
+    # Refused readers never count.
+    with pytest.raises(StreamNotFound):
+        await store.reader(p.stream_id, owner="mallory")
+    await p.finish("completed", [frame(0)])
+    with pytest.raises(ValueError):
+        await store.reader(p.stream_id, after=5, owner="k")
 
 
 # -- sizes --------------------------------------------------------------------------------

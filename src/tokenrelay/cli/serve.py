@@ -8,6 +8,9 @@ file or the environment, never from requests.
 from __future__ import annotations
 
 import gc
+import logging
+import logging.handlers
+import queue
 import re
 import sys
 from typing import TYPE_CHECKING, Any
@@ -68,7 +71,7 @@ def server_config(config_file: str | None = None, *, host: str | None = None,
                   port: int | None = None, routes: tuple[str, ...] = (),
                   api_keys: tuple[str, ...] = (), heartbeat: float | None = None,
                   log_enabled: bool | None = None,
-                  cors_origins: tuple[str, ...] = ()) -> ServerConfig:
+                  cors_origins: tuple[str, ...] = (), quiet: bool = False) -> ServerConfig:
     """The gateway configuration of ``tokenrelay serve``: the file, then the options.
 
     API keys are hashed here; the result holds only their SHA-256.
@@ -86,7 +89,77 @@ def server_config(config_file: str | None = None, *, host: str | None = None,
         config = load_config(config_file, **overrides, models=extra_models, keys=keys)
     if log_enabled is not None:
         config.log.enabled = log_enabled
+    if quiet:
+        config.access_log = False
     return config
+
+
+def banner(config: ServerConfig, gateway: Any, base: str) -> list[str]:
+    """What ``serve`` prints when it starts: where to point a browser and a client, what
+    it serves, where requests are logged, who may use it."""
+    from urllib.parse import urlsplit
+
+    models = []
+    for name, (provider, upstream) in gateway.models.items():
+        route = gateway.route_of.get(name)
+        if route is not None:
+            models.append(f"{name} → {urlsplit(route.base_url).netloc}"
+                          + (f" as {upstream}" if upstream != name else ""))
+        else:
+            kind = {"local": "embedded", "mock": "scripted"}.get(provider.name, provider.name)
+            models.append(f"{name} ({kind})")
+    lines = [
+        f"tokenrelay: serving on {base}",
+        f"  chat page:   {base}/",
+        f"  OpenAI API:  {base}/v1  (described at /openapi.json)",
+        "  models:      " + (", ".join(models) or "none"),
+    ]
+    if gateway.reqlog is not None:
+        lines.append(f"  request log: {gateway.reqlog.path}"
+                     + ("  (prompts and answers redacted)" if config.log.redact else ""))
+    else:
+        lines.append("  request log: off")
+    lines.append("  access log:  " + ("this console, a line per request (--quiet: off)"
+                                      if config.access_log else "off"))
+    if config.keys:
+        lines.append(f"  API keys:    {len(config.keys)}; clients send"
+                     " Authorization: Bearer <key>")
+    else:
+        lines.append("  API keys:    none: listening on loopback only, without authentication")
+    return lines
+
+
+#: Access lines waiting for a console that is not reading, before new ones are dropped.
+_ACCESS_BACKLOG = 10_000
+
+
+class _DroppingQueueHandler(logging.handlers.QueueHandler):
+    """Never blocks: with the backlog full (the console not reading) a line is dropped."""
+
+    dropped = 0
+
+    def enqueue(self, record: logging.LogRecord) -> None:
+        try:
+            self.queue.put_nowait(record)
+        except queue.Full:
+            self.dropped += 1
+
+
+def _console_access_log() -> logging.handlers.QueueListener:
+    """The access lines (``tokenrelay.access``) to stderr, with a timestamp, written by a
+    thread: a console that stops reading (a paused terminal, a full pipe) must not stall
+    the event loop, and every stream on it, in a ``write()``. Stop the listener to flush."""
+    from ..server.access import ACCESS_LOGGER
+
+    lines: queue.Queue[logging.LogRecord] = queue.Queue(maxsize=_ACCESS_BACKLOG)
+    console = logging.StreamHandler(sys.stderr)
+    console.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+    listener = logging.handlers.QueueListener(lines, console)
+    listener.start()
+    ACCESS_LOGGER.handlers[:] = [_DroppingQueueHandler(lines)]
+    ACCESS_LOGGER.setLevel(logging.INFO)
+    ACCESS_LOGGER.propagate = False
+    return listener
 
 
 @click.command()
@@ -95,7 +168,8 @@ def server_config(config_file: str | None = None, *, host: str | None = None,
 @click.option("--port", type=click.IntRange(0, 65535), default=None,
               help="Port to listen on (0: any free port).  [default: 8000]")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
-              help="TOML config: models, keys, limits, log (see tokenrelay.server.config).")
+              help="TOML config: models, keys, limits, log. Every setting, commented:"
+                   " examples/gateway.toml in the source tree.")
 @click.option("--route", "routes", multiple=True, metavar="NAME=BASE_URL",
               help="Serve model NAME from an OpenAI-compatible BASE_URL (repeatable); its key"
                    " is read from TOKENRELAY_<NAME>_API_KEY.")
@@ -109,9 +183,11 @@ def server_config(config_file: str | None = None, *, host: str | None = None,
               help="Record requests to SQLite.  [default: on]")
 @click.option("--cors-origin", "cors_origins", multiple=True, metavar="ORIGIN",
               help="Allow browser pages from ORIGIN (repeatable; replaces the config's list).")
+@click.option("--quiet", "-q", is_flag=True,
+              help="No access line per request on the console (warnings still show).")
 def serve(host: str | None, port: int | None, config_file: str | None,
           routes: tuple[str, ...], api_keys: tuple[str, ...], heartbeat: float | None,
-          log_enabled: bool | None, cors_origins: tuple[str, ...]) -> None:
+          log_enabled: bool | None, cors_origins: tuple[str, ...], quiet: bool) -> None:
     """Run the OpenAI-compatible SSE gateway.
 
     \b
@@ -119,7 +195,8 @@ def serve(host: str | None, port: int | None, config_file: str | None,
     tokenrelay serve --route qwen=http://gpu:8000/v1   add an upstream model
     tokenrelay serve --host 0.0.0.0 --config gw.toml   exposed: the config must have [[keys]]
 
-    Without API keys it refuses to listen beyond loopback.
+    Without API keys it refuses to listen beyond loopback. Every config setting, with
+    a comment: examples/gateway.toml (in the source tree and the README).
     """
     try:
         from ..server.app import create_app
@@ -129,26 +206,25 @@ def serve(host: str | None, port: int | None, config_file: str | None,
 
     config = server_config(config_file, host=host, port=port, routes=routes,
                            api_keys=api_keys, heartbeat=heartbeat, log_enabled=log_enabled,
-                           cors_origins=cors_origins)
+                           cors_origins=cors_origins, quiet=quiet)
     config.check_exposure()
 
     app = create_app(config)  # a bad route fails here, before binding
     sock = bind(config)
     server = build_server(config, app)
-    models = ", ".join(app.state.gateway.models)
-    click.echo(f"tokenrelay: serving on {url(sock)}  (models: {models})", err=True)
-    if config.keys:
-        click.echo(f"tokenrelay: {len(config.keys)} API key(s); clients send"
-                   " Authorization: Bearer <key>", err=True)
-    else:
-        click.echo("tokenrelay: no API keys: listening on loopback only, without"
-                   " authentication", err=True)
+    for line in banner(config, app.state.gateway, url(sock)):
+        click.echo(line, err=True)
+    listener = _console_access_log() if config.access_log else None
     # Everything imported and built so far lives as long as the process: move it out of
     # the collector's reach, so a full collection under load walks only what requests
     # made (measured: a 34 ms gen-2 pause at 256 streams otherwise, 15 ms at idle).
     gc.collect()
     gc.freeze()
-    server.run(sockets=[sock])
+    try:
+        server.run(sockets=[sock])
+    finally:
+        if listener is not None:
+            listener.stop()  # the last lines out
     if not server.started:  # the app's startup failed; uvicorn logged why
         sys.exit(1)
 

@@ -12,12 +12,14 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, MutableMapping
 from importlib import resources
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ValidationError
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request as HTTPRequest
@@ -30,7 +32,8 @@ from ..errors import TokenrelayError, UsageError
 from ..events import ErrorEvent, StreamEvent
 from ..providers.base import Provider
 from ..request import Message, Request, RetryPolicy, Timeouts
-from .config import KeyConfig, ServerConfig
+from .access import AccessLog, log_access
+from .config import KeyConfig, ModelRoute, ServerConfig
 from .encode import (
     SERVER_SHUTDOWN,
     SHUTDOWN_MESSAGE,
@@ -47,7 +50,7 @@ from .metrics import CONTENT_TYPE_LATEST, GatewayMetrics
 from .openapi import openapi_document
 from .reqlog import RequestLog
 from .schema import ChatCompletionRequest, SimpleChatRequest
-from .security import Authenticator, GatewayHTTPError, Lease, Limiter, reservation
+from .security import ANONYMOUS, Authenticator, GatewayHTTPError, Lease, Limiter, reservation
 from .shutdown import Drain, is_shutdown
 from .sse import EarlyResponse, SSEResponse
 
@@ -128,6 +131,10 @@ def _error_response(exc: GatewayHTTPError) -> JSONResponse:
 def _validation_error(exc: ValidationError) -> GatewayHTTPError:
     err = exc.errors()[0]
     field = ".".join(str(p) for p in err["loc"]) or "body"
+    if err["type"] == "extra_forbidden":
+        # OpenAI's own wording for a parameter it does not know.
+        return GatewayHTTPError(400, f"Unrecognized request argument supplied: {field}",
+                                param=field, code="unknown_parameter")
     return GatewayHTTPError(400, f"invalid {field}: {err['msg']}", param=field,
                             code="invalid_value")
 
@@ -143,6 +150,11 @@ class Gateway:
         self.timeouts = Timeouts()
         self.retry = RetryPolicy()
         self.models: dict[str, tuple[Provider, str]] = {}
+        #: The configured upstream route of each routed model name.
+        self.route_of: dict[str, ModelRoute] = {}
+        #: OpenAI parameters already warned about as ignored (one line each, not one
+        #: per request).
+        self._warned: set[str] = set()
         # The scripted mock lets callers choose stalls and delays: by default only on a
         # loopback-only gateway.
         self.serve_mock = (config.loopback_only if config.serve_mock is None
@@ -161,6 +173,7 @@ class Gateway:
                             max_connections=route.max_connections)
             self._routes.append(provider)
             self.models[route.name] = (provider, route.upstream_model or route.name)
+            self.route_of[route.name] = route
         self._route_names = frozenset(route.name for route in config.models)
         if self._routes:
             # Load the token estimator's encoding now (cl100k_base: 0.26 s, ~40 MiB): an
@@ -249,12 +262,33 @@ class Gateway:
     def log_refused(self, scope: Any, status: int, code: str, message: str) -> None:
         """Count and log a request refused before it reached a model (once per request:
         the guard, the body cap, the header cap, an endpoint, Starlette's 404/405)."""
+        log_access(scope, status, duration=0.0)  # the console's line (once, too)
         if scope.get("tokenrelay.logged"):
             return
         self.metrics.errors.labels(code or "http_" + str(status)).inc()
         if self.reqlog is not None:
             self.reqlog.record_refused(scope, status, code, message)
         scope["tokenrelay.logged"] = True
+
+    def unused_parameters(self, model: str, params: dict[str, Any], *,
+                          api: str = "chat_completions") -> dict[str, Any]:
+        """What to do with OpenAI parameters the gateway itself does not act on
+        (``reasoning_effort``, ``store``, ``user``, ...): the ``extra`` to pass to an
+        OpenAI-compatible upstream speaking the same ``api``, or ``{}`` and one warning
+        line per parameter (per gateway, not per request) for a model that cannot use
+        them."""
+        if not params:
+            return {}
+        route = self.route_of.get(model)
+        if route is not None and route.api == api:
+            return params
+        new = sorted(set(params) - self._warned)
+        if new:
+            self._warned.update(new)
+            log.warning("ignoring OpenAI parameter%s %s: model %r does not use %s"
+                        " (warned once)", "s" if len(new) > 1 else "", ", ".join(new),
+                        _label(model), "them" if len(new) > 1 else "it")
+        return {}
 
     def sse(self, frames: AsyncIterator[bytes]) -> SSEResponse:
         """An event stream of ``frames`` with this gateway's heartbeat and send timeout."""
@@ -267,13 +301,21 @@ class Gateway:
                            raise_errors=False)
 
     def finish(self, *, stream: AsyncStream, lease: Lease, key_id: str, endpoint: str,
-               model: str, started: float, http_status: int, shutdown: bool = False) -> None:
-        """Release limits, count metrics and log one finished (or cancelled) request."""
+               model: str, started: float, http_status: int, shutdown: bool = False,
+               scope: MutableMapping[str, Any] | None = None) -> None:
+        """Release limits, count metrics and log one finished (or cancelled) request
+        (``scope``: the HTTP request's, for its console access line)."""
         result = stream.result
         lease.release(result.usage.total_tokens)
         status = {"cancelled": "cancelled", "error": "error"}.get(result.finish_reason, "ok")
         if shutdown:
             status = "error"
+        if scope is not None:
+            log_access(scope, http_status, duration=time.monotonic() - started, model=model,
+                       key=None if key_id == ANONYMOUS.id else key_id,
+                       outcome=status, ttft=result.metrics.time_to_first_token,
+                       prompt_tokens=result.usage.prompt_tokens,
+                       completion_tokens=result.usage.completion_tokens)
         m = self.metrics
         m.requests.labels(endpoint, model, status).inc()
         if result.metrics.time_to_first_token is not None:
@@ -317,7 +359,8 @@ class Gateway:
 
     async def relay(self, stream: AsyncStream, encode: Callable[[StreamEvent], bytes], *,
                     lease: Lease, key_id: str, endpoint: str, model: str,
-                    route: str | None = None) -> AsyncIterator[bytes]:
+                    route: str | None = None,
+                    scope: MutableMapping[str, Any] | None = None) -> AsyncIterator[bytes]:
         """The frames of one stream (``encode`` turns an event into its frames, or ``b""``);
         bookkeeping in ``finally`` (end, error or disconnect).
 
@@ -377,7 +420,7 @@ class Gateway:
             await stream.aclose()
             self.finish(stream=stream, lease=lease, key_id=key_id, endpoint=endpoint,
                         model=model, started=started, http_status=http_status,
-                        shutdown=shutdown)
+                        shutdown=shutdown, scope=scope)
 
     # -- endpoints -------------------------------------------------------------------
 
@@ -393,7 +436,8 @@ class Gateway:
                     model=upstream_model, temperature=chat.temperature, max_tokens=max_tokens,
                     top_p=chat.top_p, stop=chat.stop, seed=chat.seed,  # type: ignore[arg-type]
                     response_format=chat.core_response_format(), tools=chat.core_tools(),
-                    tool_choice=chat.core_tool_choice())
+                    tool_choice=chat.core_tool_choice(),
+                    extra=self.unused_parameters(chat.model, chat.unused_parameters()))
             except (ValidationError, ValueError) as exc:
                 raise GatewayHTTPError(400, f"invalid messages: {exc}", param="messages") from exc
             lease = self.limiter.acquire(key, reservation(core, key))
@@ -409,7 +453,7 @@ class Gateway:
             route=self.route(chat.model))
         return self.sse(self.relay(stream, encoder.encode, lease=lease, key_id=key.id,
                                    endpoint="chat.completions", model=_label(chat.model),
-                                   route=self.route(chat.model)))
+                                   route=self.route(chat.model), scope=request.scope))
 
     async def _complete(self, stream: AsyncStream, *, request: HTTPRequest, lease: Lease,
                         key_id: str, model: str, endpoint: str = "chat.completions",
@@ -457,7 +501,7 @@ class Gateway:
             await stream.aclose()
             self.finish(stream=stream, lease=lease, key_id=key_id, endpoint=endpoint,
                         model=label, started=started, http_status=http_status,
-                        shutdown=shutdown)
+                        shutdown=shutdown, scope=request.scope)
 
     async def simple_chat(self, request: HTTPRequest) -> Any:
         try:
@@ -489,7 +533,22 @@ class Gateway:
         route = self.route(model)
         return self.sse(self.relay(stream, SimpleEncoder(route).encode, lease=lease,
                                    key_id=key.id, endpoint="chat", model=_label(model),
-                                   route=route))
+                                   route=route, scope=request.scope))
+
+    def model_object(self, name: str, created: int) -> dict[str, Any]:
+        """The OpenAI model object of a served name; a routed model's ``owned_by`` is its
+        route (the upstream host and model; never the key or the URL's path)."""
+        route = self.route_of.get(name)
+        if route is None:
+            provider = self.models[name][0] if name in self.models else resolve(name)[0]
+            owner = {"local": "tokenrelay (embedded)", "mock": "tokenrelay (mock)"}.get(
+                provider.name, provider.name)
+            return {"id": name, "object": "model", "created": created, "owned_by": owner}
+        upstream = route.upstream_model or route.name
+        return {"id": name, "object": "model", "created": created,
+                "owned_by": f"{urlsplit(route.base_url).netloc} ({upstream})",
+                "route": {"upstream_model": upstream,
+                          "host": urlsplit(route.base_url).netloc, "api": route.api}}
 
     async def list_models(self, request: HTTPRequest) -> Response:
         try:
@@ -497,9 +556,18 @@ class Gateway:
         except GatewayHTTPError as exc:
             return _error_response(exc)
         created = int(time.time())
-        data = [{"id": name, "object": "model", "created": created,
-                 "owned_by": provider.name} for name, (provider, _) in self.models.items()]
+        data = [self.model_object(name, created) for name in self.models]
         return JSONResponse({"object": "list", "data": data})
+
+    async def retrieve_model(self, request: HTTPRequest) -> Response:
+        """``GET /v1/models/{id}`` (``client.models.retrieve``)."""
+        name = request.path_params["model"]
+        try:
+            self.auth.check(request.headers)  # type: ignore[arg-type]
+            self.lookup(name)  # 404 for a name not served; a scripted mock:... is served
+        except GatewayHTTPError as exc:
+            return _error_response(exc)
+        return JSONResponse(self.model_object(name, int(time.time())))
 
     async def healthz(self, request: HTTPRequest) -> Response:
         # Unauthenticated (for load balancers): no model names here, /v1/models has them.
@@ -608,10 +676,40 @@ class GatewayApp(Starlette):
 
 def _endpoint_app(endpoint: Callable[[HTTPRequest], Any]) -> Callable[..., Any]:
     async def app(scope: Any, receive: Any, send: Any) -> None:
-        response = await endpoint(HTTPRequest(scope, receive, send))
-        await response(scope, receive, send)
+        try:
+            response = await endpoint(HTTPRequest(scope, receive, send))
+            await response(scope, receive, send)
+        except Exception:
+            log_access(scope, 500, duration=0.0)  # uvicorn answers 500 and logs why
+            raise
 
     return app
+
+
+#: The OpenAI error ``type`` and ``code`` of Starlette's own HTTP errors.
+_HTTP_ERRORS = {404: ("invalid_request_error", "not_found"),
+                405: ("invalid_request_error", "method_not_allowed")}
+
+
+async def _http_error(request: HTTPRequest, exc: Exception) -> Response:
+    """Starlette's 404 / 405 (and any other ``HTTPException``) as OpenAI error JSON, as
+    OpenAI answers them: SDKs parse ``error.message`` out of every error body."""
+    assert isinstance(exc, HTTPException)
+    kind, code = _HTTP_ERRORS.get(exc.status_code, ("invalid_request_error",
+                                                    f"http_{exc.status_code}"))
+    method, path = request.method, request.url.path
+    if exc.status_code == 404:
+        message = (f"Invalid URL ({method} {path}): no such endpoint here;"
+                   " see GET /openapi.json")
+    elif exc.status_code == 405:
+        allowed = (exc.headers or {}).get("Allow", "")
+        message = f"{method} is not allowed on {path}" + (f"; use {allowed}" if allowed else "")
+    else:
+        message = str(exc.detail)
+    if exc.status_code in (204, 304):
+        return Response(status_code=exc.status_code, headers=exc.headers)
+    return JSONResponse(error_body(message, type=kind, code=code),
+                        status_code=exc.status_code, headers=exc.headers)
 
 
 def create_app(config: ServerConfig | None = None) -> Starlette:
@@ -634,13 +732,17 @@ def create_app(config: ServerConfig | None = None) -> Starlette:
         Route("/v1/responses", responses, methods=["POST"]),
         Route("/responses", responses, methods=["POST"]),
         Route("/v1/models", gateway.list_models, methods=["GET"]),
+        Route("/v1/models/{model:path}", gateway.retrieve_model, methods=["GET"]),
         Route("/chat", gateway.simple_chat, methods=["POST"]),
         Route("/healthz", gateway.healthz, methods=["GET"]),
         Route("/metrics", gateway.metrics_endpoint, methods=["GET"]),
         Route("/openapi.json", openapi_json, methods=["GET"]),
         Route("/", gateway.index, methods=["GET"]),
     ]
-    middleware = [Middleware(BodyLimit, max_bytes=config.max_body_bytes,
+    streaming = frozenset({"/v1/chat/completions", "/chat/completions", "/v1/responses",
+                           "/responses", "/chat"})
+    middleware = [Middleware(AccessLog, streams=streaming),
+                  Middleware(BodyLimit, max_bytes=config.max_body_bytes,
                              on_refused=gateway.log_refused)]
     if config.cors_origins:
         middleware.append(Middleware(
@@ -663,11 +765,10 @@ def create_app(config: ServerConfig | None = None) -> Starlette:
                   "/chat": gateway.simple_chat}
     guard = RequestGuard(check_host=not config.keys or bool(config.allowed_hosts),
                          allowed_hosts=config.allowed_hosts)
-    streaming = frozenset({"/v1/chat/completions", "/chat/completions", "/v1/responses",
-                           "/responses", "/chat"})
     app = GatewayApp(direct=direct, max_body_bytes=config.max_body_bytes, gateway=gateway,
                      guard=guard, logged_paths=streaming, routes=routes,
-                     middleware=middleware, lifespan=lifespan)
+                     middleware=middleware, lifespan=lifespan,
+                     exception_handlers={HTTPException: _http_error})
     app.state.gateway = gateway
     return app
 

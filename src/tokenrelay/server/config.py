@@ -199,6 +199,8 @@ class ServerConfig(BaseModel):
     serve_local: bool = True
     #: None: serve the mock only when listening on loopback.
     serve_mock: bool | None = None
+    #: One line per request on the console (``tokenrelay serve``; ``--quiet``: off).
+    access_log: bool = True
 
     @model_validator(mode="after")
     def _check(self) -> ServerConfig:

@@ -126,17 +126,24 @@ _CHUNK = {
     },
 }
 
+_MODEL = {
+    "type": "object",
+    "required": ["id", "object", "owned_by"],
+    "properties": {
+        "id": {"type": "string"}, "object": {"const": "model"},
+        "created": {"type": "integer"}, "owned_by": {"type": "string"},
+        "route": {"type": "object", "description": "A routed model's upstream.",
+                  "properties": {"upstream_model": {"type": "string"},
+                                 "host": {"type": "string"}, "api": {"type": "string"}}},
+    },
+}
+
 _MODELS = {
     "type": "object",
     "required": ["object", "data"],
     "properties": {
         "object": {"const": "list"},
-        "data": {"type": "array", "items": {
-            "type": "object",
-            "required": ["id", "object", "owned_by"],
-            "properties": {"id": {"type": "string"}, "object": {"const": "model"},
-                           "created": {"type": "integer"}, "owned_by": {"type": "string"}},
-        }},
+        "data": {"type": "array", "items": _ref("Model")},
     },
 }
 
@@ -308,7 +315,8 @@ def openapi_document(*, auth: bool = True) -> dict[str, Any]:
     schemas: dict[str, Any] = dict(top["$defs"])
     schemas.update(Usage=_USAGE, Error=_ERROR, ErrorObject=_ERROR_OBJECT,
                    ChatCompletion=_COMPLETION,
-                   ChatCompletionChunk=_CHUNK, ModelList=_MODELS, Response=_RESPONSE)
+                   ChatCompletionChunk=_CHUNK, Model=_MODEL, ModelList=_MODELS,
+                   Response=_RESPONSE)
     responses = {
         "summary": "Create a response (OpenAI Responses API)",
         "description": "The same models as chat completions, in the Responses wire format."
@@ -369,6 +377,17 @@ def openapi_document(*, auth: bool = True) -> dict[str, Any]:
                 "200": {"description": "The models.",
                         "content": {"application/json": {"schema": _ref("ModelList")}}},
                 **_error_responses("401"),
+            },
+        }},
+        "/v1/models/{model}": {"get": {
+            "operationId": "retrieveModel",
+            "summary": "One model this gateway serves",
+            "parameters": [{"name": "model", "in": "path", "required": True,
+                            "schema": {"type": "string"}}],
+            "responses": {
+                "200": {"description": "The model.",
+                        "content": {"application/json": {"schema": _ref("Model")}}},
+                **_error_responses("401", "404"),
             },
         }},
         "/healthz": {"get": {

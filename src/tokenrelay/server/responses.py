@@ -256,7 +256,8 @@ async def create_response(gateway: Gateway, request: Any) -> Any:
         max_tokens = gateway.limiter.clamp_max_tokens(
             key, req.max_output_tokens, gateway.config.max_tokens_default)
         try:
-            core = req.to_core(upstream_model, max_tokens)
+            core = req.to_core(upstream_model, max_tokens, extra=gateway.unused_parameters(
+                req.model, req.unused_parameters(), api="responses"))
         except (ValidationError, ValueError) as exc:
             raise GatewayHTTPError(400, f"invalid input: {exc}", param="input") from exc
         lease = gateway.limiter.acquire(key, reservation(core, key))
@@ -272,4 +273,4 @@ async def create_response(gateway: Gateway, request: Any) -> Any:
 
     return gateway.sse(gateway.relay(stream, encoder.encode, lease=lease, key_id=key.id,
                                      endpoint="responses", model=_label(req.model),
-                                     route=gateway.route(req.model)))
+                                     route=gateway.route(req.model), scope=request.scope))

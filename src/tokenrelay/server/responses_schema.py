@@ -183,6 +183,15 @@ class _StreamOptions(BaseModel):
     include_obfuscation: bool | None = None
 
 
+#: Responses parameters OpenAI accepts that the gateway passes on to a Responses upstream
+#: unchanged, or ignores (with one warning) for its other models.
+UNUSED_RESPONSES_PARAMETERS = (
+    "store", "metadata", "user", "parallel_tool_calls", "service_tier", "truncation",
+    "prompt_cache_key", "safety_identifier", "include", "reasoning", "max_tool_calls",
+    "prompt_cache_retention", "prompt_cache_options", "moderation",
+)
+
+
 class ResponsesRequest(BaseModel):
     """``POST /v1/responses``."""
 
@@ -204,7 +213,8 @@ class ResponsesRequest(BaseModel):
     text: _TextConfig | None = None
     stream: bool = False
     stream_options: _StreamOptions | None = None
-    # Accepted for compatibility, no effect here (nothing is stored).
+    # OpenAI parameters the gateway does not act on (UNUSED_RESPONSES_PARAMETERS):
+    # passed to a Responses upstream, else ignored with a warning (nothing is stored).
     store: bool | None = None
     metadata: dict[str, str] | None = Field(None, max_length=16)
     user: str | None = None
@@ -214,7 +224,21 @@ class ResponsesRequest(BaseModel):
     prompt_cache_key: str | None = None
     safety_identifier: str | None = None
     include: list[str] | None = Field(None, max_length=16)
+    reasoning: dict[str, Any] | None = None
+    max_tool_calls: int | None = Field(None, ge=1)
+    prompt_cache_retention: str | None = Field(None, max_length=64)
+    prompt_cache_options: dict[str, Any] | None = None
+    moderation: dict[str, Any] | None = None
     previous_response_id: str | None = None
+    background: bool | None = None
+    # OpenAI parameters whose result this gateway cannot deliver: refused by name.
+    conversation: Any = None
+    prompt: Any = None
+    top_logprobs: int | None = None
+    context_management: Any = None
+    background_options: Any = None
+    image: Any = None
+    access_programs: Any = None
 
     @field_validator("tools", mode="before")
     @classmethod
@@ -226,10 +250,18 @@ class ResponsesRequest(BaseModel):
                                  " (function tools only)")
         return value
 
-    @field_validator("previous_response_id")
+    @field_validator("conversation", "prompt", "top_logprobs", "context_management",
+                     "background_options", "image", "access_programs")
     @classmethod
-    def _nothing_stored(cls, value: str | None) -> str | None:
-        if value is not None:
+    def _nothing_undeliverable(cls, value: Any) -> Any:
+        if value in (None, 0, [], {}):  # what SDKs send by default
+            return value
+        raise ValueError("not supported by this gateway")
+
+    @field_validator("previous_response_id", "background")
+    @classmethod
+    def _nothing_stored(cls, value: str | bool | None) -> str | bool | None:
+        if value is not None and value is not False:
             raise ValueError("not supported: this gateway stores no responses; send the"
                              " whole conversation in input")
         return value
@@ -292,11 +324,18 @@ class ResponsesRequest(BaseModel):
             return {"type": "function", "function": {"name": self.tool_choice.name}}
         return self.tool_choice
 
-    def to_core(self, model: str, max_tokens: int | None) -> Request:
+    def unused_parameters(self) -> dict[str, Any]:
+        """The OpenAI parameters set in this request that the gateway does not act on."""
+        return {name: value for name in UNUSED_RESPONSES_PARAMETERS
+                if (value := getattr(self, name)) is not None}
+
+    def to_core(self, model: str, max_tokens: int | None, *,
+                extra: dict[str, Any] | None = None) -> Request:
         return Request(messages=self.core_messages(), model=model,
                        temperature=self.temperature, max_tokens=max_tokens, top_p=self.top_p,
                        response_format=self.core_response_format(), tools=self.core_tools(),
-                       tool_choice=self.core_tool_choice())
+                       tool_choice=self.core_tool_choice(), extra=extra or {})
+
 
     def echo(self) -> dict[str, Any]:
         """The request's fields a response object repeats."""

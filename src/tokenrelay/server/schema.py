@@ -1,9 +1,12 @@
 """Request bodies of the gateway, validated at the edge (pydantic, unknown fields refused).
 
 The OpenAI wire format: what the official SDK and other OpenAI clients send. Parameters
-that OpenAI accepts but that change nothing here (``user``, ``metadata``, ``store``, ...)
-are accepted and ignored so that unchanged clients work; anything unknown is a 400 that
-names the field.
+that OpenAI accepts but the gateway does not act on (``reasoning_effort``, ``user``,
+``metadata``, ``store``, ...: :data:`UNUSED_CHAT_PARAMETERS`) are passed on to an
+OpenAI-compatible upstream, or ignored with one warning line for a model that cannot use
+them, never refused: clients send them by default. Those whose answer the gateway could
+not deliver (``logprobs``, ``audio``, ``n`` > 1) are a 400 saying so; anything unknown
+is a 400 that names the field.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from ..request import Message, ResponseFormat, ToolSpec
 
 __all__ = [
     "JSON_OBJECT_SCHEMA",
+    "UNUSED_CHAT_PARAMETERS",
     "ChatCompletionRequest",
     "ChatMessageIn",
     "SimpleChatRequest",
@@ -237,15 +241,49 @@ class ChatCompletionRequest(BaseModel):
                                Field(discriminator="type")] | None = None
     tools: list[_ToolIn] | None = Field(None, max_length=128)
     tool_choice: Literal["none", "auto", "required"] | _NamedToolChoice | None = None
-    # Accepted for compatibility, no effect here.
-    user: str | None = None
-    metadata: dict[str, str] | None = None
+    # OpenAI parameters the gateway does not act on (UNUSED_CHAT_PARAMETERS): passed to
+    # an OpenAI-compatible upstream, else ignored with a warning. (openai-python's
+    # ``chat.completions.create``, 2026.)
+    user: str | None = Field(None, max_length=512)
+    metadata: dict[str, str] | None = Field(None, max_length=16)
     store: bool | None = None
-    logprobs: Literal[False] | None = None
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     parallel_tool_calls: bool | None = None
-    service_tier: str | None = None
+    service_tier: str | None = Field(None, max_length=64)
+    reasoning_effort: str | None = Field(None, max_length=64)
+    verbosity: str | None = Field(None, max_length=64)
+    prompt_cache_key: str | None = Field(None, max_length=512)
+    prompt_cache_retention: str | None = Field(None, max_length=64)
+    prompt_cache_options: dict[str, Any] | None = None
+    moderation: dict[str, Any] | None = None
+    safety_identifier: str | None = Field(None, max_length=512)
+    logit_bias: dict[str, float] | None = Field(None, max_length=1024)
+    prediction: dict[str, Any] | None = None
+    web_search_options: dict[str, Any] | None = None
+    modalities: list[Literal["text"]] | None = Field(None, max_length=2)
+    # OpenAI parameters whose result this gateway cannot deliver: refused by name.
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    audio: dict[str, Any] | None = None
+    functions: list[Any] | None = None
+    function_call: Any = None
+
+    @field_validator("logprobs", "top_logprobs", "audio", "functions", "function_call")
+    @classmethod
+    def _nothing_undeliverable(cls, value: Any, info: ValidationInfo) -> Any:
+        # Only a value that asks for something: what SDKs send by default (false, null)
+        # passes.
+        if value in (None, False, 0, [], "none"):
+            return value
+        named = info.field_name or ""
+        hint = " (use tools and tool_choice)" if named.startswith("function") else ""
+        raise ValueError(f"not supported by this gateway{hint}")
+
+    def unused_parameters(self) -> dict[str, Any]:
+        """The OpenAI parameters set in this request that the gateway does not act on."""
+        return {name: value for name in UNUSED_CHAT_PARAMETERS
+                if (value := getattr(self, name)) is not None}
 
     @field_validator("stop")
     @classmethod
@@ -291,6 +329,16 @@ class ChatCompletionRequest(BaseModel):
         if isinstance(self.tool_choice, _NamedToolChoice):
             return {"type": "function", "function": {"name": self.tool_choice.function.name}}
         return self.tool_choice
+
+
+#: Chat Completions parameters that OpenAI accepts and the gateway passes on to an
+#: OpenAI-compatible upstream unchanged, or ignores (with one warning) for its own models.
+UNUSED_CHAT_PARAMETERS = (
+    "user", "metadata", "store", "frequency_penalty", "presence_penalty",
+    "parallel_tool_calls", "service_tier", "reasoning_effort", "verbosity",
+    "prompt_cache_key", "prompt_cache_retention", "prompt_cache_options", "moderation",
+    "safety_identifier", "logit_bias", "prediction", "web_search_options", "modalities",
+)
 
 
 class SimpleChatRequest(BaseModel):

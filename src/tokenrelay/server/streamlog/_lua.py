@@ -7,7 +7,9 @@ Keys of a stream ``ID`` (the ``{ID}`` hash tag keeps them in one Redis Cluster s
 * ``PREFIX{ID}:x`` Redis Stream: frame ``seq`` is entry ``0-(seq+1)``, field ``d`` the
   frame; the final entry also has ``end`` = the final status;
 * ``PREFIX{ID}:l`` the producer lease: the holder token, PX 1.5 s, refreshed every 0.5 s;
-* ``PREFIX{ID}:c`` the cancel flag (a cancel also PUBLISHes the id on ``PREFIXcancel``).
+* ``PREFIX{ID}:c`` the cancel flag (a cancel also PUBLISHes the id on ``PREFIXcancel``);
+* ``PREFIX{ID}:r`` sorted set of the readers attached (any process), scored by when their
+  presence lapses unless renewed (every 0.5 s, like leases).
 
 Every key has a TTL (``retention_s``), renewed while the producer is alive.
 
@@ -82,8 +84,13 @@ redis.call('PEXPIRE', x, ARGV[6])
 return {1, last}
 """
 
-#: KEYS m x l c; ARGV holder lease_ms ttl_ms → {alive 0|1, cancel 0|1}
-REFRESH = """
+_NOW = """
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+"""
+
+#: KEYS m x l c r; ARGV holder lease_ms ttl_ms → {alive 0|1, cancel 0|1, readers}
+REFRESH = _NOW + """
 local alive = 0
 if redis.call('GET', KEYS[3]) == ARGV[1] then
   alive = 1
@@ -91,7 +98,20 @@ if redis.call('GET', KEYS[3]) == ARGV[1] then
   redis.call('PEXPIRE', KEYS[1], ARGV[3])
   redis.call('PEXPIRE', KEYS[2], ARGV[3])
 end
-return {alive, redis.call('EXISTS', KEYS[4])}
+redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', now)
+return {alive, redis.call('EXISTS', KEYS[4]), redis.call('ZCARD', KEYS[5])}
+"""
+
+#: KEYS r; ARGV reader lease_ms ttl_ms → 1 (a reader is attached for lease_ms more)
+TOUCH = _NOW + """
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return 1
+"""
+
+#: KEYS r; ARGV reader → removed count
+DETACH = """
+return redis.call('ZREM', KEYS[1], ARGV[1])
 """
 
 #: KEYS l; ARGV holder → 1 released | 0 not held
@@ -111,6 +131,12 @@ return {v[1], v[2], v[3], v[4], v[5], v[6] or '', v[7] or '', redis.call('PTTL',
 
 #: KEYS m l c → {owner endpoint created status last finished meta lease_pttl cancel} | nil
 INFO = _INFO + _INFO_REPLY
+
+#: KEYS m l c r; ARGV reader lease_ms ttl_ms → like INFO, and the reader is attached
+ATTACH = _INFO + _NOW + """
+redis.call('ZADD', KEYS[4], now + tonumber(ARGV[2]), ARGV[1])
+redis.call('PEXPIRE', KEYS[4], ARGV[3])
+""" + _INFO_REPLY
 
 #: KEYS m l c; ARGV ttl_ms channel id → like INFO; sets the flag and publishes when live
 CANCEL = _FINAL + _INFO + """

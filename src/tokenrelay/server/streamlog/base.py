@@ -212,6 +212,9 @@ class Producer(ABC):
 
     ``signal`` is set when the producer should stop: a cancel was requested (from any
     process, :attr:`cancel_requested`) or the lease is gone (:attr:`lease_lost`).
+
+    :attr:`readers` and :attr:`readers_seen_at` tell whether anyone reads the stream, in
+    any process (a resume grace period ends when nobody has for that long).
     """
 
     def __init__(self, info: StreamInfo, holder: str) -> None:
@@ -224,8 +227,21 @@ class Producer(ABC):
         self.cancel_requested = info.cancel_requested
         self.lease_lost = False
         self.closed = False
+        self._readers = 0
+        self._readers_seen_at: float | None = None
         if self.cancel_requested:
             self.signal.set()
+
+    @property
+    def readers(self) -> int:
+        """Readers attached to the stream in any process (Redis: as of the last lease
+        refresh, ≤ 0.5 s old; a reader's process that died stops counting within 1.5 s)."""
+        return self._readers
+
+    @property
+    def readers_seen_at(self) -> float | None:
+        """``time.monotonic()`` when a reader was last seen attached (None: never)."""
+        return self._readers_seen_at
 
     def _on_cancel(self) -> None:
         self.cancel_requested = True
@@ -301,8 +317,19 @@ class StreamReader(ABC):
         :class:`StreamLogUnavailable`.
         """
 
+    @abstractmethod
     async def aclose(self) -> None:
-        """Free what the reader holds (nothing for most backends)."""
+        """Detach: the stream's producer stops counting this reader (idempotent)."""
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
+        try:
+            await asyncio.shield(self.aclose())
+        except StreamLogError:
+            pass  # unreachable store: the presence lapses on its own
 
     def __aiter__(self) -> AsyncIterator[Frame]:
         return self._iterate()
@@ -350,7 +377,8 @@ class StreamLog(ABC):
     @abstractmethod
     async def reader(self, stream_id: str, *, after: int = -1,
                      owner: str | None) -> StreamReader:
-        """A reader of the frames after seq ``after`` (-1: from the start).
+        """A reader of the frames after seq ``after`` (-1: from the start), attached to
+        the stream (counted in :attr:`Producer.readers`) until :meth:`StreamReader.aclose`.
 
         ``after`` beyond the last frame waits for it while the stream is live. Raises
         :class:`StreamNotFound`, and :class:`ValueError` when ``after`` < -1 or the stream

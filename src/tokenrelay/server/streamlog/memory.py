@@ -33,6 +33,7 @@ from typing import cast
 
 from .base import (
     FINAL_STATUSES,
+    LIVE_STATUSES,
     FinalStatus,
     FrameBatch,
     LeaseLost,
@@ -78,6 +79,8 @@ class _Stream:
         "nbytes",
         "owner",
         "producer",
+        "readers",
+        "readers_left_at",
         "status",
         "waiter",
     )
@@ -101,6 +104,14 @@ class _Stream:
         #: Resolved (and cleared) by the next change; awaited by every waiting reader.
         self.waiter: asyncio.Future[None] | None = None
         self.dropped = False
+        #: Readers attached now, and when the last one left (time.monotonic()).
+        self.readers = 0
+        self.readers_left_at: float | None = None
+
+    def detach(self) -> None:
+        self.readers -= 1
+        if self.readers == 0:
+            self.readers_left_at = time.monotonic()
 
     def wake(self) -> None:
         fut = self.waiter
@@ -318,6 +329,8 @@ class MemoryProducer(Producer):
 
     def append_nowait(self, frames: Sequence[bytes], *, status: LiveStatus | None = None) -> int:
         """:meth:`append` without a coroutine: for a caller on the hot path."""
+        if status is not None and status not in LIVE_STATUSES:
+            raise ValueError(f"not a live status: {status!r} (finish() ends a stream)")
         s = self._s
         if s.holder != self.holder or s.dropped:
             self._on_lost()
@@ -355,6 +368,14 @@ class MemoryProducer(Producer):
         self.closed = True
         return last
 
+    @property
+    def readers(self) -> int:
+        return self._s.readers
+
+    @property
+    def readers_seen_at(self) -> float | None:
+        return time.monotonic() if self._s.readers else self._s.readers_left_at
+
     async def refresh(self) -> bool:
         alive = self._s.holder == self.holder and not self._s.dropped
         if not alive:
@@ -373,6 +394,12 @@ class MemoryReader(StreamReader):
     def __init__(self, s: _Stream, info: StreamInfo, after: int) -> None:
         super().__init__(info, after)
         self._s = s
+        s.readers += 1
+        # A reader dropped without aclose() detaches too.
+        self._detach = weakref.finalize(self, s.detach)
+
+    async def aclose(self) -> None:
+        self._detach()  # once: a finalizer runs at most once
 
     def read_nowait(self) -> FrameBatch:
         """What follows the cursor now (possibly nothing), without waiting."""

@@ -10,8 +10,9 @@ process, or at its next lease refresh (≤ 0.5 s) if that connection missed it.
 
 Retention: every key has a TTL of ``retention_s``, renewed while the producer is alive
 and set again by the final frame; Redis drops the stream then. Total size is Redis's
-own ``maxmemory`` (use ``maxmemory-policy volatile-ttl``: the keys closest to expiry,
-i.e. the oldest finished streams, go first); ``max_stream_bytes`` caps each stream.
+own ``maxmemory`` (use ``maxmemory-policy volatile-lru``: finished streams nobody reads
+go first, while a live stream's keys are touched every 0.5 s; ``volatile-ttl`` would evict
+the short-lived leases first); ``max_stream_bytes`` caps each stream.
 
 Replies are checked as hostile: types, entry ids (consecutive from the cursor), frame
 sizes (``max_frame_bytes``), at most ``read_count`` entries per read. Anything else is
@@ -23,53 +24,50 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import time
 import weakref
 from collections.abc import Mapping, Sequence
-from typing import Any, NamedTuple, cast
+from typing import Any, cast
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from . import _lua
 from .base import (
     FINAL_STATUSES,
     LEASE_REFRESH_S,
-    LEASE_TTL_S,
     LIVE_STATUSES,
     MAX_ENDPOINT_LEN,
     MAX_META_BYTES,
     MAX_OWNER_LEN,
     FinalStatus,
-    FrameBatch,
-    LeaseLost,
     LiveStatus,
-    Producer,
-    ProducerLost,
     StreamInfo,
     StreamLog,
     StreamLogUnavailable,
     StreamNotFound,
-    StreamReader,
     StreamStatus,
-    StreamTooLarge,
     check_after,
     new_stream_id,
     valid_stream_id,
+)
+from .redis_handles import (
+    LEASE_MS,
+    PendingAppend,
+    RedisProducer,
+    RedisReader,
+    pack,
+    parse_seq,
+    reply_code,
 )
 
 __all__ = ["RedisProducer", "RedisReader", "RedisStreamLog"]
 
 log = logging.getLogger("tokenrelay.streamlog")
 
-_EMPTY: tuple[bytes, ...] = ()
-_LEASE_MS = int(LEASE_TTL_S * 1000)
-
-
-def _raw(response: Any, **options: Any) -> Any:
-    return response
 
 
 class RedisStreamLog(StreamLog):
@@ -102,12 +100,12 @@ class RedisStreamLog(StreamLog):
         self.read_count = read_count
         self.prefix = prefix
         self.channel = f"{prefix}cancel"
-        self._ttl_ms = max(int(retention_s * 1000), _LEASE_MS * 2)
+        # (at least a lease's life: live keys are renewed with the lease)
+        self._ttl_ms = max(int(retention_s * 1000), LEASE_MS)
+        self._command_timeout = block_ms / 1000 + 1.0
         self._where = where
         self._redis = client
         self._reads = read_client or client
-        # Entries are parsed here, strictly, from the raw RESP2 reply.
-        self._reads.set_response_callback("XREAD", _raw)
         self._create = client.register_script(_lua.CREATE)
         self._append = client.register_script(_lua.APPEND)
         self._refresh = client.register_script(_lua.REFRESH)
@@ -116,14 +114,20 @@ class RedisStreamLog(StreamLog):
         self._cancel = client.register_script(_lua.CANCEL)
         self._acquire = client.register_script(_lua.ACQUIRE)
         self._probe = client.register_script(_lua.PROBE)
+        self._touch = client.register_script(_lua.TOUCH)
+        self._detach = client.register_script(_lua.DETACH)
+        self._attach = client.register_script(_lua.ATTACH)
         #: This process's live producers (weak: a dropped producer stops being refreshed).
         self._producers: weakref.WeakValueDictionary[str, RedisProducer] = (
+            weakref.WeakValueDictionary())
+        #: This process's attached readers, by token (weak, likewise).
+        self._readers: weakref.WeakValueDictionary[str, RedisReader] = (
             weakref.WeakValueDictionary())
         self._keeper: asyncio.Task[None] | None = None
         self._listener: asyncio.Task[None] | None = None
         #: Appends waiting for the writer: one pipeline carries all that arrived while
         #: the previous one was in flight (group commit; no added wait when idle).
-        self._queue: list[_Pending] = []
+        self._queue: list[PendingAppend] = []
         self._writer: asyncio.Task[None] | None = None
         self._kick: asyncio.Future[None] | None = None
         self._closed = False
@@ -153,9 +157,9 @@ class RedisStreamLog(StreamLog):
 
     # -- plumbing ------------------------------------------------------------------------
 
-    def _keys(self, stream_id: str) -> tuple[str, str, str, str]:
+    def _keys(self, stream_id: str) -> tuple[str, str, str, str, str]:
         base = f"{self.prefix}{{{stream_id}}}:"
-        return base + "m", base + "x", base + "l", base + "c"
+        return base + "m", base + "x", base + "l", base + "c", base + "r"
 
     def _unavailable(self, exc: BaseException) -> StreamLogUnavailable:
         # Never the URL: it may carry a password.
@@ -163,37 +167,90 @@ class RedisStreamLog(StreamLog):
                                     f" {type(exc).__name__}: {str(exc)[:200]}")
 
     async def _call(self, script: Any, keys: Sequence[str], args: Sequence[Any]) -> Any:
-        try:
-            return await script(keys=keys, args=args)
-        except (RedisError, OSError) as exc:
-            raise self._unavailable(exc) from exc
+        reply = (await self._pipeline([(script, [len(keys), *keys, *args])]))[0]
+        if isinstance(reply, Exception):
+            raise self._unavailable(reply)
+        return reply
+
+    async def _read(self, args: tuple[Any, ...], timeout: float) -> Any:
+        """One command on the readers' pool (an ``XREAD``), raw reply, one retry."""
+        pool = self._reads.connection_pool
+        packed = pack(args)
+        for attempt in (0, 1):
+            try:
+                conn = await pool.get_connection()
+            except (RedisError, OSError) as exc:
+                if attempt:
+                    raise self._unavailable(exc) from exc
+                continue
+            try:
+                async with asyncio.timeout(timeout):
+                    await conn.send_packed_command(packed, check_health=False)
+                    return await conn.read_response(timeout=math.inf)
+            except (RedisError, OSError, TimeoutError) as exc:
+                await conn.disconnect(nowait=True)
+                if attempt or isinstance(exc, ResponseError):
+                    raise self._unavailable(exc) from exc
+            except BaseException:
+                await conn.disconnect(nowait=True)  # cancelled mid-reply: out of step
+                raise
+            finally:
+                await pool.release(conn)
+        raise AssertionError("unreachable")
 
     async def _pipeline(self, calls: Sequence[tuple[Any, Sequence[Any]]]) -> list[Any]:
         """Scripts ``(script, keys + args)`` in one round trip; replies or exceptions.
 
-        EVALSHA straight into the pipeline (redis-py's pipelined scripts cost a SCRIPT
-        EXISTS round trip per execute); after a NOSCRIPT (Redis restarted or flushed) the
-        scripts are loaded and the batch sent again, which every script here allows.
+        The batch is packed by hiredis and sent on one pooled connection, its replies read
+        under one deadline: redis-py's pipeline packs each argument in Python and arms a
+        timer per reply: 27 µs of CPU per append at 64 streams that way, 7 µs this way
+        (bench/bench_streamlog.py; bench/README.md). After a NOSCRIPT (Redis restarted or
+        flushed) the scripts are loaded and the batch sent again, and after a connection
+        error it is sent once more: every script here may run twice.
         """
+        pool = self._redis.connection_pool
         for attempt in (0, 1):
+            packed = b"".join([pack(("EVALSHA", script.sha, *keys_args))
+                               for script, keys_args in calls])
+            replies: list[Any] = []
             try:
-                async with self._redis.pipeline(transaction=False) as pipe:
-                    for script, keys_args in calls:
-                        pipe.execute_command("EVALSHA", script.sha, *keys_args)
-                    replies = await pipe.execute(raise_on_error=False)
-                if attempt == 0 and any(isinstance(r, NoScriptError) for r in replies):
+                conn = await pool.get_connection()
+            except (RedisError, OSError) as exc:
+                if attempt:
+                    raise self._unavailable(exc) from exc
+                continue
+            try:
+                async with asyncio.timeout(self._command_timeout):
+                    await conn.send_packed_command(packed, check_health=False)
+                    for _ in calls:
+                        try:
+                            replies.append(await conn.read_response(timeout=math.inf))
+                        except ResponseError as exc:  # read whole: the connection stays in step
+                            replies.append(exc)
+            except (RedisError, OSError, TimeoutError) as exc:
+                await conn.disconnect(nowait=True)
+                if attempt:
+                    raise self._unavailable(exc) from exc
+                continue
+            except BaseException:
+                await conn.disconnect(nowait=True)  # cancelled mid-reply: out of step
+                raise
+            finally:
+                await pool.release(conn)
+            if attempt == 0 and any(isinstance(r, NoScriptError) for r in replies):
+                try:
                     for script in {id(c[0]): c[0] for c in calls}.values():
                         script.sha = await self._redis.script_load(script.script)
-                    continue
-            except (RedisError, OSError) as exc:
-                raise self._unavailable(exc) from exc
-            return list(replies)
+                except (RedisError, OSError) as exc:
+                    raise self._unavailable(exc) from exc
+                continue
+            return replies
         raise AssertionError("unreachable")
 
     async def _submit(self, producer: RedisProducer, nframes: int, keys_args: list[Any]) -> Any:
         """Queue an append for the writer task and wait for its reply."""
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Pending(producer, nframes, keys_args, fut))
+        self._queue.append(PendingAppend(producer, nframes, keys_args, fut))
         kick = self._kick
         if kick is not None:
             self._kick = None
@@ -222,10 +279,14 @@ class RedisStreamLog(StreamLog):
             return
         try:
             replies = await self._pipeline([(self._append, p.keys_args) for p in batch])
-        except StreamLogUnavailable as exc:
+        except BaseException as exc:
+            # Never leave a producer waiting: the writer stops only when the store closes.
+            error = exc if isinstance(exc, StreamLogUnavailable) else self._unavailable(exc)
             for p in batch:
                 if not p.fut.done():
-                    p.fut.set_exception(exc)
+                    p.fut.set_exception(error)
+            if not isinstance(exc, StreamLogUnavailable):
+                raise
             return
         for p, reply in zip(batch, replies, strict=True):
             if isinstance(reply, Exception):
@@ -259,6 +320,9 @@ class RedisStreamLog(StreamLog):
             status_s = status.decode()
             if status_s not in FINAL_STATUSES and status_s not in LIVE_STATUSES:
                 raise ValueError
+            if not math.isfinite(float(created)) or (finished and not math.isfinite(
+                    float(finished))):
+                raise ValueError
             meta_d = json.loads(meta) if meta else {}
             if not isinstance(meta_d, dict) or not all(
                     isinstance(k, str) and isinstance(v, str) for k, v in meta_d.items()):
@@ -266,7 +330,7 @@ class RedisStreamLog(StreamLog):
             return StreamInfo(
                 id=stream_id, owner=owner.decode(), endpoint=endpoint.decode(),
                 created_at=float(created), status=cast(StreamStatus, status_s),
-                last_seq=_seq(last), finished_at=float(finished) if finished else None,
+                last_seq=parse_seq(last), finished_at=float(finished) if finished else None,
                 cancel_requested=cancel == 1, producer_alive=pttl > 0 or pttl == -1,
                 meta=meta_d)
         except (ValueError, TypeError, AttributeError, UnicodeDecodeError) as exc:
@@ -280,10 +344,10 @@ class RedisStreamLog(StreamLog):
         stream_id = new_stream_id(id_prefix)
         holder = new_stream_id()
         created = time.time()
-        m, _, lease, _ = self._keys(stream_id)
+        m, _, lease, _, _ = self._keys(stream_id)
         meta_json = json.dumps(dict(meta or {}), separators=(",", ":"))
         ok = await self._call(self._create, [m, lease], [
-            holder, owner, endpoint, repr(created), status, meta_json, _LEASE_MS, self._ttl_ms])
+            holder, owner, endpoint, repr(created), status, meta_json, LEASE_MS, self._ttl_ms])
         if ok != 1:
             raise StreamLogUnavailable(f"stream id {stream_id} already exists")
         info = StreamInfo(id=stream_id, owner=owner, endpoint=endpoint, created_at=created,
@@ -292,16 +356,19 @@ class RedisStreamLog(StreamLog):
 
     def _register(self, producer: RedisProducer) -> RedisProducer:
         self._producers[producer.stream_id] = producer
-        if self._keeper is None or self._keeper.done():
-            self._keeper = asyncio.create_task(self._keep(), name="streamlog-lease-keeper")
+        self._start_keeper()
         if self._listener is None or self._listener.done():
             self._listener = asyncio.create_task(self._listen(), name="streamlog-cancels")
         return producer
 
+    def _start_keeper(self) -> None:
+        if self._keeper is None or self._keeper.done():
+            self._keeper = asyncio.create_task(self._keep(), name="streamlog-keeper")
+
     async def info(self, stream_id: str, *, owner: str | None) -> StreamInfo | None:
         if not valid_stream_id(stream_id):
             return None
-        m, _, lease, c = self._keys(stream_id)
+        m, _, lease, c, _ = self._keys(stream_id)
         info = self._parse_info(stream_id, await self._call(self._info, [m, lease, c], []))
         if info is None or (owner is not None and info.owner != owner):
             return None
@@ -309,17 +376,32 @@ class RedisStreamLog(StreamLog):
 
     async def reader(self, stream_id: str, *, after: int = -1,
                      owner: str | None) -> RedisReader:
-        info = await self.info(stream_id, owner=owner)
-        if info is None:
+        if not valid_stream_id(stream_id):
             raise StreamNotFound(stream_id)
-        check_after(after, info)
-        return RedisReader(self, info, after)
+        token = new_stream_id()
+        m, _, lease, c, r = self._keys(stream_id)
+        # The record, and the reader attached, in one round trip.
+        info = self._parse_info(stream_id, await self._call(
+            self._attach, [m, lease, c, r], [token, LEASE_MS, self._ttl_ms]))
+        if info is None or (owner is not None and info.owner != owner):
+            if info is not None:
+                await self._call(self._detach, [r], [token])
+            raise StreamNotFound(stream_id)
+        try:
+            check_after(after, info)
+        except ValueError:
+            await self._call(self._detach, [r], [token])
+            raise
+        reader = RedisReader(self, info, after, token)
+        self._readers[token] = reader
+        self._start_keeper()
+        return reader
 
     async def cancel(self, stream_id: str, *, owner: str | None) -> StreamInfo | None:
         info = await self.info(stream_id, owner=owner)  # the owner check comes first
         if info is None or info.ended:
             return info
-        m, _, lease, c = self._keys(stream_id)
+        m, _, lease, c, _ = self._keys(stream_id)
         reply = await self._call(self._cancel, [m, lease, c],
                                  [self._ttl_ms, self.channel, stream_id])
         return self._parse_info(stream_id, reply)
@@ -328,8 +410,8 @@ class RedisStreamLog(StreamLog):
         if not valid_stream_id(stream_id):
             raise StreamNotFound(stream_id)
         holder = new_stream_id()
-        m, _, lease, c = self._keys(stream_id)
-        reply = await self._call(self._acquire, [m, lease, c], [holder, _LEASE_MS])
+        m, _, lease, c, _ = self._keys(stream_id)
+        reply = await self._call(self._acquire, [m, lease, c], [holder, LEASE_MS])
         info = self._parse_info(stream_id, reply)
         if info is None:
             raise StreamNotFound(stream_id)
@@ -346,17 +428,21 @@ class RedisStreamLog(StreamLog):
         if not valid_stream_id(stream_id):
             return False
         self._check_frames(frames)
-        m, x, lease, _ = self._keys(stream_id)
+        m, x, lease, _, _ = self._keys(stream_id)
         reply = await self._call(self._append, [m, x, lease], [
-            "", last_seq + 1, "", status, repr(time.time()), self._ttl_ms, _LEASE_MS, 0,
+            "", last_seq + 1, "", status, repr(time.time()), self._ttl_ms, LEASE_MS, 0,
             *frames])
-        return _code(reply, self) == 1
+        return reply_code(reply, self) == 1
 
     async def aclose(self) -> None:
         self._closed = True
         tasks = [t for t in (self._keeper, self._listener, self._writer) if t is not None]
         for task in tasks:
             task.cancel()
+        for pending in self._queue:
+            if not pending.fut.done():
+                pending.fut.set_exception(StreamLogUnavailable("the stream log is closed"))
+        self._queue = []
         await asyncio.gather(*tasks, return_exceptions=True)
         await self._redis.aclose(close_connection_pool=True)
         if self._reads is not self._redis:
@@ -365,21 +451,25 @@ class RedisStreamLog(StreamLog):
     # -- background: leases and cancels ----------------------------------------------------
 
     async def _keep(self) -> None:
-        """Refresh every local lease every 0.5 s, in one pipelined round trip."""
+        """Every 0.5 s, in one round trip: renew this process's leases (and learn of
+        cancels and readers) and its readers' presence."""
         while not self._closed and await self._refresh_all():
             pass
 
     async def _refresh_all(self) -> bool:
-        # A function of its own so that no strong reference to a producer outlives the
-        # pass: a producer dropped by its task must stop being refreshed.
+        # A function of its own so that no strong reference to a producer or reader
+        # outlives the pass: one dropped by its task must stop being renewed.
         await asyncio.sleep(LEASE_REFRESH_S)
         producers = list(self._producers.values())
-        if not producers:
+        readers = list(self._readers.values())
+        if not producers and not readers:
             return False
         try:
             replies = await self._pipeline([
-                (self._refresh, [4, *p._keys, p.holder, _LEASE_MS, self._ttl_ms])
-                for p in producers])
+                (self._refresh, [5, *p._keys, p.holder, LEASE_MS, self._ttl_ms])
+                for p in producers] + [
+                (self._touch, [1, r._keys[4], r.token, LEASE_MS, self._ttl_ms])
+                for r in readers])
         except StreamLogUnavailable as exc:
             log.warning("stream log: lease refresh failed: %s", exc)
             return True
@@ -412,227 +502,3 @@ class RedisStreamLog(StreamLog):
                     await pubsub.aclose()
                 except (RedisError, OSError):
                     pass
-
-
-def _seq(value: Any) -> int:
-    seq = int(value)
-    if seq < -1:
-        raise ValueError("negative sequence number")
-    return seq
-
-
-def _code(reply: Any, store: RedisStreamLog) -> int:
-    if (not isinstance(reply, list) or len(reply) != 2
-            or not all(isinstance(v, int) for v in reply)):
-        raise store._bad("append reply")
-    return int(reply[0])
-
-
-class _Pending(NamedTuple):
-    producer: RedisProducer
-    nframes: int
-    keys_args: list[Any]
-    fut: asyncio.Future[Any]
-
-
-class RedisProducer(Producer):
-    """The lease on one stream in Redis (see :class:`~.base.Producer`)."""
-
-    def __init__(self, store: RedisStreamLog, info: StreamInfo, holder: str) -> None:
-        super().__init__(info, holder)
-        self._store = store
-        self._keys = store._keys(info.id)
-
-    async def _write(self, frames: Sequence[bytes], live: str, final: str, cap: int) -> int:
-        if self.closed:
-            self._on_lost()
-            raise LeaseLost(f"stream {self.stream_id} is no longer this producer's")
-        store = self._store
-        store._check_frames(frames)
-        m, x, lease, _ = self._keys
-        code, last = await store._submit(self, len(frames), [
-            3, m, x, lease, self.holder, self.next_seq, live, final, repr(time.time()),
-            store._ttl_ms, _LEASE_MS, cap, *frames])
-        if code == 1:
-            return int(last)
-        if code == -5:
-            raise StreamTooLarge(f"stream {self.stream_id} would exceed max_stream_bytes"
-                                 f" ({store.max_stream_bytes})")
-        reason = {-1: "expired", -2: "already ended", -3: "held by another producer",
-                  -4: "further along than this producer"}.get(code, f"code {code}")
-        raise LeaseLost(f"stream {self.stream_id} is no longer this producer's ({reason})")
-
-    def _applied(self, reply: Any, nframes: int) -> tuple[int, int]:
-        """Apply an append's reply to this producer (even if its caller was cancelled)."""
-        store = self._store
-        code = _code(reply, store)
-        if code == 1:
-            last = int(reply[1])
-            if last != self.next_seq + nframes - 1:
-                raise store._bad("append reply")
-            self.next_seq = last + 1
-        elif code != -5:
-            self._on_lost()
-            self.closed = True
-            store._producers.pop(self.stream_id, None)
-        return code, int(reply[1])
-
-    async def append(self, frames: Sequence[bytes], *, status: LiveStatus | None = None) -> int:
-        if status is not None and status not in LIVE_STATUSES:
-            raise ValueError(f"not a live status: {status!r}")
-        return await self._write(frames, status or "", "", self._store.max_stream_bytes)
-
-    async def finish(self, status: FinalStatus, frames: Sequence[bytes]) -> int:
-        if status not in FINAL_STATUSES:
-            raise ValueError(f"not a final status: {status!r}")
-        if not frames:
-            raise ValueError("finish needs at least one frame: the last one marks the end")
-        last = await self._write(frames, "", status, 0)
-        self.closed = True
-        self._store._producers.pop(self.stream_id, None)
-        return last
-
-    def _refreshed(self, reply: Any) -> bool:
-        if isinstance(reply, list) and len(reply) == 2:
-            alive, cancel = reply
-            if cancel == 1:
-                self._on_cancel()
-            if alive == 0 and not self.closed:
-                self._on_lost()
-                self.closed = True
-                self._store._producers.pop(self.stream_id, None)
-            return alive == 1
-        return not self.lease_lost  # an error reply: try again at the next tick
-
-    async def refresh(self) -> bool:
-        if self.closed:
-            return False
-        store = self._store
-        m, x, lease, c = self._keys
-        return self._refreshed(await store._call(
-            store._refresh, [m, x, lease, c], [self.holder, _LEASE_MS, store._ttl_ms]))
-
-    async def release(self) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        store = self._store
-        store._producers.pop(self.stream_id, None)
-        await store._call(store._release, [self._keys[2]], [self.holder])
-
-
-class RedisReader(StreamReader):
-    """A cursor on one stream in Redis (see :class:`~.base.StreamReader`)."""
-
-    def __init__(self, store: RedisStreamLog, info: StreamInfo, after: int) -> None:
-        super().__init__(info, after)
-        self._store = store
-        self._keys = store._keys(info.id)
-        if info.ended and after >= info.last_seq:
-            self.ended = True
-            self.status = cast(FinalStatus, info.status)
-
-    async def _xread(self, block_ms: int | None) -> FrameBatch:
-        store = self._store
-        key = self._keys[1]
-        first = self.cursor + 1
-        args: list[Any] = ["XREAD", "COUNT", store.read_count]
-        if block_ms is not None:
-            args += ["BLOCK", block_ms]
-        args += ["STREAMS", key, f"0-{first}"]
-        try:
-            reply = await store._reads.execute_command(*args)
-        except (RedisError, OSError) as exc:
-            raise store._unavailable(exc) from exc
-        if reply is None or reply == []:
-            return FrameBatch(first, _EMPTY)
-        return self._parse(reply, key.encode(), first)
-
-    def _parse(self, reply: Any, key: bytes, first: int) -> FrameBatch:
-        """Entries of an XREAD reply, checked: ids consecutive from ``first``, sizes bounded."""
-        store = self._store
-        if (not isinstance(reply, list) or len(reply) != 1 or not isinstance(reply[0], list)
-                or len(reply[0]) != 2 or reply[0][0] != key or not isinstance(reply[0][1], list)):
-            raise store._bad("XREAD reply")
-        entries = reply[0][1]
-        if len(entries) > store.read_count:
-            raise store._bad("XREAD reply (too many entries)")
-        frames: list[bytes] = []
-        seq = first
-        end: str | None = None
-        limit = store.max_frame_bytes
-        for entry in entries:
-            if end is not None:
-                raise store._bad("stream (frames after the final one)")
-            if (not isinstance(entry, list) or len(entry) != 2
-                    or entry[0] != b"0-%d" % (seq + 1) or not isinstance(entry[1], list)):
-                raise store._bad(f"stream entry (expected frame {seq})")
-            fields = entry[1]
-            data = None
-            if len(fields) not in (2, 4):
-                raise store._bad("stream entry")
-            for i in range(0, len(fields), 2):
-                name, value = fields[i], fields[i + 1]
-                if name == b"d" and isinstance(value, bytes) and len(value) <= limit:
-                    data = value
-                elif name == b"end" and value in (b"completed", b"failed", b"cancelled",
-                                                  b"incomplete"):
-                    end = value.decode()
-                else:
-                    raise store._bad("stream entry field")
-            if data is None:
-                raise store._bad("stream entry (no frame)")
-            frames.append(data)
-            seq += 1
-        self.cursor = seq - 1
-        if end is not None:
-            self.ended = True
-            self.status = cast(FinalStatus, end)
-        return FrameBatch(first, frames)
-
-    async def read(self, timeout: float | None = None) -> FrameBatch:
-        if self.ended:
-            return FrameBatch(self.cursor + 1, _EMPTY)
-        store = self._store
-        loop = asyncio.get_running_loop()
-        deadline = None if timeout is None else loop.time() + max(timeout, 0.0)
-        block = store.block_ms
-        while True:
-            if deadline is not None:
-                remaining_ms = int((deadline - loop.time()) * 1000)
-                if remaining_ms <= 0:
-                    return await self._xread(None)
-                block = min(block, remaining_ms)
-            batch = await self._xread(max(block, 1))
-            if batch.frames:
-                return batch
-            # Nothing came: is the stream still there, and its producer?
-            m, _, lease, _ = self._keys
-            probe = await store._call(store._probe, [m, lease], [])
-            if probe is None:
-                raise StreamNotFound(self.stream_id)
-            if (not isinstance(probe, list) or len(probe) != 3
-                    or not isinstance(probe[0], bytes) or not isinstance(probe[2], int)):
-                raise store._bad("stream state")
-            try:
-                last = _seq(probe[1])
-            except (ValueError, TypeError) as exc:
-                raise store._bad("stream state") from exc
-            pttl = probe[2]
-            if last > self.cursor:
-                block = 1  # the frames are there: read them now
-                continue
-            status = probe[0].decode("ascii", "replace")
-            if status in FINAL_STATUSES:
-                self.ended = True  # (its final frame was read: it carried the end)
-                self.status = cast(FinalStatus, status)
-                return FrameBatch(self.cursor + 1, _EMPTY)
-            if pttl == -2:
-                # No producer and no final frame. Frames are written atomically, so
-                # everything it wrote is already readable: take it, then report the loss.
-                batch = await self._xread(None)
-                if batch.frames:
-                    return batch
-                raise ProducerLost(self.stream_id, last)
-            # Wake just after the lease would expire if nobody renews it.
-            block = store.block_ms if pttl < 0 else min(store.block_ms, pttl + 20)
