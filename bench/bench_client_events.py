@@ -1,165 +1,170 @@
-"""Per-event client cost: the official openai SDK vs tokenrelay, on the same bytes.
+"""Client CPU per content event: the openai SDK vs tokenrelay's async and sync faces.
 
-One realistic body of a streamed Chat Completion (2,000 content chunks shaped like the
-ones api.openai.com sends with ``stream_options.include_usage``, then the finish chunk,
-the usage chunk and ``[DONE]``) is served by an in-memory mock transport, one network
-read per SSE frame, to:
+Over a real socket: ``tokenrelay mock-upstream`` (its own process, so its CPU is not
+counted) streams N chat.completion chunks as fast as it can to, in turn:
 
-  (a) ``openai.AsyncOpenAI().chat.completions.create(stream=True)``, iterated to the end;
-  (b) ``tokenrelay.astream(..., provider=OpenAIProvider(transport=...))``, iterated to the
-      end (events, accumulation, deadlines, metrics: the full path);
-  (c) the pure ``ChatChunkParser`` alone.
+  * ``openai.AsyncOpenAI().chat.completions.create(stream=True)`` and the SDK's sync
+    ``openai.OpenAI()``, each iterated to the end, the text of each delta taken;
+  * ``tokenrelay.astream`` and the sync ``tokenrelay.stream`` (events, accumulation,
+    deadlines, metrics: the full path), iterated to the end;
 
-No network, so this measures client CPU per event, the cost that multiplies with
-concurrent streams in a gateway. Run: ``.venv/bin/python bench/bench_client_events.py``.
+The figure is this process's CPU time (every thread: the sync face's event loop thread
+counts) divided by the content events, median of the runs, contenders interleaved so that
+load from elsewhere hits each alike. Ratios are to the SDK's async client, side by side in
+one run; that is what holds on a shared machine, not the absolute figures.
+
+    .venv/bin/python bench/bench_client_events.py            # 4,000 chunks, 5 runs each
+    .venv/bin/python bench/bench_client_events.py --smoke    # seconds: the test suite's
+    .venv/bin/python bench/bench_client_events.py --json out.json
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
+import os
+import re
 import statistics
+import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
-import httpx
-
 import tokenrelay
-from tokenrelay._openai_wire import ChatChunkParser
 from tokenrelay.providers.openai_compat import OpenAIProvider
 
-N_CHUNKS = 2000
-REPEATS = 7
-MODEL = "gpt-4o-mini"
-BASE_URL = "http://bench.invalid/v1"
-WORDS = ("The", " quick", " brown", " fox", " jumps", " over", " the", " lazy", " dog", ",",
-         " and", " then", " it", " naps", " in", " the", " warm", " sun", ".", " 🦊")
+GOAL = 0.25  # issue 13: both faces at most a quarter of the SDK's CPU per event
 
 
-def make_frames(n: int = N_CHUNKS) -> list[bytes]:
-    """The SSE frames of one stream, as the OpenAI API shapes them."""
-    head = {
-        "id": "chatcmpl-BenchXq3sYv0o7LpT9wCk2ZrNf4uH", "object": "chat.completion.chunk",
-        "created": 1741570283, "model": "gpt-4o-mini-2024-07-18", "service_tier": "default",
-        "system_fingerprint": "fp_06737a9306",
-    }
-
-    def frame(delta: dict[str, object] | None, finish: str | None = None,
-              usage: dict[str, object] | None = None) -> bytes:
-        choices = [] if delta is None else [
-            {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-        ]
-        obj = {**head, "choices": choices, "usage": usage, "obfuscation": "q3Zk"}
-        return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
-
-    frames = [frame({"role": "assistant", "content": "", "refusal": None})]
-    frames += [frame({"content": WORDS[i % len(WORDS)]}) for i in range(n)]
-    frames.append(frame({}, "stop"))
-    frames.append(frame(None, usage={
-        "prompt_tokens": 12, "completion_tokens": n, "total_tokens": 12 + n,
-        "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
-        "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 0,
-                                      "accepted_prediction_tokens": 0,
-                                      "rejected_prediction_tokens": 0},
-    }))
-    frames.append(b"data: [DONE]\n\n")
-    return frames
+@contextmanager
+def mock_upstream() -> Iterator[str]:
+    """``tokenrelay mock-upstream`` on a free port, in a process of its own."""
+    argv = [sys.executable, "-m", "tokenrelay.cli", "mock-upstream", "--port", "0"]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            stdin=subprocess.DEVNULL, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        assert proc.stderr is not None
+        line = proc.stderr.readline()
+        found = re.search(r"(http://\S+)", line)
+        if found is None:
+            raise RuntimeError(f"mock-upstream did not start: {line!r}")
+        yield found.group(1).rstrip("/") + ("" if found.group(1).endswith("/v1") else "/v1")
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        if proc.stderr is not None:
+            proc.stderr.close()
 
 
-FRAMES = make_frames()
-HEADERS = {"content-type": "text/event-stream; charset=utf-8", "x-request-id": "req_bench"}
-
-
-async def _body() -> AsyncIterator[bytes]:
-    for frame in FRAMES:
-        yield frame
-
-
-def _handler(response_cls: Any) -> Any:
-    def handler(request: Any) -> Any:
-        return response_cls(200, headers=HEADERS, content=_body())
-
-    return handler
-
-
-async def run_openai_sdk() -> int:
-    import httpx2  # the transport library of this openai SDK version
+def contenders(url: str, model: str) -> dict[str, Callable[[], int]]:
+    """Each runs one stream to its end and returns the content events it saw."""
     import openai
 
-    client = openai.AsyncOpenAI(
-        api_key="k", base_url=BASE_URL, max_retries=0,
-        http_client=httpx2.AsyncClient(transport=httpx2.MockTransport(_handler(httpx2.Response))),
-    )
-    try:
-        stream = await client.chat.completions.create(
-            model=MODEL, messages=[{"role": "user", "content": "hi"}], stream=True,
-            stream_options={"include_usage": True},
-        )
+    messages = [{"role": "user", "content": "hi"}]
+    sync_sdk = openai.OpenAI(base_url=url, api_key="k", max_retries=0)
+    provider = OpenAIProvider(base_url=url, api_key="k")
+    loop = asyncio.new_event_loop()
+    async_sdk = openai.AsyncOpenAI(base_url=url, api_key="k", max_retries=0)
+
+    def sdk_async() -> int:
+        async def run() -> int:
+            stream = await async_sdk.chat.completions.create(
+                model=model, messages=messages, stream=True,  # type: ignore[arg-type]
+                stream_options={"include_usage": True})
+            n, text = 0, []
+            async for chunk in stream:
+                if chunk.choices and chunk.choices[0].delta.content:
+                    text.append(chunk.choices[0].delta.content)
+                    n += 1
+            return n
+
+        return loop.run_until_complete(run())
+
+    def sdk_sync() -> int:
+        stream = sync_sdk.chat.completions.create(
+            model=model, messages=messages, stream=True,  # type: ignore[arg-type]
+            stream_options={"include_usage": True})
         n, text = 0, []
-        async for chunk in stream:
-            n += 1
+        for chunk in stream:
             if chunk.choices and chunk.choices[0].delta.content:
-                text.append(chunk.choices[0].delta.content)  # what a caller does with it
-        return n
-    finally:
-        await client.close()
-
-
-async def run_tokenrelay() -> int:
-    provider = OpenAIProvider(base_url=BASE_URL, api_key="k",
-                              transport=httpx.MockTransport(_handler(httpx.Response)))
-    try:
-        n = 0
-        async with tokenrelay.astream("hi", provider=provider, model=MODEL) as s:
-            async for _ in s:
+                text.append(chunk.choices[0].delta.content)
                 n += 1
-        assert s.result.usage.completion_tokens == N_CHUNKS and not s.result.usage.estimated
         return n
-    finally:
-        await provider.aclose()
+
+    def tr_async() -> int:
+        async def run() -> int:
+            n, text = 0, []
+            async with tokenrelay.astream("hi", provider=provider, model=model) as s:
+                async for event in s:
+                    if event.type == "text_delta":
+                        text.append(event.delta)
+                        n += 1
+            return n
+
+        return loop.run_until_complete(run())
+
+    def tr_sync() -> int:
+        n, text = 0, []
+        with tokenrelay.stream("hi", provider=provider, model=model) as s:
+            for event in s:
+                if event.type == "text_delta":
+                    text.append(event.delta)  # type: ignore[union-attr]
+                    n += 1
+        return n
+
+    return {"openai SDK (async)": sdk_async, "openai SDK (sync)": sdk_sync,
+            "tokenrelay.astream": tr_async, "tokenrelay.stream (sync)": tr_sync}
 
 
-async def run_parser() -> int:
-    parser = ChatChunkParser()
-    n = 0
-    for frame in FRAMES:
-        n += len(parser.feed(frame))
-    parser.end()
-    return n
+def measure(chunks: int, runs: int, tps: float | None = None) -> dict[str, Any]:
+    model = f"tokens={chunks}" + ("" if tps is None else f",tps={tps:g}")
+    with mock_upstream() as url:
+        fns = contenders(url, model)
+        for fn in fns.values():  # warm-up: imports, connection pools, the estimator
+            assert fn() == chunks
+        cpu: dict[str, list[float]] = {name: [] for name in fns}
+        for _ in range(runs):
+            for name, fn in fns.items():
+                started = time.process_time()
+                seen = fn()
+                cpu[name].append((time.process_time() - started) / seen * 1e6)
+                assert seen == chunks, (name, seen)
+    medians = {name: statistics.median(values) for name, values in cpu.items()}
+    base = medians["openai SDK (async)"]
+    return {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "chunks": chunks,
+            "runs": runs, "tps": tps, "python": sys.version.split()[0],
+            "us_per_event": medians, "runs_us": cpu,
+            "ratio_to_sdk_async": {name: m / base for name, m in medians.items()}}
 
 
-async def measure(fn: Callable[[], Awaitable[int]]) -> float:
-    started = time.perf_counter()
-    await fn()
-    return time.perf_counter() - started
-
-
-async def main() -> None:
-    runners = {
-        "openai SDK": run_openai_sdk,
-        "tokenrelay.astream": run_tokenrelay,
-        "ChatChunkParser only": run_parser,
-    }
-    for fn in runners.values():  # warm up: imports, first client, caches
-        await fn()
-    times: dict[str, list[float]] = {name: [] for name in runners}
-    for _ in range(REPEATS):  # interleaved, so drift hits every contender alike
-        for name, fn in runners.items():
-            times[name].append(await measure(fn))
-    per = len(FRAMES)
-    print(f"{per} SSE events per stream ({N_CHUNKS} text chunks), {REPEATS} runs each;"
-          f" Python {sys.version.split()[0]}, httpx {httpx.__version__}")
-    print(f"{'':24} {'best µs/event':>14} {'median µs/event':>16}")
-    best = {}
-    for name, values in times.items():
-        best[name] = min(values) / per * 1e6
-        median = statistics.median(values) / per * 1e6
-        print(f"{name:24} {best[name]:14.2f} {median:16.2f}")
-    ratio = best["tokenrelay.astream"] / best["openai SDK"]
-    print(f"ratio tokenrelay/openai (best): {ratio:.3f}  (goal <= 0.2)")
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--chunks", type=int, default=4000)
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--tps", type=float, default=None,
+                        help="pace the upstream (chunks per second): one frame per read, each"
+                             " a wake-up of its own; default as fast as it can")
+    parser.add_argument("--smoke", action="store_true", help="seconds: 300 chunks, 1 run")
+    parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
+    args = parser.parse_args()
+    if args.smoke:
+        args.chunks, args.runs = 300, 1
+    report = measure(args.chunks, args.runs, args.tps)
+    pace = "as fast as it can" if args.tps is None else f"{args.tps:g} chunks/s"
+    print(f"{args.chunks} content chunks over loopback from tokenrelay mock-upstream ({pace}),"
+          f" median of {args.runs}; client CPU (all threads) per content event")
+    print(f"{'':26} {'µs/event':>9} {'× SDK (async)':>14}")
+    for name, value in report["us_per_event"].items():
+        print(f"{name:26} {value:9.1f} {report['ratio_to_sdk_async'][name]:14.2f}")
+    print(f"goal: both tokenrelay faces <= {GOAL}× the SDK")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    main()

@@ -3,6 +3,7 @@
 
     .venv/bin/python bench/bench_gateway.py            # ~8 minutes on 2 cores
     .venv/bin/python bench/bench_gateway.py --quick    # smaller counts, ~4 minutes
+    .venv/bin/python bench/bench_gateway.py --smoke    # seconds: that it runs (the tests)
     .venv/bin/python bench/bench_gateway.py --parts relay --no-litellm   # one part only
 
 Every process is separate: one mock upstream (``tokenrelay mock-upstream``), the gateway
@@ -519,10 +520,10 @@ async def profile(gateway: Proc, concurrency: int, requests: int,
 # -- micro-benchmarks --------------------------------------------------------------------
 
 MICRO = r"""
-import asyncio, json, sys, time
+import asyncio, json, os, sys, time
 sys.path[:0] = [p for p in sys.argv[3:] if p]
 url, kind = sys.argv[1], sys.argv[2]
-N_CONC, N_REQ = 64, 256
+N_CONC, N_REQ = (8, 16) if os.environ.get("BENCH_SMOKE") else (64, 256)
 body = json.dumps({"model": "tokens=100,tps=2000", "stream": True, "max_tokens": 100,
                    "messages": [{"role": "user", "content": "hi"}]}).encode()
 HEADERS = {"content-type": "application/json"}
@@ -581,7 +582,7 @@ print(json.dumps(asyncio.run(variants[kind]())))
 """
 
 
-def stage_costs() -> dict[str, float]:
+def stage_costs(n: int = 20000) -> dict[str, float]:
     """µs per chunk of single stages of the relay path, in-process, no network."""
     from tokenrelay._openai_wire import ChatChunkParser
     from tokenrelay._stream import AsyncStream
@@ -590,7 +591,6 @@ def stage_costs() -> dict[str, float]:
     from tokenrelay.request import Message, Request
     from tokenrelay.server.encode import ChunkEncoder
 
-    n = 20000
     frame = (b'data: {"id":"chatcmpl-mock1","object":"chat.completion.chunk","created":1,'
              b'"model":"m","system_fingerprint":null,"choices":[{"index":0,"delta":'
              b'{"content":" tok7"},"logprobs":null,"finish_reason":null}]}\n\n')
@@ -854,6 +854,8 @@ async def main(args: argparse.Namespace) -> None:
     levels = [(1, 40), (64, 128), (256, 256)] if args.quick else [(1, 100), (64, 256),
                                                                   (256, 384)]
     idle_n = 300 if args.quick else 1000
+    if args.smoke:  # every part runs, on counts that take seconds (the test suite's)
+        levels, idle_n = [(1, 4), (8, 16)], 20
     console.print(f"[bold]bench_gateway[/] {time.strftime('%Y-%m-%d %H:%M')}  "
                   f"{platform.machine()}, {os.cpu_count()} cores, Python "
                   f"{platform.python_version()}; load average {os.getloadavg()[0]:.2f}"
@@ -919,6 +921,8 @@ async def main(args: argparse.Namespace) -> None:
             console.print(f"[bold]Paced[/] ({PACED_TPS} tokens/s per stream, Poisson"
                           f" arrivals at c/{answer_s:g} per second)")
             paced_levels = [(64, 128), (256, 256)] if args.quick else [(64, 192), (256, 512)]
+            if args.smoke:
+                paced_levels = [(2, 2)]
             paced: list[Run] = []
             for c, n in paced_levels:
                 for name, url, _, model, proc in targets:
@@ -931,9 +935,10 @@ async def main(args: argparse.Namespace) -> None:
         stages: dict[str, Any] = {}
         if "profile" in parts and not args.no_profile:
             console.print("[bold]Profile[/] (tokenrelay at concurrency 1 and 64)")
-            for c, n in ((1, 50), (64, 192)) if args.quick else ((1, 100), (64, 320)):
+            counts = ((1, 50), (64, 192)) if args.quick else ((1, 100), (64, 320))
+            for c, n in ((1, 5), (8, 16)) if args.smoke else counts:
                 profs[c] = await profile(gateway, c, n, workdir)
-            stages = await asyncio.to_thread(stage_costs)
+            stages = await asyncio.to_thread(stage_costs, 500 if args.smoke else 20000)
             stages.update(await asyncio.to_thread(client_costs, upstream, workdir))
             report_profile(profs, stages)
             results["profile"] = profs
@@ -962,6 +967,8 @@ async def main(args: argparse.Namespace) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="smaller request counts")
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny counts, no LiteLLM: seconds, to check the script still runs")
     parser.add_argument("--no-litellm", action="store_true", help="skip the LiteLLM column")
     parser.add_argument("--no-profile", action="store_true", help="skip py-spy and stages")
     parser.add_argument("--no-reqlog", action="store_true",
@@ -979,4 +986,8 @@ if __name__ == "__main__":
         uvloop.install()
     except ImportError:
         pass
-    asyncio.run(main(parser.parse_args()))
+    arguments = parser.parse_args()
+    if arguments.smoke:
+        arguments.no_litellm = True
+        os.environ["BENCH_SMOKE"] = "1"  # the client micro-benchmark's counts
+    asyncio.run(main(arguments))

@@ -32,6 +32,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TypeVar
 
 from tokenrelay.providers.local import LocalProvider, embedded_model_path
@@ -125,7 +126,12 @@ async def main() -> int:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--lengths", default="256,1024")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--smoke", action="store_true",
+                        help="seconds: one run of 16 tokens, to check the script still runs")
+    parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
     args = parser.parse_args()
+    if args.smoke:
+        args.reps, args.lengths, args.threads = 1, "16", 1
     lengths = [int(x) for x in args.lengths.split(",")]
     n_ctx = max(lengths) + 256  # the prompt is ~40 tokens
 
@@ -185,6 +191,14 @@ async def main() -> int:
               f" identical text: {'yes' if same else 'no'}")
     await ours.aclose()
     llm.close()
+    if args.json:
+        import json
+
+        Path(args.json).write_text(json.dumps({
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "reps": args.reps,
+            "tok_s": {n: {"tokenrelay": a.median(n), "raw": b.median(n)} for n in lengths},
+            "runs": {n: {"tokenrelay": [r.tps for r in a.runs[n]],
+                         "raw": [r.tps for r in b.runs[n]]} for n in lengths}}, indent=2))
     return 0 if ok else 1
 
 

@@ -28,6 +28,7 @@ import sys
 import time
 from collections.abc import Callable
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 from tokenrelay._partial_json import PartialJSONParser
@@ -191,7 +192,15 @@ def main() -> None:
     cli = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     cli.add_argument("--budget", type=float, default=4.0,
                      help="longest full re-parse run, in seconds, before estimating")  # fmt: skip
+    cli.add_argument("--smoke", action="store_true",
+                     help="seconds: the smallest document only, to check the script still runs")
+    cli.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
     args = cli.parse_args()
+    sizes = SIZES[:1] if args.smoke else SIZES
+    growth_targets = (1_000,) if args.smoke else (1_000, 22_600, 100_000, 250_000)
+    if args.smoke:
+        args.budget = min(args.budget, 0.2)
+    figures: dict[str, object] = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
     print(f"Python {platform.python_version()}, {os.cpu_count()} CPUs, "
           f"load average {os.getloadavg()[0]:.1f}; {DELTA}-character deltas, value read after "
@@ -204,7 +213,7 @@ def main() -> None:
     print("-" * len(header))
 
     ours: dict[str, float] = {}
-    for label, target in SIZES:
+    for label, target in sizes:
         doc = make_document(target)
         deltas = deltas_of(doc)
         assert run_tokenrelay(deltas) == json.loads(doc)
@@ -222,7 +231,8 @@ def main() -> None:
     print("\ntokenrelay growth, time(4x size) / time(size) (goal <= 4.5x); json.loads of the same")
     print("documents is the control: it builds the same objects in C, so its ratio shows what the")
     print("allocator, the cyclic GC and the caches add at that size on this machine:")
-    for target in (1_000, 22_600, 100_000, 250_000):
+    growth: list[dict[str, float]] = []
+    for target in growth_targets:
         small, large = make_document(target), make_document(4 * target)
         small_d, large_d = deltas_of(small), deltas_of(large)
         small_t, large_t = interleaved(partial(run_tokenrelay, small_d),
@@ -231,6 +241,10 @@ def main() -> None:
         print(f"  {len(small):>9,} -> {len(large):>9,} chars ({len(large) / len(small):.2f}x): "
               f"{fmt(small_t)} -> {fmt(large_t)} = {large_t / small_t:.2f}x"
               f"   (json.loads {loads[1] / loads[0]:.2f}x)")  # fmt: skip
+        growth.append({"chars": len(small), "ratio": large_t / small_t,
+                       "json_loads_ratio": loads[1] / loads[0]})
+    figures["growth"] = growth
+    figures["ours_seconds"] = ours
 
     if "jiter" in others:
         deltas = deltas_of(make_document(22_600))
@@ -240,8 +254,12 @@ def main() -> None:
         )
         print(f"\nspeedup vs jiter re-parse at 22 KB: {jiter_t / ours_t:.0f}x (goal >= 30x; "
               f"{fmt(ours_t)} vs {fmt(jiter_t)}, runs taken in turn)")  # fmt: skip
-    n_1mb = len(deltas_of(make_document(SIZES[-1][1])))
-    print(f"tokenrelay at 1 MB: {ours['1 MB'] / n_1mb * 1e6:.2f} us per delta (feed + value)")
+        figures["vs_jiter_22kb"] = {"ours_s": ours_t, "jiter_s": jiter_t}
+    if "1 MB" in ours:
+        n_1mb = len(deltas_of(make_document(SIZES[-1][1])))
+        print(f"tokenrelay at 1 MB: {ours['1 MB'] / n_1mb * 1e6:.2f} us per delta (feed + value)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, indent=2))
 
 
 if __name__ == "__main__":

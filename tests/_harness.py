@@ -148,9 +148,12 @@ class LiveGateway:
             ``tokenrelay serve --config`` reads it). Host and port are replaced.
         app: the ASGI app; default ``create_app(config)`` (pass one to script it).
         loop: ``uvloop`` (production) or ``asyncio``.
+        http: uvicorn's protocol: ``httptools`` (production, with the gateway's header
+            timeouts) or ``h11``.
     """
 
-    def __init__(self, config: Any, *, app: Any = None, loop: str = "uvloop") -> None:
+    def __init__(self, config: Any, *, app: Any = None, loop: str = "uvloop",
+                 http: str = "httptools") -> None:
         from tokenrelay.server.app import Gateway, create_app
         from tokenrelay.server.run import bind, build_server
 
@@ -161,7 +164,7 @@ class LiveGateway:
         self.config = config.model_copy(update={"host": "127.0.0.1", "port": 0})
         self.app: Any = create_app(self.config) if app is None else app
         self.gateway: Gateway = self.app.state.gateway
-        self.server = build_server(self.config, self.app, log_config=None)
+        self.server = build_server(self.config, self.app, log_config=None, http=http)
         self.loop_kind = loop
         self.loop: asyncio.AbstractEventLoop | None = None
         self.sock = bind(self.config)

@@ -27,6 +27,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from _harness import free_port
 
 __all__ = ["RedisServer", "redis_prefix", "redis_server", "redis_server_path"]
 
@@ -34,12 +35,6 @@ __all__ = ["RedisServer", "redis_prefix", "redis_server", "redis_server_path"]
 def redis_server_path() -> str | None:
     return shutil.which("redis-server") or (
         "/usr/bin/redis-server" if os.path.exists("/usr/bin/redis-server") else None)
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _ping(port: int, timeout: float = 0.5) -> bool:
@@ -72,7 +67,7 @@ class RedisServer:
             pytest.skip("redis-server is not installed (scripts/test.sh installs it with apt)")
         directory.mkdir(parents=True, exist_ok=True)
         for _attempt in range(3):
-            chosen = port or _free_port()
+            chosen = port or free_port()
             process = subprocess.Popen(
                 [binary, "--port", str(chosen), "--bind", "127.0.0.1", "--dir", str(directory),
                  "--save", "", "--appendonly", "no", "--daemonize", "no",

@@ -7,6 +7,8 @@ scripted loopback OpenAI-compatible server); only what every test needs goes her
 from __future__ import annotations
 
 import ipaddress
+import os
+import signal
 import socket
 from collections.abc import Iterator
 from typing import Any
@@ -14,6 +16,19 @@ from typing import Any
 import pytest
 from _harness import Processes
 from _redis import redis_server  # noqa: F401  (the session's redis-server, see _redis.py)
+
+#: A skip whose reason starts with this cannot apply to a machine that runs CI (another
+#: OS, say); any other skip is a failure under ``TOKENRELAY_STRICT_SKIPS=1``
+#: (``scripts/test.sh`` sets it): CI installs everything the suite needs, so a skip there
+#: is a test that quietly did not run.
+NOT_APPLICABLE = "not applicable here:"
+STRICT_SKIPS = os.environ.get("TOKENRELAY_STRICT_SKIPS") == "1"
+
+# A shell starts background jobs with SIGINT ignored, and an ignored signal stays ignored
+# across exec: every CLI the tests start would then ignore Ctrl-C. Catching it here makes
+# children start with the default disposition, as from a terminal.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 _ENV = ("OPENAI_API_KEY", "OPENAI_BASE_URL", "TOKENRELAY_MODEL", "TOKENRELAY_GGUF",
         "TOKENRELAY_LOG", "TOKENRELAY_HOME")
@@ -69,3 +84,37 @@ def processes(tmp_path: Any) -> Iterator[Processes]:
     all are stopped at the end, and the test fails if one would not stop."""
     with Processes(tmp_path / "processes") as group:
         yield group
+
+
+def _skip_reason(longrepr: Any) -> str:
+    if isinstance(longrepr, tuple) and len(longrepr) == 3:
+        return str(longrepr[2]).removeprefix("Skipped: ")
+    return str(longrepr)
+
+
+def _strict_skip_message(reason: str) -> str:
+    return (f"skipped in CI: {reason!r}. scripts/test.sh installs everything the suite"
+            f" needs; install what this test needs there, or skip only for a reason that"
+            f" cannot apply to this machine (pytest.skip('{NOT_APPLICABLE} ...')).")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    report = outcome.get_result()
+    if STRICT_SKIPS and report.skipped and not hasattr(report, "wasxfail"):
+        reason = _skip_reason(report.longrepr)
+        if not reason.startswith(NOT_APPLICABLE):
+            report.outcome = "failed"
+            report.longrepr = _strict_skip_message(reason)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector: pytest.Collector) -> Iterator[None]:
+    outcome = yield
+    report = outcome.get_result()
+    if STRICT_SKIPS and report.skipped:  # a module-level importorskip / skip
+        reason = _skip_reason(report.longrepr)
+        if not reason.startswith(NOT_APPLICABLE):
+            report.outcome = "failed"
+            report.longrepr = _strict_skip_message(reason)

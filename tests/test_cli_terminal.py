@@ -16,7 +16,7 @@ import pytest
 from _pty import PtyProcess, cli_env, tokenrelay, tokenrelay_argv
 from _upstream import Upstream
 
-pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="needs a POSIX pty")
+pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="not applicable here: needs a POSIX pty")
 
 SLOW = "mock:tokens=200,tps=20"  # ten seconds of text unless stopped
 FOOTER = r"mock · ~?\d+ prompt \+ ~?\d+ completion tokens · first token \d+(ms|\.\d+s) · "

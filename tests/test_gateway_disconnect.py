@@ -55,7 +55,7 @@ def upstream() -> Iterator[MockUpstream]:
 def make_gateway(upstream: MockUpstream, tmp_path: Path) -> Iterator[MakeGateway]:
     upstream.reset()
     with ExitStack() as stack:
-        def make(loop: str = "asyncio", **options: Any) -> LiveGateway:
+        def make(loop: str = "uvloop", **options: Any) -> LiveGateway:
             models = routes(upstream.url, **SPECS)
             return stack.enter_context(LiveGateway(config(tmp_path, models, **options),
                                                    loop=loop))
@@ -83,7 +83,8 @@ def test_disconnect_mid_stream_aborts_the_upstream_and_logs_the_partial_answer(
 
     record = upstream.wait_for(aborted(SPECS["slow"]), 3)
     assert record is not None, "the upstream never saw the client leave"
-    assert 0 <= record.aborted_at - closed_at < ABORT_WITHIN  # type: ignore[operator]
+    took = record.aborted_at - closed_at  # type: ignore[operator]
+    assert 0 <= took < ABORT_WITHIN, f"the upstream was aborted {took:.3f} s after the close"
     (row,) = live.wait_log(lambda r: r["status"] == "cancelled")
     assert row["answer"].startswith(token_text(3)) and row["http_status"] == 200
     assert row["model"] == "slow" and row["error"] is None
@@ -106,7 +107,8 @@ def test_disconnect_while_waiting_for_the_first_token_aborts_the_upstream(
 
     record = upstream.wait_for(aborted(SPECS["delayed"]), 3)
     assert record is not None and record.tokens_sent == 0
-    assert 0 <= record.aborted_at - closed_at < ABORT_WITHIN  # type: ignore[operator]
+    took = record.aborted_at - closed_at  # type: ignore[operator]
+    assert 0 <= took < ABORT_WITHIN, f"the upstream was aborted {took:.3f} s after the close"
     (row,) = live.wait_log(lambda r: r["status"] == "cancelled")
     assert not row["answer"] and row["time_to_first_token"] is None
     assert poll(lambda: live.active() == 0, 3)
@@ -127,7 +129,8 @@ def test_disconnect_during_a_non_streamed_request_stops_the_generation(
     if model == "slow":
         record = upstream.wait_for(aborted(SPECS["slow"]), 3)
         assert record is not None
-        assert 0 <= record.aborted_at - closed_at < ABORT_WITHIN  # type: ignore[operator]
+        took = record.aborted_at - closed_at  # type: ignore[operator]
+        assert 0 <= took < ABORT_WITHIN, f"the upstream was aborted {took:.3f} s after the close"
         assert row["answer"].startswith("tok0")
 
 

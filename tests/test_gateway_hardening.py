@@ -16,7 +16,7 @@ import stat
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
 import httpx
 import pytest
@@ -370,37 +370,6 @@ def keyed_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveGate
         yield live
 
 
-class H11Gateway:
-    """The gateway's app under uvicorn's pure-Python h11 protocol (``http="h11"``)."""
-
-    def __init__(self, config: ServerConfig) -> None:
-        import asyncio
-        import threading
-
-        import uvicorn
-
-        from tokenrelay.server.run import uvicorn_config
-
-        self.server = uvicorn.Server(uvicorn_config(config, log_config=None, http="h11"))
-        self.gateway = self.server.config.app.state.gateway
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=lambda: self.loop.run_until_complete(
-            self.server.serve(sockets=[self.sock])), daemon=True)
-
-    def __enter__(self) -> Self:
-        self.thread.start()
-        assert poll(lambda: self.server.started, 10)
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(10)
-        self.loop.close()
-        self.sock.close()
-
-
 @pytest.fixture(scope="module", params=["httptools", "h11"])
 def capped_gateway(request: pytest.FixtureRequest, keyed_gateway: LiveGateway,
                    tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
@@ -409,7 +378,7 @@ def capped_gateway(request: pytest.FixtureRequest, keyed_gateway: LiveGateway,
         return
     config = gateway_config(tmp_path_factory.mktemp("h11"),
                             keys=[KeyConfig(id="a", sha256=hash_key(KEY))])
-    with H11Gateway(config) as live:
+    with LiveGateway(config, http="h11", loop="asyncio") as live:  # the pure-Python protocol
         yield live
 
 

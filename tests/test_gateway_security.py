@@ -13,6 +13,7 @@ import hmac
 import json
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -295,7 +296,7 @@ def test_serve_end_to_end_never_prints_the_raw_key(processes: Processes) -> None
         r = c.get("/v1/models", headers={"authorization": f"Bearer {raw}"})
         assert r.status_code == 200
         assert "mock" in [m["id"] for m in r.json()["data"]]
-    assert processes.stop(serve) == 0
+    assert processes.stop(serve) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal
     output = serve.output()
     assert "serving on" in output
     assert raw not in output

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -13,7 +12,7 @@ from typing import Any
 
 import httpx
 import pytest
-from _harness import sse_payloads
+from _harness import Processes, sse_payloads
 
 from tokenrelay import UsageError
 from tokenrelay.mock_upstream import Behaviour, MockUpstream, token_text
@@ -176,23 +175,17 @@ async def test_on_the_running_loop() -> None:
     assert response.json()["choices"][0]["message"]["content"] == "tok0 tok1"
 
 
-def test_the_command_serves_until_ctrl_c() -> None:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tokenrelay.cli", "mock-upstream", "--port", "0",
-         "--behaviour", "tokens=3"],
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-    try:
-        assert proc.stderr is not None
-        line = proc.stderr.readline().decode()
-        assert line.startswith("tokenrelay: mock upstream on http://127.0.0.1:")
-        url = line.split()[4]
-        response = httpx.post(url + "/chat/completions", json={"model": "m", "messages": PROMPT},
-                              timeout=5)
-        assert response.json()["choices"][0]["message"]["content"] == "tok0 tok1 tok2"
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=10)
-    finally:
-        proc.kill()
-    assert proc.returncode == 0 and out == b""
-    assert b"mock upstream stopped" in err
+def test_the_command_serves_until_ctrl_c(processes: Processes) -> None:
+    proc = processes.start(
+        "mock-upstream", [sys.executable, "-m", "tokenrelay.cli", "mock-upstream", "--port", "0",
+                          "--behaviour", "tokens=3"],
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        ready=lambda p: "mock upstream on http://" in p.output())
+    line = proc.output().splitlines()[0]
+    assert line.startswith("tokenrelay: mock upstream on http://127.0.0.1:")
+    url = line.split()[4]
+    response = httpx.post(url + "/chat/completions", json={"model": "m", "messages": PROMPT},
+                          timeout=5)
+    assert response.json()["choices"][0]["message"]["content"] == "tok0 tok1 tok2"
+    assert processes.stop(proc, signal.SIGINT) == 0
+    assert proc.output().splitlines()[-1].endswith("mock upstream stopped")

@@ -62,6 +62,7 @@ class RequestOutcome:
         chunks: how many chunks carried content.
         output_tokens: from the usage chunk when ``usage_reported``, else ``chunks``.
         error: what went wrong, one line, when not ``ok``.
+        sent_at: when it was sent, seconds after the run started.
     """
 
     ok: bool = False
@@ -72,6 +73,7 @@ class RequestOutcome:
     output_tokens: int = 0
     usage_reported: bool = False
     error: str | None = None
+    sent_at: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -381,7 +383,9 @@ async def abench(
                         await asyncio.sleep(wait)
                 if session.closed:  # _one dropped a broken connection
                     session = open_session()
+                sent_at = time.perf_counter() - started
                 outcome = await _one(session, endpoint)
+                outcome.sent_at = sent_at
                 outcomes.append(outcome)
                 if on_result is not None:
                     on_result(outcome)

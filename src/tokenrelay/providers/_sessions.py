@@ -13,6 +13,7 @@ import asyncio
 import atexit
 import threading
 import weakref
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -24,18 +25,21 @@ class LoopSessions:
     """One ``aiohttp.ClientSession`` per event loop, made by ``factory`` on first use.
 
     A session holds its loop, so a mapping keyed weakly by loop would keep every loop
-    alive; instead the sessions of loops that have closed (each ``asyncio.run``) are
-    dropped when the next session is made, and the rest at interpreter exit.
+    alive; instead each session is closed when its loop shuts down (``asyncio.run`` and
+    ``asyncio.Runner`` close the loop's async generators first: a suspended one per session
+    closes it then, with the loop still able to close its sockets), the sessions of loops
+    closed otherwise are dropped when the next session is made, the rest at exit.
     """
 
     def __init__(self, factory: Any) -> None:
         self._factory = factory
         self._sessions: dict[asyncio.AbstractEventLoop, aiohttp.ClientSession] = {}
+        self._closers: dict[asyncio.AbstractEventLoop, Any] = {}
         self._lock = threading.Lock()
         _ALL_SESSIONS.add(self)
         # A provider dropped with sessions still open (a test's, a script's): close them
         # quietly instead of aiohttp's "Unclosed client session" report at collection.
-        weakref.finalize(self, _drop_each, self._sessions)
+        weakref.finalize(self, _drop_each, self._sessions, self._closers)
 
     def get(self) -> aiohttp.ClientSession:
         loop = asyncio.get_running_loop()
@@ -44,13 +48,17 @@ class LoopSessions:
             with self._lock:
                 for other in [lp for lp in self._sessions if lp.is_closed()]:
                     _drop(self._sessions.pop(other))
+                    _stop(self._closers.pop(other, None))
                 session = self._sessions[loop] = self._factory()
+                self._closers[loop] = _close_at_shutdown(session)
         return session
 
     async def aclose(self) -> None:
         """Close the running loop's session; other loops' sessions are left to them."""
         with self._lock:
-            session = self._sessions.pop(asyncio.get_running_loop(), None)
+            loop = asyncio.get_running_loop()
+            session = self._sessions.pop(loop, None)
+            _stop(self._closers.pop(loop, None))
         if session is not None:
             await session.close()
 
@@ -58,15 +66,20 @@ class LoopSessions:
         with self._lock:
             sessions = dict(self._sessions)
             self._sessions.clear()
+            closers = dict(self._closers)
+            self._closers.clear()
         for loop, session in sessions.items():
+            closer = closers.get(loop)
             if loop.is_closed() or not loop.is_running():
                 _drop(session)
+                _stop(closer)
                 continue
             done = threading.Event()
 
-            def close(session: aiohttp.ClientSession = session,
+            def close(session: aiohttp.ClientSession = session, closer: Any = closer,
                       done: threading.Event = done) -> None:
                 _drop(session)
+                _stop(closer)
                 done.set()
 
             try:
@@ -79,9 +92,43 @@ class LoopSessions:
 _ALL_SESSIONS: weakref.WeakSet[LoopSessions] = weakref.WeakSet()
 
 
-def _drop_each(sessions: dict[asyncio.AbstractEventLoop, aiohttp.ClientSession]) -> None:
+async def _closer(session: aiohttp.ClientSession) -> AsyncIterator[None]:
+    try:
+        yield
+    finally:  # the loop's shutdown_asyncgens(), or this generator collected
+        _drop(session)
+
+
+def _close_at_shutdown(session: aiohttp.ClientSession) -> AsyncIterator[None]:
+    """A generator the running loop closes at its shutdown, closing ``session``.
+
+    Started here (the loop's first-iteration hook registers it with the loop); the caller
+    keeps it, or it would be collected and close the session at once.
+    """
+    closer = _closer(session)
+    try:
+        closer.asend(None).send(None)  # type: ignore[attr-defined]
+    except StopIteration:
+        pass
+    return closer
+
+
+def _stop(closer: Any) -> None:
+    """Close a ``_closer`` now (its ``finally`` does not await: this takes one step)."""
+    if closer is None:
+        return
+    try:
+        closer.aclose().send(None)
+    except (StopIteration, RuntimeError):  # RuntimeError: it is closing already
+        pass
+
+
+def _drop_each(sessions: dict[asyncio.AbstractEventLoop, aiohttp.ClientSession],
+               closers: dict[asyncio.AbstractEventLoop, Any]) -> None:
     for session in list(sessions.values()):
         _drop(session)
+    for closer in list(closers.values()):
+        _stop(closer)
 
 
 def _drop(session: aiohttp.ClientSession) -> None:

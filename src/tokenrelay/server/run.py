@@ -385,9 +385,10 @@ class GatewayServer(uvicorn.Server):
 
 
 def build_server(config: ServerConfig, app: Any = None, *,
-                 log_config: dict[str, Any] | None = LOGGING_CONFIG) -> uvicorn.Server:
+                 log_config: dict[str, Any] | None = LOGGING_CONFIG,
+                 http: str = "httptools") -> uvicorn.Server:
     """A uvicorn server for the gateway; run it with ``.run(sockets=[bind(config)])``."""
-    return GatewayServer(uvicorn_config(config, app, log_config=log_config),
+    return GatewayServer(uvicorn_config(config, app, log_config=log_config, http=http),
                          drain_timeout=config.drain_timeout_s)
 
 
