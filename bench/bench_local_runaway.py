@@ -2,8 +2,12 @@
 local provider's default output cap and penalty (issue 11: 3,410 tokens for a one-line
 translation, 4,062 of ``"Z: "Z:`` for the README's joke, a nested schema looping).
 
-    .venv/bin/python bench/bench_local_runaway.py [--cap 1024] [--seeds 3]
-        [--penalties 1.0,1.05,1.1,1.15]
+    .venv/bin/python bench/bench_local_runaway.py [--cap 512] [--seeds 3]
+        [--penalties 1.0,1.1,1.2,1.3] [--json FILE] [--smoke]
+
+``--smoke`` (the test suite's): one seed, penalties 1.0 and 1.1, cap 24 — seconds, and
+proof the script runs; its figures mean nothing. The defaults took ~20 minutes on the
+loaded 2-core machine of 2026-12-03 (bench/README.md has that run).
 
 Each prompt runs with the provider's default sampling (temperature 0.2, top-p 0.9) and
 several seeds, with the output cap raised to ``--cap`` so that a runaway shows as such.
@@ -15,6 +19,7 @@ none, near 1 = a loop), whether the schema's JSON validated, and seconds per run
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 from typing import Any
@@ -68,17 +73,22 @@ def run(provider: LocalProvider, prompt: str, schema: Any, penalty: float, seed:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--cap", type=int, default=1024)
+    parser.add_argument("--cap", type=int, default=512)
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--penalties", default="1.0,1.05,1.1,1.15")
+    parser.add_argument("--penalties", default="1.0,1.1,1.2,1.3")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", metavar="FILE", help="Also write the rows as JSON.")
+    parser.add_argument("--smoke", action="store_true", help="A seconds-long run.")
     args = parser.parse_args()
+    if args.smoke:
+        args.cap, args.seeds, args.penalties = 24, 1, "1.0,1.1"
     provider = LocalProvider(n_threads=args.threads)
     tokenrelay.complete("Hi", provider=provider, max_tokens=4)  # load the model
     penalties = [float(p) for p in args.penalties.split(",")]
     print(f"cap {args.cap}, seeds 0..{args.seeds - 1}, temperature 0.2 / top-p 0.9")
     print(f"{'prompt':<14} {'penalty':>7} {'tokens med/max':>15} {'stopped':>8}"
           f" {'rep 4-grams':>11} {'valid JSON':>10} {'s/run':>6}")
+    out = []
     for name, prompt, schema in PROMPTS:
         for penalty in penalties:
             rows = [run(provider, prompt, schema, penalty, seed, args.cap)
@@ -89,6 +99,14 @@ def main() -> None:
             print(f"{name:<14} {penalty:>7.2f} {statistics.median(tokens):>7.0f}/{max(tokens):<7}"
                   f" {stopped:>4}/{len(rows):<3} {max(r[2] for r in rows):>11.2f}"
                   f" {valid:>10} {statistics.median(r[4] for r in rows):>6.1f}", flush=True)
+            out.append({"prompt": name, "penalty": penalty, "tokens": tokens,
+                        "stopped": stopped, "runs": len(rows),
+                        "repeated_4grams": max(r[2] for r in rows),
+                        "valid_json": None if schema is None else sum(bool(r[3]) for r in rows),
+                        "seconds": [r[4] for r in rows]})
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump({"cap": args.cap, "seeds": args.seeds, "rows": out}, f, indent=1)
 
 
 if __name__ == "__main__":
