@@ -122,7 +122,7 @@ def contenders(url: str, model: str) -> dict[str, Callable[[], int]]:
 
 
 def measure(chunks: int, runs: int, tps: float | None = None) -> dict[str, Any]:
-    model = f"tokens={chunks}" + ("" if tps is None else f";tps={tps:g}")
+    model = f"tokens={chunks}" + ("" if tps is None else f",tps={tps:g}")
     with mock_upstream() as url:
         fns = contenders(url, model)
         for fn in fns.values():  # warm-up: imports, connection pools, the estimator

@@ -14,7 +14,7 @@ each frame) and the bare floor (the same without Starlette: a bare ASGI callable
 the load generator (``tokenrelay.bench.abench``: vLLM's TTFT/ITL definitions). Both
 gateways require an API key, as deployed ones do (LiteLLM refuses to start without one).
 The mock's behaviour is chosen by the model name, which is all a gateway forwards, so the
-gateway config maps ``fast``/``idle`` to the mock's ``tokens=…;tps=…`` names.
+gateway config maps ``fast``/``idle`` to the mock's ``tokens=…,tps=…`` names.
 
 Parts (``--parts relay,paced,profile,idle``, in this order):
 
@@ -75,12 +75,12 @@ PY_SPY = os.environ.get("PY_SPY") or shutil.which("py-spy") or "/tmp/pyspy-venv/
 TOKENS = 100
 TPS = 2000
 #: The mock upstream's behaviour is chosen by the model name; gateways forward only that.
-FAST = f"tokens={TOKENS};tps={TPS}"
+FAST = f"tokens={TOKENS},tps={TPS}"
 #: A served model's pace, for the paced part (added latency without CPU saturation).
 PACED_TPS = 50
-PACED = f"tokens={TOKENS};tps={PACED_TPS}"
+PACED = f"tokens={TOKENS},tps={PACED_TPS}"
 IDLE_DELAY = 60.0
-IDLE = f"tokens=4;delay={IDLE_DELAY:g}"
+IDLE = f"tokens=4,delay={IDLE_DELAY:g}"
 #: Both gateways require a key, as deployed ones do (LiteLLM refuses to start without one).
 KEY = "sk-bench-" + os.urandom(16).hex()
 GOALS = {"added_ttft_p50_ms": 2.0, "cpu_us_per_chunk": 50.0, "vs_litellm": 1 / 3}
@@ -527,7 +527,7 @@ import asyncio, json, os, sys, time
 sys.path[:0] = [p for p in sys.argv[3:] if p]
 url, kind = sys.argv[1], sys.argv[2]
 N_CONC, N_REQ = (8, 16) if os.environ.get("BENCH_SMOKE") else (64, 256)
-body = json.dumps({"model": "tokens=100;tps=2000", "stream": True, "max_tokens": 100,
+body = json.dumps({"model": "tokens=100,tps=2000", "stream": True, "max_tokens": 100,
                    "messages": [{"role": "user", "content": "hi"}]}).encode()
 HEADERS = {"content-type": "application/json"}
 

@@ -38,7 +38,7 @@ def main() -> None:
     else:
         # 200 tokens, one every 20 ms; the upstream reports usage only at the end, so a
         # stream stopped early counts its tokens itself.
-        options = {"model": "tokens=200;tps=50", "base_url": url, "api_key": "test"}
+        options = {"model": "tokens=200,tps=50", "base_url": url, "api_key": "test"}
     consumed = 0
     try:
         if face == "async":

@@ -8,15 +8,15 @@ model name, ``scenario`` or ``scenario:arg``::
 
     ok                    role chunk, 4 text chunks, finish, usage chunk, [DONE]
     no_usage              the same without the usage chunk
-    error_after:N         N text chunks then an {"error": ...} frame, then [DONE]
-    reset_after:N         N text chunks then a TCP reset
+    fault=error,after=N   N text chunks then an {"error": ...} frame, then [DONE]
+    fault=reset,after=N   N text chunks then a TCP reset
     reset_first:N         reset the first N requests before any byte, then ``ok``
     no_done               finish and usage chunks, then a clean end without [DONE]
-    malformed_after:N     N text chunks then ``data: {not json``
+    fault=malformed,after=N  N text chunks then ``data: {not json``
     status:CODE           answer CODE with an OpenAI error body (e.g. status:401)
     status_then_ok:CODE   answer CODE to the first request, ``ok`` to the next ones
                           (Retry-After from the ``retry_after`` attribute)
-    stall_after:N         N text chunks then nothing until the client leaves
+    fault=stall,after=N   N text chunks then nothing until the client leaves
     slow                  a text chunk every 50 ms, up to 200
     no_stream_options     400 when the body has stream_options, else ``no_usage``
     json                  a non-streamed chat.completion body
@@ -33,6 +33,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from tokenrelay._mock_spec import parse_spec
 from tokenrelay.mock_upstream import RESET_GRACE, Exchange, MockUpstream, RequestRecord
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -92,7 +93,12 @@ class Upstream(MockUpstream):
         return sum(1 for c in self.calls if c.path == path)
 
     async def chat_completion(self, exchange: Exchange) -> None:
-        scenario, _, arg = str(exchange.body.get("model", "ok")).partition(":")
+        model = str(exchange.body.get("model", "ok"))
+        if "fault=" in model:  # the mock's one spelling of faults (tokenrelay._mock_spec)
+            options = parse_spec(model)
+            scenario, arg = f"{options['fault']}_after", str(options.get("after", 1))
+        else:
+            scenario, _, arg = model.partition(":")
         await _Script(self, exchange).run(scenario, arg)
 
 

@@ -25,7 +25,7 @@ from _upstream import Upstream
 from tokenrelay.bench import BenchReport, RequestOutcome, abench
 from tokenrelay.mock_upstream import MockUpstream
 
-MODEL = "mock:tokens=20,tokens_per_second=200"
+MODEL = "mock:tokens=20,tps=200"
 METRICS = ("ttft_ms", "tpot_ms", "itl_ms", "e2el_ms")
 
 
@@ -151,7 +151,7 @@ async def test_request_headers_body_and_usage(upstream: MockUpstream) -> None:
 
 async def test_concurrency_is_the_number_of_requests_in_flight(upstream: MockUpstream) -> None:
     upstream.reset()
-    report, seen = await run(upstream.url, "tokens=3;delay=0.2", concurrency=4, requests=8)
+    report, seen = await run(upstream.url, "tokens=3,delay=0.2", concurrency=4, requests=8)
     assert report.completed == 8
     # Each request's span on the client's clock: from sending it to the end of its body.
     spans = sorted((o.sent_at, o.sent_at + o.e2el) for o in seen
@@ -199,13 +199,13 @@ async def test_without_stream_options_chunks_are_counted() -> None:
 
 @pytest.mark.parametrize(("model", "expected"), [
     ("fault=401", "HTTP 401: mock-upstream: injected 401"),
-    ("tokens=5;fault=error;after=2",
+    ("tokens=5,fault=error,after=2",
      "the provider failed mid-stream: mock-upstream: injected error after 2 tokens"),
-    ("tokens=5;fault=malformed;after=2", "the provider sent a malformed chunk"),
-    ("tokens=5;fault=close;after=2", "the stream ended without its terminator"),
+    ("tokens=5,fault=malformed,after=2", "the provider sent a malformed chunk"),
+    ("tokens=5,fault=close,after=2", "the stream ended without its terminator"),
     ("tokens=0", "the stream carried no content"),
-    ("tokens=5;fault=reset;after=2", "ClientPayloadError"),
-    ("tokens=5;fault=stall;after=2", "SocketTimeoutError"),
+    ("tokens=5,fault=reset,after=2", "ClientPayloadError"),
+    ("tokens=5,fault=stall,after=2", "SocketTimeoutError"),
 ])
 async def test_failures_are_classified(upstream: MockUpstream, model: str,
                                        expected: str) -> None:

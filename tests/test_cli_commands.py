@@ -61,7 +61,7 @@ def test_an_unreachable_endpoint_is_one_line_and_the_rest_still_lists() -> None:
 
 
 def test_compare_json_has_both_modes() -> None:
-    done = tokenrelay("compare", "-m", "mock:tokens=12,tokens_per_second=40", "--json", "hi")
+    done = tokenrelay("compare", "-m", "mock:tokens=12,tps=40", "--json", "hi")
     assert done.returncode == 0, done.stderr
     streamed, whole = json.loads(done.stdout)["runs"]
     assert (streamed["mode"], whole["mode"]) == ("streamed", "non-streamed")
@@ -118,8 +118,35 @@ def test_chat_refuses_bad_options_before_the_first_question() -> None:
 
 def test_chat_reports_a_failed_answer_and_goes_on(tmp_path: Path) -> None:
     saved = tmp_path / "c.json"
-    done = tokenrelay("chat", "-m", "mock:error_after=2", input=f"one two\n/save {saved}\n")
+    done = tokenrelay("chat", "-m", "mock:fault=error,after=2", input=f"one two\n/save {saved}\n")
     assert done.returncode == 0
     assert "error: mock error after 2 tokens" in done.stderr
     messages = json.loads(saved.read_text())["messages"]
     assert messages[-1] == {"role": "assistant", "content": "Mock answer"}
+
+
+def test_help_is_a_command_not_a_prompt() -> None:
+    # `tokenrelay help` used to be sent to the model as the prompt "help" (issue 11).
+    done = tokenrelay("help", env=cli_env(TOKENRELAY_MODEL="mock"))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("Usage: tokenrelay [OPTIONS] COMMAND")
+    assert "Mock answer" not in done.stdout
+    sub = tokenrelay("help", "logs", "show")
+    assert sub.returncode == 0 and sub.stdout.startswith("Usage: tokenrelay logs show")
+    bad = tokenrelay("help", "nope")
+    assert bad.returncode == 2 and "no command 'nope'" in bad.stderr
+
+
+def test_top_level_help_lists_every_command_uncut_at_80_columns() -> None:
+    done = tokenrelay("--help", env=cli_env(COLUMNS="80"))
+    assert done.returncode == 0
+    listing = done.stdout.split("Commands:", 1)[1]
+    assert "..." not in listing
+    assert max(len(line) for line in done.stdout.splitlines()) <= 80
+    from tokenrelay.cli._app import _COMMANDS
+
+    names = [line.split()[0] for line in listing.splitlines()
+             if line.startswith("  ") and not line.startswith("   ")]
+    assert names == sorted(_COMMANDS)
+    flat = " ".join(listing.split())
+    assert "List the latest exchanges of the CLI, library and gateway, newest first." in flat

@@ -74,8 +74,17 @@ def _result(usage: Usage, reason: str = "stop", tps: float | None = 41.23) -> Re
 
 def test_footer() -> None:
     assert footer_text(_result(Usage(5, 12))) == (
-        "mock · 5/12 tokens · first token 21ms · 41.2 tok/s · 1.50s · stop"
+        "mock · 5 prompt + 12 completion tokens · first token 21ms · 41.2 tok/s · 1.50s · stop"
     )
     estimated = footer_text(_result(Usage(5, 3, estimated=True), "cancelled", None))
-    assert estimated == "mock · ~5/~3 tokens · first token 21ms · 1.50s · cancelled"
+    assert estimated == ("mock · ~5 prompt + ~3 completion tokens · first token 21ms · 1.50s"
+                         " · cancelled")
+
+
+def test_footer_says_why_the_model_and_a_cap() -> None:
+    # Issue 11: which rule chose the model, and a length finish at the default cap.
+    text = footer_text(_result(Usage(5, 512), "length"), model_note="endpoint's first model",
+                       cap=512)
+    assert text.startswith("mock (endpoint's first model) · 5 prompt + 512 completion")
+    assert text.endswith(" · length: stopped at the 512-token cap (--max-tokens to raise)")
 

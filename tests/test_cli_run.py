@@ -45,7 +45,7 @@ def test_stats_puts_the_footer_on_stderr() -> None:
     assert done.returncode == 0
     assert done.stdout == ANSWER + "\n"
     footer = done.stderr.strip()
-    assert footer.startswith("mock · 2/5 tokens · first token ")
+    assert footer.startswith("mock · 2 prompt + 5 completion tokens · first token ")
     assert "tok/s" in footer
     assert footer.endswith(" · stop")
 
@@ -107,7 +107,7 @@ def _first_byte_and_end(*args: str) -> tuple[float, float, str]:
 
 
 def test_streaming_shows_text_long_before_the_end_and_no_stream_only_at_the_end() -> None:
-    model = "mock:tokens=16,tokens_per_second=10"  # ~1.5 s of generation
+    model = "mock:tokens=16,tps=10"  # ~1.5 s of generation
     first, end, text = _first_byte_and_end("-m", model, "hi")
     assert end - first > 1.0
     first, end, buffered = _first_byte_and_end("-m", model, "--no-stream", "hi")
@@ -125,6 +125,22 @@ def test_prompt_from_stdin(args: tuple[str, ...]) -> None:
     done = tokenrelay(*args, input="from stdin\n", env=cli_env(TOKENRELAY_MODEL="mock"))
     assert done.returncode == 0, done.stderr
     assert done.stdout == "Mock answer to: from stdin\n"
+
+
+def test_prompt_and_stdin_are_joined_with_a_blank_line() -> None:
+    # `cat notes.txt | tokenrelay "Summarise:"` sent only "Summarise:" (issue 11).
+    done = tokenrelay("-m", "mock", "Summarise:", input="line one\nline two\n")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "Mock answer to: Summarise:\n\nline one\nline two\n"
+    # Empty stdin adds nothing.
+    done = tokenrelay("-m", "mock", "Summarise:", input="")
+    assert done.stdout == "Mock answer to: Summarise:\n"
+
+
+def test_compare_joins_stdin_too() -> None:
+    done = tokenrelay("compare", "-m", "mock", "--json", "Summarise:", input="notes\n")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["prompt"] == "Summarise:\n\nnotes"
 
 
 def test_empty_prompt_is_a_usage_error() -> None:
@@ -162,9 +178,9 @@ def test_sampling_options_reach_the_model() -> None:
 
 
 @pytest.mark.parametrize(("model", "flag"), [
-    ("mock:first_token_delay=5", "--timeout-first-token"),
-    ("mock:stall_after=2", "--timeout-idle"),
-    ("mock:tokens=100,tokens_per_second=20", "--timeout-total"),
+    ("mock:delay=5", "--timeout-first-token"),
+    ("mock:fault=stall,after=2", "--timeout-idle"),
+    ("mock:tokens=100,tps=20", "--timeout-total"),
 ])
 def test_timeouts_fail_with_a_hint(model: str, flag: str) -> None:
     done = tokenrelay("-m", model, flag, "0.3", "hi")
@@ -176,7 +192,12 @@ def test_unreachable_server_is_one_line_and_exit_1() -> None:
     url = f"http://127.0.0.1:{closed_port()}/v1"
     done = tokenrelay("--base-url", url, "-m", "some-model", "--retries", "0", "hi")
     assert done.returncode == 1
-    assert "127.0.0.1" in _one_error_line(done.stderr)
+    line = _one_error_line(done.stderr)
+    assert "127.0.0.1" in line
+    # aiohttp's own words ("Cannot connect to host ... ssl:default [...]") stay out
+    # (issue 11): one plain reason instead.
+    assert "ssl:default" not in line and "Connect call failed" not in line, line
+    assert "connection refused" in line.lower(), line
     assert done.stdout == ""
 
 
@@ -196,7 +217,7 @@ def test_missing_model_file_is_a_configuration_error() -> None:
 
 
 def test_mid_stream_error_keeps_the_partial_answer_on_stdout() -> None:
-    done = tokenrelay("-m", "mock:error_after=3", "hello", "world")
+    done = tokenrelay("-m", "mock:fault=error,after=3", "hello", "world")
     assert done.returncode == 1
     assert done.stdout == "Mock answer to:\n"
     assert _one_error_line(done.stderr) == "error: mock error after 3 tokens"
@@ -204,14 +225,14 @@ def test_mid_stream_error_keeps_the_partial_answer_on_stdout() -> None:
 
 def test_mid_stream_error_of_an_openai_compatible_server() -> None:
     with Upstream() as server:
-        done = tokenrelay("--base-url", server.url, "-m", "error_after:2", "hi")
+        done = tokenrelay("--base-url", server.url, "-m", "fault=error,after=2", "hi")
     assert done.returncode == 1
     assert done.stdout == "Hello,\n"
     _one_error_line(done.stderr)
 
 
 def test_json_mode_prints_the_error_event_and_fails() -> None:
-    done = tokenrelay("-m", "mock:error_after=3", "--json", "hi")
+    done = tokenrelay("-m", "mock:fault=error,after=3", "--json", "hi")
     assert done.returncode == 1
     events = [json.loads(line) for line in done.stdout.splitlines()]
     assert [e["type"] for e in events[-2:]] == ["error", "done"]

@@ -18,8 +18,8 @@ from _upstream import Upstream
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="not applicable here: needs a POSIX pty")
 
-SLOW = "mock:tokens=200,tokens_per_second=20"  # ten seconds of text unless stopped
-FOOTER = r"mock · ~?\d+/~?\d+ tokens · first token \d+(ms|\.\d+s) · "
+SLOW = "mock:tokens=200,tps=20"  # ten seconds of text unless stopped
+FOOTER = r"mock · ~?\d+ prompt \+ ~?\d+ completion tokens · first token \d+(ms|\.\d+s) · "
 
 
 @pytest.fixture
@@ -45,7 +45,7 @@ def _last_log_entry() -> dict[str, object]:
 
 
 def test_indicator_until_the_first_token_then_text_then_footer(terminal: list[PtyProcess]) -> None:
-    tty = _start(terminal, "-m", "mock:first_token_delay=0.6", "hello")
+    tty = _start(terminal, "-m", "mock:delay=0.6", "hello")
     tty.expect("thinking…")
     tty.expect("Mock answer to: hello\n")
     tty.expect(FOOTER + r".* · stop")
@@ -53,7 +53,7 @@ def test_indicator_until_the_first_token_then_text_then_footer(terminal: list[Pt
 
 
 def test_live_count_on_stderr_keeps_stdout_clean(terminal: list[PtyProcess]) -> None:
-    model = "mock:tokens=30,tokens_per_second=30"
+    model = "mock:tokens=30,tps=30"
     tty = _start(terminal, "-m", model, "hi", stdout_pipe=True)
     tty.expect(r"\d+ tokens · [\d.]+ tok/s")  # the live count, while it streams
     tty.expect(FOOTER + r".* · stop")
@@ -104,7 +104,7 @@ def test_ctrl_c_aborts_the_upstream_request(terminal: list[PtyProcess]) -> None:
 
 def test_markdown_renders_live_on_stdout(terminal: list[PtyProcess]) -> None:
     answer = "# Title\n\nSome **bold** text:\n\n- one\n- two\n"
-    tty = _start(terminal, "--markdown", "-m", f"mock:text={answer},tokens_per_second=50", "hi")
+    tty = _start(terminal, "--markdown", "-m", f"mock:text={answer},tps=50", "hi")
     tty.expect(FOOTER + r".* · stop")
     assert tty.wait() == 0
     assert "Some bold text" in tty.text  # rendered: no ** left
@@ -124,7 +124,7 @@ def _saved(tty: PtyProcess, path: Path) -> list[tuple[str, str]]:
 
 def test_chat_session(terminal: list[PtyProcess], tmp_path: Path) -> None:
     saved = tmp_path / "chat.json"
-    tty = _start(terminal, "chat", "-m", "mock:tokens_per_second=20")
+    tty = _start(terminal, "chat", "-m", "mock:tps=20")
     tty.expect("Ctrl-D to leave")
     tty.expect("> ")
 
@@ -189,3 +189,29 @@ def test_chat_ctrl_c_stops_the_answer_and_keeps_it_in_history(
     tty.sendline("/exit")
     assert tty.wait() == 0
     assert _last_log_entry()["finish_reason"] == "cancelled"
+
+
+def test_compare_shows_the_streamed_text_while_it_streams(terminal: list[PtyProcess]) -> None:
+    # It showed only a token count until both runs were over (issue 11).
+    tty = _start(terminal, "compare", "-m", "mock:tokens=40,tps=10", "hi")
+    tty.expect("Streaming shows each token", timeout=3)  # ~4 s of streaming in all
+    assert "streamed vs non-streamed" not in tty.text
+    tty.expect("streamed vs non-streamed", timeout=20)
+    assert tty.wait(timeout=20) == 0
+
+
+def test_chat_continue_in_a_terminal(terminal: list[PtyProcess], tmp_path: Path) -> None:
+    assert tokenrelay("-m", "mock", "what was the question").returncode == 0
+    saved = tmp_path / "chat.json"
+    tty = _start(terminal, "chat", "-c")
+    tty.expect("continuing a conversation of 1 turn")
+    tty.expect("Chatting with mock")  # the logged conversation's model
+    tty.expect("> ")
+    tty.sendline("and the answer?")
+    tty.expect("Mock answer to: and the answer\\?\n")
+    tty.expect("> ")
+    assert _saved(tty, saved) == [
+        ("user", "what was the question"), ("assistant", "Mock answer to: what was the question"),
+        ("user", "and the answer?"), ("assistant", "Mock answer to: and the answer?")]
+    tty.ctrl_d()
+    assert tty.wait() == 0

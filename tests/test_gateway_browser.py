@@ -34,7 +34,7 @@ from playwright.sync_api import Page, expect
 from tokenrelay.errors import ConfigurationError
 from tokenrelay.server.config import ServerConfig
 
-SLOW = "mock:tokens=200,tokens_per_second=25,first_token_delay=0.6"
+SLOW = "mock:tokens=200,tps=25,delay=0.6"
 SHOTS = Path("/tmp")
 T = TypeVar("T")
 
@@ -137,7 +137,7 @@ def test_stream_renders_live_and_stop_aborts_the_server(
     live = answer.locator(".stats").inner_text()
     assert re.search(r"\d+ tokens? · TTFT", live), live
     ttft = re.search(r"TTFT (\d+\.\d+) s", live)
-    assert ttft and 0.5 <= float(ttft.group(1)) < 5, live  # measured in the page: includes first_token_delay=0.6
+    assert ttft and 0.5 <= float(ttft.group(1)) < 5, live  # measured in the page: includes delay=0.6
 
     page.click("#stop")
     expect(answer).to_have_attribute("data-state", "stopped")
@@ -228,7 +228,7 @@ def test_streamed_markdown_is_rendered_safely(page: Page, gateway: LiveGateway) 
 
 def test_errors_show_inline(page: Page, gateway: LiveGateway) -> None:
     # Before the first token: an HTTP error status with an OpenAI error body.
-    open_chat(page, gateway, "mock:fail_before_first=401")
+    open_chat(page, gateway, "mock:fault=401")
     ask(page, "hello")
     answer = page.locator(".msg.assistant").last
     expect(answer).to_have_attribute("data-state", "error")
@@ -238,7 +238,7 @@ def test_errors_show_inline(page: Page, gateway: LiveGateway) -> None:
     page.screenshot(path=str(SHOTS / "tokenrelay_chat_error.png"))
 
     # After tokens: an SSE error event; the partial answer stays.
-    open_chat(page, gateway, "mock:error_after=3")
+    open_chat(page, gateway, "mock:fault=error,after=3")
     ask(page, "one two three four")
     answer = page.locator(".msg.assistant").last
     expect(answer).to_have_attribute("data-state", "error")

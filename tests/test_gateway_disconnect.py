@@ -31,13 +31,13 @@ from _gateway import (
 from tokenrelay.mock_upstream import MockUpstream, RequestRecord, token_text
 
 SPECS = {
-    "slow": "tokens=1000;tps=20",
-    "delayed": "tokens=5;delay=3",
-    "hb": "tokens=3;delay=1.5",
-    "flood": "tokens=1000000;tps=5000",
+    "slow": "tokens=1000,tps=20",
+    "delayed": "tokens=5,delay=3",
+    "hb": "tokens=3,delay=1.5",
+    "flood": "tokens=1000000,tps=5000",
     "quick": "tokens=3",
-    "midstall": "tokens=50;fault=stall;after=2",
-    "lateerror": "tokens=5;delay=1;fault=error;after=0",
+    "midstall": "tokens=50,fault=stall,after=2",
+    "lateerror": "tokens=5,delay=1,fault=error,after=0",
 }
 #: How soon the upstream must see a client's disconnect.
 ABORT_WITHIN = 0.5
@@ -114,7 +114,7 @@ def test_disconnect_while_waiting_for_the_first_token_aborts_the_upstream(
     assert poll(lambda: live.active() == 0, 3)
 
 
-@pytest.mark.parametrize("model", ["slow", "mock:tokens=100,tokens_per_second=20"])
+@pytest.mark.parametrize("model", ["slow", "mock:tokens=100,tps=20"])
 def test_disconnect_during_a_non_streamed_request_stops_the_generation(
         make_gateway: MakeGateway, upstream: MockUpstream, model: str) -> None:
     live = make_gateway()

@@ -24,14 +24,14 @@ from tokenrelay import RetryPolicy, Timeouts
 from tokenrelay.mock_upstream import MockUpstream, token_text
 
 SPECS = {
-    "reset": "fault=reset;after=3;tokens=8",
-    "close": "fault=close;after=3;tokens=8",
-    "malformed": "fault=malformed;after=3;tokens=8",
-    "error": "fault=error;after=3;tokens=8",
-    "stall": "fault=stall;after=3;tokens=8",
-    "reset_first": "fault=reset;after=0;times=1;tokens=4",
-    "rate_once": "fault=429;times=1;retry_after=0;tokens=4",
-    "rate_forever": "fault=429;retry_after=3600",
+    "reset": "fault=reset,after=3,tokens=8",
+    "close": "fault=close,after=3,tokens=8",
+    "malformed": "fault=malformed,after=3,tokens=8",
+    "error": "fault=error,after=3,tokens=8",
+    "stall": "fault=stall,after=3,tokens=8",
+    "reset_first": "fault=reset,after=0,times=1,tokens=4",
+    "rate_once": "fault=429,times=1,retry_after=0,tokens=4",
+    "rate_forever": "fault=429,retry_after=3600",
     "broken": "fault=500",
     "ok": "tokens=4",
 }

@@ -117,7 +117,7 @@ def test_the_reservation_is_settled_with_the_real_usage_every_way(
         assert window(tpm_gateway, "k4") == usage["total_tokens"]
         # Failed mid-stream: what was generated counts, not the reservation.
         c.post("/v1/chat/completions", headers=key(5), json={
-            "model": "mock:tokens=50,error_after=3", "messages": HI, "stream": True})
+            "model": "mock:tokens=50,fault=error,after=3", "messages": HI, "stream": True})
         (row,) = rows(tpm_gateway, 1, lambda r: r["key_id"] == "k5")
         assert row["status"] == "error"
         assert poll(lambda: tpm_gateway.gateway.limiter.total_active() == 0, 2)
@@ -125,7 +125,7 @@ def test_the_reservation_is_settled_with_the_real_usage_every_way(
     # Cancelled by the client mid-stream: what it got counts.
     with httpx.Client(base_url=tpm_gateway.url, timeout=TIMEOUT) as c, \
             c.stream("POST", "/v1/chat/completions", headers=key(6), json={
-                "model": "mock:tokens=200,tokens_per_second=50", "messages": HI,
+                "model": "mock:tokens=200,tps=50", "messages": HI,
                 "stream": True}) as r:
         for line in r.iter_lines():
             if "tok" in line or "content" in line:
@@ -434,7 +434,7 @@ def test_every_refused_request_is_logged(tmp_path: Path) -> None:
             415: c.post(chat, content=b"{}", headers={**AUTH, "content-type": "text/plain"}),
         }
         with c.stream("POST", chat, headers=AUTH, json={
-                "model": "mock:tokens=100,tokens_per_second=20", "messages": HI,
+                "model": "mock:tokens=100,tps=20", "messages": HI,
                 "stream": True}) as held:
             expected[429] = c.post(chat, json={"model": "mock", "messages": HI}, headers=AUTH)
             held.close()
@@ -457,7 +457,7 @@ def test_every_refused_request_is_logged(tmp_path: Path) -> None:
 
 def test_a_stream_cancelled_before_any_byte_is_logged_499(tmp_path: Path) -> None:
     with LiveGateway(gateway_config(tmp_path)) as live:
-        sock = open_stream(live.port, {"model": "mock:tokens=3,first_token_delay=2",
+        sock = open_stream(live.port, {"model": "mock:tokens=3,delay=2",
                                        "messages": HI, "stream": True})
         time.sleep(0.3)
         sock.close()

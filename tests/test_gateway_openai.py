@@ -32,8 +32,8 @@ class Target:
     rate_limited: str
 
 
-MOCK = Target("mock", "Mock answer to: hi", 4, "mock:error_after=2",
-              "mock:fail_before_first=429,retry_after=3600")
+MOCK = Target("mock", "Mock answer to: hi", 4, "mock:fault=error,after=2",
+              "mock:fault=429,retry_after=3600")
 UPSTREAM = Target("up", token_text(6), 6, "up-error", "up-429")
 TARGETS = pytest.mark.parametrize("target", [MOCK, UPSTREAM], ids=["mock", "upstream"])
 
@@ -43,8 +43,8 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveGateway]:
     tmp: Path = tmp_path_factory.mktemp("gateway")
     with MockUpstream() as upstream:
         models = routes(upstream.url, up="tokens=6",
-                        up_error="fault=error;after=2;tokens=6",
-                        up_429="fault=429;retry_after=3600")
+                        up_error="fault=error,after=2,tokens=6",
+                        up_429="fault=429,retry_after=3600")
         with LiveGateway(config(tmp, models)) as gateway:
             yield gateway
 

@@ -246,7 +246,7 @@ def test_one_access_line_per_request(client: openai.OpenAI, live: LiveGateway,
 def test_a_client_that_leaves_is_logged_as_cancelled(live: LiveGateway,
                                                      access: pytest.LogCaptureFixture) -> None:
     with httpx.stream("POST", live.url + "/v1/chat/completions", timeout=5, json={
-            "model": "mock:tokens=500,tokens_per_second=50", "messages": PROMPT,
+            "model": "mock:tokens=500,tps=50", "messages": PROMPT,
             "stream": True}) as response:
         next(response.iter_lines())
     lines = access_lines(access, live, 1)

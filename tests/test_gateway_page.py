@@ -41,7 +41,7 @@ SHOTS = Path("/tmp")
 def paced(tokens: int, per_second: int) -> str:
     """A scripted mock answer of ``tokens`` tokens at ``per_second`` (the one spelling of
     the mock's options lives here)."""
-    return f"mock:tokens={tokens},tokens_per_second={per_second}"
+    return f"mock:tokens={tokens},tps={per_second}"
 
 
 PHONE = {"width": 390, "height": 844}

@@ -88,7 +88,7 @@ def upstream() -> Iterator[MockUpstream]:
 def live(tmp_path_factory: pytest.TempPathFactory, upstream: MockUpstream
          ) -> Iterator[LiveGateway]:
     tmp: Path = tmp_path_factory.mktemp("responses")
-    models = routes(upstream.url, up="tokens=6", up_slow="tokens=1000;tps=50")
+    models = routes(upstream.url, up="tokens=6", up_slow="tokens=1000,tps=50")
     with LiveGateway(config(tmp, models)) as gateway:
         models = gateway.gateway.models
         models["tool"] = (ScriptedProvider(_weather_calls), "tool")
@@ -137,7 +137,7 @@ def test_responses_stream_events_in_order_and_final_text(client: openai.OpenAI) 
 
 def test_every_streamed_event_validates_against_the_sdk_types(client: openai.OpenAI) -> None:
     # The SDK builds events without validation; validate each one strictly here.
-    for model in ("mock", "tool", "cut", "mock:error_after=2"):
+    for model in ("mock", "tool", "cut", "mock:fault=error,after=2"):
         kwargs: dict[str, Any] = {"tools": [WEATHER_TOOL]} if model == "tool" else {}
         stream = client.responses.create(model=model, input="hi", stream=True, **kwargs)
         events = list(stream)
@@ -231,7 +231,7 @@ def test_responses_max_output_tokens_ends_incomplete(client: openai.OpenAI) -> N
 
 def test_responses_error_mid_stream_is_an_error_event_then_failed(
         client: openai.OpenAI) -> None:
-    with client.responses.stream(model="mock:error_after=2", input="hi") as stream:
+    with client.responses.stream(model="mock:fault=error,after=2", input="hi") as stream:
         events = list(stream)
         with pytest.raises(RuntimeError, match="response.completed"):
             stream.get_final_response()
@@ -250,7 +250,7 @@ def test_responses_failure_before_the_first_token_keeps_its_status(
         client: openai.OpenAI) -> None:
     for stream in (True, False):
         with pytest.raises(openai.RateLimitError) as info:
-            client.responses.create(model="mock:fail_before_first=429,retry_after=3600",
+            client.responses.create(model="mock:fault=429,retry_after=3600",
                                     input="hi", stream=stream)
         assert info.value.response.headers["retry-after"] == "3600"
 

@@ -150,7 +150,7 @@ _VALID = [
 ]
 _ODD_VALUES: list[Any] = [None, True, 0, -1, 2**64, 1e308, -0.0, "", "x" * 5000, "\u0000",
                           "\ud800", [], {}, [None], {"": None}, "mock:tokens=99999999",
-                          "mock:first_token_delay=1e9", "../../", "A" * 300]
+                          "mock:delay=1e9", "../../", "A" * 300]
 
 
 def _random_value(rng: random.Random, depth: int = 0) -> Any:

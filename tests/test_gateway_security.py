@@ -35,7 +35,7 @@ from tokenrelay.server.security import ANONYMOUS, Authenticator, GatewayHTTPErro
 TIMEOUT = httpx.Timeout(10.0)
 HI = [{"role": "user", "content": "hi"}]
 #: A stream of ~10 s: long enough to be "in progress" for the whole of a test.
-SLOW = "mock:tokens=50,tokens_per_second=5"
+SLOW = "mock:tokens=50,tps=5"
 
 RAW = {
     "plain": "gw-plain-0123456789abcdef",
@@ -354,7 +354,7 @@ def test_requests_per_minute_limit(client: httpx.Client) -> None:
 async def test_tokens_per_minute_is_atomic_under_concurrency(gw: LiveGateway) -> None:
     # 20 requests at once, each reserving max_tokens=10 + 1 for the prompt ("hi" is
     # estimated at 1 token) against 110 tokens/min: exactly 10 fit. Each admitted one lasts 1 s, so none finishes (and reconciles) meanwhile.
-    body = {"model": "mock:tokens=50,first_token_delay=1", "messages": HI, "max_tokens": 10}
+    body = {"model": "mock:tokens=50,delay=1", "messages": HI, "max_tokens": 10}
     limits = httpx.Limits(max_connections=40)
     async with httpx.AsyncClient(base_url=gw.url, timeout=TIMEOUT, limits=limits) as c:
         responses = await asyncio.gather(*(
@@ -733,7 +733,7 @@ def test_idle_keep_alive_connections_are_closed(strict: LiveGateway) -> None:
 
 def test_streams_longer_than_the_header_timeout_are_not_cut(strict: LiveGateway) -> None:
     # Headers arrive at once; the answer then takes ~2.5 s, well past header_timeout.
-    body = {"model": "mock:tokens=6,tokens_per_second=2", "messages": HI, "stream": True}
+    body = {"model": "mock:tokens=6,tps=2", "messages": HI, "stream": True}
     started = time.monotonic()
     with httpx.Client(base_url=strict.url, timeout=TIMEOUT) as c:
         r = c.post("/v1/chat/completions", json=body)

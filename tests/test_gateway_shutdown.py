@@ -27,7 +27,7 @@ HI = [{"role": "user", "content": "hi"}]
 DRAIN = 1.5
 #: Slack for a loaded 2-core machine on top of the promised bound.
 SLACK = 3.0
-LONG = "mock:tokens=2000,tokens_per_second=10"
+LONG = "mock:tokens=2000,tps=10"
 #: A clean stop: SIGTERM handled, answers drained, the log written (not uvicorn's re-raise).
 EXITED = (0,)
 
@@ -91,11 +91,11 @@ def test_sigterm_ends_running_answers_with_one_shutdown_error_within_the_drain(
         "responses": open_post(server.port, "/v1/responses",
                                {"model": LONG, "input": "hi", "stream": True}),
         "short": open_post(server.port, "/v1/chat/completions", {
-            "model": "mock:tokens=8,tokens_per_second=10", "messages": HI, "stream": True}),
+            "model": "mock:tokens=8,tps=10", "messages": HI, "stream": True}),
     }
     waiting = {
         "first_token": open_post(server.port, "/v1/chat/completions", {
-            "model": "mock:tokens=3,first_token_delay=60", "messages": HI, "stream": True}),
+            "model": "mock:tokens=3,delay=60", "messages": HI, "stream": True}),
         "unstreamed": open_post(server.port, "/v1/chat/completions",
                                 {"model": LONG, "messages": HI}),
     }
@@ -195,7 +195,7 @@ def tcp_states(port: int) -> list[str]:
 def test_a_dropped_slow_reader_is_reset_not_left_in_fin_wait(tmp_path: Path,
                                                              loop: str) -> None:
     with MockUpstream() as upstream, LiveGateway(config(
-            tmp_path, routes(upstream.url, flood="tokens=1000000;tps=5000"), send_timeout=1),
+            tmp_path, routes(upstream.url, flood="tokens=1000000,tps=5000"), send_timeout=1),
             loop=loop) as live:
         sock = open_stream(live.port, chat_body("flood"), rcvbuf=4096)
         try:

@@ -52,7 +52,7 @@ def test_behaviour_parse() -> None:
     behaviour = Behaviour.parse("gpt-x;fault=reset;after=3,tps=50;delay=0.5;times=2")
     assert behaviour == Behaviour(fault="reset", fault_after=3, tokens_per_second=50,
                                   first_token_delay=0.5, fault_times=2)
-    assert Behaviour.parse("fault=429;retry_after=7").status == 429
+    assert Behaviour.parse("fault=429,retry_after=7").status == 429
     assert Behaviour.parse("plain-model-name") == Behaviour()
     with pytest.raises(UsageError, match="unknown mock-upstream option 'fualt'"):
         Behaviour.parse("fualt=reset")
@@ -85,9 +85,9 @@ def test_max_tokens_cuts_the_answer_and_no_usage_unless_asked(http: httpx.Client
 
 
 def test_headers_win_over_the_model_name(http: httpx.Client, upstream: MockUpstream) -> None:
-    payloads = stream(http, "tokens=9;fault=reset", headers={"x-mock-tokens": "3",
+    payloads = stream(http, "tokens=9,fault=reset", headers={"x-mock-tokens": "3",
                                                              "x-mock-fault": "error",
-                                                             "x-mock-fault-after": "2"})
+                                                             "x-mock-after": "2"})
     assert text(payloads) == "tok0 tok1"
     assert payloads[-2]["error"]["type"] == "server_error" and payloads[-1] == "[DONE]"
     assert upstream.requests[0].fault == "error"
@@ -109,7 +109,7 @@ def test_mid_stream_faults_on_the_wire(http: httpx.Client, fault: str,
 
     def read() -> None:
         with http.stream("POST", "/chat/completions", json={
-                "model": f"fault={fault};after=2", "messages": PROMPT, "stream": True}) as r:
+                "model": f"fault={fault},after=2", "messages": PROMPT, "stream": True}) as r:
             lines.extend(line for line in r.iter_lines() if line)
 
     if error is None:
@@ -126,7 +126,7 @@ def test_mid_stream_faults_on_the_wire(http: httpx.Client, fault: str,
 
 
 def test_status_fault_only_the_first_times(http: httpx.Client) -> None:
-    model = "fault=429;times=2;retry_after=7"
+    model = "fault=429,times=2,retry_after=7"
     answers = [http.post("/chat/completions", json={"model": model, "messages": PROMPT})
                for _ in range(3)]
     assert [a.status_code for a in answers] == [429, 429, 200]
@@ -145,7 +145,7 @@ def test_bad_option_is_a_400_naming_it(http: httpx.Client) -> None:
 
 def test_abort_is_seen_at_once_and_served_as_json(http: httpx.Client,
                                                   upstream: MockUpstream) -> None:
-    with http.stream("POST", "/chat/completions", headers={"x-mock-tokens-per-second": "20"},
+    with http.stream("POST", "/chat/completions", headers={"x-mock-tps": "20"},
                      json={"model": "tokens=1000", "messages": PROMPT, "stream": True}) as r:
         for line in r.iter_lines():
             if "tok2" in line:

@@ -257,7 +257,7 @@ def test_usage_is_estimated_when_the_server_sends_none(upstream: Upstream) -> No
 
 def test_error_frame_mid_stream_keeps_partial_text(upstream: Upstream) -> None:
     with (
-        tokenrelay.stream("hi", **options(upstream, "error_after:2")) as s,
+        tokenrelay.stream("hi", **options(upstream, "fault=error,after=2")) as s,
         pytest.raises(tokenrelay.StreamError) as info,
     ):
         for _ in s:
@@ -271,7 +271,7 @@ def test_error_frame_mid_stream_keeps_partial_text(upstream: Upstream) -> None:
 
 async def test_errors_as_events_when_raise_errors_is_false(upstream: Upstream) -> None:
     async with tokenrelay.astream(
-        "hi", raise_errors=False, **options(upstream, "error_after:2")
+        "hi", raise_errors=False, **options(upstream, "fault=error,after=2")
     ) as s:
         events = [e async for e in s]
     assert isinstance(events[-2], ErrorEvent) and events[-2].code == "overloaded"
@@ -281,7 +281,7 @@ async def test_errors_as_events_when_raise_errors_is_false(upstream: Upstream) -
 
 def test_connection_reset_mid_stream(upstream: Upstream) -> None:
     with (
-        tokenrelay.stream("hi", **options(upstream, "reset_after:3")) as s,
+        tokenrelay.stream("hi", **options(upstream, "fault=reset,after=3")) as s,
         pytest.raises(tokenrelay.StreamError) as info,
     ):
         s.final()
@@ -308,7 +308,7 @@ def test_missing_done_is_a_truncated_stream(upstream: Upstream) -> None:
 
 def test_malformed_chunk(upstream: Upstream) -> None:
     with pytest.raises(tokenrelay.StreamError) as info:
-        tokenrelay.complete("hi", **options(upstream, "malformed_after:2"))
+        tokenrelay.complete("hi", **options(upstream, "fault=malformed,after=2"))
     assert info.value.code == "malformed_chunk" and info.value.partial_text == "Hello,"
 
 
@@ -350,7 +350,7 @@ def test_404_is_a_bad_request(upstream: Upstream) -> None:
 def test_idle_timeout_aborts_the_upstream(upstream: Upstream) -> None:
     started = time.monotonic()
     with (
-        tokenrelay.stream("hi", **options(upstream, "stall_after:2")) as s,
+        tokenrelay.stream("hi", **options(upstream, "fault=stall,after=2")) as s,
         pytest.raises(tokenrelay.TimeoutError) as info,
     ):
         s.final()
@@ -608,7 +608,7 @@ async def test_a_connection_the_server_closed_after_a_body_is_not_reused_into_an
         provider = OpenAIProvider(base_url=server.url)
         for _ in range(5):
             with pytest.raises(tokenrelay.StreamError) as info:
-                await tokenrelay.acomplete("hi", provider=provider, model="tokens=5;fault=close;after=2",
+                await tokenrelay.acomplete("hi", provider=provider, model="tokens=5,fault=close,after=2",
                                            retry=no_retry)
             assert info.value.code == "truncated"
             result = await tokenrelay.acomplete("hi", provider=provider, model="tokens=3",

@@ -55,7 +55,7 @@ def test_backoff_delays_are_the_seeded_jittered_exponential(
 
     monkeypatch.setattr(_stream, "_backoff_delay", recording)
     policy = tokenrelay.RetryPolicy(max_retries=3, backoff=0.05, max_backoff=0.15)
-    result = tokenrelay.complete("hi", model="tokens=2;fault=503;times=3", base_url=upstream.url,
+    result = tokenrelay.complete("hi", model="tokens=2,fault=503,times=3", base_url=upstream.url,
                                  api_key="k", retry=policy)
     assert result.text == "tok0 tok1"
     rng = random.Random(42)
@@ -73,7 +73,7 @@ def test_408_and_409_are_retried(status: int, upstream: MockUpstream) -> None:
     """408 Request Timeout and 409 Conflict are retried, as the OpenAI SDK does."""
     upstream.reset()
     result = tokenrelay.complete(
-        "hi", model=f"tokens=2;fault={status};times=1", base_url=upstream.url, api_key="k",
+        "hi", model=f"tokens=2,fault={status},times=1", base_url=upstream.url, api_key="k",
         retry=tokenrelay.RetryPolicy(max_retries=1, backoff=0.01))
     assert result.text == "tok0 tok1"
     assert [r.status for r in upstream.chat_requests()] == [status, 200]
@@ -85,8 +85,8 @@ def test_408_and_409_are_retried(status: int, upstream: MockUpstream) -> None:
 @pytest.fixture
 def live(upstream: MockUpstream, tmp_path: Path) -> Iterator[LiveGateway]:
     upstream.reset()
-    models = routes(upstream.url, slow="tokens=1000;tps=50", quick="tokens=3",
-                    broken="tokens=5;fault=error;after=2", refused="fault=401")
+    models = routes(upstream.url, slow="tokens=1000,tps=50", quick="tokens=3",
+                    broken="tokens=5,fault=error,after=2", refused="fault=401")
     with LiveGateway(config(tmp_path, models, cors_origins=["https://app.example"],
                             log={"path": str(tmp_path / "r.db"), "redact": True})) as gw:
         yield gw
@@ -150,8 +150,8 @@ def upstream_process(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 def test_tasks_and_fds_return_to_the_baseline_on_uvloop(
         upstream_process: str, tmp_path: Path, model: str) -> None:
     """After normal ends, errors before and after the first token, and disconnects."""
-    models = routes(upstream_process, slow="tokens=1000;tps=50", quick="tokens=3",
-                    broken="tokens=5;fault=error;after=2", refused="fault=401")
+    models = routes(upstream_process, slow="tokens=1000,tps=50", quick="tokens=3",
+                    broken="tokens=5,fault=error,after=2", refused="fault=401")
     with LiveGateway(config(tmp_path, models)) as live:
         _back_to_baseline(live, model)
 

@@ -315,10 +315,10 @@ async def test_round_trip_through_the_gateway_responses_endpoint(gateway: LiveGa
     assert result.usage.completion_tokens == 4 and not result.usage.estimated
     result, _ = await run(provider, "mock", max_tokens=2)
     assert (result.text, result.finish_reason) == ("Mock answer", "length")
-    result, _ = await run(provider, "mock:error_after=2")
+    result, _ = await run(provider, "mock:fault=error,after=2")
     assert isinstance(result.error, StreamError) and result.error.code == "mock_error"
     assert result.text == "Mock answer"
-    result, _ = await run(provider, "mock:fail_before_first=429,retry_after=3600")
+    result, _ = await run(provider, "mock:fault=429,retry_after=3600")
     assert isinstance(result.error, RateLimitError)
 
 

@@ -54,7 +54,7 @@ def test_usage_estimated_when_provider_sends_none() -> None:
 
 
 def test_metrics_with_paced_tokens() -> None:
-    provider = MockProvider(tokens=11, tokens_per_second=100, first_token_delay=0.05)
+    provider = MockProvider(tokens=11, tps=100, delay=0.05)
     result = tokenrelay.complete("x", provider=provider)
     m = result.metrics
     assert m.time_to_first_token is not None and m.time_to_first_token >= 0.04
@@ -64,7 +64,7 @@ def test_metrics_with_paced_tokens() -> None:
 
 
 def test_break_cancels_and_keeps_partial_text() -> None:
-    provider = MockProvider(tokens=100, tokens_per_second=200)
+    provider = MockProvider(tokens=100, tps=200)
     with tokenrelay.stream("x", provider=provider) as s:
         for i, _ in enumerate(s.text_stream()):
             if i == 2:
@@ -84,7 +84,7 @@ def test_close_before_iterating() -> None:
 
 
 async def test_async_break_and_task_cancel() -> None:
-    provider = MockProvider(tokens=100, tokens_per_second=100)
+    provider = MockProvider(tokens=100, tps=100)
     async with tokenrelay.astream("x", provider=provider) as s:
         async for event in s:
             if isinstance(event, TextDelta) and len(event.snapshot) > 10:
@@ -92,7 +92,7 @@ async def test_async_break_and_task_cancel() -> None:
     assert s.result.finish_reason == "cancelled"
     assert provider.cancelled == 1
 
-    provider2 = MockProvider(tokens=100, tokens_per_second=50)
+    provider2 = MockProvider(tokens=100, tps=50)
     s2 = tokenrelay.astream("x", provider=provider2)
 
     async def consume() -> None:
@@ -112,7 +112,7 @@ async def test_async_break_and_task_cancel() -> None:
 def test_error_mid_stream_raises_with_partial_text() -> None:
     with (
         pytest.raises(StreamError) as info,
-        tokenrelay.stream("x", provider=MockProvider(tokens=10, error_after=3)) as s,
+        tokenrelay.stream("x", provider=MockProvider(tokens=10, fault="error", after=3)) as s,
     ):
         for _ in s:
             pass
@@ -122,7 +122,7 @@ def test_error_mid_stream_raises_with_partial_text() -> None:
 
 
 def test_error_as_events_when_not_raising() -> None:
-    provider = MockProvider(tokens=10, error_after=2)
+    provider = MockProvider(tokens=10, fault="error", after=2)
     with tokenrelay.stream("x", provider=provider, raise_errors=False) as s:
         events = list(s)
     assert isinstance(events[-2], ErrorEvent) and events[-2].code == "mock_error"
@@ -133,13 +133,13 @@ def test_error_as_events_when_not_raising() -> None:
 
 def test_truncated_stream_is_an_error_not_success() -> None:
     with pytest.raises(StreamError) as info:
-        tokenrelay.complete("x", provider=MockProvider(tokens=10, truncate_after=4))
+        tokenrelay.complete("x", provider=MockProvider(tokens=10, fault="close", after=4))
     assert info.value.code == "truncated"
     assert info.value.partial_text == "Streaming shows each token"
 
 
 def test_retry_before_first_token_honours_retry_after() -> None:
-    provider = MockProvider("ok", fail_before_first=429, fail_times=2, retry_after=0.05)
+    provider = MockProvider("ok", fault=429, times=2, retry_after=0.05)
     start = time.monotonic()
     result = tokenrelay.complete("x", provider=provider, retry=FAST_RETRY)
     assert result.text == "ok"
@@ -148,7 +148,7 @@ def test_retry_before_first_token_honours_retry_after() -> None:
 
 
 def test_retry_after_past_cap_is_refused() -> None:
-    provider = MockProvider("ok", fail_before_first=429, retry_after=120)
+    provider = MockProvider("ok", fault=429, retry_after=120)
     policy = RetryPolicy(max_retry_after=5)
     start = time.monotonic()
     with pytest.raises(tokenrelay.RateLimitError) as info:
@@ -159,18 +159,18 @@ def test_retry_after_past_cap_is_refused() -> None:
 
 
 def test_retries_exhausted_and_non_retryable() -> None:
-    provider = MockProvider("ok", fail_before_first=503, fail_times=10)
+    provider = MockProvider("ok", fault=503, times=10)
     with pytest.raises(tokenrelay.ServerError):
         tokenrelay.complete("x", provider=provider, retry=RetryPolicy(max_retries=2, backoff=0))
     assert provider.calls == 3
-    provider = MockProvider("ok", fail_before_first=401)
+    provider = MockProvider("ok", fault=401)
     with pytest.raises(tokenrelay.AuthenticationError):
         tokenrelay.complete("x", provider=provider, retry=FAST_RETRY)
     assert provider.calls == 1
 
 
 def test_never_retries_after_first_token() -> None:
-    provider = MockProvider(tokens=10, error_after=2)
+    provider = MockProvider(tokens=10, fault="error", after=2)
     with pytest.raises(StreamError):
         tokenrelay.complete("x", provider=provider, retry=FAST_RETRY)
     assert provider.calls == 1
@@ -179,9 +179,9 @@ def test_never_retries_after_first_token() -> None:
 @pytest.mark.parametrize(
     ("provider", "timeouts", "kind"),
     [
-        (MockProvider(tokens=5, first_token_delay=5), Timeouts(first_token=0.2), "first_token"),
-        (MockProvider(tokens=5, stall_after=2), Timeouts(idle=0.2), "idle"),
-        (MockProvider(tokens=50, tokens_per_second=20), Timeouts(total=0.3), "total"),
+        (MockProvider(tokens=5, delay=5), Timeouts(first_token=0.2), "first_token"),
+        (MockProvider(tokens=5, fault="stall", after=2), Timeouts(idle=0.2), "idle"),
+        (MockProvider(tokens=50, tps=20), Timeouts(total=0.3), "total"),
     ],
 )
 def test_timeouts_are_distinct(provider: MockProvider, timeouts: Timeouts, kind: str) -> None:
@@ -226,12 +226,12 @@ def test_batch_runs_concurrently_under_a_limit() -> None:
             finally:
                 active -= 1
 
-    provider = Counting(tokens=5, tokens_per_second=100)
+    provider = Counting(tokens=5, tps=100)
     results = tokenrelay.batch([f"p{i}" for i in range(6)], concurrency=2, provider=provider)
     assert len(results) == 6 and all(r.finish_reason == "stop" for r in results)
     assert peak == 2
 
-    failing = MockProvider(tokens=5, error_after=1)
+    failing = MockProvider(tokens=5, fault="error", after=1)
     results = tokenrelay.batch(["a", "b"], provider=failing)
     assert [r.finish_reason for r in results] == ["error", "error"]
     assert all(isinstance(r.error, StreamError) for r in results)
@@ -265,7 +265,7 @@ def test_library_log(tmp_path) -> None:  # type: ignore[no-untyped-def]
     db = tmp_path / "log.db"
     tokenrelay.complete("logged prompt", model="mock", log=str(db))
     with pytest.raises(StreamError):
-        tokenrelay.complete("bad", provider=MockProvider(tokens=5, error_after=2), log=str(db))
+        tokenrelay.complete("bad", provider=MockProvider(tokens=5, fault="error", after=2), log=str(db))
     entries = ExchangeLog(db).list()
     assert [e.finish_reason for e in entries] == ["error", "stop"]
     assert entries[0].answer == "Streaming shows" and "mock_error" in (entries[0].error or "")
@@ -275,8 +275,8 @@ def test_library_log(tmp_path) -> None:  # type: ignore[no-untyped-def]
 @pytest.mark.parametrize(
     ("provider", "timeouts", "kind"),
     [
-        (MockProvider(tokens=5, first_token_delay=5), Timeouts(first_token=0.2), "first_token"),
-        (MockProvider(tokens=5, stall_after=2), Timeouts(idle=0.2), "idle"),
+        (MockProvider(tokens=5, delay=5), Timeouts(first_token=0.2), "first_token"),
+        (MockProvider(tokens=5, fault="stall", after=2), Timeouts(idle=0.2), "idle"),
     ],
 )
 def test_a_pinned_stream_times_out_the_same_without_asking_for_its_task(

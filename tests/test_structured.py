@@ -87,7 +87,7 @@ def test_partials_grow_and_the_final_model_validates() -> None:
 
 
 async def test_async_stream_and_the_request_carries_the_strict_schema() -> None:
-    provider = MockProvider(tokens_per_second=None)
+    provider = MockProvider(tps=None)
     async with tokenrelay.astream("hi", provider=provider, response_format=Person) as s:
         events = [e async for e in s]
     assert isinstance(s.result.parsed, Person)
@@ -296,7 +296,7 @@ def test_cli_schema_that_cannot_load_is_a_usage_error(tmp_path: Path) -> None:
 
 
 def test_cli_schema_fills_in_live_on_a_terminal(models_module: Path) -> None:
-    argv = tokenrelay_argv("-m", "mock:tokens_per_second=40", "--schema", "climodels:Film",
+    argv = tokenrelay_argv("-m", "mock:tps=40", "--schema", "climodels:Film",
                            "--stats", "a film")
     with PtyProcess(argv, env=cli_env(), cwd=str(models_module)) as tty:
         tty.expect(r'"title": "example"')  # shown before the end of the stream

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import difflib
 import functools
+import inspect
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from . import _portal
 from ._stream import AsyncStream, Result
@@ -34,6 +36,42 @@ def _logger(log: bool | str | None, settings: Settings) -> Callable[[Request, Re
         return None
     exchange_log = _log_for(log if isinstance(log, str) else None)
     return lambda request, result: exchange_log.record(request, result, source="library")
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _checked_keywords(func: F) -> F:
+    """Refuse an unknown keyword naming the function the caller called and the closest
+    option (``complete(max_token=5)`` used to fail inside ``astream()``, with no hint)."""
+    parameters = inspect.signature(func).parameters
+    allowed = {name for name, p in parameters.items()
+               if p.kind is not inspect.Parameter.VAR_KEYWORD}
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        allowed |= _ASTREAM_OPTIONS  # ``**options`` go to astream()
+
+    def check(kwargs: dict[str, Any]) -> None:
+        for key in kwargs:
+            if key not in allowed:
+                close = difflib.get_close_matches(key, sorted(allowed), n=1, cutoff=0.7)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise TypeError(f"{func.__name__}() got an unexpected keyword argument"
+                                f" {key!r}{hint}")
+
+    if inspect.iscoroutinefunction(func):
+        @functools.wraps(func)
+        async def acall(*args: Any, **kwargs: Any) -> Any:
+            check(kwargs)
+            return await func(*args, **kwargs)
+
+        return acall  # type: ignore[return-value]
+
+    @functools.wraps(func)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        check(kwargs)
+        return func(*args, **kwargs)
+
+    return call  # type: ignore[return-value]
 
 
 def astream(
@@ -130,6 +168,11 @@ def astream(
     return AsyncStream(request, provider, **options)
 
 
+_ASTREAM_OPTIONS = frozenset(inspect.signature(astream).parameters) - {"prompt"}
+astream = _checked_keywords(astream)
+
+
+@_checked_keywords
 @functools.wraps(astream, assigned=("__doc__",))
 def stream(prompt: Prompt, **options: Any) -> Stream:
     """Stream an answer. Use as ``with`` and iterate it for events (see :func:`astream`).
@@ -144,6 +187,7 @@ def stream(prompt: Prompt, **options: Any) -> Stream:
     return Stream(astream(prompt, **options))
 
 
+@_checked_keywords
 async def acomplete(
     prompt: Prompt,
     *,
@@ -166,6 +210,7 @@ async def acomplete(
         return await s.final()
 
 
+@_checked_keywords
 def complete(
     prompt: Prompt,
     *,
@@ -183,6 +228,7 @@ def complete(
         return s.final()
 
 
+@_checked_keywords
 async def abatch(
     prompts: Sequence[Prompt], *, concurrency: int = 4, **options: Any
 ) -> list[Result]:
@@ -208,6 +254,7 @@ async def abatch(
     return list(await asyncio.gather(*(one(p) for p in prompts)))
 
 
+@_checked_keywords
 def batch(prompts: Sequence[Prompt], *, concurrency: int = 4, **options: Any) -> list[Result]:
     """Sync :func:`abatch`."""
     return _portal.run(abatch(prompts, concurrency=concurrency, **options))

@@ -377,6 +377,13 @@ class AsyncStream:
 
     # -- internals -------------------------------------------------------------------
 
+    async def pick_model(self) -> None:
+        """Ask the provider for its default model when the request names none (an
+        endpoint's first listed model; see ``config.choose_model``)."""
+        model = await self.provider.default_model()
+        if model is not None:
+            self.request = self.request.model_copy(update={"model": model})
+
     async def _close_upstream(self) -> None:
         upstream, self._upstream = self._upstream, None
         if upstream is not None:
@@ -392,10 +399,12 @@ class AsyncStream:
         timer = TaskDeadline(loop, self._owner)  # None: the current task, per arm
         try:
             while True:
-                self._upstream = self.provider.stream(self.request, raw=self.raw).__aiter__()
-                next_chunk = self._upstream.__anext__
                 first_token, idle = self.timeouts.first_token, self.timeouts.idle
                 try:
+                    if self.request.model is None:  # once: the endpoint's first model
+                        await self.pick_model()
+                    self._upstream = self.provider.stream(self.request, raw=self.raw).__aiter__()
+                    next_chunk = self._upstream.__anext__
                     while True:
                         # The deadline of this wait (inline: it runs once per chunk).
                         if acc.first_token_at is None:

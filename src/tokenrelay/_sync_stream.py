@@ -15,6 +15,7 @@ from typing import Any, Self
 from . import _portal
 from ._stream import AsyncStream, Result
 from .events import StreamEvent, TextDelta
+from .providers.base import Provider
 from .request import Request
 
 __all__ = ["Stream"]
@@ -45,6 +46,10 @@ class Stream:
     @property
     def request(self) -> Request:
         return self._astream.request
+
+    @property
+    def provider(self) -> Provider:
+        return self._astream.provider
 
     @property
     def text(self) -> str:

@@ -141,9 +141,11 @@ class ToolLoopStream(AsyncStream):
     async def _run(self) -> AsyncIterator[StreamEvent]:
         loop = asyncio.get_running_loop()
         deadline = None if self.timeouts.total is None else loop.time() + self.timeouts.total
-        request = self.request
         rounds_of_tools = 0
         try:
+            if self.request.model is None:  # the endpoint's first model, for every round
+                await self.pick_model()
+            request = self.request
             while True:
                 stream = self._open_round(request, deadline, loop.time())
                 arguments: dict[int, dict[str, Any]] = {}

@@ -8,8 +8,11 @@ Resolution of a model name:
 * anything else → the OpenAI-compatible provider, which needs a base URL or a key
   (``--base-url``, ``OPENAI_BASE_URL``, ``OPENAI_API_KEY``, or the same in ``.env``).
 
-With no model given: ``TOKENRELAY_MODEL`` if set; else the OpenAI-compatible default
-model when a key or base URL is configured; else the embedded local model.
+With no model given (:func:`choose_model`): ``TOKENRELAY_MODEL`` if set; else the model
+saved with ``tokenrelay models default NAME`` (``default_model.txt`` in the config
+directory: ``$TOKENRELAY_HOME``, else the user's config directory); else, with an
+OpenAI-compatible endpoint configured, the endpoint's first listed model (asked for when
+the first request goes out: ``Provider.default_model()``); else the embedded local model.
 """
 
 from __future__ import annotations
@@ -18,14 +21,16 @@ import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, overload
 
 from .errors import UsageError
 from .providers.base import Provider
 
-__all__ = ["DEFAULT_OPENAI_MODEL", "LOCAL_MODEL", "Settings", "resolve"]
+__all__ = ["LOCAL_MODEL", "ModelChoice", "Settings", "choose_model", "config_dir", "resolve",
+           "save_default_model"]
 
 LOCAL_MODEL = "smollm2"
-DEFAULT_OPENAI_MODEL = "gpt-4o-mini"
+_DEFAULT_FILE = "default_model.txt"
 _LOCAL_ALIASES = {"smollm2", "local", "smollm2-135m-instruct"}
 
 
@@ -39,6 +44,8 @@ class Settings:
     gguf_path: str | None = None
     data_dir: Path | None = None
     log_library: bool = False
+    #: Saved by ``tokenrelay models default NAME`` (in the config directory).
+    saved_model: str | None = None
 
     @classmethod
     def load(cls, env_file: str | os.PathLike[str] | None = ".env") -> Settings:
@@ -54,6 +61,7 @@ class Settings:
             return value if value else None
 
         data_dir = get("TOKENRELAY_HOME")
+        saved = _read_saved_model(Path(data_dir) if data_dir else None)
         return cls(
             openai_api_key=get("OPENAI_API_KEY"),
             openai_base_url=get("OPENAI_BASE_URL"),
@@ -61,6 +69,7 @@ class Settings:
             gguf_path=get("TOKENRELAY_GGUF"),
             data_dir=Path(data_dir) if data_dir else None,
             log_library=(get("TOKENRELAY_LOG") or "").lower() in ("1", "true", "yes"),
+            saved_model=saved,
         )
 
     @property
@@ -80,12 +89,97 @@ def _cached(key: tuple[str, ...], factory: type[Provider], **kwargs: object) -> 
         return provider
 
 
-def default_model(settings: Settings, base_url: str | None = None) -> str:
+def config_dir(home: Path | None = None) -> Path:
+    """Where the user's settings live: ``$TOKENRELAY_HOME``, else the user config dir."""
+    if home is None:
+        value = os.environ.get("TOKENRELAY_HOME")
+        home = Path(value) if value else None
+    if home is not None:
+        return home
+    import platformdirs
+
+    return Path(platformdirs.user_config_dir("tokenrelay", appauthor=False))
+
+
+def _read_saved_model(home: Path | None) -> str | None:
+    try:
+        name = (config_dir(home) / _DEFAULT_FILE).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return name or None
+
+
+def save_default_model(name: str | None, home: Path | None = None) -> Path:
+    """Save ``name`` as the default model (``None`` forgets it); returns the file."""
+    path = config_dir(home) / _DEFAULT_FILE
+    if name is None:
+        path.unlink(missing_ok=True)
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(name.strip() + "\n", encoding="utf-8")
+    return path
+
+
+ModelSource = Literal["argument", "TOKENRELAY_MODEL", "models default", "endpoint",
+                      "embedded"]
+
+#: How each source reads in a footer: ``gpt-x (endpoint's first model)``.
+SOURCE_NOTES: dict[str, str] = {
+    "TOKENRELAY_MODEL": "from TOKENRELAY_MODEL",
+    "models default": "set with `tokenrelay models default`",
+    "endpoint": "the endpoint's first model",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class ModelChoice:
+    """Which model a request uses and why. ``name`` is ``None`` for the endpoint's
+    first listed model, known once the endpoint was asked."""
+
+    name: str | None
+    source: ModelSource
+
+    @property
+    def note(self) -> str | None:
+        """Why this model, for a footer; ``None`` when the user named it (or nothing
+        is configured and it is the embedded model)."""
+        return SOURCE_NOTES.get(self.source)
+
+
+def choose_model(model: str | None, settings: Settings,
+                 base_url: str | None = None, api_key: str | None = None) -> ModelChoice:
+    """The model for a request that names ``model`` (or none); see the module docstring."""
+    if model:
+        return ModelChoice(model, "argument")
     if settings.default_model:
-        return settings.default_model
-    if base_url or settings.remote_configured:
-        return DEFAULT_OPENAI_MODEL
-    return LOCAL_MODEL
+        return ModelChoice(settings.default_model, "TOKENRELAY_MODEL")
+    if settings.saved_model:
+        return ModelChoice(settings.saved_model, "models default")
+    if base_url or api_key or settings.remote_configured:
+        return ModelChoice(None, "endpoint")
+    return ModelChoice(LOCAL_MODEL, "embedded")
+
+
+@overload
+def resolve(
+    model: str,
+    *,
+    base_url: str | None = None,
+    api_key: str | None = None,
+    settings: Settings | None = None,
+    connect_timeout: float | None = 10.0,
+) -> tuple[Provider, str]: ...
+
+
+@overload
+def resolve(
+    model: str | None,
+    *,
+    base_url: str | None = None,
+    api_key: str | None = None,
+    settings: Settings | None = None,
+    connect_timeout: float | None = 10.0,
+) -> tuple[Provider, str | None]: ...
 
 
 def resolve(
@@ -95,8 +189,9 @@ def resolve(
     api_key: str | None = None,
     settings: Settings | None = None,
     connect_timeout: float | None = 10.0,
-) -> tuple[Provider, str]:
-    """The provider for ``model`` and the model name to send it.
+) -> tuple[Provider, str | None]:
+    """The provider for ``model`` and the model name to send it (``None``: the endpoint's
+    first listed model, which the provider looks up when the first request goes out).
 
     ``connect_timeout`` (``Timeouts.connect``) configures the HTTP provider's connection
     timeout; providers are cached per endpoint, key and connect timeout.
@@ -105,7 +200,9 @@ def resolve(
         UsageError: the model is unknown and no OpenAI-compatible endpoint is configured.
     """
     settings = settings or Settings.load()
-    name = model or default_model(settings, base_url)
+    name = choose_model(model, settings, base_url, api_key).name
+    if name is None:
+        return _openai(None, base_url, api_key, settings, connect_timeout), None
 
     if name == "mock" or name.startswith("mock:"):
         from .providers.mock import MockProvider, parse_mock_options
@@ -125,17 +222,21 @@ def resolve(
         provider = _cached(("local", path or ""), LocalProvider, model_path=path)
         return provider, LOCAL_MODEL if path is None else Path(path).stem
 
+    return _openai(name, base_url, api_key, settings, connect_timeout), name
+
+
+def _openai(name: str | None, base_url: str | None, api_key: str | None, settings: Settings,
+            connect_timeout: float | None) -> Provider:
     url = base_url or settings.openai_base_url
     key = api_key or settings.openai_api_key
     if not url and not key:
         raise UsageError(
             f"unknown model {name!r}: no OpenAI-compatible endpoint is configured."
-            f" Set OPENAI_BASE_URL / OPENAI_API_KEY (or pass --base-url), or use"
+            f" Set OPENAI_BASE_URL / OPENAI_API_KEY (or pass base_url=), or use"
             f" {LOCAL_MODEL!r} (embedded) or 'mock'"
         )
     from .providers.openai_compat import OpenAIProvider
 
     url = url or "https://api.openai.com/v1"
-    provider = _cached(("openai", url, key or "", str(connect_timeout)), OpenAIProvider,
-                       base_url=url, api_key=key, connect_timeout=connect_timeout)
-    return provider, name
+    return _cached(("openai", url, key or "", str(connect_timeout)), OpenAIProvider,
+                   base_url=url, api_key=key, connect_timeout=connect_timeout)

@@ -13,18 +13,19 @@ Endpoints: ``POST /v1/chat/completions`` (``stream`` true or false,
 (forget them and the fault counters).
 
 What a request gets is chosen per request, by ``x-mock-*`` headers or, because a
-gateway forwards only its own headers, by the model name (``key=value`` items separated
-by ``;`` or ``,``; items without ``=`` are plain names and ignored). Headers win::
+gateway forwards only its own headers, by the model name: the options of model
+``mock:`` (one spelling, :mod:`tokenrelay._mock_spec`), ``key=value`` items separated by
+``,`` (or ``;``); items without ``=`` are plain names and ignored. Headers win::
 
     tokens=N             text tokens to stream ("tok0 tok1 ..."; max_tokens cuts them)
-    delay=S              seconds before the first token     (first_token_delay)
-    tps=R                tokens per second after the first  (tokens_per_second)
+    delay=S              seconds before the first token
+    tps=R                tokens per second after the first
     fault=F              reset | close | malformed | error | stall | an HTTP status
-    after=N              tokens sent before a mid-stream fault (fault_after, default 1)
+    after=N              tokens sent before a mid-stream fault (default 1)
     times=K              inject the fault on the first K matching requests only
     retry_after=V        Retry-After header value of a status fault
 
-    x-mock-fault: reset, x-mock-fault-after: 3     ≡  model "fault=reset;after=3"
+    x-mock-fault: reset, x-mock-after: 3     ≡  model "fault=reset,after=3"
 
 Faults: ``reset`` a TCP reset after ``after`` tokens (``RESET_GRACE`` after them: an RST
 makes the peer drop what it has not read yet); ``close`` a clean end of the body
@@ -32,7 +33,7 @@ makes the peer drop what it has not read yet); ``close`` a clean end of the body
 is not JSON; ``error`` a ``data: {"error": {...}}`` frame then ``[DONE]`` (as vLLM does);
 ``stall`` nothing more, the socket kept open until the client leaves; a status (``429``,
 ``500``, ...) an OpenAI error body with that status before any token. ``times`` counts
-per model name + ``x-mock-*`` headers, so "429 then success" is ``fault=429;times=1``.
+per model name + ``x-mock-*`` headers, so "429 then success" is ``fault=429,times=1``.
 
 Structured output and tools, so clients' parsing can be tested end to end: a request
 with ``response_format`` ``json_schema`` gets JSON matching the schema (``sample_json``;
@@ -64,21 +65,16 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any, Self
 
 from ._mock_http import ClientGone, Connection, Exchange, HTTPError, RequestRecord
+from ._mock_spec import parse_items, parse_spec
 from .errors import ConfigurationError, UsageError
 
 __all__ = ["Behaviour", "Exchange", "MockUpstream", "RequestRecord", "sample_json",
            "token_text"]
 
-#: Mid-stream faults; any HTTP status 400-599 is a fault too.
-STREAM_FAULTS = ("reset", "close", "malformed", "error", "stall")
-#: Option names and their aliases → Behaviour fields.
-_OPTIONS: dict[str, str] = {
-    "tokens": "tokens", "n": "tokens",
-    "delay": "first_token_delay", "first_token_delay": "first_token_delay",
-    "tps": "tokens_per_second", "tokens_per_second": "tokens_per_second",
-    "fault": "fault",
-    "after": "fault_after", "fault_after": "fault_after",
-    "times": "fault_times", "fault_times": "fault_times",
+#: The options (spelled as for model ``mock:``, see ``_mock_spec``) → Behaviour fields.
+_FIELDS: dict[str, str] = {
+    "tokens": "tokens", "delay": "first_token_delay", "tps": "tokens_per_second",
+    "fault": "fault", "after": "fault_after", "times": "fault_times",
     "retry_after": "retry_after",
 }
 #: An RST makes the peer drop what it received but did not read yet: let it read first.
@@ -178,30 +174,21 @@ class Behaviour:
 
     @classmethod
     def parse(cls, spec: str, base: Behaviour | None = None) -> Behaviour:
-        """``"fault=reset;after=3;tps=50"`` applied over ``base``.
+        """``"fault=reset,after=3,tps=50"`` applied over ``base``; items without ``=``
+        (a model's plain name) are ignored.
 
         Raises:
-            UsageError: an unknown option or a bad value.
+            UsageError: an unknown or renamed option, or a bad value.
         """
-        items = {}
-        for part in spec.replace(",", ";").split(";"):
-            key, sep, value = part.partition("=")
-            if sep:
-                items[key.strip()] = value.strip()
-        return (base or cls()).with_options(items)
+        options = parse_spec(spec, what="mock-upstream", names_allowed=True)
+        return (base or cls())._with(options)
 
     def with_options(self, options: dict[str, str]) -> Behaviour:
-        changes: dict[str, Any] = {}
-        for key, value in options.items():
-            name = _OPTIONS.get(key.lower().replace("-", "_"))
-            if name is None:
-                raise UsageError(f"unknown mock-upstream option {key!r}; known: "
-                                 + ", ".join(sorted(set(_OPTIONS))))
-            try:
-                changes[name] = _convert(name, value)
-            except ValueError as exc:
-                raise UsageError(f"bad mock-upstream option {key}={value!r}: {exc}") from exc
-        return replace(self, **changes)
+        """Options as strings, e.g. from ``x-mock-*`` headers (``x-mock-fault: reset``)."""
+        return self._with(parse_items(options, what="mock-upstream"))
+
+    def _with(self, options: dict[str, Any]) -> Behaviour:
+        return replace(self, **{_FIELDS[k]: v for k, v in options.items()})
 
     @property
     def status(self) -> int | None:
@@ -210,25 +197,6 @@ class Behaviour:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def _convert(name: str, value: str) -> Any:
-    if name == "fault":
-        fault = value.lower()
-        if fault in STREAM_FAULTS or (fault.isdigit() and 400 <= int(fault) <= 599):
-            return fault
-        raise ValueError("expected " + " | ".join(STREAM_FAULTS) + " | an HTTP status 400-599")
-    if name == "retry_after":
-        return value
-    if name in ("tokens", "fault_after", "fault_times"):
-        number: float = int(value)
-    else:
-        number = float(value)
-        if name == "tokens_per_second" and number <= 0:
-            raise ValueError("must be above 0")
-    if number < 0:
-        raise ValueError("must not be negative")
-    return number
 
 
 class MockUpstream:

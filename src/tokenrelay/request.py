@@ -135,6 +135,28 @@ class Request(BaseModel):
         return self.messages[-1].content
 
 
+def _message(index: int, item: Any) -> Message:
+    """``prompt[index]`` as a Message; errors name the index (issue 11)."""
+    if isinstance(item, Message):
+        return item
+    if not isinstance(item, dict):
+        raise TypeError(f"prompt[{index}] must be a message dict ({{'role': ...,"
+                        f" 'content': ...}}) or a Message, not {type(item).__name__}")
+    role = item.get("role")
+    if "content" not in item or item["content"] is None:
+        if role == "assistant" and item.get("tool_calls"):
+            item = {**item, "content": ""}  # a turn that only called tools
+        elif role in ("system", "user", "assistant", "tool"):
+            raise UsageError(f"invalid messages[{index}]: a {role} message needs 'content'")
+    try:
+        return Message.model_validate(item)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = ".".join(str(p) for p in err["loc"])
+        raise UsageError(f"invalid messages[{index}]" + (f".{field}" if field else "")
+                         + f": {err['msg']}") from exc
+
+
 def _as_messages(
     prompt: str | Sequence[Message | dict[str, Any]], system: str | None
 ) -> list[Message]:
@@ -144,8 +166,11 @@ def _as_messages(
             messages.append(Message(role="system", content=system))
         messages.append(Message(role="user", content=prompt))
         return messages
-    for item in prompt:
-        messages.append(item if isinstance(item, Message) else Message.model_validate(item))
+    if not isinstance(prompt, (list, tuple)):
+        raise TypeError("prompt must be a string or a list of messages, not"
+                        f" {type(prompt).__name__}")
+    for index, item in enumerate(prompt):
+        messages.append(_message(index, item))
     if system is not None:
         messages = [m for m in messages if m.role != "system"]
         messages.insert(0, Message(role="system", content=system))
@@ -170,11 +195,13 @@ def build_request(
     """Validate the arguments of ``stream()`` / ``complete()`` into a Request.
 
     Raises:
+        TypeError: ``prompt`` is neither a string nor a list of messages.
         UsageError: naming the first invalid field.
     """
+    messages = tuple(_as_messages(prompt, system))
     try:
         return Request(
-            messages=tuple(_as_messages(prompt, system)),
+            messages=messages,
             model=model,
             temperature=temperature,
             max_tokens=max_tokens,

@@ -28,6 +28,7 @@ _COMMANDS = {
     "hash-key": ("serve", "hash_key_command"),
     "bench": ("bench", "bench"),
     "mock-upstream": ("mock_upstream", "mock_upstream"),
+    "help": ("_app", "help_command"),
 }
 
 
@@ -41,6 +42,18 @@ class TokenrelayGroup(click.Group):
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted({*self.commands, *_COMMANDS})
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        # Each command's whole first sentence, wrapped: click's default cuts it to the
+        # terminal's width with "..." (issue 11).
+        rows = []
+        for name in self.list_commands(ctx):
+            command = self.get_command(ctx, name)
+            if command is not None and not command.hidden:
+                rows.append((name, command.get_short_help_str(limit=1_000)))
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         if cmd_name not in self.commands and cmd_name in _COMMANDS:
@@ -63,6 +76,26 @@ class TokenrelayGroup(click.Group):
             return super().invoke(ctx)
 
 
+@click.command("help")
+@click.argument("names", nargs=-1, metavar="[COMMAND]...")
+@click.pass_context
+def help_command(ctx: click.Context, names: tuple[str, ...]) -> None:
+    """Show the help of tokenrelay, or of COMMAND (`tokenrelay help logs show`)."""
+    parent = ctx.find_root()
+    command: click.Command = parent.command
+    info_name = parent.info_name
+    context = parent
+    for name in names:
+        if not isinstance(command, click.Group):
+            raise click.UsageError(f"{context.command_path} has no subcommands")
+        found = command.get_command(context, name)
+        if found is None:
+            raise click.UsageError(f"no command {name!r}; `tokenrelay help` lists them")
+        command, info_name = found, name
+        context = click.Context(command, info_name=info_name, parent=context)
+    click.echo(context.get_help(), color=ctx.color)
+
+
 def _stdin_is_tty() -> bool:
     try:
         return sys.stdin is not None and sys.stdin.isatty()
@@ -78,10 +111,12 @@ def cli() -> None:
 
     \b
     tokenrelay "PROMPT"        stream an answer (same as: tokenrelay run "PROMPT")
+    tokenrelay -c "PROMPT"     continue the latest conversation in the log
     tokenrelay chat            a conversation that keeps its history
     tokenrelay compare PROMPT  streamed vs non-streamed, side by side
     tokenrelay models          the models it can reach, and the default
-    tokenrelay logs            the exchanges it recorded
+    tokenrelay logs            the exchanges of the CLI, library and gateway
+    tokenrelay help COMMAND    the help of a command (also: COMMAND --help)
 
     The answer goes to stdout; the indicator, footer and errors go to stderr.
     """

@@ -73,9 +73,18 @@ def _hint(exc: TokenrelayError) -> tuple[str, tuple[str, ...]]:
     return "", ()
 
 
+#: The library's words for its arguments → the CLI's flags. Library messages speak
+#: Python (``pass base_url=``); the CLI user reads the flag instead.
+_FLAGS = (("base_url=", "--base-url"), ("api_key=", "--api-key"),
+          ("max_tokens=", "--max-tokens"))
+
+
 def message(exc: BaseException) -> str:
     """A one-line ``error: ...`` message for a failure."""
     text = exc.message if isinstance(exc, TokenrelayError) else str(exc) or type(exc).__name__
+    if isinstance(exc, UsageError):
+        for word, flag in _FLAGS:
+            text = text.replace(f"pass {word}", f"pass {flag}")
     text = " ".join(line.strip() for line in text.splitlines() if line.strip())
     if len(text) > _MAX_MESSAGE:
         text = text[: _MAX_MESSAGE - 1] + "…"

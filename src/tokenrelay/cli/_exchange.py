@@ -17,6 +17,7 @@ from typing import Any, cast
 from .. import stream as open_stream
 from .._stream import Result
 from .._sync_stream import Stream
+from ..config import Settings, choose_model
 from ..events import StreamEvent, TextDelta
 from ..log import ExchangeLog, default_log_path
 from ..request import Message
@@ -99,8 +100,17 @@ def record(stream: Stream, term: Terminal) -> None:
         term.note(f"warning: could not write the exchange log: {exc}", style="yellow")
 
 
-def print_footer(term: Terminal, result: Result) -> None:
-    term.note(footer_text(result))
+def print_footer(term: Terminal, result: Result, options: ModelOptions | None = None,
+                 provider: Any = None) -> None:
+    """The footer; with ``options``, it says why this model when the user named none,
+    and which cap a ``length`` finish hit when the user set none (issue 11)."""
+    note = cap = None
+    if options is not None:
+        note = choose_model(options.model, Settings.load(), options.base_url,
+                            options.api_key).note
+        if options.max_tokens is None:
+            cap = getattr(provider, "default_max_tokens", None)
+    term.note(footer_text(result, model_note=note, cap=cap))
 
 
 def stream_answer(
@@ -142,5 +152,5 @@ def stream_answer(
     result = stream.result
     sink.finish(result)
     if stats:
-        print_footer(term, result)
+        print_footer(term, result, options, stream.provider)
     return Outcome(result, interrupted)

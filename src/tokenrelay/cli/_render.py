@@ -153,23 +153,35 @@ def seconds(value: float | None) -> str:
     return f"{value * 1000:.0f}ms" if value < 1 else f"{value:.2f}s"
 
 
-def footer_text(result: Result) -> str:
+def footer_text(result: Result, *, model_note: str | None = None,
+                cap: int | None = None) -> str:
     """The one-line summary after an answer.
 
-    Example: ``mock · 5/12 tokens · first token 21ms · 19.8 tok/s · 0.61s · stop``
-    (``~`` marks counts estimated by tokenrelay rather than reported by the provider).
+    Example: ``mock · 5 prompt + 12 completion tokens · first token 21ms · 19.8 tok/s ·
+    0.61s · stop`` (``~`` marks counts estimated by tokenrelay rather than reported by the
+    provider).
+
+    Args:
+        model_note: why this model, when the user named none (``TOKENRELAY_MODEL``, ...).
+        cap: the output cap a ``length`` finish hit, when the user set none (the
+            embedded model's default cap).
     """
     usage, metrics = result.usage, result.metrics
     mark = "~" if usage.estimated else ""
+    model = result.model or result.provider
     parts = [
-        result.model or result.provider,
-        f"{mark}{usage.prompt_tokens}/{mark}{usage.completion_tokens} tokens",
+        f"{model} ({model_note})" if model_note else model,
+        (f"{mark}{usage.prompt_tokens} prompt + {mark}{usage.completion_tokens} completion"
+         " tokens"),
         f"first token {seconds(metrics.time_to_first_token)}",
     ]
     if metrics.tokens_per_second is not None:
         parts.append(f"{metrics.tokens_per_second:.1f} tok/s")
     parts.append(seconds(metrics.total_seconds))
-    parts.append(result.finish_reason)
+    finish: str = result.finish_reason
+    if finish == "length" and cap is not None:
+        finish += f": stopped at the {cap}-token cap (--max-tokens to raise)"
+    parts.append(finish)
     return " · ".join(parts)
 
 

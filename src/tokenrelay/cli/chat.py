@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import click
@@ -21,7 +22,7 @@ from ._errors import report
 from ._exchange import Output, stream_answer
 from ._options import ModelOptions, model_options
 from ._render import Terminal
-from .run import output_options
+from .run import continue_options, logged_conversation, output_options
 
 __all__ = ["ChatSession", "chat"]
 
@@ -119,6 +120,17 @@ class ChatSession:
         elif outcome.interrupted and not self.term.stderr_tty:
             self._say("(stopped)")
 
+    def resume(self, conversation: list[dict[str, str]]) -> None:
+        """Start from a logged conversation; its system prompt unless -s gave one."""
+        for message in conversation:
+            if message["role"] == "system":
+                if self.options.system is None:
+                    self.system = message["content"]
+            else:
+                self.history.append(message)
+        turns = sum(1 for m in self.history if m["role"] == "user")
+        self._say(f"continuing a conversation of {turns} turn" + ("s" if turns != 1 else ""))
+
     def messages(self) -> list[dict[str, str]]:
         """The conversation as sent to the model: system prompt first."""
         system = [{"role": "system", "content": self.system}] if self.system else []
@@ -173,18 +185,27 @@ class ChatSession:
 @click.command("chat")
 @model_options
 @output_options
-def chat(options: ModelOptions, markdown: bool, no_log: bool, stats: bool | None) -> None:
+@continue_options
+def chat(options: ModelOptions, markdown: bool, no_log: bool, stats: bool | None,
+         continue_: bool, cid: str | None) -> None:
     """Chat with a model; the conversation keeps its history.
 
     \b
     Commands: /reset, /system TEXT, /save FILE, /help, /exit.
     Ctrl-C stops the answer being streamed; Ctrl-D leaves.
+    -c goes on from the latest exchange in the log (--cid ID: from that one).
     """
+    entry = logged_conversation(continue_, cid)
+    if entry is not None and options.model is None and entry.model:
+        options = replace(options, model=entry.model)
     # Refuse bad options and unknown models now, not after the first question.
     build_request("check", temperature=options.temperature, max_tokens=options.max_tokens,
                   top_p=options.top_p, stop=list(options.stop) or None, seed=options.seed)
     _, model_name = resolve(options.model, base_url=options.base_url, api_key=options.api_key)
     output = Output(markdown=markdown, stats=stats, log=not no_log)
-    session = ChatSession(options, output, Terminal.detect(), model_name=model_name)
+    session = ChatSession(options, output, Terminal.detect(),
+                          model_name=model_name or "the endpoint's first model")
+    if entry is not None:
+        session.resume(entry.conversation())
     interactive = sys.stdin is not None and sys.stdin.isatty()
     session.loop(interactive=interactive)

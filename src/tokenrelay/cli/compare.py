@@ -22,7 +22,7 @@ from .._stream import Result
 from ..events import TextDelta
 from ._exchange import events_of, record
 from ._options import ModelOptions, model_options
-from ._render import Indicator, Terminal
+from ._render import Indicator, Terminal, TextSink
 from .run import read_prompt
 
 __all__ = ["Run", "compare"]
@@ -52,9 +52,12 @@ class Run:
 
 
 def _one(prompt: str, options: ModelOptions, *, streamed: bool, term: Terminal,
-         log: bool) -> Run:
+         log: bool, show: bool = False) -> Run:
+    """One run; ``show``: the streamed text goes to stdout as it arrives (issue 11: the
+    point of the comparison is seeing it)."""
     label = "streaming…" if streamed else "waiting for the whole answer…"
     indicator = Indicator(term, enabled=True, label=label)
+    sink = TextSink(indicator) if show and streamed else None
     started = time.monotonic()
     first_visible: float | None = None
     stream = open_stream(prompt, raise_errors=False, log=False, **options.stream_kwargs())
@@ -63,11 +66,15 @@ def _one(prompt: str, options: ModelOptions, *, streamed: bool, term: Terminal,
             indicator.start()
             for event in events:
                 if isinstance(event, TextDelta):
+                    if sink is not None:
+                        sink.feed(event)
                     indicator.token()
                     if streamed and first_visible is None:
                         first_visible = time.monotonic() - started
     finally:
         indicator.stop()
+        if sink is not None:
+            sink.finish(stream.result)
         if log:
             record(stream, term)
     total = time.monotonic() - started
@@ -126,12 +133,16 @@ def compare(prompt: tuple[str, ...], options: ModelOptions, as_json: bool,
             no_log: bool) -> None:
     """Stream PROMPT, then ask it again without streaming, and compare.
 
-    Shows, for each mode, when the first text became visible against the total time,
-    the tokens and tokens/s, and both answers side by side.
+    The streamed answer shows as it is generated; then, for each mode, when the first
+    text became visible against the total time, the tokens and tokens/s, and both
+    answers side by side.
     """
     text = read_prompt(prompt)
     term = Terminal.detect()
-    runs = [_one(text, options, streamed=s, term=term, log=not no_log) for s in (True, False)]
+    if not as_json:
+        term.out_console().rule("streamed", style="dim")
+    runs = [_one(text, options, streamed=s, term=term, log=not no_log, show=not as_json)
+            for s in (True, False)]
     if as_json:
         click.echo(json.dumps({"prompt": text, "runs": [r.to_dict() for r in runs]},
                               ensure_ascii=False))

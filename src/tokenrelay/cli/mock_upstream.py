@@ -19,12 +19,12 @@ __all__ = ["mock_upstream"]
 @click.option("--port", type=click.IntRange(0, 65535), default=8001, show_default=True,
               help="Port to listen on (0: any free port).")
 @click.option("--behaviour", "spec", default="", metavar="SPEC",
-              help='What requests get by default, e.g. "tokens=200;tps=50;delay=0.3".')
+              help='What requests get by default, e.g. "tokens=200,tps=50,delay=0.3".')
 def mock_upstream(host: str, port: int, spec: str) -> None:
     """Serve a scripted OpenAI-compatible API that can fail on demand.
 
     Each request picks its behaviour with x-mock-* headers or with options in the
-    model name (key=value, separated by ';'):
+    model name (key=value, separated by ','), spelled as for model mock:
 
     \b
     tokens=N  delay=S  tps=R                      answer length and pace
@@ -33,7 +33,7 @@ def mock_upstream(host: str, port: int, spec: str) -> None:
 
     \b
     tokenrelay mock-upstream --port 8001
-    tokenrelay -m "fault=error;after=5" --base-url http://127.0.0.1:8001/v1 hi
+    tokenrelay -m fault=error,after=5 --base-url http://127.0.0.1:8001/v1 hi
     curl http://127.0.0.1:8001/_mock/requests       what it saw (JSON)
 
     Runs until Ctrl-C.

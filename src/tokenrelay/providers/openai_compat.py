@@ -69,6 +69,7 @@ class OpenAIProvider(HTTPProvider):
         self.api_key = api_key
         # False once the server rejected stream_options (older vLLM / llama.cpp / proxies).
         self.stream_options_supported = True
+        self._default_model: str | None = None
 
     def _error_text(self, payload: Any) -> str:
         return error_message(payload)[0]
@@ -183,6 +184,25 @@ class OpenAIProvider(HTTPProvider):
         return self._from_json(obj, raw=raw)
 
     # -- models -----------------------------------------------------------------------
+
+    async def default_model(self) -> str:
+        """The endpoint's first listed model (``GET /models``), asked once per provider:
+        the default when neither the caller, ``TOKENRELAY_MODEL`` nor ``tokenrelay models
+        default`` names one (issue 11: asking any endpoint for ``gpt-4o-mini`` was a 404).
+        """
+        if self._default_model is None:
+            try:
+                models = await self.list_models()
+            except ProviderError as exc:
+                exc.message = (f"no model named, and listing the models of {self.base_url}"
+                               f" to pick its first failed: {exc.message}")
+                exc.args = (exc.message,)
+                raise
+            if not models:
+                raise UsageError(f"no model named, and {self.base_url}/models lists none:"
+                                 " pass model= or set TOKENRELAY_MODEL")
+            self._default_model = models[0].name
+        return self._default_model
 
     async def list_models(self) -> list[ModelInfo]:
         """The models the endpoint serves (``GET /models``)."""
