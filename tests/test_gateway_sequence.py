@@ -29,18 +29,18 @@ ENDPOINTS = {
     "responses": ("/v1/responses",
                   lambda model: {"model": model, "input": "hi", "stream": True}),
 }
-MODELS = ["mock", "up", "mock:error_after=2", "up-error"]
+MODELS = ["mock", "up", "mock:fault=error,after=2", "up-error"]
 
 
 def _failing(model: str) -> bool:
-    return model in ("mock:error_after=2", "up-error")
+    return model in ("mock:fault=error,after=2", "up-error")
 
 
 @pytest.fixture(scope="module")
 def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveGateway]:
     tmp: Path = tmp_path_factory.mktemp("gateway")
     with MockUpstream() as upstream:
-        models = routes(upstream.url, up="tokens=6", up_error="fault=error;after=2;tokens=6")
+        models = routes(upstream.url, up="tokens=6", up_error="fault=error,after=2,tokens=6")
         with LiveGateway(config(tmp, models)) as gateway:
             yield gateway
 
