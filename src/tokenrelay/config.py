@@ -8,6 +8,10 @@ Resolution of a model name:
 * anything else → the OpenAI-compatible provider, which needs a base URL or a key
   (``--base-url``, ``OPENAI_BASE_URL``, ``OPENAI_API_KEY``, or the same in ``.env``).
 
+Which kind serves a name is the provider registry's answer
+(:func:`~tokenrelay.providers.registry.kind_for_model`), the registry the gateway's routes
+use too.
+
 With no model given (:func:`choose_model`): ``TOKENRELAY_MODEL`` if set; else the model
 saved with ``tokenrelay models default NAME`` (``default_model.txt`` in the config
 directory: ``$TOKENRELAY_HOME``, else the user's config directory); else, with an
@@ -25,13 +29,13 @@ from typing import Literal, overload
 
 from .errors import UsageError
 from .providers.base import Provider
+from .providers.registry import LOCAL, MOCK, OPENAI, kind_for_model
 
 __all__ = ["LOCAL_MODEL", "ModelChoice", "Settings", "choose_model", "config_dir", "resolve",
            "save_default_model"]
 
 LOCAL_MODEL = "smollm2"
 _DEFAULT_FILE = "default_model.txt"
-_LOCAL_ALIASES = {"smollm2", "local", "smollm2-135m-instruct"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,22 +208,21 @@ def resolve(
     if name is None:
         return _openai(None, base_url, api_key, settings, connect_timeout), None
 
-    if name == "mock" or name.startswith("mock:"):
-        from .providers.mock import MockProvider, parse_mock_options
+    kind = kind_for_model(name)  # the one registry (providers/registry.py)
+    if kind is MOCK:
+        from .providers.mock import parse_mock_options
 
         options = parse_mock_options(name[5:]) if name.startswith("mock:") else {}
         if options:
-            return MockProvider(**options), "mock"  # options make it a fresh script
-        return _cached(("mock",), MockProvider), "mock"
+            return MOCK.create(**options), "mock"  # options make it a fresh script
+        return _cached(("mock",), MOCK.load()), "mock"
 
-    if name in _LOCAL_ALIASES or name.startswith("local:") or name.endswith(".gguf"):
-        from .providers.local import LocalProvider
-
+    if kind is LOCAL:
         path = name[6:] if name.startswith("local:") else None
         if path is None and name.endswith(".gguf"):
             path = name
         path = path or settings.gguf_path
-        provider = _cached(("local", path or ""), LocalProvider, model_path=path)
+        provider = _cached(("local", path or ""), LOCAL.load(), model_path=path)
         return provider, LOCAL_MODEL if path is None else Path(path).stem
 
     return _openai(name, base_url, api_key, settings, connect_timeout), name
@@ -235,8 +238,6 @@ def _openai(name: str | None, base_url: str | None, api_key: str | None, setting
             f" Set OPENAI_BASE_URL / OPENAI_API_KEY (or pass base_url=), or use"
             f" {LOCAL_MODEL!r} (embedded) or 'mock'"
         )
-    from .providers.openai_compat import OpenAIProvider
-
     url = url or "https://api.openai.com/v1"
-    return _cached(("openai", url, key or "", str(connect_timeout)), OpenAIProvider,
+    return _cached(("openai", url, key or "", str(connect_timeout)), OPENAI.load(),
                    base_url=url, api_key=key, connect_timeout=connect_timeout)

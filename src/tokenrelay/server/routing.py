@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 from ..config import resolve
 from ..errors import UsageError
 from ..providers.base import Provider
+from ..providers.registry import kind_for_api
 from .config import ModelRoute, ServerConfig
 from .security import GatewayHTTPError
 
@@ -51,14 +52,11 @@ class Router:
         #: providers are not ours to close).
         self._routes: list[Provider] = []
         for route in config.models:
-            from ..providers.openai_compat import OpenAIProvider
-            from ..providers.openai_responses import OpenAIResponsesProvider
-
             key = route.api_key or (os.environ.get(route.api_key_env)
                                     if route.api_key_env else None)
-            kind = OpenAIResponsesProvider if route.api == "responses" else OpenAIProvider
-            provider = kind(base_url=route.base_url, api_key=key,
-                            max_connections=route.max_connections)
+            # The provider that speaks the route's API, from the registry resolve() uses.
+            provider = kind_for_api(route.api).create(
+                base_url=route.base_url, api_key=key, max_connections=route.max_connections)
             self._routes.append(provider)
             self.models[route.name] = (provider, route.upstream_model or route.name)
             self.route_of[route.name] = route
