@@ -7,7 +7,7 @@ seed and greedy sampling, and generate exactly N tokens:
 
 * ours: ``tokenrelay.astream(..., provider=LocalProvider(...))`` — the public API, so
   the stream engine (accumulation, events, metrics) is included — with
-  ``extra={"ignore_eos": True}``;
+  ``extra={"ignore_eos": True, "repeat_penalty": 1.0}`` (raw applies no penalty);
 * raw: ``Llama.create_chat_completion(messages, stream=True, ...)`` with every
   end-of-generation token banned by ``logit_bias`` (-inf).
 
@@ -74,7 +74,9 @@ async def run_ours(provider: LocalProvider, n: int) -> Run:
     first = None
     async with tokenrelay.astream(
         PROMPT, provider=provider, temperature=0, seed=SEED, max_tokens=n,
-        extra={"ignore_eos": True},
+        # repeat_penalty 1.0: raw applies none, and the embedded default (1.1, issue 11)
+        # would make the two sides sample differently and do different work.
+        extra={"ignore_eos": True, "repeat_penalty": 1.0},
     ) as stream:
         async for _ in stream.text_stream():
             if first is None:
