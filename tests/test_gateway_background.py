@@ -25,8 +25,13 @@ from _gateway import LiveGateway, config, poll, routes
 from _harness import sse_events
 from _redis import RedisServer, redis_prefix
 
+from tokenrelay.events import TextDelta
 from tokenrelay.mock_upstream import MockUpstream
+from tokenrelay.server.background import BackgroundResponses
 from tokenrelay.server.config import hash_key
+from tokenrelay.server.responses import ResponsesEncoder
+from tokenrelay.server.security import GatewayHTTPError
+from tokenrelay.server.streamlog import MemoryStreamLog
 
 SPECS = {
     "quick": "tokens=12,tps=200",
@@ -348,3 +353,74 @@ def test_background_responses_on_the_redis_store(redis_server: RedisServer,
         assert aborted is not None
         took = aborted.aborted_at - sent_at  # type: ignore[operator]
         assert 0 <= took < ABORT_WITHIN, f"the upstream was aborted {took:.3f} s after the cancel"
+
+
+# -- a producer that is gone ----------------------------------------------------------------
+
+
+class _Gateway:
+    """What BackgroundResponses reads of a gateway, for the store alone."""
+
+    def __init__(self) -> None:
+        self.streams = MemoryStreamLog()
+
+
+async def _orphan(background: BackgroundResponses, text: list[str]) -> str:
+    """A background response whose producer let go mid-answer (its process died)."""
+    from tokenrelay.server.responses_schema import ResponsesRequest
+
+    request = ResponsesRequest.model_validate({"model": "m", "input": "hi"})
+    producer = await background.log.create(owner="alice", endpoint="responses",
+                                            id_prefix="resp_", meta={"background": "1"})
+    encoder = ResponsesEncoder(request, model="m", response_id=producer.stream_id,
+                               background=True)
+    await producer.append(encoder.start("queued"))
+    await producer.append(encoder.progress(), status="in_progress")
+    for piece in text:
+        await producer.append(encoder.frames(TextDelta(piece)))
+    await producer.release()
+    return producer.stream_id
+
+
+async def test_a_lost_producer_ends_the_response_failed_for_every_reader() -> None:
+    background = BackgroundResponses(_Gateway())  # type: ignore[arg-type]
+    rid = await _orphan(background, ["Hel", "lo"])
+    reader = await background.log.reader(rid, after=3, owner="alice")
+    frames = [f async for f in background.deliver(reader)]
+    events = [json.loads(e["data"]) for e in sse_events(b"".join(frames))]
+    assert [e["type"] for e in events] == ["response.output_text.delta",
+                                           "response.output_text.delta", "error",
+                                           "response.failed"]
+    assert [e["sequence_number"] for e in events] == [4, 5, 6, 7]
+    assert events[2]["code"] == "producer_lost"
+    failed = events[3]["response"]
+    assert failed["status"] == "failed" and failed["id"] == rid
+    assert failed["output"][0]["content"][0]["text"] == "Hello"
+    assert failed["output"][0]["status"] == "incomplete"
+    # Retrieve and a second reader see the same end, once.
+    info = await background.find(rid, "alice")
+    assert info.status == "failed" and info.last_seq == 7
+    assert await background.retrieve(info) == failed
+    again = await background.log.reader(rid, after=5, owner="alice")
+    assert len([f async for f in background.deliver(again)]) == 1
+
+
+async def test_retrieve_and_cancel_end_a_response_whose_producer_is_gone() -> None:
+    background = BackgroundResponses(_Gateway())  # type: ignore[arg-type]
+    rid = await _orphan(background, ["par", "tial"])
+    cancelled = await background.cancel(rid, "alice")
+    assert cancelled["status"] == "cancelled"
+    assert cancelled["output"][0]["content"][0]["text"] == "partial"
+    assert (await background.find(rid, "alice")).status == "cancelled"
+    assert await background.cancel(rid, "alice") == cancelled  # idempotent
+
+    rid = await _orphan(background, ["x"])
+    info = await background.find(rid, "alice")
+    assert (await background.retrieve(info))["status"] == "failed"
+    with pytest.raises(GatewayHTTPError) as refused:
+        await background.cancel(rid, "alice")
+    assert refused.value.status == 400 and "Cannot cancel a failed response" in str(
+        refused.value)
+    with pytest.raises(GatewayHTTPError) as hidden:
+        await background.find(rid, "bob")
+    assert hidden.value.status == 404
