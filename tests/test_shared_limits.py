@@ -235,3 +235,19 @@ async def test_a_hostile_reply_is_a_redis_failure_not_an_admission(
         await limiter.aacquire(key(max_concurrent=3), 1)
     assert caught.value.status == 503
     assert not limiter.link.up and "invalid admission reply" in (limiter.link.reason or "")
+
+
+async def test_running_streams_slots_come_back_when_redis_lost_them(
+        three: Group, redis_server: RedisServer) -> None:
+    """Redis restarted empty (or the slot lapsed while it was out of reach): the renewal
+    adds the running stream's slot again, so it counts against the limit once more."""
+    k = key(max_concurrent=1)
+    running = await three.limiters[0].aacquire(k, 1)
+    raw = aioredis.Redis.from_url(redis_server.url)
+    try:
+        await raw.delete(three.limiters[0].keys(k.id)[0])
+    finally:
+        await raw.aclose()
+    await asyncio.sleep(1.3)  # one renewal (every second)
+    assert await three.attempt(1, k) == "concurrency_limit"
+    running.release(0)
