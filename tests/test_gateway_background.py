@@ -166,6 +166,10 @@ def test_a_replay_of_a_running_response_follows_it_live(live: LiveGateway) -> No
     assert tail[0].sequence_number == 2 and tail[-1].type == "response.completed"
     assert [e.sequence_number for e in tail] == list(range(2, 2 + len(tail)))
     assert final_text(tail) == tail[-1].response.output_text
+    # A cursor beyond what exists yet waits for it.
+    rid = api.responses.create(model="steady", input="hi", background=True).id
+    ahead = list(api.responses.retrieve(rid, stream=True, starting_after=20))
+    assert ahead[0].sequence_number == 21 and ahead[-1].type == "response.completed"
 
 
 def test_a_client_that_leaves_does_not_stop_a_background_response(
@@ -424,3 +428,48 @@ async def test_retrieve_and_cancel_end_a_response_whose_producer_is_gone() -> No
     with pytest.raises(GatewayHTTPError) as hidden:
         await background.find(rid, "bob")
     assert hidden.value.status == 404
+
+
+def test_two_gateways_on_one_redis_share_retrieve_replay_and_cancel(
+        redis_server: RedisServer, upstream: MockUpstream, tmp_path: Path) -> None:
+    streams = {"store": "redis", "redis_url": redis_server.url,
+               "redis_prefix": redis_prefix()}
+
+    def gateway(name: str) -> LiveGateway:
+        return LiveGateway(config(tmp_path / name, routes(upstream.url, **SPECS),
+                                  keys=_keys(), streams=streams, drain_timeout_s=0.5))
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    with gateway("a") as a, gateway("b") as b:
+        on_a, on_b = client(a), client(b)
+        # Made on A, read on B: live replay, then the same final object.
+        rid = on_a.responses.create(model="steady", input="hi", background=True).id
+        events = list(on_b.responses.retrieve(rid, stream=True, starting_after=0))
+        assert events[0].sequence_number == 1 and events[-1].type == "response.completed"
+        assert on_b.responses.retrieve(rid).model_dump() == on_a.responses.retrieve(
+            rid).model_dump()
+        with pytest.raises(openai.NotFoundError):
+            client(b, "bob").responses.retrieve(rid)
+
+        # Cancelled on B, produced on A: A's upstream request is aborted.
+        upstream.reset()
+        slow = on_a.responses.create(model="slow", input="cancel me", background=True).id
+        assert upstream.wait_for(lambda r: r.model == SPECS["slow"] and r.tokens_sent >= 2, 5)
+        sent_at = time.monotonic()
+        assert on_b.responses.cancel(slow).status == "cancelled"
+        aborted = upstream.wait_for(lambda r: r.model == SPECS["slow"]
+                                    and r.aborted_at is not None, 3)
+        assert aborted is not None
+        took = aborted.aborted_at - sent_at  # type: ignore[operator]
+        assert 0 <= took < ABORT_WITHIN, f"the upstream was aborted {took:.3f} s after the cancel"
+        assert on_a.responses.retrieve(slow).status == "cancelled"
+
+        # A stops while it produces one: the response ends failed (server_shutdown), for B.
+        running = on_a.responses.create(model="slow", input="shutdown", background=True).id
+        assert poll(lambda: on_b.responses.retrieve(running).status == "in_progress", 5)
+        a.__exit__(None, None, None)
+        ended = on_b.responses.retrieve(running)
+        assert ended.status == "failed" and ended.error is not None
+        assert "shutting down" in ended.error.message
+        assert ended.output_text  # what was generated before stays
