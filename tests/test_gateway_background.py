@@ -61,9 +61,21 @@ def live(upstream: MockUpstream, tmp_path_factory: pytest.TempPathFactory,
         yield gateway
 
 
+_CLIENTS: list[openai.OpenAI] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_clients() -> Iterator[None]:
+    yield
+    while _CLIENTS:  # their pooled connections, before the gateway goes
+        _CLIENTS.pop().close()
+
+
 def client(live: LiveGateway, key: str = "alice") -> openai.OpenAI:
-    return openai.OpenAI(base_url=live.url + "/v1", api_key=KEYS[key], max_retries=0,
-                         timeout=20)
+    api = openai.OpenAI(base_url=live.url + "/v1", api_key=KEYS[key], max_retries=0,
+                        timeout=20)
+    _CLIENTS.append(api)
+    return api
 
 
 def dumps(events: list[Any]) -> list[dict[str, Any]]:
