@@ -29,6 +29,7 @@ from tokenrelay.events import TextDelta
 from tokenrelay.mock_upstream import MockUpstream
 from tokenrelay.server.background import BackgroundResponses
 from tokenrelay.server.config import hash_key
+from tokenrelay.server.metrics import GatewayMetrics
 from tokenrelay.server.responses import ResponsesEncoder
 from tokenrelay.server.security import GatewayHTTPError
 from tokenrelay.server.streamlog import MemoryStreamLog
@@ -379,6 +380,7 @@ class _Gateway:
 
     def __init__(self) -> None:
         self.streams = MemoryStreamLog()
+        self.metrics = GatewayMetrics()
 
 
 async def _orphan(background: BackgroundResponses, text: list[str]) -> str:
@@ -399,26 +401,29 @@ async def _orphan(background: BackgroundResponses, text: list[str]) -> str:
 
 
 async def test_a_lost_producer_ends_the_response_failed_for_every_reader() -> None:
-    background = BackgroundResponses(_Gateway())  # type: ignore[arg-type]
+    gateway = _Gateway()
+    background = BackgroundResponses(gateway)  # type: ignore[arg-type]
     rid = await _orphan(background, ["Hel", "lo"])
     reader = await background.log.reader(rid, after=3, owner="alice")
     frames = [f async for f in background.deliver(reader)]
     events = [json.loads(e["data"]) for e in sse_events(b"".join(frames))]
+    # Every frame written, then one typed error frame and the end (issue 12 §4).
     assert [e["type"] for e in events] == ["response.output_text.delta",
-                                           "response.output_text.delta", "error",
-                                           "response.failed"]
-    assert [e["sequence_number"] for e in events] == [4, 5, 6, 7]
+                                           "response.output_text.delta", "error"]
+    assert [e["sequence_number"] for e in events] == [4, 5, 6]
     assert events[2]["code"] == "producer_lost"
-    failed = events[3]["response"]
+    # Retrieve: failed, with the output so far and the error; a second reader sees the
+    # same end, once.
+    info = await background.find(rid, "alice")
+    assert info.status == "failed" and info.last_seq == 6
+    failed = await background.retrieve(info)
     assert failed["status"] == "failed" and failed["id"] == rid
+    assert failed["error"]["message"] == events[2]["message"]
     assert failed["output"][0]["content"][0]["text"] == "Hello"
     assert failed["output"][0]["status"] == "incomplete"
-    # Retrieve and a second reader see the same end, once.
-    info = await background.find(rid, "alice")
-    assert info.status == "failed" and info.last_seq == 7
-    assert await background.retrieve(info) == failed
     again = await background.log.reader(rid, after=5, owner="alice")
     assert len([f async for f in background.deliver(again)]) == 1
+    assert gateway.metrics.producer_losses._value.get() == 1
 
 
 async def test_retrieve_and_cancel_end_a_response_whose_producer_is_gone() -> None:
