@@ -116,10 +116,11 @@ class BackgroundResponses:
     # -- deliver -------------------------------------------------------------------------
 
     async def deliver(self, reader: StreamReader) -> AsyncIterator[bytes]:
-        """A response's frames from ``reader``'s cursor to the end (replay, then live).
+        """A response's frames from ``reader``'s cursor to the end (the answer to a
+        ``stream: true`` POST: no resume to count, unlike ``delivery.py``'s).
 
-        A producer that died (its lease lapsed) ends the stream with an ``error`` frame
-        (``producer_lost``) and ``response.failed``, appended for every reader at once.
+        A producer that died (its lease lapsed) ends the stream with one ``error`` frame
+        (``producer_lost``), appended for every reader at once.
         """
         try:
             while True:
@@ -130,6 +131,11 @@ class BackgroundResponses:
                     continue  # reads the end: this one, or another reader's
                 except StreamNotFound:
                     return  # expired or evicted meanwhile: nothing more to send
+                except StreamLogError as exc:
+                    # (no frame: its number would not be the log's; the client can
+                    # resume from its last id)
+                    log.warning("background response %s: %s", reader.stream_id, exc)
+                    return
                 if batch.frames:
                     yield b"".join(batch.frames)
                 if reader.ended:
@@ -263,7 +269,6 @@ def parse_starting_after(value: str | None) -> int:
                                " sequence number of an event (an integer >= 0)",
                                param="starting_after", code="invalid_value")
     return int(value)
-
 
 
 class BackgroundEndpoints:
