@@ -154,6 +154,12 @@ def test_a_replay_after_n_is_the_tail_of_the_uninterrupted_stream(live: LiveGate
         final = stream.get_final_response()
     assert [e.sequence_number for e in helper] == list(range(8, len(events)))
     assert final.output_text == events[-1].response.output_text
+    # One request-log row for the response, its replays counted on it; and in /metrics.
+    (row,) = live.wait_log(lambda r: r["stream_id"] == rid and r["resumes"] == 5)
+    assert row["endpoint"] == "responses" and row["status"] == "ok"
+    metrics = httpx.get(f"{live.url}/metrics", timeout=5,
+                        headers={"authorization": f"Bearer {KEYS['alice']}"}).text
+    assert 'tokenrelay_stream_resumes_total{endpoint="responses"}' in metrics
 
 
 def test_sse_ids_equal_sequence_numbers_on_the_wire(live: LiveGateway) -> None:
