@@ -44,7 +44,7 @@ from .producing import Encoder, Production
 from .reqlog import RequestLog
 from .routing import Router, label
 from .security import ANONYMOUS, Authenticator, GatewayHTTPError, Lease, Limiter
-from .shutdown import SHUTDOWN, Drain, is_shutdown
+from .shutdown import Drain, is_shutdown
 from .sse import EarlyResponse, SSEResponse
 from .streamlog import Producer, StreamLog, StreamLogError, create_store
 
@@ -437,16 +437,16 @@ class Gateway:
 
     async def aclose(self) -> None:
         if self._background:
-            # Streams producing with no client (background responses, streams in their
-            # resume grace) get the drain too: uvicorn waits only for connections. At its
-            # deadline the drain ends them with server_shutdown, a typed end in the log.
+            # Streams producing with no client attached hold no connection, so uvicorn
+            # does not wait for them: they get the drain here (the rest of
+            # drain_timeout_s, then the drain's server_shutdown end), as attached ones do.
             self.drain.begin(self.config.drain_timeout_s)
             await asyncio.wait(set(self._background),
-                               timeout=self.config.drain_timeout_s + 1.0)
+                               timeout=self.config.drain_timeout_s + 2.0)
+            for task in list(self._background):
+                task.cancel()
+            await asyncio.gather(*self._background, return_exceptions=True)
         self.drain.close()
-        for task in list(self._background):
-            task.cancel(SHUTDOWN)  # (not reached by the drain: ended the same way)
-        await asyncio.gather(*self._background, return_exceptions=True)
         await self.drain_logs()
         await self.streams.aclose()
         await self.router.aclose()
