@@ -101,8 +101,6 @@ class Gateway:
         self.router = Router(config)
         #: The requests answering a model, ended at the drain deadline on shutdown.
         self.drain = Drain()
-        #: The stream log between producing and delivering (``[streams]``).
-        self.streams: StreamLog = create_store(config.streams)
         self.reqlog: RequestLog | None = None
         if config.log.enabled:
             from ..log import default_log_path
