@@ -54,6 +54,7 @@ class ResumableParser(Protocol):
     ``ResponsesEventParser``)."""
 
     started: bool
+    done: bool
 
     def feed(self, data: bytes) -> list[Chunk]: ...
     def end(self) -> None: ...

@@ -144,8 +144,10 @@ class HTTPProvider(Provider):
                 response = await session.request(method, url, data=data, headers=sent,
                                                  allow_redirects=False)
             except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
-                if isinstance(exc, aiohttp.ClientConnectorError):
-                    raise  # could not connect at all: not a stale connection
+                if isinstance(exc, aiohttp.ClientConnectorError) or method != "POST":
+                    # Could not connect at all: not a stale connection. (aiohttp sends an
+                    # idempotent request again on a stale connection by itself.)
+                    raise
                 # A pooled connection the server closed just as it was reused (aiohttp,
                 # unlike httpcore, does not check a pooled socket for EOF before reuse):
                 # the request never reached the server, so ask once more at once, on a

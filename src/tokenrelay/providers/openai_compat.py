@@ -179,18 +179,22 @@ class OpenAIProvider(HTTPProvider):
                 parser = self._parser(raw=raw)
                 content = response.content
                 pending = True  # the first chunk carries the resume handle (or None)
+                handle = None
                 try:
                     while True:
                         try:
                             data = await content.readany()
                         except TRANSPORT_ERRORS as exc:
+                            if handle is not None and parser.done:
+                                break  # the answer is whole: nothing to resume
                             raise self._broken(exc, started=parser.started) from exc
                         if not data:
                             break
                         chunks = parser.feed(data)
                         if pending and chunks:
                             pending = False
-                            chunks[0].resume = self._resumption(response, parser, request)
+                            handle = self._resumption(response, parser, request)
+                            chunks[0].resume = handle
                         for chunk in chunks:
                             yield chunk
                     parser.end()
@@ -278,6 +282,8 @@ class OpenAIProvider(HTTPProvider):
                 try:
                     data = await content.readany()
                 except TRANSPORT_ERRORS as exc:
+                    if parser.done:
+                        break  # the answer is whole: nothing more to resume
                     raise self._broken(exc, started=True) from exc
                 if not data:
                     break
