@@ -61,7 +61,7 @@ class Endpoints:
                     extra=router.unused_parameters(chat.model, chat.unused_parameters()))
             except (ValidationError, ValueError) as exc:
                 raise GatewayHTTPError(400, f"invalid messages: {exc}", param="messages") from exc
-            lease = gw.limiter.acquire(key, reservation(core, key))
+            lease = await gw.acquire(key, reservation(core, key))
         except GatewayHTTPError as exc:
             return gw.rejected(exc, request)
 
@@ -100,7 +100,7 @@ class Endpoints:
                 key, chat.max_tokens, gw.config.max_tokens_default)
             core = Request(messages=tuple(messages), model=upstream_model,
                            max_tokens=max_tokens, temperature=chat.temperature)
-            lease = gw.limiter.acquire(key, reservation(core, key))
+            lease = await gw.acquire(key, reservation(core, key))
         except GatewayHTTPError as exc:
             return gw.rejected(exc, request)
         stream = gw.open(core, provider)
@@ -126,7 +126,7 @@ class Endpoints:
                     req.model, req.unused_parameters(), api="responses"))
             except (ValidationError, ValueError) as exc:
                 raise GatewayHTTPError(400, f"invalid input: {exc}", param="input") from exc
-            lease = gw.limiter.acquire(key, reservation(core, key))
+            lease = await gw.acquire(key, reservation(core, key))
         except GatewayHTTPError as exc:
             return gw.rejected(exc, request)
 
@@ -168,8 +168,9 @@ class Endpoints:
 
     async def healthz(self, request: HTTPRequest) -> Response:
         # Unauthenticated (for load balancers): no model names here, /v1/models has them.
-        return JSONResponse({"status": "ok",
-                             "active_streams": self.gateway.limiter.total_active()})
+        # Always 200: a process whose Redis is out of reach still serves (its running
+        # streams, and by on_redis_error); "degraded" and the reason say what is wrong.
+        return JSONResponse(self.gateway.health())
 
     async def metrics(self, request: HTTPRequest) -> Response:
         """``GET /metrics`` (Prometheus), behind the API keys unless ``metrics_public``."""
