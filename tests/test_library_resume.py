@@ -12,7 +12,9 @@ that cannot resume) for the behaviour that must not change.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
+import sqlite3
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -73,15 +75,24 @@ def responses_target(gw: LiveGateway) -> Target:
                   extra={"background": True}, marker=b"output_text.delta", cancels=False)
 
 
-def scripted_chat_target(server: ResumableServer) -> Target:
-    return Target(server.port, lambda url: OpenAIProvider(base_url=url))
+def chat_target(port: int) -> Target:
+    return Target(port, lambda url: OpenAIProvider(base_url=url))
 
 
-@pytest.fixture(params=["gateway-responses", "scripted-chat"])
-def target(request: pytest.FixtureRequest) -> Target:
+@pytest.fixture(params=["gateway-chat", "gateway-responses"])
+def target(request: pytest.FixtureRequest, gateway: LiveGateway) -> Target:
     if request.param == "gateway-responses":
-        return responses_target(request.getfixturevalue("gateway"))
-    return scripted_chat_target(request.getfixturevalue("scripted"))
+        return responses_target(gateway)
+    return chat_target(gateway.port)
+
+
+def reqlog_row(gateway: LiveGateway, stream_id: str) -> dict[str, Any] | None:
+    """The gateway's request-log row of a stream, once written (rows go in batches)."""
+    path = gateway.config.log.path
+    with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+        db.row_factory = sqlite3.Row
+        row = db.execute("SELECT * FROM requests WHERE stream_id = ?", (stream_id,)).fetchone()
+    return None if row is None else dict(row)
 
 
 def run(target: Target, proxy: CutProxy, **options: Any) -> tokenrelay.Result:
@@ -220,7 +231,7 @@ def test_a_server_that_cannot_resume_fails_as_before() -> None:
 
 def test_the_request_asks_for_a_grace_and_a_resume_names_the_last_event(
         scripted: ResumableServer) -> None:
-    target = scripted_chat_target(scripted)
+    target = chat_target(scripted.port)
     before = len(scripted.requests)
     with CutProxy(("127.0.0.1", target.port),
                   plan=lambda n: Cut(700) if n == 0 else None) as proxy:
@@ -253,6 +264,35 @@ def test_leaving_early_cancels_the_answer_on_the_server(scripted: ResumableServe
     sid = cancels[0][1].split("/")[-2]
     assert poll(lambda: scripted.answers[sid].ended, 2.0)
     assert scripted.answers[sid].cancelled
+
+
+def test_leaving_early_stops_the_gateway_at_once(gateway: LiveGateway) -> None:
+    """Without the cancel, the gateway would go on for the 30 s grace the library asked."""
+    provider = OpenAIProvider(base_url=gateway.url + "/v1")
+    with tokenrelay.stream("hi", model="mock:tokens=400,tps=50", provider=provider,
+                           raw=True) as s:
+        for event in s:
+            if event.type == "text_delta":
+                break
+    assert s.result.raw_chunks
+    sid = s.result.raw_chunks[0]["id"]
+    row = poll(lambda: reqlog_row(gateway, sid), 3.0)
+    assert row is not None and row["status"] == "cancelled", row
+    assert row["duration"] < 2.0 and row["completion_tokens"] < 100
+
+
+def test_the_gateway_counts_the_resumes_the_library_made(gateway: LiveGateway) -> None:
+    target = chat_target(gateway.port)
+    _, body = clean_run(target)
+    lo, hi = cut_range(body, target.marker)
+    plan = {0: Cut((lo + hi) // 2), 1: Cut(lo + 5)}  # (a resumed connection is shorter)
+    with CutProxy(("127.0.0.1", target.port), plan=plan.get) as proxy:
+        result = run(target, proxy, raw=True)
+    assert result.resumes == 2
+    sid = result.raw_chunks[0]["id"] if result.raw_chunks else None
+    assert sid is not None
+    row = poll(lambda: reqlog_row(gateway, sid), 3.0)
+    assert row is not None and row["status"] == "ok" and row["resumes"] == 2
 
 
 def test_a_background_response_is_not_cancelled_when_the_caller_leaves(
