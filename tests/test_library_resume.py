@@ -22,7 +22,8 @@ from typing import Any
 import httpx
 import pytest
 from _cutproxy import Cut, CutProxy
-from _harness import LiveGateway, poll
+from _harness import LiveGateway, gateway_config, mock_routes, poll
+from _pty import tokenrelay as tokenrelay_cli
 from _resumable import ResumableServer, expected_text
 from _upstream import Upstream
 
@@ -34,7 +35,7 @@ from tokenrelay.providers.base import Provider
 from tokenrelay.providers.openai_compat import OpenAIProvider
 from tokenrelay.providers.openai_responses import OpenAIResponsesProvider
 from tokenrelay.request import RetryPolicy, Timeouts
-from tokenrelay.server.config import ServerConfig
+from tokenrelay.testing.mock_upstream import MockUpstream
 
 MODEL = "mock:tokens=40,tps=400"
 FAST = RetryPolicy(backoff=0.01, max_backoff=0.05)
@@ -42,9 +43,13 @@ FAST = RetryPolicy(backoff=0.01, max_backoff=0.05)
 
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveGateway]:
-    log = {"path": str(tmp_path_factory.mktemp("reqlog") / "requests.db")}
-    with LiveGateway(ServerConfig.model_validate({"log": log})) as live:
-        yield live
+    """The gateway: the scripted ``mock``, and ``relayed`` (the same answers, relayed from
+    a mock upstream: a name the CLI sends to an endpoint)."""
+    with MockUpstream() as upstream:
+        routes = mock_routes(upstream.url, relayed="tokens=40,tps=400")
+        config = gateway_config(tmp_path_factory.mktemp("reqlog"), routes)
+        with LiveGateway(config) as live:
+            yield live
 
 
 @pytest.fixture(scope="module")
@@ -165,6 +170,19 @@ def test_a_stalled_connection_resumes_after_the_idle_timeout(target: Target) -> 
                   plan=lambda n: Cut(lo + 10, "stall") if n == 0 else None) as proxy:
         result = run(target, proxy, timeouts=Timeouts(idle=0.5))
     assert result.text == clean and result.resumes == 1
+
+
+def test_the_cli_shows_the_whole_answer_after_breaks(gateway: LiveGateway) -> None:
+    target = chat_target(gateway.port)
+    target.model = "relayed"
+    clean, body = clean_run(target)
+    lo, hi = cut_range(body, target.marker)
+    plan = {0: Cut((lo + hi) // 2), 1: Cut(lo + 5, "close")}
+    with CutProxy(("127.0.0.1", target.port), plan=plan.get) as proxy:
+        done = tokenrelay_cli("--base-url", f"http://127.0.0.1:{proxy.port}/v1", "-m",
+                              "relayed", "hi")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == clean.strip() and len(proxy.cuts) == 2
 
 
 # -- bounds ------------------------------------------------------------------------------
