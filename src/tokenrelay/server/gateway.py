@@ -476,7 +476,6 @@ class Gateway:
         self.drain.close()
         await self.drain_logs()
         await self.router.aclose()
-        await self.streams.aclose()
         if self.reqlog is not None:
             self.reqlog.close()
         if self.redis is not None:
