@@ -50,7 +50,7 @@ import httpx
 from bench_gateway import Proc, cpu_seconds, free_port
 from bench_streamlog import redis_server
 
-from tokenrelay.mock_upstream import MockUpstream
+from tokenrelay.testing import MockUpstream
 from tokenrelay.server.config import hash_key
 
 BIN = Path(sys.executable).parent

@@ -11,8 +11,8 @@ from typing import Any
 
 import httpx
 import pytest
-from _gateway import config
 from _harness import LiveGateway, free_port, poll, sse_payloads, tokenrelay_argv
+from _harness import gateway_config as config
 from _redis import RedisServer, redis_prefix
 
 pytest.importorskip("redis")

@@ -16,6 +16,7 @@ from starlette.requests import Request as HTTPRequest
 from starlette.responses import HTMLResponse, JSONResponse, Response
 
 from ..request import Message, Request
+from .background import BackgroundEndpoints, BackgroundResponses
 from .encode import ChunkEncoder, SimpleEncoder, dumps
 from .gateway import Gateway, error_response
 from .metrics import CONTENT_TYPE_LATEST
@@ -36,6 +37,9 @@ class Endpoints:
         self.gateway = gateway
         self.router = gateway.router
         self._openapi = dumps(openapi_document(auth=bool(gateway.config.keys)))
+        #: Background responses: their producers, retrieve and cancel (background.py).
+        self.background = BackgroundResponses(gateway)
+        self.responses = BackgroundEndpoints(self.background)
 
     # -- answered by a model ---------------------------------------------------------
 
@@ -110,6 +114,10 @@ class Endpoints:
         gw, router = self.gateway, self.router
         try:
             key, req = await gw.admit(request, ResponsesRequest)
+            if req.background and req.store is False:
+                # OpenAI's rule: a background response is stored to be retrieved.
+                raise GatewayHTTPError(400, "Background mode requires store=true.",
+                                       param="store", code="invalid_value")
             provider, upstream_model = router.lookup(req.model)
             max_tokens = gw.limiter.clamp_max_tokens(
                 key, req.max_output_tokens, gw.config.max_tokens_default)
@@ -124,6 +132,11 @@ class Endpoints:
 
         stream = gw.open(core, provider)
         route = router.route(req.model)
+        if req.background:
+            return await self.background.start(
+                request, {"request": req, "model": req.model, "route": route},
+                stream=stream, lease=lease, key_id=key.id, model=req.model, route=route,
+                deliver=req.stream)
         encoder = ResponsesEncoder(req, model=req.model, route=route)
         if not req.stream:
             return await gw.complete(stream, request=request, lease=lease, key_id=key.id,

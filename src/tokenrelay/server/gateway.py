@@ -43,6 +43,7 @@ from .routing import Router, label
 from .security import ANONYMOUS, Authenticator, GatewayHTTPError, Lease, Limiter
 from .shutdown import Drain, is_shutdown
 from .sse import EarlyResponse, SSEResponse
+from .streamlog import StreamLog, create_store
 
 if TYPE_CHECKING:
     from .redis_link import RedisLink
@@ -92,6 +93,8 @@ class Gateway:
         self.router = Router(config)
         #: The requests answering a model, ended at the drain deadline on shutdown.
         self.drain = Drain()
+        #: The stream log between producing and delivering (``[streams]``).
+        self.streams: StreamLog = create_store(config.streams)
         self.reqlog: RequestLog | None = None
         if config.log.enabled:
             from ..log import default_log_path
@@ -363,6 +366,7 @@ class Gateway:
         self.drain.close()
         await self.drain_logs()
         await self.router.aclose()
+        await self.streams.aclose()
         if self.reqlog is not None:
             self.reqlog.close()
         if self.redis is not None:
