@@ -71,7 +71,8 @@ def server_config(config_file: str | None = None, *, host: str | None = None,
                   port: int | None = None, routes: tuple[str, ...] = (),
                   api_keys: tuple[str, ...] = (), heartbeat: float | None = None,
                   log_enabled: bool | None = None,
-                  cors_origins: tuple[str, ...] = (), quiet: bool = False) -> ServerConfig:
+                  cors_origins: tuple[str, ...] = (), quiet: bool = False,
+                  redis_url: str | None = None) -> ServerConfig:
     """The gateway configuration of ``tokenrelay serve``: the file, then the options.
 
     API keys are hashed here; the result holds only their SHA-256.
@@ -80,7 +81,7 @@ def server_config(config_file: str | None = None, *, host: str | None = None,
 
     overrides: dict[str, Any] = {
         "host": host, "port": port, "heartbeat": heartbeat,
-        "cors_origins": list(cors_origins) or None,
+        "cors_origins": list(cors_origins) or None, "redis_url": redis_url,
     }
     extra_models = _routes(routes)
     config = load_config(config_file, **overrides, models=extra_models)
@@ -121,6 +122,10 @@ def banner(config: ServerConfig, gateway: Any, base: str) -> list[str]:
         lines.append("  request log: off")
     lines.append("  access log:  " + ("this console, a line per request (--quiet: off)"
                                       if config.access_log else "off"))
+    if gateway.redis is not None:
+        shared = "limits and streams" if config.streams.store == "redis" else "limits"
+        lines.append(f"  shared:      {shared} in {gateway.redis.where}"
+                     f" (on_redis_error = {config.redis.on_redis_error})")
     if config.keys:
         lines.append(f"  API keys:    {len(config.keys)}; clients send"
                      " Authorization: Bearer <key>")
@@ -185,13 +190,18 @@ def _console_access_log() -> logging.handlers.QueueListener:
               help="Allow browser pages from ORIGIN (repeatable; replaces the config's list).")
 @click.option("--quiet", "-q", is_flag=True,
               help="No access line per request on the console (warnings still show).")
-@click.option("--workers", type=click.IntRange(1, 256), default=1, show_default=True,
+@click.option("--redis", "redis_url", metavar="URL",
+              help="Share per-key limits and the stream log with the other processes"
+                   " (workers, replicas) in this Redis: redis://HOST:6379/0, rediss://,"
+                   " unix:// ([redis] url).")
+@click.option("--workers", type=click.IntRange(1, 256), default=None,
               help="Processes serving the one port (a process relays on one core);"
-                   " SIGTERM to this one drains them all.")
+                   " SIGTERM to this one drains them all (default: the config's"
+                   " workers, 1).")
 def serve(host: str | None, port: int | None, config_file: str | None,
           routes: tuple[str, ...], api_keys: tuple[str, ...], heartbeat: float | None,
           log_enabled: bool | None, cors_origins: tuple[str, ...], quiet: bool,
-          workers: int) -> None:
+          redis_url: str | None, workers: int | None) -> None:
     """Run the OpenAI-compatible SSE gateway.
 
     \b
@@ -210,8 +220,10 @@ def serve(host: str | None, port: int | None, config_file: str | None,
 
     config = server_config(config_file, host=host, port=port, routes=routes,
                            api_keys=api_keys, heartbeat=heartbeat, log_enabled=log_enabled,
-                           cors_origins=cors_origins, quiet=quiet)
+                           cors_origins=cors_origins, quiet=quiet, redis_url=redis_url)
     config.check_exposure()
+    workers = workers or config.workers
+    config.check_shared_limits(workers)
 
     app = create_app(config)  # a bad route fails here, before binding
     if workers > 1:

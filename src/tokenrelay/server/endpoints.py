@@ -16,6 +16,7 @@ from starlette.requests import Request as HTTPRequest
 from starlette.responses import HTMLResponse, JSONResponse, Response
 
 from ..request import Message, Request
+from .background import BackgroundEndpoints, BackgroundResponses
 from .encode import ChunkEncoder, SimpleEncoder, dumps
 from .gateway import Gateway, error_response
 from .metrics import CONTENT_TYPE_LATEST
@@ -36,6 +37,9 @@ class Endpoints:
         self.gateway = gateway
         self.router = gateway.router
         self._openapi = dumps(openapi_document(auth=bool(gateway.config.keys)))
+        #: Background responses: their producers, retrieve and cancel (background.py).
+        self.background = BackgroundResponses(gateway)
+        self.responses = BackgroundEndpoints(self.background)
 
     # -- answered by a model ---------------------------------------------------------
 
@@ -57,7 +61,7 @@ class Endpoints:
                     extra=router.unused_parameters(chat.model, chat.unused_parameters()))
             except (ValidationError, ValueError) as exc:
                 raise GatewayHTTPError(400, f"invalid messages: {exc}", param="messages") from exc
-            lease = gw.limiter.acquire(key, reservation(core, key))
+            lease = await gw.acquire(key, reservation(core, key))
         except GatewayHTTPError as exc:
             return gw.rejected(exc, request)
 
@@ -96,7 +100,7 @@ class Endpoints:
                 key, chat.max_tokens, gw.config.max_tokens_default)
             core = Request(messages=tuple(messages), model=upstream_model,
                            max_tokens=max_tokens, temperature=chat.temperature)
-            lease = gw.limiter.acquire(key, reservation(core, key))
+            lease = await gw.acquire(key, reservation(core, key))
         except GatewayHTTPError as exc:
             return gw.rejected(exc, request)
         stream = gw.open(core, provider)
@@ -110,6 +114,10 @@ class Endpoints:
         gw, router = self.gateway, self.router
         try:
             key, req = await gw.admit(request, ResponsesRequest)
+            if req.background and req.store is False:
+                # OpenAI's rule: a background response is stored to be retrieved.
+                raise GatewayHTTPError(400, "Background mode requires store=true.",
+                                       param="store", code="invalid_value")
             provider, upstream_model = router.lookup(req.model)
             max_tokens = gw.limiter.clamp_max_tokens(
                 key, req.max_output_tokens, gw.config.max_tokens_default)
@@ -118,12 +126,17 @@ class Endpoints:
                     req.model, req.unused_parameters(), api="responses"))
             except (ValidationError, ValueError) as exc:
                 raise GatewayHTTPError(400, f"invalid input: {exc}", param="input") from exc
-            lease = gw.limiter.acquire(key, reservation(core, key))
+            lease = await gw.acquire(key, reservation(core, key))
         except GatewayHTTPError as exc:
             return gw.rejected(exc, request)
 
         stream = gw.open(core, provider)
         route = router.route(req.model)
+        if req.background:
+            return await self.background.start(
+                request, {"request": req, "model": req.model, "route": route},
+                stream=stream, lease=lease, key_id=key.id, model=req.model, route=route,
+                deliver=req.stream)
         encoder = ResponsesEncoder(req, model=req.model, route=route)
         if not req.stream:
             return await gw.complete(stream, request=request, lease=lease, key_id=key.id,
@@ -155,8 +168,9 @@ class Endpoints:
 
     async def healthz(self, request: HTTPRequest) -> Response:
         # Unauthenticated (for load balancers): no model names here, /v1/models has them.
-        return JSONResponse({"status": "ok",
-                             "active_streams": self.gateway.limiter.total_active()})
+        # Always 200: a process whose Redis is out of reach still serves (its running
+        # streams, and by on_redis_error); "degraded" and the reason say what is wrong.
+        return JSONResponse(self.gateway.health())
 
     async def metrics(self, request: HTTPRequest) -> Response:
         """``GET /metrics`` (Prometheus), behind the API keys unless ``metrics_public``."""

@@ -19,7 +19,11 @@ Each frame is ``event: <type>`` + ``data: <json>`` and carries a ``sequence_numb
 there is no ``data: [DONE]`` (OpenAI sends none on this API). The shapes follow the
 ``openai`` SDK's ``types/responses`` models, which parse them in the tests.
 
-Nothing is stored: ``store`` is answered as ``false``.
+A foreground response is not stored (``store`` is answered as ``false``); a background
+one (``background: true``, ``server/background.py``) is kept in the stream log, frame by
+frame: it starts ``queued`` (``response.created``), turns ``in_progress`` when its producer
+starts, and a cancel ends it with the open items ``incomplete`` and a ``response.cancelled``
+event (OpenAI's SDK defines no event for it; its ``Response.status`` has ``cancelled``).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from .._stream import Result
 from ..events import Done, ErrorEvent, StreamEvent, TextDelta, ToolCallDelta, Usage, UsageEvent
 from .encode import client_message, dumps, tool_call_id
 from .responses_schema import ResponsesRequest
+from .streamlog.base import FinalStatus
 
 __all__ = ["ResponsesEncoder"]
 
@@ -76,13 +81,16 @@ class ResponsesEncoder:
     """
 
     def __init__(self, request: ResponsesRequest, *, model: str, route: str | None = None,
-                 ) -> None:
-        self.id = "resp_" + uuid.uuid4().hex
+                 response_id: str | None = None, background: bool = False) -> None:
+        self.id = response_id or "resp_" + uuid.uuid4().hex
         self.model = model
         #: The upstream route's name, if the model is one (its errors are generic).
         self.route = route
         self.created_at = int(time.time())
         self._echo = request.echo()
+        self._echo["background"] = background
+        if background:
+            self._echo["store"] = True  # kept in the stream log, retrievable
         #: The sequence number of the next frame (its SSE ``id:`` and ``sequence_number``).
         self.next_seq = 0
         self._started = False
@@ -91,6 +99,9 @@ class ResponsesEncoder:
         self._calls: dict[int, dict[str, Any]] = {}  # core tool-call index → its item
         self._open_calls: list[int] = []
         self.usage: Usage | None = None
+        #: The final status once the last frame is out (completed, incomplete, failed,
+        #: cancelled); None before.
+        self.final_status: FinalStatus | None = None
 
     # -- frames ---------------------------------------------------------------------
 
@@ -118,12 +129,41 @@ class ResponsesEncoder:
             **self._echo,
         }
 
-    def encode(self, event: StreamEvent) -> bytes:
+    def start(self, status: str = "in_progress") -> list[bytes]:
+        """The first frames: ``response.created`` with ``status``, and
+        ``response.in_progress`` unless the response is ``queued`` (see :meth:`progress`)."""
         frames: list[bytes] = []
-        if not self._started:
-            self._started = True
-            self._frame(frames, "response.created", response=self.response("in_progress"))
+        self._started = True
+        self._frame(frames, "response.created", response=self.response(status))
+        if status != "queued":
             self._frame(frames, "response.in_progress", response=self.response("in_progress"))
+        return frames
+
+    def progress(self) -> list[bytes]:
+        """``response.in_progress``: a queued response starts being generated."""
+        frames: list[bytes] = []
+        self._frame(frames, "response.in_progress", response=self.response("in_progress"))
+        return frames
+
+    def cancel(self) -> list[bytes]:
+        """The frames that end a cancelled response: its open items closed as
+        ``incomplete``, then ``response.cancelled`` (the last one)."""
+        frames: list[bytes] = []
+        self._close_message(frames, "incomplete")
+        self._close_calls(frames, "incomplete")
+        self.final_status = "cancelled"
+        self._frame(frames, "response.cancelled",
+                    response=self.response("cancelled", usage=self.usage))
+        return frames
+
+    def encode(self, event: StreamEvent) -> bytes:
+        """The frames ``event`` completes, joined (what a foreground stream sends)."""
+        return b"".join(self.frames(event))
+
+    def frames(self, event: StreamEvent) -> list[bytes]:
+        """The frames ``event`` completes, one ``bytes`` per frame (numbered from
+        :attr:`next_seq`: what a producer appends to the stream log)."""
+        frames = [] if self._started else self.start()
         if isinstance(event, TextDelta):
             self._text(frames, event.delta)
         elif isinstance(event, ToolCallDelta):
@@ -138,7 +178,7 @@ class ResponsesEncoder:
             self._fail(frames, event)
         # Other events add nothing to the wire: tool_call_done (its arguments came as
         # deltas), structured_partial (the text carries the JSON), raw chunks, tool results.
-        return b"".join(frames)
+        return frames
 
     def _text(self, frames: list[bytes], delta: str) -> None:
         self._close_calls(frames, "completed")
@@ -200,10 +240,11 @@ class ResponsesEncoder:
 
     def _finish(self, frames: list[bytes], reason: str, usage: Usage) -> None:
         incomplete = _INCOMPLETE.get(reason)
-        status = "completed" if incomplete is None else "incomplete"
+        status: FinalStatus = "completed" if incomplete is None else "incomplete"
         # Close in output order: at most one of the two is open.
         self._close_message(frames, status)
         self._close_calls(frames, status)
+        self.final_status = status
         self._frame(frames, f"response.{status}",
                     response=self.response(status, usage=usage, incomplete=incomplete))
 
@@ -214,6 +255,7 @@ class ResponsesEncoder:
             if item["status"] == "in_progress":
                 item["status"] = "incomplete"
         code = "rate_limit_exceeded" if event.code == "rate_limited" else "server_error"
+        self.final_status = "failed"
         self._frame(frames, "response.failed", response=self.response(
             "failed", usage=self.usage, error={"code": code, "message": message}))
 
