@@ -625,3 +625,30 @@ def test_a_shutdown_ends_a_detached_stream_with_the_shutdown_error(
     events = [e for e in sse_events(b"".join(asyncio.run(stored()))) if "id" in e]
     check_sequence(events)
     assert error_of(events[-1])["code"] == "server_shutdown"
+
+
+def test_a_reader_of_a_stream_whose_producer_is_gone_gets_producer_lost(
+        live: LiveGateway) -> None:
+    frames = [b'id: 0\ndata: {"choices":[{"index":0,"delta":{"content":"a"}}]}\n\n',
+              b'id: 1\ndata: {"choices":[{"index":0,"delta":{"content":"b"}}]}\n\n']
+
+    async def orphan() -> str:
+        # A producer that dies without finishing (as a crashed process's would).
+        producer = await live.gateway.streams.create(
+            owner="anonymous", endpoint="chat.completions", id_prefix="chatcmpl-",
+            status="in_progress")
+        await producer.append(frames)
+        await producer.release()
+        return producer.stream_id
+
+    stream_id = live.call(orphan())
+    for _ in range(2):  # the first reader writes the end, the second reads it
+        _, events = stream_all(live.url, path=f"/v1/chat/completions/{stream_id}/stream")
+        check_sequence(events)
+        assert [e["data"] for e in events[:2]] == [f[f.index(b"data: ") + 6:-2].decode()
+                                                   for f in frames]
+        assert len(events) == 3 and error_of(events[2])["code"] == "producer_lost"
+    _, events = stream_all(live.url, path=f"/chat/{stream_id}/stream")
+    assert not events  # another endpoint's stream: 404 (no events)
+    text = httpx.get(f"{live.url}/metrics").text
+    assert "tokenrelay_stream_producer_losses_total 1.0" in text
