@@ -101,6 +101,8 @@ class Gateway:
         self.router = Router(config)
         #: The requests answering a model, ended at the drain deadline on shutdown.
         self.drain = Drain()
+        #: The stream log between producing and delivering (``[streams]``).
+        self.streams: StreamLog = create_store(config.streams)
         self.reqlog: RequestLog | None = None
         if config.log.enabled:
             from ..log import default_log_path
@@ -475,6 +477,7 @@ class Gateway:
             await asyncio.gather(*self._background, return_exceptions=True)
         self.drain.close()
         await self.drain_logs()
+        await self.streams.aclose()
         await self.router.aclose()
         if self.reqlog is not None:
             self.reqlog.close()
