@@ -102,7 +102,8 @@ class Gateway:
         #: The requests answering a model, ended at the drain deadline on shutdown.
         self.drain = Drain()
         #: The stream log between producing and delivering (``[streams]``).
-        self.streams: StreamLog = create_store(config.streams)
+        self.streams: StreamLog = create_store(
+            config.streams, hold_new_streams=config.redis.on_redis_error == "open")
         self.reqlog: RequestLog | None = None
         if config.log.enabled:
             from ..log import default_log_path
