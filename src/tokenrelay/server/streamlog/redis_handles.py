@@ -28,8 +28,8 @@ from .base import (
     Producer,
     ProducerLost,
     StreamInfo,
-    StreamNotFound,
     StreamLogUnavailable,
+    StreamNotFound,
     StreamReader,
     StreamTooLarge,
 )

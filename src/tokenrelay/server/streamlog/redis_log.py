@@ -52,13 +52,13 @@ from redis.exceptions import NoScriptError, RedisError, ResponseError
 from . import _lua
 from .base import (
     FINAL_STATUSES,
-    LeaseLost,
     LEASE_REFRESH_S,
     LIVE_STATUSES,
     MAX_ENDPOINT_LEN,
     MAX_META_BYTES,
     MAX_OWNER_LEN,
     FinalStatus,
+    LeaseLost,
     LiveStatus,
     StreamInfo,
     StreamLog,
