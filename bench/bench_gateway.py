@@ -262,7 +262,7 @@ def upstream_proc() -> Proc:
     if check.stdout.strip() == "True":
         argv = [TOKENRELAY, "mock-upstream", "--port", str(port)]
     else:  # the command is not registered (yet): the same server through its module
-        code = ("import asyncio, sys; from tokenrelay.mock_upstream import MockUpstream;"
+        code = ("import asyncio, sys; from tokenrelay.testing.mock_upstream import MockUpstream;"
                 " asyncio.run(MockUpstream(port=int(sys.argv[1])).serve_forever())")
         argv = [sys.executable, "-c", code, str(port)]
     return Proc("upstream", argv, port, "/v1/models")

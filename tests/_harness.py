@@ -41,8 +41,9 @@ from typing import Any, Self, TypeVar
 T = TypeVar("T")
 
 __all__ = [
-    "LiveGateway", "Proc", "Processes", "closed_port", "free_port", "poll", "sse_events",
-    "sse_payloads", "wait_port", "write_config",
+    "LiveGateway", "Proc", "Processes", "chat_body", "closed_port", "fd_count", "free_port",
+    "gateway_config", "mock_routes", "poll", "sse_events", "sse_payloads", "wait_port",
+    "write_config",
 ]
 
 START_TIMEOUT = 15.0
@@ -135,6 +136,33 @@ def write_config(path: Path, config: Mapping[str, Any]) -> Path:
 
     path.write_text(tomli_w.dumps(clean(config)))
     return path
+
+
+def mock_routes(upstream_url: str, **specs: str) -> list[dict[str, str]]:
+    """Gateway routes ``name → mock upstream``, each with its behaviour in the model name
+    (``up_slow="tokens=1000,tps=50"`` is the route ``up-slow``)."""
+    return [{"name": name.replace("_", "-"), "base_url": upstream_url, "upstream_model": spec}
+            for name, spec in specs.items()]
+
+
+def gateway_config(tmp: Path, models: list[dict[str, str]], **options: Any) -> Any:
+    """A test gateway's ``ServerConfig``: the routes, the scripted ``mock``, no embedded
+    model, the request log in ``tmp``."""
+    from tokenrelay.server import ServerConfig
+
+    return ServerConfig.model_validate({"models": models, "serve_local": False,
+                                        "log": {"path": str(tmp / "requests.db")}, **options})
+
+
+def chat_body(model: str, *, stream: bool = True, **extra: Any) -> dict[str, Any]:
+    """A chat completions body asking ``model`` to answer "hi"."""
+    return {"model": model, "messages": [{"role": "user", "content": "hi"}], "stream": stream,
+            **extra}
+
+
+def fd_count() -> int:
+    """This process's open file descriptors."""
+    return len(os.listdir("/proc/self/fd"))
 
 
 # -- the gateway in a thread --------------------------------------------------------------

@@ -1,4 +1,7 @@
-"""A loopback HTTP server that answers every request with bytes the test chooses.
+"""Raw HTTP on both ends: a server that answers with bytes the test chooses, and a client
+socket that reads exactly as slowly as the test wants.
+
+``RawServer`` is a loopback HTTP server that answers every request with bytes the test chooses.
 
 For what a well-behaved server never sends: redirects, statuses outside 100-599, error
 bodies full of internal details. ``connections`` counts accepted connections, so a
@@ -10,10 +13,12 @@ second instance can stand for a host the gateway must never reach::
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
+import time
 from collections.abc import Callable
-from typing import Self
+from typing import Any, Self
 
 Responder = Callable[[str], bytes]
 
@@ -90,3 +95,54 @@ class RawServer:
                 break
             body += piece
         return lines[0].split(" ")[1] if " " in lines[0] else ""
+
+
+# -- a client that reads when the test says ---------------------------------------------
+
+
+def open_stream(port: int, body: dict[str, Any], *, rcvbuf: int | None = None,
+                timeout: float = 5) -> socket.socket:
+    """A raw socket that has sent ``POST /v1/chat/completions`` and reads nothing yet."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    if rcvbuf is not None:  # before connect, so the window is small from the handshake
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.settimeout(timeout)
+    sock.connect(("127.0.0.1", port))
+    data = json.dumps(body).encode()
+    sock.sendall(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        b"Content-Type: application/json\r\nAccept: text/event-stream\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(data), data))
+    return sock
+
+
+def recv_until(sock: socket.socket, marker: bytes, timeout: float = 5) -> bytes:
+    """Read until ``marker`` was received (``AssertionError`` on timeout or EOF)."""
+    received = b""
+    deadline = time.monotonic() + timeout
+    while marker not in received:
+        sock.settimeout(max(0.01, deadline - time.monotonic()))
+        try:
+            data = sock.recv(65536)
+        except TimeoutError:
+            raise AssertionError(f"no {marker!r} within {timeout}s: {received[-300:]!r}")
+        if not data:
+            raise AssertionError(f"EOF before {marker!r}: {received[-300:]!r}")
+        received += data
+    return received
+
+
+def recv_all(sock: socket.socket, timeout: float = 10) -> bytes:
+    """Read until the server ends the (chunked) response or closes."""
+    received = b""
+    deadline = time.monotonic() + timeout
+    while not received.endswith(b"\r\n0\r\n\r\n"):
+        sock.settimeout(max(0.01, deadline - time.monotonic()))
+        try:
+            data = sock.recv(65536)
+        except TimeoutError:
+            raise AssertionError(f"the response did not end within {timeout}s")
+        if not data:
+            break
+        received += data
+    return received

@@ -1,6 +1,6 @@
 """A real OpenAI-compatible HTTP server on loopback, scripted byte by byte.
 
-The server is :class:`tokenrelay.mock_upstream.MockUpstream` (raw asyncio sockets on its
+The server is :class:`tokenrelay.testing.mock_upstream.MockUpstream` (raw asyncio sockets on its
 own event loop thread: it serves sync tests, ``asyncio.run`` and pytest-asyncio alike,
 resets connections, ends bodies without ``[DONE]``, notices the moment a client goes).
 This subclass keeps the scripted scenarios of the provider and CLI tests, chosen by the
@@ -33,8 +33,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from tokenrelay._mock_spec import parse_spec
-from tokenrelay.mock_upstream import RESET_GRACE, Exchange, MockUpstream, RequestRecord
+from tokenrelay.testing._mock_spec import parse_spec
+from tokenrelay.testing.mock_upstream import RESET_GRACE, Exchange, MockUpstream, RequestRecord
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TOKENS = ["Hello", ",", " world", "!"]
@@ -94,7 +94,7 @@ class Upstream(MockUpstream):
 
     async def chat_completion(self, exchange: Exchange) -> None:
         model = str(exchange.body.get("model", "ok"))
-        if "fault=" in model:  # the mock's one spelling of faults (tokenrelay._mock_spec)
+        if "fault=" in model:  # the mock's one spelling of faults (tokenrelay.testing._mock_spec)
             options = parse_spec(model)
             scenario, arg = f"{options['fault']}_after", str(options.get("after", 1))
         else:

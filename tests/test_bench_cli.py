@@ -23,7 +23,7 @@ from _pty import cli_env, strip_ansi, tokenrelay
 from _upstream import Upstream
 
 from tokenrelay.bench import BenchReport, RequestOutcome, abench
-from tokenrelay.mock_upstream import MockUpstream
+from tokenrelay.testing.mock_upstream import MockUpstream
 
 MODEL = "mock:tokens=20,tps=200"
 METRICS = ("ttft_ms", "tpot_ms", "itl_ms", "e2el_ms")

@@ -15,7 +15,7 @@ from _pty import cli_env, tokenrelay, tokenrelay_argv
 
 import tokenrelay as lib
 from tokenrelay.config import Settings, choose_model
-from tokenrelay.mock_upstream import MockUpstream
+from tokenrelay.testing.mock_upstream import MockUpstream
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tokenrelay.mock_upstream import MockUpstream
+from tokenrelay.testing.mock_upstream import MockUpstream
 
 CLIENT = Path(__file__).with_name("_first_cancel_client.py")
 WAYS = [("async", "break"), ("async", "close"), ("async", "cancel"), ("async", "sigint"),

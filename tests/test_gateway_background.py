@@ -21,14 +21,14 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from _gateway import LiveGateway, config, poll, routes
-from _harness import sse_events
+from _harness import LiveGateway, poll, sse_events
+from _harness import gateway_config as config
+from _harness import mock_routes as routes
 from _redis import RedisServer, redis_prefix
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tokenrelay.events import TextDelta
-from tokenrelay.mock_upstream import MockUpstream
 from tokenrelay.server.background import BackgroundResponses
 from tokenrelay.server.config import hash_key
 from tokenrelay.server.metrics import GatewayMetrics
@@ -36,6 +36,7 @@ from tokenrelay.server.response_snapshot import ResponseSnapshot
 from tokenrelay.server.responses import ResponsesEncoder
 from tokenrelay.server.security import GatewayHTTPError
 from tokenrelay.server.streamlog import MemoryStreamLog
+from tokenrelay.testing.mock_upstream import MockUpstream
 
 SPECS = {
     "quick": "tokens=12,tps=200",

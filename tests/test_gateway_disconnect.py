@@ -16,19 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _gateway import (
-    LiveGateway,
-    chat_body,
-    config,
-    fd_count,
-    open_stream,
-    poll,
-    recv_all,
-    recv_until,
-    routes,
-)
+from _harness import LiveGateway, chat_body, fd_count, gateway_config, mock_routes, poll
+from _raw_http import open_stream, recv_all, recv_until
 
-from tokenrelay.mock_upstream import MockUpstream, RequestRecord, token_text
+from tokenrelay.testing.mock_upstream import MockUpstream, RequestRecord, token_text
 
 SPECS = {
     "slow": "tokens=1000,tps=20",
@@ -56,8 +47,8 @@ def make_gateway(upstream: MockUpstream, tmp_path: Path) -> Iterator[MakeGateway
     upstream.reset()
     with ExitStack() as stack:
         def make(loop: str = "uvloop", **options: Any) -> LiveGateway:
-            models = routes(upstream.url, **SPECS)
-            return stack.enter_context(LiveGateway(config(tmp_path, models, **options),
+            models = mock_routes(upstream.url, **SPECS)
+            return stack.enter_context(LiveGateway(gateway_config(tmp_path, models, **options),
                                                    loop=loop))
 
         yield make

@@ -18,10 +18,10 @@ from typing import Any
 
 import httpx
 import pytest
-from _gateway import LiveGateway, chat_body, config, poll, routes, sse_payloads
+from _harness import LiveGateway, chat_body, gateway_config, mock_routes, poll, sse_payloads
 
 from tokenrelay import RetryPolicy, Timeouts
-from tokenrelay.mock_upstream import MockUpstream, token_text
+from tokenrelay.testing.mock_upstream import MockUpstream, token_text
 
 SPECS = {
     "reset": "fault=reset,after=3,tokens=8",
@@ -47,7 +47,7 @@ def upstream() -> Iterator[MockUpstream]:
 def live(upstream: MockUpstream, tmp_path_factory: pytest.TempPathFactory,
          ) -> Iterator[LiveGateway]:
     tmp: Path = tmp_path_factory.mktemp("gateway")
-    with LiveGateway(config(tmp, routes(upstream.url, **SPECS))) as gateway:
+    with LiveGateway(gateway_config(tmp, mock_routes(upstream.url, **SPECS))) as gateway:
         yield gateway
 
 

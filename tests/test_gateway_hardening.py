@@ -20,9 +20,8 @@ from typing import Any
 
 import httpx
 import pytest
-from _gateway import open_stream
 from _harness import LiveGateway, poll, sse_payloads
-from _raw_http import RawServer, response
+from _raw_http import RawServer, open_stream, response
 
 from tokenrelay import RetryPolicy
 from tokenrelay.errors import APIStatusError

@@ -1,7 +1,7 @@
 """The official ``openai`` SDK, unchanged, against a live gateway.
 
 Every test runs against the embedded scripted ``mock`` model and against a route to the
-mock upstream (``tokenrelay.mock_upstream``), so both ends of the gateway are covered:
+mock upstream (``tokenrelay.testing.mock_upstream``), so both ends of the gateway are covered:
 the in-process provider and the OpenAI-compatible provider over a real socket.
 """
 
@@ -13,10 +13,10 @@ from pathlib import Path
 
 import openai
 import pytest
-from _gateway import LiveGateway, config, routes
+from _harness import LiveGateway, gateway_config, mock_routes
 from openai.types.chat import ChatCompletionMessageParam
 
-from tokenrelay.mock_upstream import MockUpstream, token_text
+from tokenrelay.testing.mock_upstream import MockUpstream, token_text
 
 PROMPT: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hi"}]
 
@@ -42,10 +42,10 @@ TARGETS = pytest.mark.parametrize("target", [MOCK, UPSTREAM], ids=["mock", "upst
 def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveGateway]:
     tmp: Path = tmp_path_factory.mktemp("gateway")
     with MockUpstream() as upstream:
-        models = routes(upstream.url, up="tokens=6",
-                        up_error="fault=error,after=2,tokens=6",
-                        up_429="fault=429,retry_after=3600")
-        with LiveGateway(config(tmp, models)) as gateway:
+        models = mock_routes(upstream.url, up="tokens=6",
+                             up_error="fault=error,after=2,tokens=6",
+                             up_429="fault=429,retry_after=3600")
+        with LiveGateway(gateway_config(tmp, models)) as gateway:
             yield gateway
 
 

@@ -18,16 +18,15 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from _gateway import LiveGateway, config, routes
-from _harness import Processes, poll
+from _harness import LiveGateway, Processes, gateway_config, mock_routes, poll
 from click.testing import CliRunner
 from openai.types.chat import ChatCompletionMessageParam
 from pydantic import BaseModel
 
 from tokenrelay.cli.serve import serve
-from tokenrelay.mock_upstream import MockUpstream
 from tokenrelay.server.access import ACCESS_LOGGER, access_line
 from tokenrelay.server.config import ServerConfig, load_config
+from tokenrelay.testing.mock_upstream import MockUpstream
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "gateway.toml"
@@ -51,11 +50,11 @@ def upstream() -> Iterator[MockUpstream]:
 def live(tmp_path_factory: pytest.TempPathFactory, upstream: MockUpstream
          ) -> Iterator[LiveGateway]:
     tmp = tmp_path_factory.mktemp("gateway")
-    models = routes(upstream.url, up="tokens=6")
+    models = mock_routes(upstream.url, up="tokens=6")
     models.append({"name": "up-responses", "base_url": upstream.url,
                    "upstream_model": "tokens=3", "api": "responses"})
     models.append({"name": "org/model-7b", "base_url": upstream.url, "upstream_model": "tokens=2"})
-    with LiveGateway(config(tmp, models)) as gateway:
+    with LiveGateway(gateway_config(tmp, models)) as gateway:
         yield gateway
 
 
@@ -411,7 +410,7 @@ def test_access_line_names_the_key_id_never_the_key(tmp_path: Path,
     from tokenrelay.server.config import hash_key
 
     raw = "operator-test-key-0123456789"
-    with LiveGateway(config(tmp_path, [], keys=[{"id": "alice", "sha256": hash_key(raw)}])
+    with LiveGateway(gateway_config(tmp_path, [], keys=[{"id": "alice", "sha256": hash_key(raw)}])
                      ) as live, openai.OpenAI(base_url=live.url + "/v1", api_key=raw,
                                               max_retries=0) as sdk:
         sdk.chat.completions.create(model="mock", messages=PROMPT)

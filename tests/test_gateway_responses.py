@@ -19,8 +19,7 @@ import openai
 import pytest
 import requests
 import schemathesis
-from _gateway import LiveGateway, config, poll, routes
-from _harness import sse_events, sse_payloads
+from _harness import LiveGateway, gateway_config, mock_routes, poll, sse_events, sse_payloads
 from _scripted import ScriptedProvider, text_chunks, tool_call_chunks
 from hypothesis import HealthCheck, Phase, given, settings
 from openai.types.chat import ChatCompletionMessageParam
@@ -33,10 +32,10 @@ from schemathesis.checks import (
     status_code_conformance,
 )
 
-from tokenrelay.mock_upstream import MockUpstream, sample_json
 from tokenrelay.providers.base import Chunk
 from tokenrelay.request import Request, ResponseFormat, ToolSpec
 from tokenrelay.server.config import hash_key
+from tokenrelay.testing.mock_upstream import MockUpstream, sample_json
 
 PROMPT: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hi"}]
 
@@ -88,8 +87,8 @@ def upstream() -> Iterator[MockUpstream]:
 def live(tmp_path_factory: pytest.TempPathFactory, upstream: MockUpstream
          ) -> Iterator[LiveGateway]:
     tmp: Path = tmp_path_factory.mktemp("responses")
-    models = routes(upstream.url, up="tokens=6", up_slow="tokens=1000,tps=50")
-    with LiveGateway(config(tmp, models)) as gateway:
+    models = mock_routes(upstream.url, up="tokens=6", up_slow="tokens=1000,tps=50")
+    with LiveGateway(gateway_config(tmp, models)) as gateway:
         models = gateway.gateway.models
         models["tool"] = (ScriptedProvider(_weather_calls), "tool")
         models["json"] = (ScriptedProvider(text_chunks(*_json_pieces(WEATHER))), "json")
@@ -272,7 +271,7 @@ def test_client_leaving_a_responses_stream_aborts_the_upstream(
 
 def test_responses_needs_the_gateway_key(tmp_path: Path) -> None:
     keys = [{"id": "alice", "sha256": hash_key("sk-alice")}]
-    with LiveGateway(config(tmp_path, [], keys=keys)) as gateway:
+    with LiveGateway(gateway_config(tmp_path, [], keys=keys)) as gateway:
         response = httpx.post(gateway.url + "/v1/responses", timeout=10,
                               json={"model": "mock", "input": "hi"})
         assert response.status_code == 401

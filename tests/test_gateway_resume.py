@@ -30,13 +30,14 @@ from typing import Any
 
 import httpx
 import pytest
-from _gateway import LiveGateway, config, poll, routes
-from _harness import sse_events
+from _harness import LiveGateway, poll, sse_events
+from _harness import gateway_config as config
+from _harness import mock_routes as routes
 from _redis import RedisServer, redis_prefix
 
-from tokenrelay.mock_upstream import MockUpstream, RequestRecord, token_text
 from tokenrelay.server import hash_key
 from tokenrelay.server.reqlog import RequestLog
+from tokenrelay.testing.mock_upstream import MockUpstream, RequestRecord, token_text
 
 SPECS = {
     "quick": "tokens=12",

@@ -26,7 +26,7 @@ import httpx
 import pytest
 import requests
 import schemathesis
-from _live import LiveGateway
+from _harness import LiveGateway
 from hypothesis import HealthCheck, Phase, given, settings
 from schemathesis import GenerationMode
 from schemathesis.checks import (

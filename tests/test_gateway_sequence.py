@@ -13,10 +13,9 @@ from typing import Any
 
 import httpx
 import pytest
-from _gateway import LiveGateway, config, routes
-from _harness import sse_events
+from _harness import LiveGateway, gateway_config, mock_routes, sse_events
 
-from tokenrelay.mock_upstream import MockUpstream
+from tokenrelay.testing.mock_upstream import MockUpstream
 
 #: (path, body) of each streaming endpoint; models: the in-process mock, a route to the
 #: mock upstream, and each failing part-way (an error frame ends the stream).
@@ -40,8 +39,8 @@ def _failing(model: str) -> bool:
 def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveGateway]:
     tmp: Path = tmp_path_factory.mktemp("gateway")
     with MockUpstream() as upstream:
-        models = routes(upstream.url, up="tokens=6", up_error="fault=error,after=2,tokens=6")
-        with LiveGateway(config(tmp, models)) as gateway:
+        models = mock_routes(upstream.url, up="tokens=6", up_error="fault=error,after=2,tokens=6")
+        with LiveGateway(gateway_config(tmp, models)) as gateway:
             yield gateway
 
 

@@ -18,10 +18,19 @@ from typing import Any
 
 import httpx
 import pytest
-from _gateway import chat_body, config, open_stream, routes
-from _harness import LiveGateway, Proc, Processes, poll, sse_payloads
+from _harness import (
+    LiveGateway,
+    Proc,
+    Processes,
+    chat_body,
+    gateway_config,
+    mock_routes,
+    poll,
+    sse_payloads,
+)
+from _raw_http import open_stream
 
-from tokenrelay.mock_upstream import MockUpstream
+from tokenrelay.testing.mock_upstream import MockUpstream
 
 HI = [{"role": "user", "content": "hi"}]
 DRAIN = 1.5
@@ -194,8 +203,8 @@ def tcp_states(port: int) -> list[str]:
 @pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
 def test_a_dropped_slow_reader_is_reset_not_left_in_fin_wait(tmp_path: Path,
                                                              loop: str) -> None:
-    with MockUpstream() as upstream, LiveGateway(config(
-            tmp_path, routes(upstream.url, flood="tokens=1000000,tps=5000"), send_timeout=1),
+    with MockUpstream() as upstream, LiveGateway(gateway_config(
+            tmp_path, mock_routes(upstream.url, flood="tokens=1000000,tps=5000"), send_timeout=1),
             loop=loop) as live:
         sock = open_stream(live.port, chat_body("flood"), rcvbuf=4096)
         try:

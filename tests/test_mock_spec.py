@@ -8,10 +8,10 @@ from _pty import tokenrelay as run_cli
 
 import tokenrelay
 from tokenrelay import StreamError
-from tokenrelay._mock_spec import parse_spec
 from tokenrelay.errors import UsageError
-from tokenrelay.mock_upstream import Behaviour, MockUpstream
 from tokenrelay.providers.mock import MockProvider, parse_mock_options, tokenize
+from tokenrelay.testing._mock_spec import parse_spec
+from tokenrelay.testing.mock_upstream import Behaviour, MockUpstream
 
 SPEC = "tokens=8,delay=0.01,tps=500,fault=error,after=3,times=2,retry_after=1"
 

@@ -1,4 +1,4 @@
-"""``tokenrelay.mock_upstream``: the fault-injecting OpenAI-compatible server itself."""
+"""``tokenrelay.testing.mock_upstream``: the fault-injecting OpenAI-compatible server itself."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytest
 from _harness import Processes, sse_payloads
 
 from tokenrelay import UsageError
-from tokenrelay.mock_upstream import Behaviour, MockUpstream, token_text
+from tokenrelay.testing.mock_upstream import Behaviour, MockUpstream, token_text
 
 PROMPT = [{"role": "user", "content": "say three words"}]
 

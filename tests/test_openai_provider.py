@@ -601,7 +601,7 @@ async def test_a_connection_the_server_closed_after_a_body_is_not_reused_into_an
     # "close": the body ends cleanly without [DONE] and the server closes the connection
     # right after, as the pool gets it back. The next request must not fail on it (nor
     # need the stream's retry: max_retries=0).
-    from tokenrelay.mock_upstream import MockUpstream
+    from tokenrelay.testing.mock_upstream import MockUpstream
 
     no_retry = tokenrelay.RetryPolicy(max_retries=0)
     with MockUpstream() as server:

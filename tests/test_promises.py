@@ -19,14 +19,23 @@ from typing import Any
 
 import httpx
 import pytest
-from _gateway import chat_body, config, fd_count, open_stream, recv_until, routes
-from _harness import LiveGateway, Processes, free_port, poll
+from _harness import (
+    LiveGateway,
+    Processes,
+    chat_body,
+    fd_count,
+    free_port,
+    gateway_config,
+    mock_routes,
+    poll,
+)
 from _pty import PtyProcess, cli_env, tokenrelay_argv
+from _raw_http import open_stream, recv_until
 from _upstream import Upstream
 
 import tokenrelay
 from tokenrelay import _partial_json, _stream
-from tokenrelay.mock_upstream import MockUpstream
+from tokenrelay.testing.mock_upstream import MockUpstream
 
 #: "A client that disconnects aborts the upstream within 500 ms" (README).
 ABORT_WITHIN = 0.5
@@ -85,10 +94,10 @@ def test_408_and_409_are_retried(status: int, upstream: MockUpstream) -> None:
 @pytest.fixture
 def live(upstream: MockUpstream, tmp_path: Path) -> Iterator[LiveGateway]:
     upstream.reset()
-    models = routes(upstream.url, slow="tokens=1000,tps=50", quick="tokens=3",
-                    broken="tokens=5,fault=error,after=2", refused="fault=401")
-    with LiveGateway(config(tmp_path, models, cors_origins=["https://app.example"],
-                            log={"path": str(tmp_path / "r.db"), "redact": True})) as gw:
+    models = mock_routes(upstream.url, slow="tokens=1000,tps=50", quick="tokens=3",
+                         broken="tokens=5,fault=error,after=2", refused="fault=401")
+    with LiveGateway(gateway_config(tmp_path, models, cors_origins=["https://app.example"],
+                                    log={"path": str(tmp_path / "r.db"), "redact": True})) as gw:
         yield gw
 
 
@@ -150,9 +159,9 @@ def upstream_process(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 def test_tasks_and_fds_return_to_the_baseline_on_uvloop(
         upstream_process: str, tmp_path: Path, model: str) -> None:
     """After normal ends, errors before and after the first token, and disconnects."""
-    models = routes(upstream_process, slow="tokens=1000,tps=50", quick="tokens=3",
-                    broken="tokens=5,fault=error,after=2", refused="fault=401")
-    with LiveGateway(config(tmp_path, models)) as live:
+    models = mock_routes(upstream_process, slow="tokens=1000,tps=50", quick="tokens=3",
+                         broken="tokens=5,fault=error,after=2", refused="fault=401")
+    with LiveGateway(gateway_config(tmp_path, models)) as live:
         _back_to_baseline(live, model)
 
 

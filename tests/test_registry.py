@@ -6,8 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from _gateway import config as gateway_config
-from _gateway import routes
+from _harness import gateway_config, mock_routes
 
 from tokenrelay.config import Settings, resolve
 from tokenrelay.errors import UsageError
@@ -41,7 +40,7 @@ def test_a_route_api_finds_its_http_provider_in_the_same_registry(tmp_path: Path
     assert kind_for_api("responses").load() is OpenAIResponsesProvider
     with pytest.raises(UsageError, match="no provider speaks the API 'grpc'"):
         kind_for_api("grpc")
-    models = routes("http://127.0.0.1:9/v1", chat="tokens=1") + [
+    models = mock_routes("http://127.0.0.1:9/v1", chat="tokens=1") + [
         {"name": "resp", "base_url": "http://127.0.0.1:9/v1", "api": "responses"}]
     router = Router(gateway_config(tmp_path, models))
     assert type(router.models["chat"][0]) is OpenAIProvider

@@ -19,7 +19,7 @@ from typing import Any
 
 import openai
 import pytest
-from _gateway import LiveGateway, config
+from _harness import LiveGateway, gateway_config
 from _scripted import ScriptedProvider, tool_call_chunks
 from openai.types.responses import ResponseStreamEvent
 from pydantic import TypeAdapter
@@ -301,7 +301,7 @@ async def test_provider_failures(replay: ThreadingHTTPServer) -> None:
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveGateway]:
     """The upstream: a tokenrelay gateway serving ``mock`` and a scripted ``tool`` model."""
-    with LiveGateway(config(tmp_path_factory.mktemp("upstream"), [])) as live:
+    with LiveGateway(gateway_config(tmp_path_factory.mktemp("upstream"), [])) as live:
         live.gateway.models["tool"] = (ScriptedProvider(lambda r: tool_call_chunks(
             ("call_1", (r.tools or [ToolSpec(name="none")])[0].name, {"city": "Paris"}))),
             "tool")
@@ -356,7 +356,7 @@ def test_gateway_route_with_api_responses(gateway: LiveGateway, tmp_path: Path) 
                "api": "responses"},
               {"name": "relayed-tool", "base_url": gateway.url + "/v1",
                "upstream_model": "tool", "api": "responses"}]
-    with LiveGateway(config(tmp_path, models)) as front, openai.OpenAI(
+    with LiveGateway(gateway_config(tmp_path, models)) as front, openai.OpenAI(
             base_url=front.url + "/v1", api_key="x", max_retries=0, timeout=10) as sdk:
         assert isinstance(front.gateway.models["relayed"][0], OpenAIResponsesProvider)
         chunks = list(sdk.chat.completions.create(model="relayed", stream=True,

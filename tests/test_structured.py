@@ -22,9 +22,9 @@ import tokenrelay
 from tokenrelay import config
 from tokenrelay._json_schema import example_value, is_strict, strict_schema
 from tokenrelay.events import StreamEvent, StructuredPartial, TextDelta
-from tokenrelay.mock_upstream import MockUpstream
 from tokenrelay.providers.mock import MockProvider
 from tokenrelay.structured import StructuredOutput, json_schema
+from tokenrelay.testing.mock_upstream import MockUpstream
 
 
 class Address(BaseModel):

@@ -34,10 +34,10 @@ from tokenrelay.events import (
     UsageEvent,
     event_to_dict,
 )
-from tokenrelay.mock_upstream import MockUpstream
 from tokenrelay.providers.base import Chunk, Provider, ToolCallChunk
 from tokenrelay.providers.mock import MockProvider, tokenize
 from tokenrelay.request import Request
+from tokenrelay.testing.mock_upstream import MockUpstream
 from tokenrelay.tools import Tool, tool_choice_param, tool_spec, tools_of
 
 

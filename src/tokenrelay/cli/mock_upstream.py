@@ -1,6 +1,6 @@
 """``tokenrelay mock-upstream``: a fault-injecting OpenAI-compatible server to test against.
 
-See :mod:`tokenrelay.mock_upstream` for the behaviours and faults it can be asked for.
+See :mod:`tokenrelay.testing.mock_upstream` for the behaviours and faults it can be asked for.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import asyncio
 
 import click
 
-from ..mock_upstream import Behaviour, MockUpstream
+from ..testing.mock_upstream import Behaviour, MockUpstream
 
 __all__ = ["mock_upstream"]
 

@@ -7,7 +7,7 @@ Use it in your own tests the way simonw/llm's ``MockModel`` or pydantic-ai's
     with tokenrelay.stream("hi", provider=provider) as s: ...
 
 From the CLI it is model ``mock``; options go after a colon, spelled as for
-``mock-upstream`` (:mod:`tokenrelay._mock_spec`)::
+``mock-upstream`` (:mod:`tokenrelay.testing._mock_spec`)::
 
     tokenrelay -m mock:tokens=50,tps=20,fault=error,after=5 "hello"
 
@@ -30,10 +30,10 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from .._json_schema import example_value
-from .._mock_spec import COMMON, PROVIDER_ONLY, RENAMED, parse_fault, parse_spec
 from ..errors import StreamError, UsageError, status_error
 from ..events import Usage
 from ..request import Request
+from ..testing._mock_spec import COMMON, PROVIDER_ONLY, RENAMED, parse_fault, parse_spec
 from .base import Chunk, ModelInfo, Provider, ToolCallChunk
 
 __all__ = ["MockProvider", "parse_mock_options"]
@@ -57,7 +57,7 @@ class MockProvider(Provider):
     """A provider that streams scripted text.
 
     Its options are spelled as in ``mock:...`` model names and in ``mock-upstream``
-    (see :mod:`tokenrelay._mock_spec`).
+    (see :mod:`tokenrelay.testing._mock_spec`).
 
     Args:
         text: the answer; a callable gets the request; ``None`` derives it from the prompt.

@@ -66,7 +66,7 @@ class Endpoints:
             except (ValidationError, ValueError) as exc:
                 raise GatewayHTTPError(400, f"invalid messages: {exc}", param="messages") from exc
             grace = gw.resume_grace(request) if chat.stream else 0.0
-            lease = gw.limiter.acquire(key, reservation(core, key))
+            lease = await gw.acquire(key, reservation(core, key))
             if chat.stream:
                 producer = await gw.create_stream(key, endpoint="chat.completions",
                                                   model=chat.model, id_prefix="chatcmpl-",
@@ -111,7 +111,7 @@ class Endpoints:
             core = Request(messages=tuple(messages), model=upstream_model,
                            max_tokens=max_tokens, temperature=chat.temperature)
             grace = gw.resume_grace(request)
-            lease = gw.limiter.acquire(key, reservation(core, key))
+            lease = await gw.acquire(key, reservation(core, key))
             producer = await gw.create_stream(key, endpoint="chat", model=model,
                                               id_prefix="chat-", lease=lease)
         except GatewayHTTPError as exc:
@@ -159,7 +159,7 @@ class Endpoints:
                     req.model, req.unused_parameters(), api="responses"))
             except (ValidationError, ValueError) as exc:
                 raise GatewayHTTPError(400, f"invalid input: {exc}", param="input") from exc
-            lease = gw.limiter.acquire(key, reservation(core, key))
+            lease = await gw.acquire(key, reservation(core, key))
         except GatewayHTTPError as exc:
             return gw.rejected(exc, request)
 
@@ -201,8 +201,9 @@ class Endpoints:
 
     async def healthz(self, request: HTTPRequest) -> Response:
         # Unauthenticated (for load balancers): no model names here, /v1/models has them.
-        return JSONResponse({"status": "ok",
-                             "active_streams": self.gateway.limiter.total_active()})
+        # Always 200: a process whose Redis is out of reach still serves (its running
+        # streams, and by on_redis_error); "degraded" and the reason say what is wrong.
+        return JSONResponse(self.gateway.health())
 
     async def metrics(self, request: HTTPRequest) -> Response:
         """``GET /metrics`` (Prometheus), behind the API keys unless ``metrics_public``."""

@@ -17,14 +17,14 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, MutableMapping
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 from starlette.requests import Request as HTTPRequest
 from starlette.responses import JSONResponse, Response
 
 from .._stream import AsyncStream, Result
-from ..errors import TokenrelayError
+from ..errors import ConfigurationError, TokenrelayError
 from ..events import ErrorEvent, StreamEvent
 from ..providers.base import Provider
 from ..request import Request, RetryPolicy, Timeouts
@@ -47,6 +47,10 @@ from .security import ANONYMOUS, Authenticator, GatewayHTTPError, Lease, Limiter
 from .shutdown import Drain, is_shutdown
 from .sse import EarlyResponse, SSEResponse
 from .streamlog import Producer, StreamLog, StreamLogError, create_store
+
+if TYPE_CHECKING:
+    from .redis_link import RedisLink
+    from .shared_limits import SharedLimiter
 
 __all__ = ["GRACE_HEADER", "STREAM_ID_HEADER", "Gateway", "error_response"]
 
@@ -85,22 +89,26 @@ class Gateway:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
         self.auth = Authenticator(config.keys)
-        self.limiter = Limiter()
         self.metrics = GatewayMetrics()
+        #: The shared state's Redis (``[redis] url``), else None: limits in this process.
+        self.redis: RedisLink | None = None
+        self.limiter: Limiter | SharedLimiter = Limiter()
+        if config.redis.url:
+            self.redis, self.limiter = _shared_limits(config, self.metrics)
         self.timeouts = Timeouts()
         self.retry = RetryPolicy()
         #: Model name → provider (``routing.py``).
         self.router = Router(config)
         #: The requests answering a model, ended at the drain deadline on shutdown.
         self.drain = Drain()
+        #: The stream log between producing and delivering (``[streams]``).
+        self.streams: StreamLog = create_store(config.streams)
         self.reqlog: RequestLog | None = None
         if config.log.enabled:
             from ..log import default_log_path
 
             path = config.log.path or default_log_path().with_name("requests.db")
             self.reqlog = RequestLog(path, redact=config.log.redact)
-        #: The stream log between producing and delivering (``[streams]``).
-        self.streams: StreamLog = create_store(config.streams)
         #: Streams produced by this process now, by id (resumes are counted on them).
         self.productions: dict[str, Production] = {}
         #: Tasks of the gateway's own: streams producing with no client attached.
@@ -115,7 +123,28 @@ class Gateway:
     def route_of(self) -> dict[str, ModelRoute]:
         return self.router.route_of
 
+    async def start(self) -> None:
+        """At startup: check Redis (down: start all the same, ``degraded``)."""
+        if self.redis is not None:
+            await self.redis.start()
+
+    def health(self) -> dict[str, Any]:
+        """``/healthz``: ``ok``, or ``degraded`` with the reason (Redis unreachable)."""
+        body: dict[str, Any] = {"status": "ok"}
+        if self.redis is not None and not self.redis.up:
+            body = {"status": "degraded", "reason": self.redis.reason,
+                    "on_redis_error": self.config.redis.on_redis_error}
+        body["active_streams"] = self.limiter.total_active()
+        return body
+
     # -- admit -----------------------------------------------------------------------
+
+    async def acquire(self, key: KeyConfig, reserve_tokens: int) -> Lease:
+        """Admit a request against its key's limits (429, or 503 without Redis)."""
+        limiter = self.limiter
+        if isinstance(limiter, Limiter):
+            return limiter.acquire(key, reserve_tokens)
+        return await limiter.aacquire(key, reserve_tokens)
 
     async def read_body(self, request: HTTPRequest) -> Any:
         try:
@@ -448,10 +477,31 @@ class Gateway:
             await asyncio.gather(*self._background, return_exceptions=True)
         self.drain.close()
         await self.drain_logs()
-        await self.streams.aclose()
         await self.router.aclose()
+        await self.streams.aclose()
         if self.reqlog is not None:
             self.reqlog.close()
+        if self.redis is not None:
+            if not isinstance(self.limiter, Limiter):
+                await self.limiter.aclose()
+            await self.redis.aclose()
+
+
+def _shared_limits(config: ServerConfig, metrics: GatewayMetrics,
+                   ) -> tuple[RedisLink, SharedLimiter]:
+    """The Redis of ``[redis] url`` and the limiter sharing its state there."""
+    assert config.redis.url
+    try:
+        from .redis_link import RedisLink
+        from .shared_limits import SharedLimiter
+    except ImportError as exc:
+        raise ConfigurationError(
+            '[redis] url (--redis) needs the Redis client: pip install "tokenrelay[redis]"'
+        ) from exc
+    link = RedisLink(config.redis.url, timeout_s=config.redis.timeout_s)
+    return link, SharedLimiter(link, prefix=config.redis.prefix,
+                               on_redis_error=config.redis.on_redis_error,
+                               registry=metrics.registry)
 
 
 async def _consume(stream: AsyncStream) -> None:

@@ -30,7 +30,7 @@ from __future__ import annotations
 from collections.abc import Collection
 from typing import Any
 
-from .errors import UsageError
+from ..errors import UsageError
 
 __all__ = ["COMMON", "FAULTS", "PROVIDER_ONLY", "RENAMED", "parse_fault", "parse_items",
            "parse_spec"]

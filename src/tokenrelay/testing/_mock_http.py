@@ -1,4 +1,4 @@
-"""The HTTP/1.1 of ``tokenrelay.mock_upstream``: one connection and one request, byte-exact.
+"""The HTTP/1.1 of ``tokenrelay.testing.mock_upstream``: one connection and one request, byte-exact.
 
 Deliberately minimal (keep-alive, ``Content-Length`` request bodies, chunked responses)
 so that the mock controls every byte it sends, including the broken ones, and notices a
@@ -201,7 +201,7 @@ class Connection:
 class Exchange:
     """One request being answered: the building blocks of every answer, broken or not.
 
-    Subclasses of :class:`~tokenrelay.mock_upstream.MockUpstream` script their own
+    Subclasses of :class:`~tokenrelay.testing.mock_upstream.MockUpstream` script their own
     answers with these (the test suite's ``tests/_upstream.py`` does).
     """
 

@@ -14,7 +14,7 @@ Endpoints: ``POST /v1/chat/completions`` (``stream`` true or false,
 
 What a request gets is chosen per request, by ``x-mock-*`` headers or, because a
 gateway forwards only its own headers, by the model name: the options of model
-``mock:`` (one spelling, :mod:`tokenrelay._mock_spec`), ``key=value`` items separated by
+``mock:`` (one spelling, :mod:`tokenrelay.testing._mock_spec`), ``key=value`` items separated by
 ``,`` (or ``;``); items without ``=`` are plain names and ignored. Headers win::
 
     tokens=N             text tokens to stream ("tok0 tok1 ..."; max_tokens cuts them)
@@ -64,9 +64,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Self
 
+from ..errors import ConfigurationError, UsageError
 from ._mock_http import ClientGone, Connection, Exchange, HTTPError, RequestRecord
 from ._mock_spec import parse_items, parse_spec
-from .errors import ConfigurationError, UsageError
 
 __all__ = ["Behaviour", "Exchange", "MockUpstream", "RequestRecord", "sample_json",
            "token_text"]
