@@ -33,7 +33,7 @@ from tokenrelay.providers._openai_wire import ChatChunkParser
 from tokenrelay.providers._resume import stream_id
 from tokenrelay.providers.base import Provider
 from tokenrelay.providers.openai_compat import OpenAIProvider
-from tokenrelay.providers.openai_responses import OpenAIResponsesProvider
+from tokenrelay.providers.openai_responses import OpenAIResponsesProvider, ResponsesEventParser
 from tokenrelay.request import RetryPolicy, Timeouts
 from tokenrelay.testing.mock_upstream import MockUpstream
 
@@ -180,9 +180,10 @@ def test_the_cli_shows_the_whole_answer_after_breaks(gateway: LiveGateway) -> No
     plan = {0: Cut((lo + hi) // 2), 1: Cut(lo + 5, "close")}
     with CutProxy(("127.0.0.1", target.port), plan=plan.get) as proxy:
         done = tokenrelay_cli("--base-url", f"http://127.0.0.1:{proxy.port}/v1", "-m",
-                              "relayed", "hi")
+                              "relayed", "--stats", "hi")
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == clean.strip() and len(proxy.cuts) == 2
+    assert "resumed 2×" in done.stderr  # the footer says so
 
 
 # -- bounds ------------------------------------------------------------------------------
@@ -269,6 +270,31 @@ def test_the_request_asks_for_a_grace_and_a_resume_names_the_last_event(
     assert scripted.requests[-1][3] is None
 
 
+@pytest.mark.parametrize(("answer", "code", "says"), [
+    ((404, "application/json", b'{"error":{"message":"no such stream"}}'), "connection_lost",
+     "refused to resume it; last error: " + "http://127.0.0.1"),
+    ((200, "text/html", b"<html>login</html>"), "resume_failed", "'text/html'"),
+])
+def test_a_refused_resume_is_a_typed_error_at_once(
+        scripted: ResumableServer, answer: tuple[int, str, bytes], code: str, says: str) -> None:
+    target = chat_target(scripted.port)
+    scripted.replay_answer = answer
+    before = len(scripted.requests)
+    try:
+        with (CutProxy(("127.0.0.1", target.port),
+                       plan=lambda n: Cut(700) if n == 0 else None) as proxy,
+              pytest.raises(StreamError) as caught):
+            run(target, proxy)
+    finally:
+        scripted.replay_answer = None
+    assert caught.value.code == code and says in caught.value.message
+    assert caught.value.partial_text and expected_text(40).startswith(caught.value.partial_text)
+    # The answer, one resume (a refusal is not asked again), the cancel.
+    kinds = [(method, path.rsplit("/", 1)[-1]) for method, path, _, _ in scripted.requests[before:]]
+    assert kinds == [("POST", "completions"), ("GET", "stream"), ("POST", "cancel")]
+    assert proxy.cuts
+
+
 def test_leaving_early_cancels_the_answer_on_the_server(scripted: ResumableServer) -> None:
     """The library asked the server to keep the answer: leaving early says stop."""
     provider = OpenAIProvider(base_url=scripted.base_url)
@@ -351,6 +377,33 @@ def test_the_parser_skips_what_it_has_and_refuses_a_gap() -> None:
     parser.reconnect(4)
     with pytest.raises(StreamError) as caught:
         parser.feed(frames(6))
+    assert caught.value.code == "resume_gap"
+    # An id that is not a frame number cannot be placed: refused, not guessed.
+    for bad in (b"x", b"-1", b"1e3", b"99999999999999999999"):
+        parser = ChatChunkParser()
+        parser.feed(frames(0))
+        parser.reconnect(0)
+        with pytest.raises(StreamError, match="valid sequence number"):
+            parser.feed(b"id: %s\ndata: {}\n\n" % bad)
+
+
+def test_the_responses_parser_resumes_on_sequence_numbers() -> None:
+    def events(*seqs: int) -> bytes:
+        return b"".join(
+            b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta",'
+            b'"output_index":0,"content_index":0,"delta":"t%d ","sequence_number":%d}\n\n'
+            % (n, n) for n in seqs)
+
+    parser = ResponsesEventParser()
+    created = (b'data: {"type":"response.created","sequence_number":0,'
+               b'"response":{"id":"resp_0123456789abcdef"}}\n\n')
+    assert [c.text for c in parser.feed(created + events(1, 2))] == ["t1 ", "t2 "]
+    assert parser.position() == 2 and parser.response_id == "resp_0123456789abcdef"
+    parser.reconnect(2)
+    assert [c.text for c in parser.feed(events(2, 3))] == ["t3 "]
+    parser.reconnect(3)
+    with pytest.raises(StreamError) as caught:
+        parser.feed(events(5))
     assert caught.value.code == "resume_gap"
 
 
