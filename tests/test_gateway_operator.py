@@ -333,9 +333,9 @@ def test_example_config_loads_and_shows_every_setting_with_a_comment() -> None:
     for key in ("host", "port", "heartbeat", "send_timeout", "header_timeout",
                 "body_timeout", "keep_alive_timeout", "max_body_bytes", "cors_credentials",
                 "metrics_public", "access_log", "serve_local", "allowed_hosts",
-                "drain_timeout_s"):
+                "drain_timeout_s", "workers"):
         assert data[key] == getattr(defaults, key), key
-    for section in ("log", "streams"):  # the tables of one each: their defaults too
+    for section in ("log", "redis", "streams"):  # the tables of one each: their defaults too
         for key, value in data[section].items():
             assert value == getattr(getattr(defaults, section), key), (section, key)
 
