@@ -101,6 +101,8 @@ class Gateway:
         self.router = Router(config)
         #: The requests answering a model, ended at the drain deadline on shutdown.
         self.drain = Drain()
+        #: The stream log between producing and delivering (``[streams]``).
+        self.streams: StreamLog = create_store(config.streams)
         self.reqlog: RequestLog | None = None
         if config.log.enabled:
             from ..log import default_log_path
@@ -476,6 +478,7 @@ class Gateway:
         self.drain.close()
         await self.drain_logs()
         await self.router.aclose()
+        await self.streams.aclose()
         if self.reqlog is not None:
             self.reqlog.close()
         if self.redis is not None:
