@@ -387,6 +387,23 @@ def test_the_parser_skips_what_it_has_and_refuses_a_gap() -> None:
             parser.feed(b"id: %s\ndata: {}\n\n" % bad)
 
 
+def test_numbered_frames_take_the_fast_path_with_the_same_outcome() -> None:
+    """A frame with an ``id:`` line (every gateway frame) skips line splitting, and gives
+    the chunks and the position the general way gives."""
+    body = frames(*range(12))
+    whole, pieces = ChatChunkParser(), ChatChunkParser()
+    for frame in body.split(b"\n\n")[:-1]:
+        data = frame + b"\n\n"
+        assert whole._sse.plain_data_with_id(data) is not None or not whole._sse._started
+        chunks = whole.feed(data)
+        assert [c.text for c in chunks] == [f"t{whole.position()} "]
+    texts = [c.text for i in range(0, len(body), 7) for c in pieces.feed(body[i:i + 7])]
+    assert texts == [f"t{i} " for i in range(12)] and pieces.position() == whole.position() == 11
+    for odd in (b"id: 1x\ndata: {}\n\n", b"id: 1\ndata: {}\n\ndata: {}\n\n",
+                b"id: 1\nevent: x\ndata: {}\n\n", b"id:1\ndata: {}\n\n"):
+        assert whole._sse.plain_data_with_id(odd) is None
+
+
 def test_the_responses_parser_resumes_on_sequence_numbers() -> None:
     def events(*seqs: int) -> bytes:
         return b"".join(
