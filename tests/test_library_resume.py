@@ -325,6 +325,25 @@ def test_leaving_early_stops_the_gateway_at_once(gateway: LiveGateway) -> None:
     assert row["duration"] < 2.0 and row["completion_tokens"] < 100
 
 
+def test_a_break_before_the_first_token_asks_again_and_cancels_the_first_answer(
+        gateway: LiveGateway) -> None:
+    """Before the first token a break is retried as always (a new request); the answer the
+    gateway keeps for the first one is cancelled, not left running for its grace."""
+    target = chat_target(gateway.port)
+    target.model = "mock:tokens=200,tps=100"  # 2 s: long enough to see it stopped
+    _, body = clean_run(chat_target(gateway.port))
+    inside_first_frame = body.index(b"\r\n\r\n") + 4 + 10
+    with CutProxy(("127.0.0.1", target.port),
+                  plan=lambda n: Cut(inside_first_frame) if n == 0 else None) as proxy:
+        result = run(target, proxy)
+    assert result.finish_reason == "stop" and result.resumes == 0
+    head = bytes(proxy.received[0]).split(b"\r\n\r\n")[0].decode()
+    first = head.split("x-tokenrelay-stream-id: ")[1].split("\r\n")[0]
+    row = poll(lambda: reqlog_row(gateway, first), 3.0)
+    assert row is not None and row["status"] == "cancelled", row
+    assert row["completion_tokens"] < 100
+
+
 def test_the_gateway_counts_the_resumes_the_library_made(gateway: LiveGateway) -> None:
     target = chat_target(gateway.port)
     _, body = clean_run(target)
