@@ -477,6 +477,7 @@ class Gateway:
             await asyncio.gather(*self._background, return_exceptions=True)
         self.drain.close()
         await self.drain_logs()
+        await self.streams.aclose()
         await self.router.aclose()
         await self.streams.aclose()
         if self.reqlog is not None:
