@@ -535,3 +535,73 @@ def test_the_snapshot_never_fails_on_unexpected_frames(frames: list[bytes]) -> N
         snap.feed(data)
     snap.object()
     snap.ended("failed", error={"code": "server_error", "message": "x"})
+
+
+# -- foreground streams: in the log too -----------------------------------------------------
+
+
+def test_a_streamed_foreground_response_is_resumable_within_its_grace(
+        live: LiveGateway, upstream: MockUpstream) -> None:
+    api = client(live)
+    raw = api.responses.with_raw_response.create(
+        model="steady", input="hi", stream=True,
+        extra_headers={"x-tokenrelay-resume-grace": "5"})
+    stream = raw.parse()
+    seen = []
+    for event in stream:
+        seen.append(event)
+        if event.type == "response.output_text.delta":
+            break
+    stream.close()  # the connection drops mid-answer; the grace keeps it producing
+    rid = seen[0].response.id
+    assert raw.headers["x-tokenrelay-stream-id"] == rid and rid.startswith("resp_")
+    assert seen[0].response.status == "in_progress" and seen[0].response.background is False
+
+    tail = list(api.responses.retrieve(rid, stream=True,
+                                       starting_after=seen[-1].sequence_number))
+    assert tail[0].sequence_number == seen[-1].sequence_number + 1
+    assert tail[-1].type == "response.completed"
+    assert final_text(seen + tail) == tail[-1].response.output_text
+    assert tail[-1].response.usage is not None and tail[-1].response.usage.output_tokens == 30
+
+
+def test_a_streamed_foreground_response_without_grace_stops_with_its_client(
+        live: LiveGateway, upstream: MockUpstream) -> None:
+    api = client(live)
+    upstream.reset()
+    raw = api.responses.with_raw_response.create(model="slow", input="hi", stream=True)
+    stream = raw.parse()
+    for event in stream:
+        if event.type == "response.output_text.delta":
+            break
+    closed_at = time.monotonic()
+    stream.close()
+    aborted = upstream.wait_for(lambda r: r.model == SPECS["slow"]
+                                and r.aborted_at is not None, 3)
+    assert aborted is not None
+    took = aborted.aborted_at - closed_at  # type: ignore[operator]
+    assert 0 <= took < ABORT_WITHIN, f"the upstream was aborted {took:.3f} s after the close"
+    rid = raw.headers["x-tokenrelay-stream-id"]
+    ended = poll(lambda: (r := api.responses.retrieve(rid)).status == "cancelled" and r, 3)
+    assert ended and ended.output_text
+
+
+def test_cancelling_a_streamed_foreground_response_ends_its_client_s_stream(
+        live: LiveGateway, upstream: MockUpstream) -> None:
+    api, other = client(live), client(live)
+    upstream.reset()
+    stream = api.responses.create(model="slow", input="hi", stream=True)
+    events = []
+    for event in stream:
+        events.append(event)
+        if event.type == "response.output_text.delta":
+            sent_at = time.monotonic()
+            assert other.responses.cancel(events[0].response.id).status == "cancelled"
+            break
+    events += list(stream)  # the rest, to the end the cancel gave it
+    assert events[-1].type == "response.cancelled"  # type: ignore[comparison-overlap]
+    aborted = upstream.wait_for(lambda r: r.model == SPECS["slow"]
+                                and r.aborted_at is not None, 3)
+    assert aborted is not None
+    took = aborted.aborted_at - sent_at  # type: ignore[operator]
+    assert 0 <= took < ABORT_WITHIN, f"the upstream was aborted {took:.3f} s after the cancel"
