@@ -84,10 +84,13 @@ def chat_target(port: int) -> Target:
     return Target(port, lambda url: OpenAIProvider(base_url=url))
 
 
-@pytest.fixture(params=["gateway-chat", "gateway-responses"])
+@pytest.fixture(params=["gateway-chat", "gateway-responses", "gateway-background"])
 def target(request: pytest.FixtureRequest, gateway: LiveGateway) -> Target:
-    if request.param == "gateway-responses":
+    if request.param == "gateway-background":
         return responses_target(gateway)
+    if request.param == "gateway-responses":  # streamed in the foreground, with a grace
+        return Target(gateway.port, lambda url: OpenAIResponsesProvider(base_url=url),
+                      marker=b"output_text.delta")
     return chat_target(gateway.port)
 
 
