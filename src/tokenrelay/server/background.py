@@ -51,6 +51,7 @@ from .streamlog import (
     StreamNotFound,
     StreamReader,
 )
+from .takeover import Resumption, TakeOver, record_lost, restart_meta, unlimited_lease
 
 if TYPE_CHECKING:
     from .gateway import Gateway
@@ -84,6 +85,8 @@ class BackgroundResponses:
         self.log = gateway.streams
         #: The producer tasks running here (strong references: asyncio keeps weak ones).
         self.tasks: set[asyncio.Task[None]] = set()
+        #: Finishing responses whose producing process died (takeover.py).
+        self.takeover = TakeOver(gateway)
 
     # -- create --------------------------------------------------------------------------
 
@@ -95,7 +98,7 @@ class BackgroundResponses:
         try:
             producer = await self.log.create(
                 owner=key_id, endpoint=ENDPOINT, id_prefix="resp_", status="queued",
-                meta={"model": model, "background": "1"})
+                meta=restart_meta({"model": model, "background": "1"}, stream.request))
             encoder = ResponsesEncoder(**encoder_args, response_id=producer.stream_id,
                                        background=True)
             await producer.append(encoder.start("queued"))
@@ -107,11 +110,8 @@ class BackgroundResponses:
                 status, f"the stream log cannot take this response now: {exc}",
                 type="server_error", code=exc.code,
                 headers={"retry-after": "1"} if status == 503 else None), request)
-        task = asyncio.get_running_loop().create_task(self._produce(
-            producer, stream, encoder, lease=lease, key_id=key_id, model=label(model),
-            started=started), name=f"background {producer.stream_id}")
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+        self._spawn(self._produce(producer, stream, encoder, lease=lease, key_id=key_id,
+                                  model=label(model), started=started), producer.stream_id)
         log_access(request.scope, 200, duration=time.monotonic() - started, model=model,
                    key=None if key_id == ANONYMOUS.id else key_id, outcome="queued")
         if not deliver:
@@ -119,10 +119,18 @@ class BackgroundResponses:
         reader = await self.log.reader(producer.stream_id, after=-1, owner=key_id)
         return self.gateway.sse(self.deliver(reader))
 
+    def _spawn(self, coro: Any, stream_id: str) -> None:
+        task = asyncio.get_running_loop().create_task(coro, name=f"background {stream_id}")
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
     async def _produce(self, producer: Producer, stream: AsyncStream,
                        encoder: ResponsesEncoder, *, lease: Lease, key_id: str, model: str,
-                       started: float) -> None:
-        """Run the model to the end, a cancel or the shutdown; every frame to the log."""
+                       started: float, progress: bool = True, answer_prefix: str = "",
+                       ) -> None:
+        """Run the model to the end, a cancel or the shutdown; every frame to the log
+        (``progress``: ``response.in_progress`` first; a take-over whose response is in
+        progress already continues with ``answer_prefix`` as the text so far)."""
         gw = self.gateway
         task = asyncio.current_task()
         assert task is not None
@@ -136,7 +144,8 @@ class BackgroundResponses:
         try:
             async with producer:
                 try:
-                    await producer.append(encoder.progress(), status="in_progress")
+                    if progress:
+                        await producer.append(encoder.progress(), status="in_progress")
                     async for event in stream:
                         frames = encoder.frames(event)
                         if not frames or producer.closed:
@@ -180,7 +189,8 @@ class BackgroundResponses:
             gauge.dec()
             await stream.aclose()
             gw.finish(stream=stream, lease=lease, key_id=key_id, endpoint=ENDPOINT,
-                      model=model, started=started, http_status=200, shutdown=shutdown)
+                      model=model, started=started, http_status=200, shutdown=shutdown,
+                      answer_prefix=answer_prefix)
 
     async def aclose(self) -> None:
         """End the producers still running (the server stops): each ends its response
@@ -202,7 +212,8 @@ class BackgroundResponses:
                 try:
                     batch = await reader.read()
                 except ProducerLost as lost:
-                    await self._end_lost(reader.stream_id, lost.last_seq)
+                    if not await self.take_over(reader.stream_id):
+                        await self._end_lost(reader.stream_id, lost.last_seq)
                     continue
                 except StreamNotFound:
                     return  # expired or evicted meanwhile: nothing more to send
@@ -253,8 +264,44 @@ class BackgroundResponses:
                                 response=snap.ended("failed", error=error)))
         else:
             frames.append(frame("response.cancelled", seq, response=snap.ended("cancelled")))
-        return await self.log.end_lost(stream_id, last_seq=last_seq, frames=frames,
-                                       status=status)  # type: ignore[arg-type]
+        ended = await self.log.end_lost(stream_id, last_seq=last_seq, frames=frames,
+                                        status=status)  # type: ignore[arg-type]
+        if ended and status == "failed":
+            info = await self.log.info(stream_id, owner=None)
+            if info is not None:
+                record_lost(self.gateway, info, endpoint=ENDPOINT, answer=_text_of(snap),
+                            message=_LOST_MESSAGE)
+        return ended
+
+    async def take_over(self, stream_id: str) -> bool:
+        """Finish a response whose producer died here, if it can be (takeover.py): True
+        when this process (or another) produces it now; False: end it ``producer_lost``."""
+        state: dict[str, Any] = {}
+
+        async def partial_of(info: StreamInfo) -> str | None:
+            snap = await self.snapshot(stream_id, upto=info.last_seq)
+            obj = snap.object()
+            if obj is None or snap.final is not None:
+                return None
+            items = obj.get("output") or []
+            if len(items) > 1 or (items and not _open_message(items[0])):
+                return None  # a tool call, or more than one item: not a text to go on
+            state["response"] = obj
+            return _text_of(snap)
+
+        found = await self.takeover.begin(stream_id, partial_of)
+        if not isinstance(found, Resumption):
+            return found is True
+        response = state["response"]
+        encoder = ResponsesEncoder.resumed(response, next_seq=found.producer.next_seq,
+                                           route=found.route)
+        stream = self.gateway.open(found.request, found.provider)
+        self._spawn(self._produce(
+            found.producer, stream, encoder, lease=unlimited_lease(),
+            key_id=found.info.owner, model=label(found.model), started=time.monotonic(),
+            progress=response.get("status") == "queued", answer_prefix=found.partial),
+            stream_id)
+        return True
 
     # -- endpoints -----------------------------------------------------------------------
 
@@ -267,8 +314,10 @@ class BackgroundResponses:
     async def retrieve(self, info: StreamInfo) -> dict[str, Any]:
         """The Response object as it stands: the final one, or the output so far."""
         if not info.ended and not info.producer_alive and info.last_seq >= 0:
-            # Its producer is gone: end it for everyone, as a reader would.
-            await self._end_lost(info.id, info.last_seq)
+            # Its producer is gone: finish it here, or end it for everyone, as a reader
+            # would.
+            if not await self.take_over(info.id):
+                await self._end_lost(info.id, info.last_seq)
             info = await self.log.info(info.id, owner=None) or info
         if info.ended:
             # The final event carries the whole response: read just that frame.
@@ -330,6 +379,20 @@ class BackgroundResponses:
         finally:
             await reader.aclose()
         return await self.log.info(info.id, owner=None) or info
+
+
+def _open_message(item: Any) -> bool:
+    return (isinstance(item, dict) and item.get("type") == "message"
+            and item.get("status") == "in_progress")
+
+
+def _text_of(snap: ResponseSnapshot) -> str:
+    """The text of a response's (first) message so far."""
+    for item in snap.items:
+        if item.get("type") == "message":
+            return "".join(str(p.get("text", "")) for p in item.get("content") or []
+                           if isinstance(p, dict))
+    return ""
 
 
 def parse_starting_after(value: str | None) -> int:

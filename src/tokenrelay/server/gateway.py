@@ -193,9 +193,11 @@ class Gateway:
 
     def finish(self, *, stream: AsyncStream, lease: Lease, key_id: str, endpoint: str,
                model: str, started: float, http_status: int, shutdown: bool = False,
-               scope: MutableMapping[str, Any] | None = None) -> None:
+               scope: MutableMapping[str, Any] | None = None, answer_prefix: str = "",
+               ) -> None:
         """Release limits, count metrics and log one finished (or cancelled) request
-        (``scope``: the HTTP request's, for its console access line)."""
+        (``scope``: the HTTP request's, for its console access line; ``answer_prefix``:
+        the partial answer a take-over continued, for the request log's row)."""
         result = stream.result
         lease.release(result.usage.total_tokens)
         status = {"cancelled": "cancelled", "error": "error"}.get(result.finish_reason, "ok")
@@ -238,7 +240,7 @@ class Gateway:
                 time_to_first_token=result.metrics.time_to_first_token,
                 duration=time.monotonic() - started,
                 prompt=[m.model_dump(exclude_none=True) for m in stream.request.messages],
-                answer=result.text, error=error)
+                answer=answer_prefix + result.text, error=error)
 
     async def drain_logs(self) -> None:
         """Wait until the request log has written every row queued so far."""
