@@ -363,7 +363,11 @@ class _Gateway:
     """What BackgroundResponses reads of a gateway, for the store alone."""
 
     def __init__(self) -> None:
+        from tokenrelay.server.metrics import GatewayMetrics
+
         self.streams = MemoryStreamLog()
+        self.metrics = GatewayMetrics()  # (a loss is counted)
+        self.reqlog = None
 
 
 async def _orphan(background: BackgroundResponses, text: list[str]) -> str:

@@ -305,6 +305,8 @@ class AsyncStream:
         self._started_at = time.monotonic()
         #: The one task that iterates this stream, once ``pin_task`` said so.
         self._owner: asyncio.Task[Any] | None = None
+        #: The running iteration's timeout timer (bound to ``_owner``).
+        self._deadline: TaskDeadline | None = None
 
     # -- public surface --------------------------------------------------------------
 
@@ -341,6 +343,8 @@ class AsyncStream:
         streams (strace, 2026-12-03).
         """
         self._owner = asyncio.current_task()
+        if self._deadline is not None:  # iterated by another task from now on (the
+            self._deadline.pin(self._owner)  # gateway hands a stream to a background one)
 
     def __aiter__(self) -> AsyncIterator[StreamEvent]:
         if self._agen is None:
@@ -396,7 +400,7 @@ class AsyncStream:
         )
         attempt = 0
         acc = self._acc
-        timer = TaskDeadline(loop, self._owner)  # None: the current task, per arm
+        timer = self._deadline = TaskDeadline(loop, self._owner)  # None: current task, per arm
         try:
             while True:
                 first_token, idle = self.timeouts.first_token, self.timeouts.idle
