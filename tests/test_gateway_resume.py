@@ -34,9 +34,9 @@ from _harness import gateway_config as config
 from _harness import mock_routes as routes
 from _redis import RedisServer, redis_prefix
 
-from tokenrelay.testing.mock_upstream import MockUpstream, RequestRecord, token_text
 from tokenrelay.server import hash_key
 from tokenrelay.server.reqlog import RequestLog
+from tokenrelay.testing.mock_upstream import MockUpstream, RequestRecord, token_text
 
 SPECS = {
     "quick": "tokens=12",

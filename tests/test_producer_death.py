@@ -171,7 +171,7 @@ def log_rows(path: Path) -> list[dict[str, Any]]:
 def metric(base: str, name: str) -> float:
     text = httpx.get(base + "/metrics").text
     return sum(float(line.split()[-1]) for line in text.splitlines()
-               if line.startswith(name + " ") or line.startswith(name + "{"))
+               if line.startswith((name + " ", name + "{")))
 
 
 def test_a_lost_producer_ends_the_stream_typed_within_2s(cluster: Cluster) -> None:
@@ -256,3 +256,129 @@ def test_three_processes_two_readers_one_take_over(cluster: Cluster) -> None:
     finally:
         cluster.group.stop(other)
         cluster.group.procs.remove(other)
+
+
+# -- chat completions ------------------------------------------------------------------------
+
+
+def chat_frames(body: bytes) -> list[tuple[int, Any]]:
+    """(SSE id, chunk or "[DONE]") of each chat completions frame."""
+    out = []
+    for block in body.decode().split("\n\n"):
+        fields = dict(line.split(": ", 1) for line in block.splitlines()
+                      if ": " in line and not line.startswith(":"))
+        if "data" in fields:
+            data = fields["data"]
+            out.append((int(fields["id"]), data if data == "[DONE]" else json.loads(data)))
+    return out
+
+
+def chat_text(frames: list[tuple[int, Any]]) -> str:
+    return "".join(c["choices"][0]["delta"].get("content") or "" for _, c in frames
+                   if isinstance(c, dict) and c.get("choices"))
+
+
+class ChatFollower(Follower):
+    """Reads ``GET /v1/chat/completions/{id}/stream`` (``Last-Event-ID``) to its end."""
+
+    def __init__(self, base: str, stream_id: str, after: int) -> None:
+        self.chat_url = f"{base}/v1/chat/completions/{stream_id}/stream"
+        super().__init__(base, stream_id, after)
+
+    def run(self) -> None:
+        headers = {} if self.after < 0 else {"last-event-id": str(self.after)}
+        try:
+            with httpx.Client(timeout=30) as client, client.stream(
+                    "GET", self.chat_url, headers=headers) as response:
+                assert response.status_code == 200, response.read()
+                self.attached.set()
+                buffer = b""
+                for data in response.iter_raw():
+                    buffer += data
+                    while b"\n\n" in buffer:
+                        block, buffer = buffer.split(b"\n\n", 1)
+                        for frame in chat_frames(block + b"\n\n"):
+                            self.frames.append(frame)  # type: ignore[arg-type]
+                            self.arrived.append(time.monotonic())
+        except BaseException as exc:  # noqa: BLE001
+            self.error = exc
+            self.attached.set()
+
+
+def start_chat(proc: Proc, prompt: str = "hi") -> tuple[str, list[Any], httpx.Response,
+                                                         httpx.Client]:
+    """A streamed chat completion on ``proc`` with a resume grace: its id and its first
+    frames (up to the third text chunk), the response still open."""
+    client = httpx.Client(timeout=30)
+    request = client.build_request(
+        "POST", proc.url + "/v1/chat/completions",
+        headers={"x-tokenrelay-resume-grace": "30"},
+        json={"model": MODEL, "stream": True,
+              "messages": [{"role": "user", "content": prompt}]})
+    response = client.send(request, stream=True)
+    assert response.status_code == 200
+    stream_id = response.headers["x-tokenrelay-stream-id"]
+    seen: list[Any] = []
+    buffer = b""
+    for data in response.iter_raw():
+        buffer += data
+        while b"\n\n" in buffer:
+            block, buffer = buffer.split(b"\n\n", 1)
+            seen += chat_frames(block + b"\n\n")
+        if len(seen) >= 3:
+            break
+    return stream_id, seen, response, client
+
+
+def uninterrupted_chat(base: str, prompt: str = "hi") -> list[Any]:
+    with httpx.Client(timeout=30) as client:
+        body = client.post(base + "/v1/chat/completions", json={
+            "model": MODEL, "stream": True,
+            "messages": [{"role": "user", "content": prompt}]}).content
+    return chat_frames(body)
+
+
+def test_chat_a_lost_producer_ends_typed_within_2s(cluster: Cluster) -> None:
+    producer = cluster.serve("producer")
+    prompt = "x " * 9000  # too large to keep: no take-over
+    sid, seen, response, client = start_chat(producer, prompt)
+    watcher = ChatFollower(cluster.reader.url, sid, after=-1)
+    assert watcher.attached.wait(10)
+    died = cluster.kill(producer)
+    response.close()
+    client.close()
+    # The client resumes on another process from the last frame it had.
+    resumed = ChatFollower(cluster.reader.url, sid, after=seen[-1][0]).result()
+    frames = watcher.result()
+    assert [i for i, _ in frames] == list(range(len(frames)))
+    assert frames[:len(seen)] == seen and resumed == frames[len(seen):]
+    *before, (_, error) = frames
+    assert error["error"]["code"] == "producer_lost"
+    assert all(c != "[DONE]" and not (c.get("choices") and c["choices"][0]["finish_reason"])
+               for _, c in before), "a made-up end before the typed error"
+    took = watcher.arrived[-1] - died
+    assert took <= LOST_WITHIN, f"the producer_lost end came {took:.2f} s after the death"
+    row = poll(lambda: next((r for r in log_rows(cluster.reader.extra["log"])
+                             if r["status"] == "interrupted" and r["stream_id"] == sid), None), 5)
+    assert row is not None and row["endpoint"] == "chat.completions"
+    assert row["answer"] == chat_text(before)
+
+
+def test_chat_another_process_takes_the_answer_over(cluster: Cluster) -> None:
+    producer = cluster.serve("producer")
+    sid, seen, response, client = start_chat(producer)
+    cluster.kill(producer)
+    response.close()
+    client.close()
+    rest = ChatFollower(cluster.reader.url, sid, after=seen[-1][0]).result()
+    frames = seen + rest
+    assert [i for i, _ in frames] == list(range(len(frames)))
+    chunks = [c for _, c in frames if isinstance(c, dict)]
+    assert {c["id"] for c in chunks} == {sid}
+    assert sum(1 for c in chunks if c["choices"] and "role" in c["choices"][0]["delta"]) == 1
+    assert frames[-1][1] == "[DONE]" and chunks[-1]["choices"][0]["finish_reason"] == "stop"
+    whole = uninterrupted_chat(cluster.reader.url)
+    assert chat_text(frames) == chat_text(whole)
+    row = poll(lambda: next((r for r in log_rows(cluster.reader.extra["log"])
+                             if r["stream_id"] == sid), None), 5)
+    assert row is not None and row["status"] == "ok" and row["answer"] == chat_text(whole)

@@ -36,22 +36,35 @@ from pydantic import ValidationError
 
 from ..errors import TokenrelayError
 from ..request import Request
+from .encode import ChunkEncoder, SimpleEncoder
+from .response_snapshot import parse_frame
+from .routing import label
 from .security import ANONYMOUS, GatewayHTTPError, Lease
-from .streamlog import Producer, StreamInfo, StreamLogError, StreamNotFound
+from .streamlog import (
+    Producer,
+    ProducerLost,
+    StreamInfo,
+    StreamLog,
+    StreamLogError,
+    StreamNotFound,
+)
 from .streamlog.base import MAX_META_BYTES
 
 if TYPE_CHECKING:
     from ..providers.base import Provider
     from .gateway import Gateway
 
-__all__ = ["REQUEST_KEY", "Resumption", "TakeOver", "record_lost", "restart_meta",
-           "unlimited_lease"]
+__all__ = ["REQUEST_KEY", "ChatPartial", "Resumption", "TakeOver", "chat_partial",
+           "record_lost", "restart_meta", "stored_frames", "unlimited_lease"]
 
 log = logging.getLogger("tokenrelay.server")
 
 #: The stream record's meta keys: the core request (JSON) and the served model name.
 REQUEST_KEY = "request"
 MODEL_KEY = "model"
+#: A taken-over chat stream goes on at least this long without a reader (the store counts
+#: readers at each lease refresh, every 0.5 s: the one that took it over is not counted yet).
+TAKE_OVER_GRACE_S = 3.0
 
 
 def restart_meta(meta: Mapping[str, str], core: Request) -> dict[str, str]:
@@ -173,12 +186,81 @@ class TakeOver:
                           route=self.gateway.router.route(model), partial=partial)
 
 
+async def stored_frames(log_: StreamLog, stream_id: str, upto: int) -> list[bytes]:
+    """Frames 0 … ``upto`` of a stream, as stored (fewer if the store lost some)."""
+    frames: list[bytes] = []
+    if upto < 0:
+        return frames
+    reader = await log_.reader(stream_id, after=-1, owner=None)
+    try:
+        while reader.cursor < upto and not reader.ended:
+            try:
+                batch = await reader.read(timeout=1.0)
+            except ProducerLost:
+                break
+            if not batch.frames:
+                break
+            frames.extend(batch.frames)
+    finally:
+        await reader.aclose()
+    return frames[:upto + 1]
+
+
+@dataclass
+class ChatPartial:
+    """A chat stream's answer so far, rebuilt from its frames (chat completions chunks or
+    ``/chat`` frames)."""
+
+    text: str = ""
+    #: From the first chunk (chat completions): its ``model`` and ``created``.
+    model: str | None = None
+    created: int | None = None
+    #: A frame went out (a chunk with the role, for chat completions).
+    started: bool = False
+    #: Something else came (tool calls, a finish, an error, a frame not understood): the
+    #: answer cannot be continued as text.
+    other: bool = False
+
+
+def chat_partial(endpoint: str, frames: list[bytes]) -> ChatPartial:
+    """The answer so far of a chat completions / ``/chat`` stream (pure)."""
+    out = ChatPartial()
+    pieces: list[str] = []
+    for data in frames:
+        event = parse_frame(data)
+        out.started = True
+        if event is None:
+            out.other = True
+            continue
+        if endpoint == "chat":
+            text = event.get("text")
+            if isinstance(text, str) and len(event) == 1:
+                pieces.append(text)
+            else:
+                out.other = True
+            continue
+        choices = event.get("choices")
+        if out.model is None and isinstance(event.get("model"), str):
+            out.model = event["model"]
+        if out.created is None and isinstance(event.get("created"), int):
+            out.created = event["created"]
+        choice = choices[0] if isinstance(choices, list) and len(choices) == 1 else None
+        delta = choice.get("delta") if isinstance(choice, dict) else None
+        if (not isinstance(delta, dict) or choice.get("finish_reason") is not None  # type: ignore[union-attr]
+                or delta.get("tool_calls")):
+            out.other = True
+            continue
+        content = delta.get("content")
+        if isinstance(content, str):
+            pieces.append(content)
+    out.text = "".join(pieces)
+    return out
+
+
 def record_lost(gateway: Gateway, info: StreamInfo, *, endpoint: str, answer: str,
                 message: str) -> None:
     """Count and log a stream ended ``producer_lost`` here (its producer's process died,
     with the row it would have written): one ``interrupted`` row with the partial answer."""
-    from .routing import label
-
     model = label(info.meta.get(MODEL_KEY, "-"))
     gateway.metrics.producer_losses.inc()
     gateway.metrics.requests.labels(endpoint, model, "interrupted").inc()
@@ -196,7 +278,65 @@ def record_lost(gateway: Gateway, info: StreamInfo, *, endpoint: str, answer: st
         key_id=info.owner, endpoint=endpoint, model=model, status="interrupted",
         http_status=200, prompt_tokens=0, completion_tokens=0, usage_estimated=1,
         time_to_first_token=None, duration=max(0.0, time.time() - info.created_at),
-        prompt=prompt, answer=answer, error=f"producer_lost: {message}")
+        prompt=prompt, answer=answer, error=f"producer_lost: {message}",
+        stream_id=info.id)
+
+
+class ChatTakeOver(TakeOver):
+    """Take-over and loss of chat completions and ``/chat`` streams (``delivery.py``)."""
+
+    async def attempt(self, stream_id: str, endpoint: str) -> bool:
+        """Continue the stream here if it can be: True (this process, or another, produces
+        it now: read on), False (end it ``producer_lost``)."""
+        state: dict[str, ChatPartial] = {}
+        log_ = self.gateway.streams
+
+        async def partial_of(info: StreamInfo) -> str | None:
+            frames = await stored_frames(log_, stream_id, info.last_seq)
+            partial = chat_partial(endpoint, frames)
+            if len(frames) != info.last_seq + 1 or partial.other:
+                return None
+            state["partial"] = partial
+            return partial.text
+
+        found = await self.begin(stream_id, partial_of)
+        if not isinstance(found, Resumption):
+            return found is True
+        partial, meta = state["partial"], found.info.meta
+        encoder: ChunkEncoder | SimpleEncoder
+        if endpoint == "chat.completions":
+            encoder = ChunkEncoder(partial.model or found.model,
+                                   include_usage=meta.get("usage") == "1", route=found.route,
+                                   id=stream_id, created=partial.created,
+                                   role_sent=partial.started)
+        else:
+            encoder = SimpleEncoder(found.route)
+        encoder.next_seq = found.producer.next_seq
+        try:
+            grace = float(meta.get("grace") or 0.0)
+        except ValueError:
+            grace = 0.0
+        gw = self.gateway
+        production = gw.produce_detached(
+            gw.open(found.request, found.provider), encoder, found.producer,
+            lease=unlimited_lease(), key_id=found.info.owner, endpoint=endpoint,
+            model=label(found.model), route=found.route,
+            grace=max(grace, TAKE_OVER_GRACE_S))
+        production.answer_prefix = found.partial
+        return True
+
+    async def lost(self, stream_id: str, endpoint: str, *, message: str) -> None:
+        """A stream this process ended ``producer_lost``: its ``interrupted`` row."""
+        log_ = self.gateway.streams
+        try:
+            info = await log_.info(stream_id, owner=None)
+            if info is None:
+                return
+            frames = await stored_frames(log_, stream_id, info.last_seq - 1)
+        except StreamLogError:
+            return
+        record_lost(self.gateway, info, endpoint=endpoint,
+                    answer=chat_partial(endpoint, frames).text, message=message)
 
 
 class _CannotContinue(Exception):
