@@ -45,13 +45,12 @@ def test_the_mock_continues_exactly_where_any_cut_left_it() -> None:
     provider = MockProvider(tokens=23)
     whole, finish = asyncio.run(texts(provider, request(max_tokens=20)))
     assert (len(whole), finish) == (20, "length")
-    for cut in range(0, 21):
+    for cut in range(20):
         prefix = "".join(whole[:cut])
         rest, rest_finish = asyncio.run(texts(provider, request(
-            max_tokens=20 - cut if cut < 20 else 1, continue_from=prefix)))
-        if cut < 20:
-            assert rest == whole[cut:], f"cut at token {cut}"
-            assert rest_finish == "length"
+            max_tokens=20 - cut, continue_from=prefix)))
+        assert rest == whole[cut:], f"cut at token {cut}"
+        assert rest_finish == "length"
     # Without max_tokens: the rest of the answer and its own finish.
     full, _ = asyncio.run(texts(provider, request()))
     rest, end = asyncio.run(texts(provider, request(continue_from="".join(full[:5]))))
