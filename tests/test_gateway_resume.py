@@ -17,6 +17,7 @@ Live gateway over real sockets (a disconnect only shows there), mock upstream in
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 import socket
@@ -589,3 +590,38 @@ def test_resume_and_cancel_with_the_redis_store(make_gateway: MakeGateway,
     _, events = stream_all(live.url, path=f"/v1/chat/completions/{stream_id}/stream")
     check_sequence(events)
     assert error_of(events[-1])["code"] == "cancelled"
+
+
+def test_a_shutdown_ends_a_detached_stream_with_the_shutdown_error(
+        upstream: MockUpstream, tmp_path: Path) -> None:
+    upstream.reset()
+    cfg = config(tmp_path, routes(upstream.url, **SPECS), drain_timeout_s=0.5)
+    with LiveGateway(cfg) as live:
+        sock = post_raw(live.port, "/v1/chat/completions", chat("slow"), {GRACE: "60"})
+        raw = recv_bytes(sock, 1)
+        while len(complete_frames(head_and_body(raw)[1])) < 2:
+            raw += recv_bytes(sock, 1)
+        stream_id = head_and_body(raw)[0]["x-tokenrelay-stream-id"]
+        sock.close()
+        time.sleep(0.2)
+        assert live.active() == 1  # producing, with nobody attached
+        stopped_at = time.monotonic()
+    assert time.monotonic() - stopped_at < 5
+    record = upstream.wait_for(aborted("slow"), 3)
+    assert record is not None
+    db = sqlite3.connect(tmp_path / "requests.db")
+    try:
+        (status, error) = db.execute("SELECT status, error FROM requests WHERE stream_id = ?",
+                                     (stream_id,)).fetchone()
+    finally:
+        db.close()
+    assert status == "error" and error.startswith("server_shutdown")
+
+    async def stored() -> list[bytes]:  # the stream log (memory) outlives the server
+        reader = await live.gateway.streams.reader(stream_id, owner=None)
+        assert reader.ended is False
+        return [frame.data async for frame in reader]
+
+    events = [e for e in sse_events(b"".join(asyncio.run(stored()))) if "id" in e]
+    check_sequence(events)
+    assert error_of(events[-1])["code"] == "server_shutdown"

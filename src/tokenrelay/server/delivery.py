@@ -40,7 +40,7 @@ from .streamlog import (
     StreamReader,
     valid_stream_id,
 )
-from .takeover import ChatTakeOver
+from .takeover import StreamTakeOver
 
 if TYPE_CHECKING:
     from .gateway import Gateway
@@ -89,7 +89,7 @@ class Delivery:
     def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
         #: Streams whose producing process died: continued here, or ended typed.
-        self.takeover = ChatTakeOver(gateway)
+        self.takeover = StreamTakeOver(gateway)
 
     async def resume(self, request: HTTPRequest, *, endpoint: str,
                      error_frame: ErrorFrame) -> Response | SSEResponse:

@@ -102,14 +102,14 @@ class Gateway:
         self.router = Router(config)
         #: The requests answering a model, ended at the drain deadline on shutdown.
         self.drain = Drain()
+        #: The stream log between producing and delivering (``[streams]``).
+        self.streams: StreamLog = create_store(config.streams)
         self.reqlog: RequestLog | None = None
         if config.log.enabled:
             from ..log import default_log_path
 
             path = config.log.path or default_log_path().with_name("requests.db")
             self.reqlog = RequestLog(path, redact=config.log.redact)
-        #: The stream log between producing and delivering (``[streams]``).
-        self.streams: StreamLog = create_store(config.streams)
         #: Streams produced by this process now, by id (resumes are counted on them).
         self.productions: dict[str, Production] = {}
         #: Tasks of the gateway's own: streams producing with no client attached.
@@ -474,12 +474,17 @@ class Gateway:
                         shutdown=shutdown, scope=request.scope)
 
     async def aclose(self) -> None:
+        if self._background:
+            # Streams producing with no client attached hold no connection, so uvicorn
+            # does not wait for them: they get the drain here (the rest of
+            # drain_timeout_s, then the drain's server_shutdown end), as attached ones do.
+            self.drain.begin(self.config.drain_timeout_s)
+            await asyncio.wait(set(self._background),
+                               timeout=self.config.drain_timeout_s + 2.0)
+            for task in list(self._background):
+                task.cancel()
+            await asyncio.gather(*self._background, return_exceptions=True)
         self.drain.close()
-        # Streams still producing with no client (the drain ended them on SIGTERM; a
-        # bare lifespan shutdown cancels them here): their ends reach log and request log.
-        for task in list(self._background):
-            task.cancel()
-        await asyncio.gather(*self._background, return_exceptions=True)
         await self.drain_logs()
         await self.streams.aclose()
         await self.router.aclose()

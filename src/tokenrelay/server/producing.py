@@ -17,12 +17,12 @@ Every stream ends in the log with a final status and a final frame, whatever end
 ``completed`` / ``incomplete`` (``length``, ``content_filter``) / ``failed`` (an error,
 a shutdown, the log failing) / ``cancelled`` (a cancel, the client gone, the grace over).
 
-**Stop.** One watcher task per stream (nothing per frame) waits on the producer's
-``signal`` (a cancel from any process, or the lease lost) and, once the client is gone,
-on the resume grace. It stops the producing loop by cancelling the task that runs it
-with :data:`~.sse.STOP`: the loop takes the cancellation back, aborts the upstream,
-ends the stream in the log and gives the client still attached the typed end (an error
-frame with ``"code": "cancelled"``).
+**Stop.** The producer's ``signal`` (a cancel from any process, or the lease lost) calls
+:meth:`Production._signalled` (``Producer.on_signal``: no task waits for it), and once
+the client is gone one watcher task times the resume grace; nothing runs per frame for
+either. A stop cancels the task that runs the loop with :data:`~.sse.STOP`: the loop
+takes the cancellation back, aborts the upstream, ends the stream in the log and gives
+the client still attached the typed end (an error frame with ``"code": "cancelled"``).
 
 **Detach.** When the client goes away: without a grace (the default) its response
 cancels the loop, the upstream is aborted at once and the stream ends ``cancelled``.
@@ -167,6 +167,7 @@ class Production:
         self._inflight: asyncio.Future[Any] | None = None
         self._append_soon = getattr(producer, "append_soon", None)
         self._done: asyncio.Future[None] | None = None
+        producer.on_signal = self._signalled
 
     # -- the loop ----------------------------------------------------------------------
 
@@ -185,7 +186,8 @@ class Production:
         if self.task is None:
             self.task = asyncio.current_task()
             host.drain.add(self.task)
-        self._watch()
+        if producer.signal.is_set():  # cancelled before it started
+            self._signalled()
         try:
             stream.pin_task()  # one task iterates it at a time (hand_over re-pins)
             events = stream.__aiter__()
@@ -259,6 +261,7 @@ class Production:
                        if status == "cancelled" else ErrorEvent(
                            stream.error.code, stream.error.message))  # type: ignore[union-attr]
                 await self._end(status, encode(end))
+            producer.on_signal = None  # (a cycle through the producer otherwise)
             if not producer.closed:
                 try:
                     await producer.release()
@@ -417,7 +420,17 @@ class Production:
             self._done = asyncio.get_running_loop().create_future()
         await asyncio.shield(self._done)
 
-    # -- the watcher ---------------------------------------------------------------------
+    # -- stopping ------------------------------------------------------------------------
+
+    def _signalled(self) -> None:
+        """The producer's ``signal``: a cancel (any process) or the lease lost."""
+        producer = self.producer
+        reason = "lost" if producer.lease_lost and not producer.cancel_requested else "cancel"
+        if self.task is not None and self.task is asyncio.current_task():
+            # Raised from an append in the loop itself (lease lost): it stops on that.
+            self.stop_reason = self.stop_reason or reason
+            return
+        self._stop(reason)
 
     def _watch(self) -> None:
         self._unwatch()
@@ -430,26 +443,14 @@ class Production:
             watcher.cancel()
 
     async def _watching(self) -> None:
-        producer = self.producer
-        signal = producer.signal
+        """The resume grace of a stream whose client left: stop it when ``grace`` seconds
+        passed with no reader attached."""
         while True:
-            timeout: float | None = None
-            if self.gone_at is not None and not self.keep:
-                timeout = self._grace_left()
-                if timeout <= 0:
-                    self._stop("grace")
-                    return
-            if timeout is None:
-                await signal.wait()
-            else:
-                try:
-                    async with asyncio.timeout(timeout):
-                        await signal.wait()
-                except TimeoutError:
-                    continue
-            self._stop("lost" if producer.lease_lost and not producer.cancel_requested
-                       else "cancel")
-            return
+            timeout = self._grace_left()
+            if timeout <= 0:
+                self._stop("grace")
+                return
+            await asyncio.sleep(timeout)
 
     def _grace_left(self) -> float:
         producer = self.producer

@@ -37,7 +37,8 @@ from pydantic import ValidationError
 from ..errors import TokenrelayError
 from ..request import Request
 from .encode import ChunkEncoder, SimpleEncoder
-from .response_snapshot import parse_frame
+from .response_snapshot import ResponseSnapshot, parse_frame
+from .responses import ResponsesEncoder
 from .routing import label
 from .security import ANONYMOUS, GatewayHTTPError, Lease
 from .streamlog import (
@@ -54,8 +55,9 @@ if TYPE_CHECKING:
     from ..providers.base import Provider
     from .gateway import Gateway
 
-__all__ = ["REQUEST_KEY", "ChatPartial", "Resumption", "TakeOver", "chat_partial",
-           "record_lost", "restart_meta", "stored_frames", "unlimited_lease"]
+__all__ = ["REQUEST_KEY", "ChatPartial", "Resumption", "StreamTakeOver", "TakeOver",
+           "chat_partial", "record_lost", "response_text", "restart_meta", "stored_frames",
+           "unlimited_lease"]
 
 log = logging.getLogger("tokenrelay.server")
 
@@ -282,12 +284,15 @@ def record_lost(gateway: Gateway, info: StreamInfo, *, endpoint: str, answer: st
         stream_id=info.id)
 
 
-class ChatTakeOver(TakeOver):
-    """Take-over and loss of chat completions and ``/chat`` streams (``delivery.py``)."""
+class StreamTakeOver(TakeOver):
+    """Take-over and loss of the streams of every endpoint (chat completions, ``/chat``,
+    ``/v1/responses``), for their readers (``delivery.py``, ``background.py``)."""
 
     async def attempt(self, stream_id: str, endpoint: str) -> bool:
         """Continue the stream here if it can be: True (this process, or another, produces
         it now: read on), False (end it ``producer_lost``)."""
+        if endpoint == "responses":
+            return await self._responses(stream_id)
         state: dict[str, ChatPartial] = {}
         log_ = self.gateway.streams
 
@@ -325,6 +330,38 @@ class ChatTakeOver(TakeOver):
         production.answer_prefix = found.partial
         return True
 
+    async def _responses(self, stream_id: str) -> bool:
+        state: dict[str, Any] = {}
+        log_ = self.gateway.streams
+
+        async def partial_of(info: StreamInfo) -> str | None:
+            snap = response_snapshot(await stored_frames(log_, stream_id, info.last_seq))
+            obj = snap.object()
+            if obj is None or snap.final is not None or snap.error is not None:
+                return None
+            items = obj.get("output") or []
+            if len(items) > 1 or (items and not _open_message(items[0])):
+                return None  # a tool call, or more than one item: not a text to go on
+            state["response"] = obj
+            return response_text(snap)
+
+        found = await self.begin(stream_id, partial_of)
+        if not isinstance(found, Resumption):
+            return found is True
+        response = state["response"]
+        encoder = ResponsesEncoder.resumed(response, next_seq=found.producer.next_seq,
+                                           route=found.route)
+        if response.get("status") == "queued":
+            # (it died between its two first frames)
+            await found.producer.append(encoder.progress(), status="in_progress")
+        gw = self.gateway
+        production = gw.produce_detached(
+            gw.open(found.request, found.provider), encoder, found.producer,
+            lease=unlimited_lease(), key_id=found.info.owner, endpoint="responses",
+            model=label(found.model), route=found.route)
+        production.answer_prefix = found.partial
+        return True
+
     async def lost(self, stream_id: str, endpoint: str, *, message: str) -> None:
         """A stream this process ended ``producer_lost``: its ``interrupted`` row."""
         log_ = self.gateway.streams
@@ -335,8 +372,30 @@ class ChatTakeOver(TakeOver):
             frames = await stored_frames(log_, stream_id, info.last_seq - 1)
         except StreamLogError:
             return
-        record_lost(self.gateway, info, endpoint=endpoint,
-                    answer=chat_partial(endpoint, frames).text, message=message)
+        answer = (response_text(response_snapshot(frames)) if endpoint == "responses"
+                  else chat_partial(endpoint, frames).text)
+        record_lost(self.gateway, info, endpoint=endpoint, answer=answer, message=message)
+
+
+def response_snapshot(frames: list[bytes]) -> ResponseSnapshot:
+    snap = ResponseSnapshot()
+    for data in frames:
+        snap.feed(data)
+    return snap
+
+
+def _open_message(item: Any) -> bool:
+    return (isinstance(item, dict) and item.get("type") == "message"
+            and item.get("status") == "in_progress")
+
+
+def response_text(snap: ResponseSnapshot) -> str:
+    """The text of a response's (first) message so far."""
+    for item in snap.items:
+        if item.get("type") == "message":
+            return "".join(str(p.get("text", "")) for p in item.get("content") or []
+                           if isinstance(p, dict))
+    return ""
 
 
 class _CannotContinue(Exception):
