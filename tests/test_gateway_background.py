@@ -392,6 +392,7 @@ class _Gateway:
     def __init__(self) -> None:
         self.streams = MemoryStreamLog()
         self.metrics = GatewayMetrics()
+        self.reqlog = None  # (the interrupted row of a loss)
 
 
 async def _orphan(background: BackgroundResponses, text: list[str]) -> str:

@@ -68,9 +68,10 @@ class Endpoints:
             grace = gw.resume_grace(request) if chat.stream else 0.0
             lease = await gw.acquire(key, reservation(core, key))
             if chat.stream:
-                producer = await gw.create_stream(key, endpoint="chat.completions",
-                                                  model=chat.model, id_prefix="chatcmpl-",
-                                                  lease=lease)
+                producer = await gw.create_stream(
+                    key, endpoint="chat.completions", model=chat.model,
+                    id_prefix="chatcmpl-", lease=lease, core=core, grace=grace,
+                    usage=bool(chat.stream_options and chat.stream_options.include_usage))
         except GatewayHTTPError as exc:
             return gw.rejected(exc, request)
 
@@ -113,7 +114,8 @@ class Endpoints:
             grace = gw.resume_grace(request)
             lease = await gw.acquire(key, reservation(core, key))
             producer = await gw.create_stream(key, endpoint="chat", model=model,
-                                              id_prefix="chat-", lease=lease)
+                                              id_prefix="chat-", lease=lease, core=core,
+                                              grace=grace)
         except GatewayHTTPError as exc:
             return gw.rejected(exc, request)
         stream = gw.open(core, provider)
