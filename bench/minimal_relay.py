@@ -2,6 +2,11 @@
 """The floor for bench_gateway.py: the least a re-serialising SSE relay can do.
 
     .venv/bin/python bench/minimal_relay.py --port 8001 --upstream http://127.0.0.1:9000/v1
+    .venv/bin/python bench/minimal_relay.py ... --raw --server granian --workers 2
+
+``--server granian`` runs the same ASGI callable under Granian (a Rust HTTP server, its
+own process manager) instead of uvicorn; ``--workers N`` runs N processes of either on
+the port (bench/bench_workers.py compares them).
 
 The stack DEVELOPERS.md measured at ≈ 50 µs per relayed chunk (uvicorn + httptools +
 uvloop, Starlette, an aiohttp upstream client, orjson) and nothing else: no auth, no
@@ -110,12 +115,57 @@ def create_raw_app(upstream: str) -> object:
     return app
 
 
+def raw_from_env() -> object:
+    """``create_raw_app`` for servers that import their app by name in each worker."""
+    import os
+
+    return create_raw_app(os.environ["MINIMAL_RELAY_UPSTREAM"])
+
+
+def starlette_from_env() -> object:
+    import os
+
+    return create_app(os.environ["MINIMAL_RELAY_UPSTREAM"])
+
+
+def serve(upstream: str, port: int, *, raw: bool, server: str, workers: int) -> None:
+    import os
+    import sys
+    from pathlib import Path
+
+    here = str(Path(__file__).resolve().parent)
+    if server == "uvicorn" and workers == 1:
+        app = create_raw_app(upstream) if raw else create_app(upstream)
+        uvicorn.run(app, host="127.0.0.1", port=port, loop="uvloop",  # type: ignore[arg-type]
+                    http="httptools", log_level="warning", access_log=False, backlog=4096)
+        return
+    # Several processes import the app by name: this directory on their path.
+    os.environ["MINIMAL_RELAY_UPSTREAM"] = upstream
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        p for p in (here, os.environ.get("PYTHONPATH")) if p)
+    sys.path.insert(0, here)
+    target = "minimal_relay:" + ("raw_from_env" if raw else "starlette_from_env")
+    if server == "uvicorn":
+        uvicorn.run(target, factory=True, workers=workers, app_dir=here, host="127.0.0.1",
+                    port=port, loop="uvloop", http="httptools", log_level="warning",
+                    access_log=False, backlog=4096)
+        return
+    from granian import Granian
+    from granian.constants import HTTPModes, Interfaces, Loops
+
+    Granian(target, factory=True, address="127.0.0.1", port=port, workers=workers,
+            interface=Interfaces.ASGINL, loop=Loops.uvloop, http=HTTPModes.http1,
+            websockets=False, backlog=4096, log_level="warning",  # type: ignore[arg-type]
+            working_dir=Path(here)).serve()
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--upstream", required=True, help="the upstream API root (…/v1)")
     parser.add_argument("--raw", action="store_true", help="a bare ASGI app, no Starlette")
+    parser.add_argument("--server", choices=("uvicorn", "granian"), default="uvicorn",
+                        help="the HTTP server and process manager [uvicorn]")
+    parser.add_argument("--workers", type=int, default=1, help="processes [1]")
     args = parser.parse_args()
-    app = create_raw_app(args.upstream) if args.raw else create_app(args.upstream)
-    uvicorn.run(app, host="127.0.0.1", port=args.port, loop="uvloop",  # type: ignore[arg-type]
-                http="httptools", log_level="warning", access_log=False, backlog=4096)
+    serve(args.upstream, args.port, raw=args.raw, server=args.server, workers=args.workers)

@@ -403,7 +403,7 @@ def test_responses_assistant_text_and_a_call_make_one_message(
     ({"input": [{"type": "reasoning", "summary": []}]}, "input", "not supported"),
     ({"tools": [{"type": "web_search"}]}, "tools", "function tools only"),
     ({"tool_choice": {"type": "function", "name": "nope"}}, "tool_choice", "not among the tools"),
-    ({"background": True}, "background", "stores no responses"),
+    ({"background": True, "store": False}, "store", "requires store=true"),
     ({"reasoning_effort": "low"}, "reasoning_effort", "Unrecognized request argument"),
     ({"input": []}, "input", "at least 1"),
 ])

@@ -71,7 +71,8 @@ def server_config(config_file: str | None = None, *, host: str | None = None,
                   port: int | None = None, routes: tuple[str, ...] = (),
                   api_keys: tuple[str, ...] = (), heartbeat: float | None = None,
                   log_enabled: bool | None = None,
-                  cors_origins: tuple[str, ...] = (), quiet: bool = False) -> ServerConfig:
+                  cors_origins: tuple[str, ...] = (), quiet: bool = False,
+                  redis_url: str | None = None) -> ServerConfig:
     """The gateway configuration of ``tokenrelay serve``: the file, then the options.
 
     API keys are hashed here; the result holds only their SHA-256.
@@ -80,7 +81,7 @@ def server_config(config_file: str | None = None, *, host: str | None = None,
 
     overrides: dict[str, Any] = {
         "host": host, "port": port, "heartbeat": heartbeat,
-        "cors_origins": list(cors_origins) or None,
+        "cors_origins": list(cors_origins) or None, "redis_url": redis_url,
     }
     extra_models = _routes(routes)
     config = load_config(config_file, **overrides, models=extra_models)
@@ -121,6 +122,10 @@ def banner(config: ServerConfig, gateway: Any, base: str) -> list[str]:
         lines.append("  request log: off")
     lines.append("  access log:  " + ("this console, a line per request (--quiet: off)"
                                       if config.access_log else "off"))
+    if gateway.redis is not None:
+        shared = "limits and streams" if config.streams.store == "redis" else "limits"
+        lines.append(f"  shared:      {shared} in {gateway.redis.where}"
+                     f" (on_redis_error = {config.redis.on_redis_error})")
     if config.keys:
         lines.append(f"  API keys:    {len(config.keys)}; clients send"
                      " Authorization: Bearer <key>")
@@ -185,9 +190,18 @@ def _console_access_log() -> logging.handlers.QueueListener:
               help="Allow browser pages from ORIGIN (repeatable; replaces the config's list).")
 @click.option("--quiet", "-q", is_flag=True,
               help="No access line per request on the console (warnings still show).")
+@click.option("--redis", "redis_url", metavar="URL",
+              help="Share per-key limits and the stream log with the other processes"
+                   " (workers, replicas) in this Redis: redis://HOST:6379/0, rediss://,"
+                   " unix:// ([redis] url).")
+@click.option("--workers", type=click.IntRange(1, 256), default=None,
+              help="Processes serving the one port (a process relays on one core);"
+                   " SIGTERM to this one drains them all (default: the config's"
+                   " workers, 1).")
 def serve(host: str | None, port: int | None, config_file: str | None,
           routes: tuple[str, ...], api_keys: tuple[str, ...], heartbeat: float | None,
-          log_enabled: bool | None, cors_origins: tuple[str, ...], quiet: bool) -> None:
+          log_enabled: bool | None, cors_origins: tuple[str, ...], quiet: bool,
+          redis_url: str | None, workers: int | None) -> None:
     """Run the OpenAI-compatible SSE gateway.
 
     \b
@@ -206,14 +220,60 @@ def serve(host: str | None, port: int | None, config_file: str | None,
 
     config = server_config(config_file, host=host, port=port, routes=routes,
                            api_keys=api_keys, heartbeat=heartbeat, log_enabled=log_enabled,
-                           cors_origins=cors_origins, quiet=quiet)
+                           cors_origins=cors_origins, quiet=quiet, redis_url=redis_url)
     config.check_exposure()
+    workers = workers or config.workers
+    config.check_shared_limits(workers)
 
     app = create_app(config)  # a bad route fails here, before binding
+    if workers > 1:
+        sys.exit(_serve_workers(config, app, workers))
     sock = bind(config)
     server = build_server(config, app)
     for line in banner(config, app.state.gateway, url(sock)):
         click.echo(line, err=True)
+    if not _run(server, sock, config):
+        sys.exit(1)
+
+
+def _serve_workers(config: ServerConfig, app: Any, workers: int) -> int:
+    """``--workers N``: this process supervises N that serve (``server/workers.py``)."""
+    import asyncio
+
+    from ..server.run import GRACEFUL_SHUTDOWN_MARGIN, url
+    from ..server.workers import Supervisor, reserve
+
+    reserved = reserve(config.host, config.port)
+    lines = banner(config, app.state.gateway, url(reserved))
+    asyncio.run(app.state.gateway.aclose())  # the workers build their own
+    address = (reserved.family, reserved.getsockname())
+    supervisor = Supervisor(_worker, (config, address), workers,
+                            stop_timeout=config.drain_timeout_s + GRACEFUL_SHUTDOWN_MARGIN + 5)
+    lines.insert(1, f"  workers:     {workers} processes on this port (SIGTERM here drains"
+                    " them all)")
+    for line in lines:
+        click.echo(line, err=True)
+    try:
+        return supervisor.run()
+    finally:
+        reserved.close()
+
+
+def _worker(config: ServerConfig, address: tuple[int, Any]) -> None:
+    """One worker of ``--workers N`` (a fresh process: ``Supervisor`` pickles this by
+    name), on its own listening socket on the reserved address."""
+    from ..server.app import create_app
+    from ..server.run import BACKLOG, build_server
+    from ..server.workers import STARTUP_FAILURE, listener
+
+    sock = listener(*address, BACKLOG)
+    server = build_server(config, create_app(config))
+    if not _run(server, sock, config):
+        sys.exit(STARTUP_FAILURE)
+
+
+def _run(server: Any, sock: Any, config: ServerConfig) -> bool:
+    """Serve until shutdown; whether the server started (uvicorn logged why not)."""
     listener = _console_access_log() if config.access_log else None
     # Everything imported and built so far lives as long as the process: move it out of
     # the collector's reach, so a full collection under load walks only what requests
@@ -225,8 +285,7 @@ def serve(host: str | None, port: int | None, config_file: str | None,
     finally:
         if listener is not None:
             listener.stop()  # the last lines out
-    if not server.started:  # the app's startup failed; uvicorn logged why
-        sys.exit(1)
+    return bool(server.started)  # False: the app's startup failed; uvicorn logged why
 
 
 @click.command("hash-key")

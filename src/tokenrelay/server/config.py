@@ -19,6 +19,11 @@ drain_timeout_s = 10.0    # on SIGTERM, answers in progress get this long to fin
 path = "/var/lib/tokenrelay/requests.db"   # default: the user data dir
 redact = false                              # true: prompts and answers are not stored
 
+[redis]                   # shared state of several processes (needs: pip install "tokenrelay[redis]")
+url = "redis://127.0.0.1:6379/0"   # or --redis URL; per-key limits and the stream log go there
+on_redis_error = "closed" # Redis unreachable: "closed" 503 for keys with limits | "open" admit
+timeout_s = 1.0           # one Redis call longer than this counts as Redis failing
+
 [streams]                 # the stream log between producing and delivering (README)
 store = "memory"          # "memory" (default: this process) | "redis" (shared, survives it)
 redis_url = "redis://127.0.0.1:6379/0"   # needs the redis extra: pip install "tokenrelay[redis]"
@@ -73,8 +78,8 @@ from pydantic import (
 
 from ..errors import ConfigurationError
 
-__all__ = ["KeyConfig", "LogConfig", "ModelRoute", "ServerConfig", "StreamsConfig", "hash_key",
-           "load_config"]
+__all__ = ["KeyConfig", "LogConfig", "ModelRoute", "RedisConfig", "ServerConfig", "StreamsConfig",
+           "hash_key", "load_config"]
 
 
 def hash_key(key: str) -> str:
@@ -125,6 +130,53 @@ class LogConfig(BaseModel):
     enabled: bool = True
     path: str | None = None
     redact: bool = False
+
+
+def check_redis_url(value: str) -> str:
+    """``value`` if it is a Redis URL redis-py can use, else a ``ValueError`` saying what
+    is wrong (never echoing the URL: it may carry a password)."""
+    parts = urlsplit(value)
+    example = " (e.g. redis://127.0.0.1:6379/0)"
+    if parts.scheme not in ("redis", "rediss", "unix"):
+        raise ValueError("a Redis URL must start with redis://, rediss:// or unix://" + example)
+    if parts.scheme == "unix":
+        if not parts.path:
+            raise ValueError("a unix:// Redis URL needs the socket's path: unix:///run/redis.sock")
+        return value
+    if not parts.hostname:
+        raise ValueError("the Redis URL has no host" + example)
+    try:
+        parts.port  # noqa: B018  (raises on a port that is not a number in 0-65535)
+    except ValueError as exc:
+        raise ValueError("the Redis URL's port is not a number in 1-65535" + example) from exc
+    db = parts.path.lstrip("/")
+    if db and not db.isdigit():
+        raise ValueError("the Redis URL's database must be a number, as in"
+                         " redis://127.0.0.1:6379/0")
+    return value
+
+
+class RedisConfig(BaseModel):
+    """``[redis]``: where the processes of one gateway (workers, replicas) share their state:
+    per-key limits and, unless ``[streams]`` says otherwise, the stream log."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    #: ``redis://[[user]:password@]host:port/db``, ``rediss://…`` or ``unix:///path``.
+    url: str | None = Field(None, repr=False)
+    #: Prepended to every Redis key (several gateways on one Redis keep apart by it).
+    prefix: str = Field("tokenrelay:", max_length=64, pattern=r"^[A-Za-z0-9_.:-]*$")
+    #: Redis unreachable, failing or slower than ``timeout_s``: ``"closed"`` answers new
+    #: requests of keys with limits 503 (Retry-After); ``"open"`` admits them without the
+    #: shared limits (counted in ``tokenrelay_limits_bypassed_total``, a warning a minute).
+    on_redis_error: Literal["closed", "open"] = "closed"
+    #: One Redis call (an admission, a release) taking longer than this is a failure.
+    timeout_s: float = Field(1.0, gt=0, le=30)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        return None if value is None else check_redis_url(value.strip())
 
 
 class StreamsConfig(BaseModel):
@@ -194,13 +246,35 @@ class ServerConfig(BaseModel):
     models: list[ModelRoute] = Field(default_factory=list)
     keys: list[KeyConfig] = Field(default_factory=list)
     log: LogConfig = Field(default_factory=LogConfig)
+    #: Shared state in Redis (before ``streams``: a bad URL is reported as ``redis.url``).
+    redis: RedisConfig = Field(default_factory=RedisConfig)
     streams: StreamsConfig = Field(default_factory=StreamsConfig)
+    #: Processes serving the port (``tokenrelay serve --workers N``).
+    workers: int = Field(1, ge=1, le=256)
     #: Serve the embedded local model and the scripted mock besides the routes.
     serve_local: bool = True
     #: None: serve the mock only when listening on loopback.
     serve_mock: bool | None = None
     #: One line per request on the console (``tokenrelay serve``; ``--quiet``: off).
     access_log: bool = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _streams_in_redis(cls, data: Any) -> Any:
+        """With ``[redis] url`` the stream log lives there too (same URL), unless
+        ``[streams]`` names its own store."""
+        if not isinstance(data, dict):
+            return data
+        redis = data.get("redis")
+        url = redis.get("url") if isinstance(redis, dict) else getattr(redis, "url", None)
+        streams = data.get("streams", {})
+        if isinstance(url, str) and url.strip() and isinstance(streams, dict):
+            streams = dict(streams)
+            streams.setdefault("store", "redis")
+            if streams["store"] == "redis":
+                streams.setdefault("redis_url", url.strip())
+            data = {**data, "streams": streams}
+        return data
 
     @model_validator(mode="after")
     def _check(self) -> ServerConfig:
@@ -228,6 +302,23 @@ class ServerConfig(BaseModel):
         except ValueError:
             return False
 
+    def check_shared_limits(self, workers: int | None = None) -> None:
+        """Refuse several processes with per-key limits but no shared state: each would
+        count alone, and every limit would be multiplied by the number of processes."""
+        workers = self.workers if workers is None else workers
+        if workers <= 1 or self.redis.url:
+            return
+        for key in self.keys:
+            limits = [name for name in ("max_concurrent", "requests_per_minute",
+                                        "tokens_per_minute") if getattr(key, name) is not None]
+            if limits:
+                raise ConfigurationError(
+                    f"refusing to start {workers} workers with per-key limits (key"
+                    f" {key.id!r}: {', '.join(limits)}) and no shared state: each worker"
+                    f" would count on its own, so every limit would be {workers} times what"
+                    " is configured. Share them in Redis: --redis redis://HOST:6379/0 (or"
+                    " [redis] url in the config), or run one worker")
+
     def check_exposure(self) -> None:
         """Refuse to listen beyond loopback without API keys."""
         if not self.keys and not self.loopback_only:
@@ -248,6 +339,10 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> ServerConfi
             raise ConfigurationError(f"config file not found: {path}") from exc
         except tomllib.TOMLDecodeError as exc:
             raise ConfigurationError(f"bad TOML in {path}: {exc}") from exc
+    redis_url = overrides.pop("redis_url", None)
+    if redis_url is not None:  # --redis URL: the file's other [redis] settings stay
+        section = data.get("redis")
+        data["redis"] = {**(section if isinstance(section, dict) else {}), "url": redis_url}
     extra_models = overrides.pop("models", None) or []
     extra_keys = overrides.pop("keys", None) or []
     data.update({k: v for k, v in overrides.items() if v is not None})

@@ -1,8 +1,10 @@
 """The gateway's endpoints: each turns its body into a core ``Request`` and its encoder,
 then takes the one shared path (``gateway.py``: admit → produce → deliver).
 
-``POST /v1/chat/completions``, ``/chat`` and ``/v1/responses`` answer from a model; the
-others describe the gateway (models, health, metrics, the OpenAPI document, the page).
+``POST /v1/chat/completions``, ``/chat`` and ``/v1/responses`` answer from a model (the
+streamed answers of the first two through the stream log, resumable and cancellable by
+their id: ``GET …/{id}/stream``, ``POST …/{id}/cancel``, ``delivery.py``); the others
+describe the gateway (models, health, metrics, the OpenAPI document, the page).
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ from starlette.requests import Request as HTTPRequest
 from starlette.responses import HTMLResponse, JSONResponse, Response
 
 from ..request import Message, Request
-from .encode import ChunkEncoder, SimpleEncoder, dumps
+from .background import BackgroundEndpoints, BackgroundResponses
+from .delivery import Delivery
+from .encode import ChunkEncoder, SimpleEncoder, chunk_error_frame, dumps, simple_error_frame
 from .gateway import Gateway, error_response
 from .metrics import CONTENT_TYPE_LATEST
 from .openapi import openapi_document
@@ -35,7 +39,11 @@ class Endpoints:
     def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
         self.router = gateway.router
+        self.delivery = Delivery(gateway)
         self._openapi = dumps(openapi_document(auth=bool(gateway.config.keys)))
+        #: Background responses: their producers, retrieve and cancel (background.py).
+        self.background = BackgroundResponses(gateway)
+        self.responses = BackgroundEndpoints(self.background)
 
     # -- answered by a model ---------------------------------------------------------
 
@@ -57,7 +65,12 @@ class Endpoints:
                     extra=router.unused_parameters(chat.model, chat.unused_parameters()))
             except (ValidationError, ValueError) as exc:
                 raise GatewayHTTPError(400, f"invalid messages: {exc}", param="messages") from exc
-            lease = gw.limiter.acquire(key, reservation(core, key))
+            grace = gw.resume_grace(request) if chat.stream else 0.0
+            lease = await gw.acquire(key, reservation(core, key))
+            if chat.stream:
+                producer = await gw.create_stream(key, endpoint="chat.completions",
+                                                  model=chat.model, id_prefix="chatcmpl-",
+                                                  lease=lease)
         except GatewayHTTPError as exc:
             return gw.rejected(exc, request)
 
@@ -67,10 +80,11 @@ class Endpoints:
             return await gw.complete(stream, request=request, lease=lease, key_id=key.id,
                                      model=chat.model, route=route)
         encoder = ChunkEncoder(chat.model, include_usage=bool(
-            chat.stream_options and chat.stream_options.include_usage), route=route)
-        return gw.sse(gw.relay(stream, encoder.encode, lease=lease, key_id=key.id,
-                               endpoint="chat.completions", model=label(chat.model),
-                               route=route, scope=request.scope))
+            chat.stream_options and chat.stream_options.include_usage), route=route,
+            id=producer.stream_id)
+        return gw.produce(stream, encoder, producer, lease=lease, key_id=key.id,
+                          endpoint="chat.completions", model=label(chat.model), route=route,
+                          grace=grace, scope=request.scope)
 
     async def simple_chat(self, request: HTTPRequest) -> Any:
         """``POST /chat``: a prompt (and optional history) in, plain text deltas out."""
@@ -96,20 +110,47 @@ class Endpoints:
                 key, chat.max_tokens, gw.config.max_tokens_default)
             core = Request(messages=tuple(messages), model=upstream_model,
                            max_tokens=max_tokens, temperature=chat.temperature)
-            lease = gw.limiter.acquire(key, reservation(core, key))
+            grace = gw.resume_grace(request)
+            lease = await gw.acquire(key, reservation(core, key))
+            producer = await gw.create_stream(key, endpoint="chat", model=model,
+                                              id_prefix="chat-", lease=lease)
         except GatewayHTTPError as exc:
             return gw.rejected(exc, request)
         stream = gw.open(core, provider)
         route = router.route(model)
-        return gw.sse(gw.relay(stream, SimpleEncoder(route).encode, lease=lease,
-                               key_id=key.id, endpoint="chat", model=label(model),
-                               route=route, scope=request.scope))
+        return gw.produce(stream, SimpleEncoder(route), producer, lease=lease, key_id=key.id,
+                          endpoint="chat", model=label(model), route=route, grace=grace,
+                          scope=request.scope)
+
+    # -- streams by id (resume, cancel: delivery.py) ----------------------------------
+
+    async def resume_chat_completion(self, request: HTTPRequest) -> Any:
+        """``GET /v1/chat/completions/{id}/stream``."""
+        return await self.delivery.resume(request, endpoint="chat.completions",
+                                          error_frame=chunk_error_frame)
+
+    async def cancel_chat_completion(self, request: HTTPRequest) -> Response:
+        """``POST /v1/chat/completions/{id}/cancel``."""
+        return await self.delivery.cancel(request, endpoint="chat.completions")
+
+    async def resume_chat(self, request: HTTPRequest) -> Any:
+        """``GET /chat/{id}/stream``."""
+        return await self.delivery.resume(request, endpoint="chat",
+                                          error_frame=simple_error_frame)
+
+    async def cancel_chat(self, request: HTTPRequest) -> Response:
+        """``POST /chat/{id}/cancel``."""
+        return await self.delivery.cancel(request, endpoint="chat")
 
     async def create_response(self, request: HTTPRequest) -> Any:
         """``POST /v1/responses``: the same path as chat completions, another wire format."""
         gw, router = self.gateway, self.router
         try:
             key, req = await gw.admit(request, ResponsesRequest)
+            if req.background and req.store is False:
+                # OpenAI's rule: a background response is stored to be retrieved.
+                raise GatewayHTTPError(400, "Background mode requires store=true.",
+                                       param="store", code="invalid_value")
             provider, upstream_model = router.lookup(req.model)
             max_tokens = gw.limiter.clamp_max_tokens(
                 key, req.max_output_tokens, gw.config.max_tokens_default)
@@ -118,12 +159,17 @@ class Endpoints:
                     req.model, req.unused_parameters(), api="responses"))
             except (ValidationError, ValueError) as exc:
                 raise GatewayHTTPError(400, f"invalid input: {exc}", param="input") from exc
-            lease = gw.limiter.acquire(key, reservation(core, key))
+            lease = await gw.acquire(key, reservation(core, key))
         except GatewayHTTPError as exc:
             return gw.rejected(exc, request)
 
         stream = gw.open(core, provider)
         route = router.route(req.model)
+        if req.background:
+            return await self.background.start(
+                request, {"request": req, "model": req.model, "route": route},
+                stream=stream, lease=lease, key_id=key.id, model=req.model, route=route,
+                deliver=req.stream)
         encoder = ResponsesEncoder(req, model=req.model, route=route)
         if not req.stream:
             return await gw.complete(stream, request=request, lease=lease, key_id=key.id,
@@ -155,8 +201,9 @@ class Endpoints:
 
     async def healthz(self, request: HTTPRequest) -> Response:
         # Unauthenticated (for load balancers): no model names here, /v1/models has them.
-        return JSONResponse({"status": "ok",
-                             "active_streams": self.gateway.limiter.total_active()})
+        # Always 200: a process whose Redis is out of reach still serves (its running
+        # streams, and by on_redis_error); "degraded" and the reason say what is wrong.
+        return JSONResponse(self.gateway.health())
 
     async def metrics(self, request: HTTPRequest) -> Response:
         """``GET /metrics`` (Prometheus), behind the API keys unless ``metrics_public``."""

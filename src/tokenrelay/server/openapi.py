@@ -171,15 +171,20 @@ _OUTPUT_ITEM = {"oneOf": [
 _RESPONSE = {
     "type": "object",
     "description": "A response object (OpenAI Responses API): the answer of `stream: false`,"
-                   " and the `response` of the lifecycle events. Request options are echoed;"
-                   " nothing is stored (`store` is always false).",
+                   " and the `response` of the lifecycle events. Request options are echoed."
+                   " A foreground response is not stored (`store` false); a background one"
+                   " (`background: true`) is kept in the stream log and can be retrieved,"
+                   " replayed and cancelled.",
     "required": ["id", "object", "created_at", "status", "model", "output", "tools",
                  "tool_choice", "parallel_tool_calls"],
     "properties": {
         "id": {"type": "string"},
         "object": {"const": "response"},
         "created_at": {"type": "integer"},
-        "status": {"enum": ["in_progress", "completed", "incomplete", "failed"]},
+        "status": {"enum": ["queued", "in_progress", "completed", "incomplete", "failed",
+                            "cancelled"]},
+        "background": {"type": "boolean"},
+        "store": {"type": "boolean"},
         "error": _nullable({"type": "object", "required": ["code", "message"],
                             "properties": {"code": {"type": "string"},
                                            "message": {"type": "string"}}}),
@@ -204,7 +209,8 @@ _RESPONSE_EVENT_TYPES = [
     "response.content_part.added", "response.output_text.delta", "response.output_text.done",
     "response.content_part.done", "response.function_call_arguments.delta",
     "response.function_call_arguments.done", "response.output_item.done",
-    "response.completed", "response.incomplete", "response.failed", "error",
+    "response.completed", "response.incomplete", "response.failed", "response.cancelled",
+    "error",
 ]
 
 
@@ -256,7 +262,9 @@ _RESPONSE_EVENT = {
                    " `content_part.done`, `output_item.done`; function calls:"
                    " `output_item.added`, `function_call_arguments.delta`..., `.done`,"
                    " `output_item.done`), then `response.completed`, `response.incomplete`"
-                   " (max_output_tokens) or `error` + `response.failed`. No `[DONE]`.",
+                   " (max_output_tokens) or `error` + `response.failed`, or (a background"
+                   " response cancelled) `response.cancelled`. No `[DONE]`. The SSE `id` is"
+                   " the event's `sequence_number`.",
     "required": ["event", "data"],
     "properties": {
         "id": {"type": "string"},
@@ -283,7 +291,8 @@ _ERRORS = {
     "431": "The request line and headers are over 64 KiB together.",
     "502": "The upstream failed before the first token (any upstream status not passed on,"
            " a redirect, a broken connection).",
-    "503": "The upstream is overloaded (see Retry-After), or the gateway is shutting down.",
+    "503": "The upstream is overloaded (see Retry-After), the gateway is shutting down, or"
+           " its stream log is full or unreachable (retry).",
     "504": "The upstream timed out before the first token.",
 }
 #: What a POST to a model endpoint may answer besides its success.
@@ -297,8 +306,138 @@ def _error_responses(*codes: str) -> dict[str, Any]:
             for code in codes}
 
 
+_STREAM_STATE = {
+    "type": "object",
+    "description": "A stream's state (the answer of `POST …/{id}/cancel`).",
+    "required": ["id", "object", "status", "last_event_id"],
+    "properties": {
+        "id": {"type": "string"},
+        "object": {"const": "stream"},
+        "status": {"enum": ["queued", "in_progress", "completed", "failed", "cancelled",
+                            "incomplete"]},
+        "last_event_id": {"type": "integer", "minimum": -1,
+                          "description": "The SSE id of the stream's last frame so far."},
+        "created_at": {"type": "integer"},
+        "cancel_requested": {"type": "boolean"},
+    },
+}
+
+#: The request header asking a stream to go on for a resume when its client leaves.
+_GRACE_PARAMETER = {
+    "name": "x-tokenrelay-resume-grace", "in": "header", "required": False,
+    "schema": {"type": "number", "minimum": 0},
+    "description": "Seconds the answer goes on producing, waiting for a resume, when the"
+                   " client disconnects (capped by the config's `max_resume_grace_s`)."
+                   " Without it a disconnect stops the answer at once.",
+}
+_STREAM_ID_HEADER = {"x-tokenrelay-stream-id": {
+    "description": "The stream's id (the chunks' `id`): resume or cancel it with it.",
+    "schema": {"type": "string"}}}
+
+
+def _stream_paths(prefix: str, what: str, event: dict[str, Any],
+                  operation: str) -> dict[str, Any]:
+    """``GET {prefix}/{id}/stream`` and ``POST {prefix}/{id}/cancel``."""
+    stream_id = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"},
+                 "description": "The stream's id (`x-tokenrelay-stream-id`)."}
+    return {
+        f"{prefix}/{{id}}/stream": {"get": {
+            "operationId": f"resume{operation}",
+            "summary": f"Resume a streamed {what}: the frames after a cursor, then live",
+            "description": "Replays the stored frames after `Last-Event-ID` (or"
+                           " `starting_after`; neither: from the first frame) and follows"
+                           " the stream live to its end. Only the API key that created the"
+                           " stream may read it. A frame number beyond a live stream's"
+                           " waits for it. If the process producing the stream died, one"
+                           " error frame with `code: producer_lost` ends it.",
+            "parameters": [
+                stream_id,
+                {"name": "starting_after", "in": "query", "required": False,
+                 "schema": {"type": "integer", "minimum": 0},
+                 "description": "The SSE id of the last frame received."},
+                {"name": "Last-Event-ID", "in": "header", "required": False,
+                 "schema": {"type": "integer", "minimum": 0},
+                 "description": "The same (what EventSource sends); wins over the query."},
+            ],
+            "responses": {
+                "200": {"description": "The frames, as the original stream sent them.",
+                        "headers": _STREAM_ID_HEADER,
+                        "content": {"text/event-stream": {"schema": event}}},
+                **_error_responses("400", "401", "403", "404", "503"),
+            },
+        }},
+        f"{prefix}/{{id}}/cancel": {"post": {
+            "operationId": f"cancel{operation}",
+            "summary": f"Cancel a streamed {what}, from any connection",
+            "description": "Stops the stream (its upstream is aborted; a client reading"
+                           " it gets an error frame with `code: cancelled`) and answers its"
+                           " state once it ended. Idempotent: a finished stream answers its"
+                           " final state.",
+            "parameters": [stream_id],
+            "responses": {
+                "200": {"description": "The stream's state.",
+                        "content": {"application/json": {"schema": _ref("StreamState")}}},
+                **_error_responses("401", "403", "404", "415", "503"),
+            },
+        }},
+    }
+
+
 def _body(name: str) -> dict[str, Any]:
     return {"required": True, "content": {"application/json": {"schema": _ref(name)}}}
+
+
+_RESPONSE_ID = {"name": "response_id", "in": "path", "required": True,
+                "schema": {"type": "string"}}
+_NOT_FOUND = {"description": "No such response: unknown, expired, or created with another"
+                             " API key (never said which).",
+              "content": {"application/json": {"schema": _ref("Error")}}}
+
+
+def _stored_response_paths() -> dict[str, Any]:
+    """``GET /v1/responses/{id}`` and ``POST /v1/responses/{id}/cancel`` (background.py)."""
+    retrieve = {
+        "summary": "Retrieve a response, or replay its events (`stream=true`)",
+        "description": "The Response object as it stands (the output so far while it runs);"
+                       " with `stream=true`, its events after `starting_after` (default:"
+                       " from the first) and then live until it ends.",
+        "parameters": [
+            _RESPONSE_ID,
+            {"name": "stream", "in": "query", "required": False,
+             "schema": {"type": "boolean"}},
+            {"name": "starting_after", "in": "query", "required": False,
+             "schema": {"type": "integer", "minimum": 0}},
+        ],
+        "responses": {
+            "200": {"description": "The response object, or its events (`stream=true`).",
+                    "content": {"application/json": {"schema": _ref("Response")},
+                                "text/event-stream": {"schema": _RESPONSE_EVENT}}},
+            "404": _NOT_FOUND,
+            **_error_responses("400", "401", "403", "503"),
+        },
+    }
+    cancel = {
+        "summary": "Cancel a response (from any gateway process; idempotent)",
+        "description": "Stops the generation and answers the final response object (status"
+                       " `cancelled`). A response that ended otherwise is a 400, as OpenAI"
+                       " answers (`Cannot cancel a completed response.`).",
+        "parameters": [_RESPONSE_ID],
+        "responses": {
+            "200": {"description": "The cancelled response.",
+                    "content": {"application/json": {"schema": _ref("Response")}}},
+            "404": _NOT_FOUND,
+            **_error_responses("400", "401", "403", "415", "503"),
+        },
+    }
+    return {
+        "/v1/responses/{response_id}": {"get": {**retrieve, "operationId": "retrieveResponse"}},
+        "/responses/{response_id}": {"get": {**retrieve,
+                                             "operationId": "retrieveResponseNoPrefix"}},
+        "/v1/responses/{response_id}/cancel": {"post": {**cancel,
+                                                        "operationId": "cancelResponse"}},
+        "/responses/{response_id}/cancel": {"post": {**cancel,
+                                                     "operationId": "cancelResponseNoPrefix"}},
+    }
 
 
 def openapi_document(*, auth: bool = True) -> dict[str, Any]:
@@ -316,13 +455,16 @@ def openapi_document(*, auth: bool = True) -> dict[str, Any]:
     schemas.update(Usage=_USAGE, Error=_ERROR, ErrorObject=_ERROR_OBJECT,
                    ChatCompletion=_COMPLETION,
                    ChatCompletionChunk=_CHUNK, Model=_MODEL, ModelList=_MODELS,
-                   Response=_RESPONSE)
+                   Response=_RESPONSE, StreamState=_STREAM_STATE)
     responses = {
         "summary": "Create a response (OpenAI Responses API)",
         "description": "The same models as chat completions, in the Responses wire format."
                        " Input: a string, or message, function_call and function_call_output"
                        " items; function tools; `text.format` for structured output."
-                       " `previous_response_id` is refused: nothing is stored.",
+                       " `previous_response_id` is refused. `background: true` answers at"
+                       " once (status `queued`; with `stream: true` the events follow) and"
+                       " the generation goes on with no client attached; `store: false`"
+                       " with it is a 400.",
         "requestBody": _body("ResponsesRequest"),
         "responses": {
             "200": {
@@ -339,10 +481,13 @@ def openapi_document(*, auth: bool = True) -> dict[str, Any]:
     chat_completions = {
         "summary": "Create a chat completion (OpenAI-compatible)",
         "requestBody": _body("ChatCompletionRequest"),
+        "parameters": [_GRACE_PARAMETER],
         "responses": {
             "200": {
                 "description": "The completion (`stream: false`) or its events"
-                               " (`stream: true`; `data:` holds ChatCompletionChunk JSON).",
+                               " (`stream: true`; `data:` holds ChatCompletionChunk JSON;"
+                               " each frame's SSE `id:` is its number, 0, 1, 2, …).",
+                "headers": _STREAM_ID_HEADER,
                 "content": {
                     "application/json": {"schema": _ref("ChatCompletion")},
                     "text/event-stream": {"schema": _CHUNK_EVENT},
@@ -360,16 +505,22 @@ def openapi_document(*, auth: bool = True) -> dict[str, Any]:
         "/v1/responses": {"post": {**responses, "operationId": "createResponse"}},
         "/responses": {"post": {**responses, "operationId": "createResponseNoPrefix",
                                 "description": "The same as /v1/responses."}},
+        **_stored_response_paths(),
         "/chat": {"post": {
             "operationId": "chat",
             "summary": "Stream the answer to one prompt as simple text events",
             "requestBody": _body("SimpleChatRequest"),
+            "parameters": [_GRACE_PARAMETER],
             "responses": {
                 "200": {"description": "The answer as server-sent events.",
+                        "headers": _STREAM_ID_HEADER,
                         "content": {"text/event-stream": {"schema": _CHAT_EVENT}}},
                 **_error_responses(*_POST_ERRORS),
             },
         }},
+        **_stream_paths("/v1/chat/completions", "chat completion", _CHUNK_EVENT,
+                        "ChatCompletionStream"),
+        **_stream_paths("/chat", "/chat answer", _CHAT_EVENT, "ChatStream"),
         "/v1/models": {"get": {
             "operationId": "listModels",
             "summary": "The models this gateway serves",

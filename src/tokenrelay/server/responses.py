@@ -19,7 +19,11 @@ Each frame is ``event: <type>`` + ``data: <json>`` and carries a ``sequence_numb
 there is no ``data: [DONE]`` (OpenAI sends none on this API). The shapes follow the
 ``openai`` SDK's ``types/responses`` models, which parse them in the tests.
 
-Nothing is stored: ``store`` is answered as ``false``.
+A foreground response is not stored (``store`` is answered as ``false``); a background
+one (``background: true``, ``server/background.py``) is kept in the stream log, frame by
+frame: it starts ``queued`` (``response.created``), turns ``in_progress`` when its producer
+starts, and a cancel ends it with the open items ``incomplete`` and a ``response.cancelled``
+event (OpenAI's SDK defines no event for it; its ``Response.status`` has ``cancelled``).
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from typing import Any
 
 from .._stream import Result
 from ..events import Done, ErrorEvent, StreamEvent, TextDelta, ToolCallDelta, Usage, UsageEvent
-from .encode import client_message, dumps, tool_call_id
+from .encode import STREAM_CANCELLED, client_message, dumps, tool_call_id
 from .responses_schema import ResponsesRequest
 
 __all__ = ["ResponsesEncoder"]
@@ -76,13 +80,16 @@ class ResponsesEncoder:
     """
 
     def __init__(self, request: ResponsesRequest, *, model: str, route: str | None = None,
-                 ) -> None:
-        self.id = "resp_" + uuid.uuid4().hex
+                 response_id: str | None = None, background: bool = False) -> None:
+        self.id = response_id or "resp_" + uuid.uuid4().hex
         self.model = model
         #: The upstream route's name, if the model is one (its errors are generic).
         self.route = route
         self.created_at = int(time.time())
         self._echo = request.echo()
+        self._echo["background"] = background
+        if background:
+            self._echo["store"] = True  # kept in the stream log, retrievable
         #: The sequence number of the next frame (its SSE ``id:`` and ``sequence_number``).
         self.next_seq = 0
         self._started = False
@@ -118,12 +125,40 @@ class ResponsesEncoder:
             **self._echo,
         }
 
-    def encode(self, event: StreamEvent) -> bytes:
+    def start(self, status: str = "in_progress") -> list[bytes]:
+        """The first frames: ``response.created`` with ``status``, and
+        ``response.in_progress`` unless the response is ``queued`` (see :meth:`progress`)."""
         frames: list[bytes] = []
-        if not self._started:
-            self._started = True
-            self._frame(frames, "response.created", response=self.response("in_progress"))
+        self._started = True
+        self._frame(frames, "response.created", response=self.response(status))
+        if status != "queued":
             self._frame(frames, "response.in_progress", response=self.response("in_progress"))
+        return frames
+
+    def progress(self) -> list[bytes]:
+        """``response.in_progress``: a queued response starts being generated."""
+        frames: list[bytes] = []
+        self._frame(frames, "response.in_progress", response=self.response("in_progress"))
+        return frames
+
+    def cancel(self) -> list[bytes]:
+        """The frames that end a cancelled response: its open items closed as
+        ``incomplete``, then ``response.cancelled`` (the last one)."""
+        frames: list[bytes] = []
+        self._close_message(frames, "incomplete")
+        self._close_calls(frames, "incomplete")
+        self._frame(frames, "response.cancelled",
+                    response=self.response("cancelled", usage=self.usage))
+        return frames
+
+    def encode(self, event: StreamEvent) -> bytes:
+        """The frames ``event`` completes, joined (what a foreground stream sends)."""
+        return b"".join(self.frames(event))
+
+    def frames(self, event: StreamEvent) -> list[bytes]:
+        """The frames ``event`` completes, one ``bytes`` per frame (numbered from
+        :attr:`next_seq`: what a producer appends to the stream log)."""
+        frames = [] if self._started else self.start()
         if isinstance(event, TextDelta):
             self._text(frames, event.delta)
         elif isinstance(event, ToolCallDelta):
@@ -135,10 +170,15 @@ class ResponsesEncoder:
                 # (after an error the failure frames are out; cancelled: nobody listens)
                 self._finish(frames, event.finish_reason, event.usage)
         elif isinstance(event, ErrorEvent):
-            self._fail(frames, event)
+            if event.code == STREAM_CANCELLED:
+                # A cancel (background responses: producing.py ends a stopped stream
+                # with this event): the open items end incomplete, response.cancelled.
+                frames += self.cancel()
+            else:
+                self._fail(frames, event)
         # Other events add nothing to the wire: tool_call_done (its arguments came as
         # deltas), structured_partial (the text carries the JSON), raw chunks, tool results.
-        return b"".join(frames)
+        return frames
 
     def _text(self, frames: list[bytes], delta: str) -> None:
         self._close_calls(frames, "completed")

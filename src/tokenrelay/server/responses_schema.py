@@ -230,6 +230,7 @@ class ResponsesRequest(BaseModel):
     prompt_cache_options: dict[str, Any] | None = None
     moderation: dict[str, Any] | None = None
     previous_response_id: str | None = None
+    #: Generate detached from the request, kept in the stream log (``background.py``).
     background: bool | None = None
     # OpenAI parameters whose result this gateway cannot deliver: refused by name.
     conversation: Any = None
@@ -258,10 +259,10 @@ class ResponsesRequest(BaseModel):
             return value
         raise ValueError("not supported by this gateway")
 
-    @field_validator("previous_response_id", "background")
+    @field_validator("previous_response_id")
     @classmethod
-    def _nothing_stored(cls, value: str | bool | None) -> str | bool | None:
-        if value is not None and value is not False:
+    def _nothing_stored(cls, value: str | None) -> str | None:
+        if value is not None:
             raise ValueError("not supported: this gateway stores no responses; send the"
                              " whole conversation in input")
         return value
@@ -326,8 +327,11 @@ class ResponsesRequest(BaseModel):
 
     def unused_parameters(self) -> dict[str, Any]:
         """The OpenAI parameters set in this request that the gateway does not act on."""
-        return {name: value for name in UNUSED_RESPONSES_PARAMETERS
-                if (value := getattr(self, name)) is not None}
+        unused = {name: value for name in UNUSED_RESPONSES_PARAMETERS
+                  if (value := getattr(self, name)) is not None}
+        if self.background:
+            unused.pop("store", None)  # acted on: a background response is kept
+        return unused
 
     def to_core(self, model: str, max_tokens: int | None, *,
                 extra: dict[str, Any] | None = None) -> Request:

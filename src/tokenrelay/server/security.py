@@ -12,7 +12,8 @@
   default), or plus ``UNBOUNDED_RESERVE`` when the request sets no bound at all. So a
   key's minute exceeds its tokens/min by at most what the requests running when it was
   reached use beyond their reservation (one request's worth, one at a time).
-  For several replicas this state would move to Redis (ARCHITECTURE.md).
+  Several processes (workers, replicas) share the same limits in Redis instead:
+  ``shared_limits.SharedLimiter``, chosen by ``[redis] url``; this one stays the default.
 """
 
 from __future__ import annotations
@@ -23,12 +24,13 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from ..request import Request
 from .config import KeyConfig
 
 __all__ = ["ANONYMOUS", "Authenticator", "GatewayHTTPError", "Lease", "Limiter",
-           "reservation"]
+           "clamp_max_tokens", "limit_refusal", "reservation"]
 
 ANONYMOUS = KeyConfig(id="anonymous", sha256="0" * 64)
 #: Completion tokens reserved for a request without ``max_tokens`` (none asked, no key
@@ -50,6 +52,30 @@ def reservation(request: Request, key: KeyConfig) -> int:
     if key.tokens_per_minute is not None:
         completion = max(1, min(completion, key.tokens_per_minute - prompt))
     return prompt + completion
+
+
+def clamp_max_tokens(key: KeyConfig, requested: int | None, default: int | None) -> int | None:
+    """A request's ``max_tokens`` (or the configured default) within the key's clamp."""
+    value = requested if requested is not None else default
+    if key.max_tokens is not None:
+        value = key.max_tokens if value is None else min(value, key.max_tokens)
+    return value
+
+
+def limit_refusal(key: KeyConfig, which: str, retry_after: int) -> GatewayHTTPError:
+    """The 429 of a key over its limit ``which`` (``concurrency``, ``requests`` or
+    ``tokens``): the same answer from every limiter."""
+    if which == "concurrency":
+        message = f"too many concurrent streams for this key (limit {key.max_concurrent})"
+        code = "concurrency_limit"
+    elif which == "requests":
+        message = f"request rate limit reached ({key.requests_per_minute}/min)"
+        code = "rate_limit"
+    else:
+        message = f"token rate limit reached ({key.tokens_per_minute} tokens/min)"
+        code = "token_limit"
+    return GatewayHTTPError(429, message, type="rate_limit_error", code=code,
+                            headers={"retry-after": str(retry_after)})
 
 
 class GatewayHTTPError(Exception):
@@ -121,10 +147,14 @@ class _KeyState:
     tokens_in_window: int = 0
 
 
+class _Releases(Protocol):
+    def _release(self, lease: Lease, used_tokens: int | None) -> None: ...
+
+
 class Lease:
     """One admitted request's hold on its key's limits; ``release()`` exactly once."""
 
-    def __init__(self, limiter: Limiter, key: KeyConfig, reserved: int) -> None:
+    def __init__(self, limiter: _Releases, key: KeyConfig, reserved: int) -> None:
         self._limiter = limiter
         self.key = key
         self.reserved = reserved
@@ -153,10 +183,7 @@ class Limiter:
 
     def clamp_max_tokens(self, key: KeyConfig, requested: int | None,
                          default: int | None) -> int | None:
-        value = requested if requested is not None else default
-        if key.max_tokens is not None:
-            value = key.max_tokens if value is None else min(value, key.max_tokens)
-        return value
+        return clamp_max_tokens(key, requested, default)
 
     def acquire(self, key: KeyConfig, reserve_tokens: int) -> Lease:
         """Admit a request or raise a 429. No await inside: atomic on the event loop."""
@@ -168,24 +195,15 @@ class Limiter:
         while state.tokens and state.tokens[0][0] <= window:
             state.tokens_in_window -= state.tokens.popleft()[1]
         if key.max_concurrent is not None and state.active >= key.max_concurrent:
-            raise GatewayHTTPError(
-                429, f"too many concurrent streams for this key (limit {key.max_concurrent})",
-                type="rate_limit_error", code="concurrency_limit",
-                headers={"retry-after": "1"})
+            raise limit_refusal(key, "concurrency", 1)
         if key.requests_per_minute is not None and \
                 len(state.requests) >= key.requests_per_minute:
-            retry = max(1, int(state.requests[0] + 60.0 - now) + 1)
-            raise GatewayHTTPError(
-                429, f"request rate limit reached ({key.requests_per_minute}/min)",
-                type="rate_limit_error", code="rate_limit",
-                headers={"retry-after": str(retry)})
+            raise limit_refusal(key, "requests",
+                                max(1, int(state.requests[0] + 60.0 - now) + 1))
         if key.tokens_per_minute is not None and \
                 state.tokens_in_window + reserve_tokens > key.tokens_per_minute:
             retry = max(1, int(state.tokens[0][0] + 60.0 - now) + 1) if state.tokens else 60
-            raise GatewayHTTPError(
-                429, f"token rate limit reached ({key.tokens_per_minute} tokens/min)",
-                type="rate_limit_error", code="token_limit",
-                headers={"retry-after": str(retry)})
+            raise limit_refusal(key, "tokens", retry)
         state.active += 1
         state.requests.append(now)
         if reserve_tokens:
