@@ -50,8 +50,8 @@ import httpx
 from bench_gateway import Proc, cpu_seconds, free_port
 from bench_streamlog import redis_server
 
-from tokenrelay.testing import MockUpstream
 from tokenrelay.server.config import hash_key
+from tokenrelay.testing import MockUpstream
 
 BIN = Path(sys.executable).parent
 TOKENRELAY = str(BIN / "tokenrelay")

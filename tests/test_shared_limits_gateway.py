@@ -3,6 +3,7 @@ both ``on_redis_error`` modes (and down at start), ``/healthz``, the CLI's refus
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import subprocess
 import time
@@ -268,3 +269,33 @@ def test_a_sigkilled_replicas_slots_are_free_again_within_5_s(
             assert time.monotonic() - killed < 5.0, "a dead replica's slots are still held"
             time.sleep(0.05)
         print(f"slots of a SIGKILLed replica free after {time.monotonic() - killed:.2f}s")
+
+
+async def test_the_stream_log_and_the_limits_share_one_redis_client(
+        redis_server: RedisServer) -> None:
+    from tokenrelay.server.gateway import Gateway
+
+    key = {"id": "alice", "sha256": hash_key(SECRET), "max_concurrent": 1}
+    cfg = load_config(redis_url=redis_server.url, keys=[key], serve_local=False,
+                      log={"enabled": False}, redis={"prefix": redis_prefix()})
+    gateway = Gateway(cfg)
+    try:
+        assert gateway.redis is not None
+        assert gateway.streams._redis is gateway.redis.client  # type: ignore[attr-defined]
+        producer = await gateway.streams.create(owner="alice", endpoint="chat")
+        await producer.finish("completed", [b"data: x\n\n"])
+        lease = await gateway.acquire(cfg.keys[0], 1)
+        lease.release(1)
+        await gateway.streams.aclose()  # not the shared pool: the limits still work
+        await asyncio.sleep(0.05)
+        (await gateway.acquire(cfg.keys[0], 1)).release(1)
+    finally:
+        await gateway.aclose()
+    other = load_config(redis_url=redis_server.url, serve_local=False, log={"enabled": False},
+                        streams={"redis_url": redis_server.url.replace("/0", "/1")})
+    gateway = Gateway(other)
+    try:
+        assert gateway.redis is not None
+        assert gateway.streams._redis is not gateway.redis.client  # type: ignore[attr-defined]
+    finally:
+        await gateway.aclose()
