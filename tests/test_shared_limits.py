@@ -5,9 +5,11 @@ processes; their admissions together are exactly what one process would admit.""
 from __future__ import annotations
 
 import asyncio
+import tempfile
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 from _redis import RedisServer, redis_prefix
@@ -251,3 +253,30 @@ async def test_running_streams_slots_come_back_when_redis_lost_them(
     await asyncio.sleep(1.3)  # one renewal (every second)
     assert await three.attempt(1, k) == "concurrency_limit"
     running.release(0)
+
+
+async def test_a_settlement_redis_missed_is_sent_when_it_is_back() -> None:
+    """A tokens-only key (no slot to renew): its settlement, refused while Redis was
+    down, is retried until it lands."""
+    with tempfile.TemporaryDirectory() as tmp:
+        server = RedisServer.start(Path(tmp))
+        link = RedisLink(server.url, timeout_s=0.3)
+        limiter, other = SharedLimiter(link), SharedLimiter(RedisLink(server.url))
+        k = key(tokens_per_minute=1000)
+        try:
+            lease = await limiter.aacquire(k, 900)
+            server.pause()
+            lease.release(10)  # 890 to give back; Redis does not answer
+            await asyncio.sleep(0.5)
+            assert limiter._pending
+            server.resume()
+            deadline = time.monotonic() + 5
+            while limiter._pending:
+                assert time.monotonic() < deadline, "the settlement never went out"
+                await asyncio.sleep(0.05)
+            (await other.aacquire(k, 900)).release(None)  # 10 + 900 <= 1000
+        finally:
+            for lim in (limiter, other):
+                await lim.aclose()
+                await lim.link.aclose()
+            server.stop()

@@ -157,9 +157,13 @@ class SharedLimiter:
         lease = self._admitted(key, reserve_tokens, lease_id, shared=True)
         if conc:
             self._slots[key.id][lease_id] = lease
-            if self._keeper is None or self._keeper.done():
-                self._keeper = asyncio.create_task(self._keep(), name="limits-renewal")
+            self._start_keeper()
         return lease
+
+    def _start_keeper(self) -> None:
+        if self._keeper is None or self._keeper.done():
+            self._keeper = asyncio.get_running_loop().create_task(
+                self._keep(), name="limits-renewal")
 
     def _admitted(self, key: KeyConfig, reserved: int, lease_id: str, *,
                   shared: bool) -> SharedLease:
@@ -216,7 +220,9 @@ class SharedLimiter:
         Redis fails: the renewal retries them every second)."""
         while self._pending and self.link.up:
             if not await self._flush():
-                return
+                break
+        if self._pending:
+            self._start_keeper()  # it retries them every RENEW_S
 
     async def _flush(self, renewals: bool = False) -> bool:
         # One flush at a time: a renewal in flight on one connection must never land
