@@ -284,3 +284,35 @@ async def test_a_settlement_redis_missed_is_sent_when_it_is_back() -> None:
                 await lim.aclose()
                 await lim.link.aclose()
             server.stop()
+
+
+async def test_an_admission_whose_caller_left_frees_its_slot_at_once(tmp_path: Path) -> None:
+    server = RedisServer.start(tmp_path)
+    limiter = SharedLimiter(RedisLink(server.url, timeout_s=3.0))
+    other = SharedLimiter(RedisLink(server.url))
+    k = key(max_concurrent=1)
+    try:
+        (await limiter.aacquire(k, 1)).release(0)  # connected, scripts loaded
+        await asyncio.sleep(0.05)
+        server.pause()
+        waiting = asyncio.create_task(limiter.aacquire(k, 1))
+        await asyncio.sleep(0.1)  # sent; Redis will admit it once it runs again
+        waiting.cancel()
+        server.resume()
+        left = time.monotonic()
+        while not isinstance(result := await _try(other, k), Lease):
+            assert time.monotonic() - left < 1.5, "the slot waited for its lease to lapse"
+            await asyncio.sleep(0.05)
+        result.release(0)
+    finally:
+        for lim in (limiter, other):
+            await lim.aclose()
+            await lim.link.aclose()
+        server.stop()
+
+
+async def _try(limiter: SharedLimiter, k: KeyConfig) -> Lease | str:
+    try:
+        return await limiter.aacquire(k, 1)
+    except GatewayHTTPError as exc:
+        return exc.code or ""
