@@ -11,10 +11,13 @@ cd "$(dirname "$0")/.."
 
 # System packages: Debian's Chromium (headless browser test of the chat page; Playwright
 # never downloads a browser here), redis-server (the Redis stream store; the tests start
-# their own on a free port), iproute2 (`ip`, to bring up loopback in the namespace).
+# their own on a free port), nginx (the load balancer of the replica tests, run by them
+# with deploy/nginx.conf on a free port), iproute2 (`ip`, to bring up loopback in the
+# namespace).
 missing=()
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+{ command -v nginx || [ -x /usr/sbin/nginx ]; } >/dev/null 2>&1 || missing+=(nginx)
 command -v ip >/dev/null 2>&1 || missing+=(iproute2)
 command -v unshare >/dev/null 2>&1 || missing+=(util-linux)
 if [ ${#missing[@]} -gt 0 ]; then

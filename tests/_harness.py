@@ -42,12 +42,14 @@ T = TypeVar("T")
 
 __all__ = [
     "LiveGateway", "Proc", "Processes", "chat_body", "closed_port", "fd_count", "free_port",
-    "gateway_config", "mock_routes", "poll", "sse_events", "sse_payloads", "wait_port",
-    "write_config",
+    "gateway_config", "mock_routes", "nginx_config", "nginx_path", "poll", "sse_events",
+    "sse_payloads", "wait_port", "write_config",
 ]
 
 START_TIMEOUT = 15.0
 STOP_TIMEOUT = 10.0
+#: The nginx configuration shipped for deployments; the tests run nginx with it.
+DEPLOY_NGINX = Path(__file__).resolve().parents[1] / "deploy" / "nginx.conf"
 
 
 # -- ports, polling, SSE ----------------------------------------------------------------
@@ -285,6 +287,55 @@ class LiveGateway:
         return found
 
 
+# -- nginx ----------------------------------------------------------------------------------
+
+
+def nginx_path() -> str | None:
+    """Debian's nginx (``scripts/test.sh`` installs it with apt), or None."""
+    import shutil
+
+    found = shutil.which("nginx")
+    if found is None and os.path.exists("/usr/sbin/nginx"):
+        found = "/usr/sbin/nginx"
+    return found
+
+
+def nginx_config(directory: Path, port: int, replicas: Iterable[int],
+                 template: Path = DEPLOY_NGINX) -> Path:
+    """``deploy/nginx.conf`` made runnable here: listening on ``127.0.0.1:port``, its
+    upstream the given replica ports on 127.0.0.1, one worker process, nothing outside
+    ``directory`` (pid, logs, temp files), in the foreground. Every proxy directive stays
+    as shipped, so the tests test the deployment's file.
+    """
+    text = template.read_text()
+    servers = "".join(f"        server 127.0.0.1:{p} max_fails=1 fail_timeout=2s;\n"
+                      for p in replicas)
+    replaced = {
+        r"(?m)^ *server replica1:8000[^\n]*\n(?: *server replica\d:8000[^\n]*\n)*": servers,
+        r"(?m)^ *listen 8080;": f"        listen 127.0.0.1:{port};",
+        r"(?m)^worker_processes auto;": "worker_processes 1;",
+    }
+    for pattern, new in replaced.items():
+        text, n = re.subn(pattern, lambda _m, new=new: new, text, count=1)
+        assert n == 1, f"{pattern!r} not found in {template}: the harness must follow it"
+    for name in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
+        (directory / name).mkdir(parents=True, exist_ok=True)
+    head = (f"daemon off;\npid {directory / 'nginx.pid'};\n"
+            f"error_log {directory / 'error.log'} info;\n"
+            + ("user root;\n" if os.geteuid() == 0 else ""))
+    paths = (f"    access_log {directory / 'access.log'};\n"
+             f"    client_body_temp_path {directory / 'body'};\n"
+             f"    proxy_temp_path {directory / 'proxy'};\n"
+             f"    fastcgi_temp_path {directory / 'fastcgi'};\n"
+             f"    uwsgi_temp_path {directory / 'uwsgi'};\n"
+             f"    scgi_temp_path {directory / 'scgi'};\n")
+    text, n = re.subn(r"(?m)^http \{\n", lambda _m: "http {\n" + paths, text, count=1)
+    assert n == 1, f"no http block in {template}"
+    path = directory / "nginx.conf"
+    path.write_text(head + text)
+    return path
+
+
 # -- processes ------------------------------------------------------------------------------
 
 
@@ -406,6 +457,28 @@ class Processes:
 
         proc = self.start(name, argv, ready=ready, env=env, timeout=timeout)
         proc.config_path = config_path
+        return proc
+
+    def nginx(self, replicas: Iterable[int], *, name: str = "nginx",
+              timeout: float = START_TIMEOUT) -> Proc:
+        """Debian's nginx with ``deploy/nginx.conf`` (see :func:`nginx_config`) in front of
+        the replicas on these 127.0.0.1 ports, on a free port; its files in a directory
+        of its own (``proc.extra["dir"]``: ``error.log``, ``access.log``).
+        """
+        binary = nginx_path()
+        if binary is None:
+            import pytest
+
+            pytest.skip("nginx is not installed (scripts/test.sh installs it with apt)")
+        directory = self.workdir / f"{name}-{len(self.procs)}"
+        directory.mkdir(parents=True)
+        port = free_port()
+        conf = nginx_config(directory, port, list(replicas))
+        proc = self.start(name, [binary, "-p", str(directory), "-c", str(conf),
+                                 "-e", str(directory / "error.log")],
+                          port=port, timeout=timeout)
+        proc.config_path = conf
+        proc.extra["dir"] = directory
         return proc
 
     def stop(self, proc: Proc, signum: int = signal.SIGTERM,

@@ -226,9 +226,9 @@ def serve(host: str | None, port: int | None, config_file: str | None,
     config.check_shared_limits(workers)
 
     app = create_app(config)  # a bad route fails here, before binding
-    sock = bind(config)
     if workers > 1:
-        sys.exit(_serve_workers(config, app, sock, workers))
+        sys.exit(_serve_workers(config, app, workers))
+    sock = bind(config)
     server = build_server(config, app)
     for line in banner(config, app.state.gateway, url(sock)):
         click.echo(line, err=True)
@@ -236,31 +236,37 @@ def serve(host: str | None, port: int | None, config_file: str | None,
         sys.exit(1)
 
 
-def _serve_workers(config: ServerConfig, app: Any, sock: Any, workers: int) -> int:
+def _serve_workers(config: ServerConfig, app: Any, workers: int) -> int:
     """``--workers N``: this process supervises N that serve (``server/workers.py``)."""
     import asyncio
 
     from ..server.run import GRACEFUL_SHUTDOWN_MARGIN, url
-    from ..server.workers import Supervisor
+    from ..server.workers import Supervisor, reserve
 
-    lines = banner(config, app.state.gateway, url(sock))
+    reserved = reserve(config.host, config.port)
+    lines = banner(config, app.state.gateway, url(reserved))
     asyncio.run(app.state.gateway.aclose())  # the workers build their own
-    supervisor = Supervisor(_worker, (config,), sock, workers,
+    address = (reserved.family, reserved.getsockname())
+    supervisor = Supervisor(_worker, (config, address), workers,
                             stop_timeout=config.drain_timeout_s + GRACEFUL_SHUTDOWN_MARGIN + 5)
     lines.insert(1, f"  workers:     {workers} processes on this port (SIGTERM here drains"
                     " them all)")
     for line in lines:
         click.echo(line, err=True)
-    return supervisor.run()
+    try:
+        return supervisor.run()
+    finally:
+        reserved.close()
 
 
-def _worker(config: ServerConfig, sock: Any) -> None:
+def _worker(config: ServerConfig, address: tuple[int, Any]) -> None:
     """One worker of ``--workers N`` (a fresh process: ``Supervisor`` pickles this by
-    name)."""
+    name), on its own listening socket on the reserved address."""
     from ..server.app import create_app
-    from ..server.run import build_server
-    from ..server.workers import STARTUP_FAILURE
+    from ..server.run import BACKLOG, build_server
+    from ..server.workers import STARTUP_FAILURE, listener
 
+    sock = listener(*address, BACKLOG)
     server = build_server(config, create_app(config))
     if not _run(server, sock, config):
         sys.exit(STARTUP_FAILURE)

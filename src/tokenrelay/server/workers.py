@@ -1,11 +1,15 @@
 """``tokenrelay serve --workers N``: N gateway processes accepting on one listening socket.
 
-One process relays on one core (the GIL); N processes use N. The parent binds the socket
-(so the port, ``port = 0`` too, is known and a bad address fails once), then starts the
-workers (``multiprocessing`` *spawn*: fresh interpreters, nothing of the parent's state
-or threads); each inherits the socket and runs the production server of ``run.py``
-(uvicorn, the gateway's protocol and drain), and the kernel hands each new connection to
-one of them. The parent only supervises:
+One process relays on one core (the GIL); N processes use N. The parent reserves the
+address (:func:`reserve`: bound with ``SO_REUSEPORT``, not listening; so the port,
+``port = 0`` too, is known and a bad address fails once), then starts the workers
+(``multiprocessing`` *spawn*: fresh interpreters, nothing of the parent's state or
+threads). Each binds its own listening socket to that address (:func:`listener`, also
+``SO_REUSEPORT``) and runs the production server of ``run.py`` (uvicorn, the gateway's
+protocol and drain); the kernel spreads new connections over the listening sockets by a
+hash of the connection. (One socket shared by all, as uvicorn's ``--workers`` does, let
+whichever worker was awake accept a whole burst: 16 streams opened at once all went to
+one of two workers here.) The parent only supervises:
 
 * **SIGTERM** (or SIGINT) to the parent: SIGTERM to every worker, each of which drains
   as a single process does (answers in progress get ``drain_timeout_s``, then a
@@ -44,9 +48,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from ..errors import ConfigurationError
 from .metrics import MULTIPROC_ENV, WORKERS_ENV
 
-__all__ = ["STARTUP_FAILURE", "Supervisor"]
+__all__ = ["STARTUP_FAILURE", "Supervisor", "listener", "reserve"]
 
 log = logging.getLogger("tokenrelay.server")
 
@@ -55,6 +60,46 @@ STARTUP_FAILURE = 3
 #: Seconds between two starts of one worker slot (a worker crashing in a loop).
 RESTART_INTERVAL = 1.0
 _PR_SET_PDEATHSIG = 1
+
+
+def _reuse_port_socket(family: int) -> socket.socket:
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    return sock
+
+
+def reserve(host: str, port: int) -> socket.socket:
+    """The address the workers will share, bound (``SO_REUSEPORT``) but not listening:
+    the kernel gives it no connection, and no other user can take the port meanwhile.
+
+    Raises:
+        ConfigurationError: the address cannot be used (in use, not local, no permission).
+    """
+    try:
+        infos = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+        family, _, _, _, address = infos[0]
+        sock = _reuse_port_socket(family)
+        try:
+            sock.bind(address)
+        except OSError:
+            sock.close()
+            raise
+        return sock
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise ConfigurationError(
+            f"cannot listen on {host} port {port}: {reason}"
+            " (pick another --port, or stop the process using it)") from exc
+
+
+def listener(family: int, address: Any, backlog: int) -> socket.socket:
+    """A worker's own listening socket on the reserved address."""
+    sock = _reuse_port_socket(family)
+    sock.bind(address)
+    sock.listen(backlog)
+    return sock
 
 
 def _worker_entry(target: Callable[..., None], args: tuple[Any, ...], parent: int) -> None:
@@ -70,22 +115,19 @@ def _worker_entry(target: Callable[..., None], args: tuple[Any, ...], parent: in
 
 
 class Supervisor:
-    """Runs ``target(*args, sock)`` in ``workers`` processes until SIGTERM/SIGINT.
+    """Runs ``target(*args)`` in ``workers`` processes until SIGTERM/SIGINT.
 
     Args:
-        target: a module-level function (it is pickled by name), run in each worker with
-            ``args`` and then the listening socket as arguments.
-        args: its first arguments (picklable: a ``ServerConfig`` is).
-        sock: the bound, listening socket the workers share.
+        target: a module-level function (it is pickled by name), run in each worker.
+        args: its arguments (picklable: a ``ServerConfig`` is, an address is).
         workers: how many processes.
         stop_timeout: seconds the workers get to exit after SIGTERM before SIGKILL.
     """
 
-    def __init__(self, target: Callable[..., None], args: tuple[Any, ...],
-                 sock: socket.socket, workers: int, *, stop_timeout: float) -> None:
+    def __init__(self, target: Callable[..., None], args: tuple[Any, ...], workers: int, *,
+                 stop_timeout: float) -> None:
         self.target = target
         self.args = args
-        self.sock = sock
         self.workers = workers
         self.stop_timeout = stop_timeout
         self._context = multiprocessing.get_context("spawn")
@@ -97,7 +139,7 @@ class Supervisor:
     def _start(self, slot: int) -> None:
         proc = self._context.Process(
             target=_worker_entry, name=f"tokenrelay-worker-{slot + 1}",
-            args=(self.target, (*self.args, self.sock), os.getpid()))
+            args=(self.target, self.args, os.getpid()))
         proc.start()
         if slot < len(self._procs):
             self._procs[slot] = proc
