@@ -316,3 +316,28 @@ async def _try(limiter: SharedLimiter, k: KeyConfig) -> Lease | str:
         return await limiter.aacquire(k, 1)
     except GatewayHTTPError as exc:
         return exc.code or ""
+
+
+async def test_open_mode_warns_at_most_once_a_minute(caplog: pytest.LogCaptureFixture,
+                                                     ) -> None:
+    now = [1000.0]
+    link = RedisLink("redis://127.0.0.1:1/0", timeout_s=0.2)
+    limiter = SharedLimiter(link, on_redis_error="open", clock=lambda: now[0])
+    k = key(requests_per_minute=1)
+    try:
+        link.failed(OSError("refused"))
+        with caplog.at_level("WARNING", logger="tokenrelay.server"):
+            for _ in range(5):
+                (await limiter.aacquire(k, 1)).release(1)
+            now[0] += 59.0
+            (await limiter.aacquire(k, 1)).release(1)
+            now[0] += 1.5
+            (await limiter.aacquire(k, 1)).release(1)
+        lines = [r.getMessage() for r in caplog.records if "without the shared limits" in
+                 r.getMessage()]
+        assert len(lines) == 2, lines
+        assert lines[0].startswith("1 request(s)") and lines[1].startswith("6 request(s)")
+        assert limiter.bypassed._value.get() == 7
+    finally:
+        await limiter.aclose()
+        await link.aclose()

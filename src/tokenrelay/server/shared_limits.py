@@ -32,6 +32,7 @@ import logging
 import time
 import uuid
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any, Literal, NamedTuple
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
@@ -77,12 +78,15 @@ class SharedLimiter:
         prefix: prepended to every key (``[redis] prefix``).
         on_redis_error: ``"closed"`` or ``"open"`` (see the module docstring).
         registry: where its metrics go (the gateway's).
+        clock: seconds, for the warning's pace and the age of releases to resend.
     """
 
     def __init__(self, link: RedisLink, *, prefix: str = "tokenrelay:",
                  on_redis_error: Literal["closed", "open"] = "closed",
-                 registry: CollectorRegistry | None = None) -> None:
+                 registry: CollectorRegistry | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.link = link
+        self._clock = clock
         self.prefix = prefix
         self.on_redis_error = on_redis_error
         self._admit = link.script(_limits_lua.ADMIT)
@@ -184,7 +188,7 @@ class SharedLimiter:
                 headers={"retry-after": str(self.link.retry_after())})
         self.bypassed.inc()
         self._bypassed_since_warning += 1
-        now = time.monotonic()
+        now = self._clock()
         if now - self._last_warning >= _WARN_EVERY_S:
             log.warning("%d request(s) admitted without the shared limits"
                         ' (on_redis_error = "open"): %s', self._bypassed_since_warning, reason)
@@ -210,7 +214,7 @@ class SharedLimiter:
             delta = used_tokens - lease.reserved
         if lease.key.max_concurrent or delta:  # else nothing to undo: a request stays
             self._send(self._release_call(  # counted for its minute
-                _Release(lease.key, lease.id, delta, time.monotonic())))
+                _Release(lease.key, lease.id, delta, self._clock())))
 
     def _release_call(self, release: _Release) -> _Call:
         slots, _requests, tokens, total = self.keys(release.key.id)
@@ -289,7 +293,7 @@ class SharedLimiter:
         script call per key) and resend releases Redis missed, in the same batch."""
         while self._slots or self._pending:
             await asyncio.sleep(RENEW_S)
-            now = time.monotonic()
+            now = self._clock()
             retry = [r for r in self._pending if now - r.released < _RELEASE_RETRY_S]
             self._pending = []
             for release in retry:
