@@ -103,7 +103,10 @@ class Gateway:
         #: The requests answering a model, ended at the drain deadline on shutdown.
         self.drain = Drain()
         #: The stream log between producing and delivering (``[streams]``).
-        self.streams: StreamLog = create_store(config.streams)
+        # One Redis client: the stream log's writes share the limits' pool (same URL).
+        shared = (self.redis.client if self.redis is not None
+                  and config.streams.redis_url == config.redis.url else None)
+        self.streams: StreamLog = create_store(config.streams, client=shared)
         self.reqlog: RequestLog | None = None
         if config.log.enabled:
             from ..log import default_log_path

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ...errors import ConfigurationError
 from .base import StreamLog
@@ -14,8 +14,9 @@ if TYPE_CHECKING:
 __all__ = ["create_store"]
 
 
-def create_store(config: StreamsConfig) -> StreamLog:
-    """The stream log ``config`` asks for: in memory (default) or on Redis.
+def create_store(config: StreamsConfig, *, client: Any = None) -> StreamLog:
+    """The stream log ``config`` asks for: in memory (default) or on Redis (``client``:
+    a ``redis.asyncio.Redis`` on that same URL to share, the gateway's one client).
 
     Building the Redis store does not connect yet: the first operation does, and fails
     with :class:`~.base.StreamLogUnavailable` if Redis cannot be reached.
@@ -33,4 +34,4 @@ def create_store(config: StreamsConfig) -> StreamLog:
         ) from exc
     return RedisStreamLog.from_url(config.redis_url, prefix=config.redis_prefix,
                                    retention_s=config.retention_s,
-                                   max_stream_bytes=config.max_stream_bytes)
+                                   max_stream_bytes=config.max_stream_bytes, client=client)
