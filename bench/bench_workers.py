@@ -209,7 +209,7 @@ async def scale_part(upstream: Proc, workdir: Path, concurrency: int, requests: 
 
 
 async def main(args: argparse.Namespace) -> None:
-    levels = [(1, 100), (64, 256), (256, 384)]
+    levels = [(1, 100), (64, 512), (256, 768)]
     worker_counts = [1, 2]
     scale_c, scale_n, rounds = 256, 1536, 3
     if args.smoke:

@@ -150,6 +150,20 @@ def session(key: str = "open") -> aiohttp.ClientSession:
                                  headers={"authorization": f"Bearer {RAW[key]}"})
 
 
+def test_the_deployment_files_hold_together() -> None:
+    """What deploy/compose.yaml mounts exists, and the replicas' config loads."""
+    from tokenrelay.server.config import load_config
+
+    deploy = Path(__file__).resolve().parents[1] / "deploy"
+    compose = (deploy / "compose.yaml").read_text()
+    for mounted in re.findall(r"- \./([\w.]+):", compose):
+        assert (deploy / mounted).is_file(), mounted
+    assert "dockerfile: deploy/Dockerfile" in compose and (deploy / "Dockerfile").is_file()
+    config = load_config(deploy / "gateway.toml")
+    assert config.redis.url and config.drain_timeout_s < float(
+        re.search(r"stop_grace_period: (\d+)s", compose).group(1))  # type: ignore[union-attr]
+
+
 async def test_the_first_frame_reaches_the_client_before_the_second_is_made(
         cluster: Cluster) -> None:
     # The second token comes 3 s after the first: a proxy that buffers holds the first.
