@@ -34,8 +34,11 @@ from tokenrelay.server.config import hash_key
 
 DRAIN = 10.0
 HI = [{"role": "user", "content": "hi"}]
-#: ~2 s each: far shorter than the drain.
-PACED = "mock:tokens=20,tps=10"
+#: ~4 s each: far shorter than the drain.
+PACED = "mock:tokens=20,tps=5"
+#: Streams in flight through nginx during the rolling restart, and at most in all.
+IN_FLIGHT = 100
+MAX_STREAMS = 500
 REPLICAS = 3
 #: API keys: one without limits (most tests), one limited to 5 streams at once, one to
 #: 60 requests a minute; the limits are shared by the replicas through Redis.
@@ -269,9 +272,9 @@ async def test_a_concurrency_limit_is_exact_and_a_killed_replicas_slots_come_bac
 
 @pytest.mark.timeout(180)
 async def test_a_rolling_restart_under_load_loses_no_stream(cluster: Cluster) -> None:
-    """Every replica SIGTERMed and started again, one after the other, while paced
-    streams keep arriving through nginx: 0 failures, every answer complete and equal to
-    what the model produced."""
+    """Every replica SIGTERMed and started again, one after the other, while 100 paced
+    streams run through nginx all along (each replaced by a new one when it ends): 0
+    failures, every answer complete and equal to what the model produced."""
     async with session() as client:
         reference = await stream(client, cluster.replicas[0].url, PACED)
         assert reference.done and reference.text, reference
@@ -297,16 +300,20 @@ async def test_a_rolling_restart_under_load_loses_no_stream(cluster: Cluster) ->
 
         thread = threading.Thread(target=rolling_restart, name="rolling-restart")
         thread.start()
-        tasks: list[asyncio.Task[Answer]] = []
-        # One new stream every 0.15 s until the restart is over (at most 100), ~13 in
-        # flight at any time, each on whichever replica nginx picks.
-        while not restarted.is_set() and len(tasks) < 100:
-            tasks.append(asyncio.ensure_future(stream(client, cluster.url, PACED)))
-            await asyncio.sleep(0.15)
-        answers = await asyncio.gather(*tasks)
+        answers: list[Answer] = []
+
+        async def one_after_another(delay: float) -> None:
+            # A new stream as soon as the last one ended, until the restart is over:
+            # IN_FLIGHT of these keep that many streams running, on whichever replica
+            # nginx picks for each.
+            await asyncio.sleep(delay)
+            while not restarted.is_set() and len(answers) < MAX_STREAMS:
+                answers.append(await stream(client, cluster.url, PACED))
+
+        await asyncio.gather(*(one_after_another(i * 0.015) for i in range(IN_FLIGHT)))
         thread.join(5)
     assert not errors, errors
-    assert restarted.is_set() and len(tasks) >= 30, len(tasks)
+    assert restarted.is_set() and len(answers) >= 2 * IN_FLIGHT, len(answers)
     failed = [a for a in answers if not (a.status == 200 and a.done and a.error is None)]
     assert not failed, f"{len(failed)} of {len(answers)} failed: {failed[:3]}"
     wrong = [a.text for a in answers if a.text != reference.text]
