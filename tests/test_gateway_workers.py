@@ -1,7 +1,8 @@
 """``tokenrelay serve --workers 2`` as users start it: two processes on one port, one
 ``/metrics`` for both, a dead worker replaced, SIGTERM to the parent drains both.
 
-One server for the module; the SIGTERM test ends it, so it runs last.
+One server for the module; the SIGTERM test ends it. The last test starts its own, with
+per-key limits shared through Redis.
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ from pathlib import Path
 import aiohttp
 import pytest
 from _harness import Proc, Processes, poll, sse_payloads
+from _redis import RedisServer, redis_prefix
+
+from tokenrelay.server.config import hash_key
 
 HI = [{"role": "user", "content": "hi"}]
 DRAIN = 8.0
@@ -149,3 +153,31 @@ async def test_sigterm_to_the_parent_drains_every_worker(server: Proc) -> None:
     assert not [p for p in pids if Path(f"/proc/{p}").exists()]
     assert not Path(multiproc).exists(), "the metrics directory is left behind"
     assert server.output().count("answer(s) in progress get") == 2, server.output()[-2000:]
+
+
+async def test_workers_share_per_key_limits_through_redis(processes: Processes,
+                                                         redis_server: RedisServer,
+                                                         tmp_path: Path) -> None:
+    """``--workers 2 --redis URL``: a key's 3 concurrent streams are 3 over both workers
+    (without Redis ``serve`` refuses to start: tests/test_shared_limits_gateway.py)."""
+    raw = "sk-workers-" + os.urandom(8).hex()
+    server = processes.serve(
+        {"log": {"enabled": False}, "redis": {"prefix": redis_prefix()},
+         "keys": [{"id": "k", "sha256": hash_key(raw), "max_concurrent": 3}]},
+        "--workers", "2", "--quiet", "--redis", redis_server.url, timeout=30)
+    pids = workers(server.pid)
+    async with aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, force_close=True),
+            headers={"authorization": f"Bearer {raw}"}) as session:
+        body = {"model": "mock:tokens=40,tps=4", "messages": HI, "stream": True}
+        responses = await asyncio.gather(*(session.post(server.url + "/v1/chat/completions",
+                                                        json=body) for _ in range(30)))
+        try:
+            # 30 connections are spread over both workers (SO_REUSEPORT; all on one: a
+            # chance of 2^-29): per-process limits would admit 6.
+            statuses = sorted(r.status for r in responses)
+            assert statuses == [200] * 3 + [429] * 27, statuses
+            assert len(pids) == 2
+        finally:
+            for response in responses:
+                response.close()
