@@ -18,7 +18,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from _harness import Proc, Processes, poll, sse_payloads
+from _harness import Proc, Processes, poll, sse_payloads, tokenrelay_argv
 from _redis import RedisServer, redis_prefix
 
 from tokenrelay.server.config import hash_key
@@ -181,3 +181,17 @@ async def test_workers_share_per_key_limits_through_redis(processes: Processes,
         finally:
             for response in responses:
                 response.close()
+
+
+def test_a_second_server_on_the_same_port_is_refused(processes: Processes) -> None:
+    """The workers' listeners allow port reuse among themselves; another ``serve
+    --workers`` on that port must fail, not quietly take half of its connections."""
+    first = processes.serve({"log": {"enabled": False}}, "--workers", "2", "--quiet",
+                            timeout=30)
+    for workers_option in ("2", "1"):
+        with pytest.raises(RuntimeError) as failed:
+            processes.start("second", tokenrelay_argv(
+                "serve", "--port", str(first.port), "--workers", workers_option, "--no-log"),
+                ready=lambda proc: False, timeout=20)
+        assert f"cannot listen on 127.0.0.1 port {first.port}: Address already in use" \
+            in str(failed.value)
