@@ -29,6 +29,7 @@ from _redis import RedisServer, redis_prefix
 from tokenrelay.events import TextDelta
 from tokenrelay.server.background import BackgroundResponses
 from tokenrelay.server.config import hash_key
+from tokenrelay.server.metrics import GatewayMetrics
 from tokenrelay.server.responses import ResponsesEncoder
 from tokenrelay.server.security import GatewayHTTPError
 from tokenrelay.server.streamlog import MemoryStreamLog
@@ -62,9 +63,21 @@ def live(upstream: MockUpstream, tmp_path_factory: pytest.TempPathFactory,
         yield gateway
 
 
+_CLIENTS: list[openai.OpenAI] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_clients() -> Iterator[None]:
+    yield
+    while _CLIENTS:  # their pooled connections, before the gateway goes
+        _CLIENTS.pop().close()
+
+
 def client(live: LiveGateway, key: str = "alice") -> openai.OpenAI:
-    return openai.OpenAI(base_url=live.url + "/v1", api_key=KEYS[key], max_retries=0,
-                         timeout=20)
+    api = openai.OpenAI(base_url=live.url + "/v1", api_key=KEYS[key], max_retries=0,
+                        timeout=20)
+    _CLIENTS.append(api)
+    return api
 
 
 def dumps(events: list[Any]) -> list[dict[str, Any]]:
@@ -142,6 +155,12 @@ def test_a_replay_after_n_is_the_tail_of_the_uninterrupted_stream(live: LiveGate
         final = stream.get_final_response()
     assert [e.sequence_number for e in helper] == list(range(8, len(events)))
     assert final.output_text == events[-1].response.output_text
+    # One request-log row for the response, its replays counted on it; and in /metrics.
+    (row,) = live.wait_log(lambda r: r["stream_id"] == rid and r["resumes"] == 5)
+    assert row["endpoint"] == "responses" and row["status"] == "ok"
+    metrics = httpx.get(f"{live.url}/metrics", timeout=5,
+                        headers={"authorization": f"Bearer {KEYS['alice']}"}).text
+    assert 'tokenrelay_stream_resumes_total{endpoint="responses"}' in metrics
 
 
 def test_sse_ids_equal_sequence_numbers_on_the_wire(live: LiveGateway) -> None:
@@ -167,6 +186,10 @@ def test_a_replay_of_a_running_response_follows_it_live(live: LiveGateway) -> No
     assert tail[0].sequence_number == 2 and tail[-1].type == "response.completed"
     assert [e.sequence_number for e in tail] == list(range(2, 2 + len(tail)))
     assert final_text(tail) == tail[-1].response.output_text
+    # A cursor beyond what exists yet waits for it.
+    rid = api.responses.create(model="steady", input="hi", background=True).id
+    ahead = list(api.responses.retrieve(rid, stream=True, starting_after=20))
+    assert ahead[0].sequence_number == 21 and ahead[-1].type == "response.completed"
 
 
 def test_a_client_that_leaves_does_not_stop_a_background_response(
@@ -364,6 +387,7 @@ class _Gateway:
 
     def __init__(self) -> None:
         self.streams = MemoryStreamLog()
+        self.metrics = GatewayMetrics()
 
 
 async def _orphan(background: BackgroundResponses, text: list[str]) -> str:
@@ -384,26 +408,29 @@ async def _orphan(background: BackgroundResponses, text: list[str]) -> str:
 
 
 async def test_a_lost_producer_ends_the_response_failed_for_every_reader() -> None:
-    background = BackgroundResponses(_Gateway())  # type: ignore[arg-type]
+    gateway = _Gateway()
+    background = BackgroundResponses(gateway)  # type: ignore[arg-type]
     rid = await _orphan(background, ["Hel", "lo"])
     reader = await background.log.reader(rid, after=3, owner="alice")
     frames = [f async for f in background.deliver(reader)]
     events = [json.loads(e["data"]) for e in sse_events(b"".join(frames))]
+    # Every frame written, then one typed error frame and the end (issue 12 §4).
     assert [e["type"] for e in events] == ["response.output_text.delta",
-                                           "response.output_text.delta", "error",
-                                           "response.failed"]
-    assert [e["sequence_number"] for e in events] == [4, 5, 6, 7]
+                                           "response.output_text.delta", "error"]
+    assert [e["sequence_number"] for e in events] == [4, 5, 6]
     assert events[2]["code"] == "producer_lost"
-    failed = events[3]["response"]
+    # Retrieve: failed, with the output so far and the error; a second reader sees the
+    # same end, once.
+    info = await background.find(rid, "alice")
+    assert info.status == "failed" and info.last_seq == 6
+    failed = await background.retrieve(info)
     assert failed["status"] == "failed" and failed["id"] == rid
+    assert failed["error"]["message"] == events[2]["message"]
     assert failed["output"][0]["content"][0]["text"] == "Hello"
     assert failed["output"][0]["status"] == "incomplete"
-    # Retrieve and a second reader see the same end, once.
-    info = await background.find(rid, "alice")
-    assert info.status == "failed" and info.last_seq == 7
-    assert await background.retrieve(info) == failed
     again = await background.log.reader(rid, after=5, owner="alice")
     assert len([f async for f in background.deliver(again)]) == 1
+    assert gateway.metrics.producer_losses._value.get() == 1
 
 
 async def test_retrieve_and_cancel_end_a_response_whose_producer_is_gone() -> None:
@@ -425,3 +452,48 @@ async def test_retrieve_and_cancel_end_a_response_whose_producer_is_gone() -> No
     with pytest.raises(GatewayHTTPError) as hidden:
         await background.find(rid, "bob")
     assert hidden.value.status == 404
+
+
+def test_two_gateways_on_one_redis_share_retrieve_replay_and_cancel(
+        redis_server: RedisServer, upstream: MockUpstream, tmp_path: Path) -> None:
+    streams = {"store": "redis", "redis_url": redis_server.url,
+               "redis_prefix": redis_prefix()}
+
+    def gateway(name: str) -> LiveGateway:
+        return LiveGateway(config(tmp_path / name, routes(upstream.url, **SPECS),
+                                  keys=_keys(), streams=streams, drain_timeout_s=0.5))
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    with gateway("a") as a, gateway("b") as b:
+        on_a, on_b = client(a), client(b)
+        # Made on A, read on B: live replay, then the same final object.
+        rid = on_a.responses.create(model="steady", input="hi", background=True).id
+        events = list(on_b.responses.retrieve(rid, stream=True, starting_after=0))
+        assert events[0].sequence_number == 1 and events[-1].type == "response.completed"
+        assert on_b.responses.retrieve(rid).model_dump() == on_a.responses.retrieve(
+            rid).model_dump()
+        with pytest.raises(openai.NotFoundError):
+            client(b, "bob").responses.retrieve(rid)
+
+        # Cancelled on B, produced on A: A's upstream request is aborted.
+        upstream.reset()
+        slow = on_a.responses.create(model="slow", input="cancel me", background=True).id
+        assert upstream.wait_for(lambda r: r.model == SPECS["slow"] and r.tokens_sent >= 2, 5)
+        sent_at = time.monotonic()
+        assert on_b.responses.cancel(slow).status == "cancelled"
+        aborted = upstream.wait_for(lambda r: r.model == SPECS["slow"]
+                                    and r.aborted_at is not None, 3)
+        assert aborted is not None
+        took = aborted.aborted_at - sent_at  # type: ignore[operator]
+        assert 0 <= took < ABORT_WITHIN, f"the upstream was aborted {took:.3f} s after the cancel"
+        assert on_a.responses.retrieve(slow).status == "cancelled"
+
+        # A stops while it produces one: the response ends failed (server_shutdown), for B.
+        running = on_a.responses.create(model="slow", input="shutdown", background=True).id
+        assert poll(lambda: on_b.responses.retrieve(running).status == "in_progress", 5)
+        a.__exit__(None, None, None)
+        ended = on_b.responses.retrieve(running)
+        assert ended.status == "failed" and ended.error is not None
+        assert "shutting down" in ended.error.message
+        assert ended.output_text  # what was generated before stays

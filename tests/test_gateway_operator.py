@@ -333,9 +333,9 @@ def test_example_config_loads_and_shows_every_setting_with_a_comment() -> None:
     for key in ("host", "port", "heartbeat", "send_timeout", "header_timeout",
                 "body_timeout", "keep_alive_timeout", "max_body_bytes", "cors_credentials",
                 "metrics_public", "access_log", "serve_local", "allowed_hosts",
-                "drain_timeout_s"):
+                "drain_timeout_s", "workers"):
         assert data[key] == getattr(defaults, key), key
-    for section in ("log", "streams"):  # the tables of one each: their defaults too
+    for section in ("log", "redis", "streams"):  # the tables of one each: their defaults too
         for key, value in data[section].items():
             assert value == getattr(getattr(defaults, section), key), (section, key)
 
@@ -396,7 +396,7 @@ def test_a_console_that_stops_reading_does_not_stall_the_gateway(tmp_path: Path)
 
 
 @pytest.mark.parametrize("params", [{"conversation": "conv_1"}, {"prompt": {"id": "pmpt_1"}},
-                                    {"top_logprobs": 2}, {"background": True}])
+                                    {"top_logprobs": 2}])
 def test_responses_parameters_it_cannot_deliver_are_refused_by_name(
         client: openai.OpenAI, params: dict[str, Any]) -> None:
     with pytest.raises(openai.BadRequestError) as caught:

@@ -23,7 +23,7 @@ from urllib.parse import quote
 
 import pytest
 from _browser import chromium_path, launch_chromium
-from _harness import LiveGateway, Processes
+from _harness import LiveGateway, Processes, poll
 
 pytest.importorskip("playwright.sync_api",
                     reason="needs Playwright for Python: pip install playwright")
@@ -465,14 +465,81 @@ def test_conversations_are_kept_browsable_and_deletable(page: Page, gateway: Liv
     expect(items.locator(".conv-title")).to_have_text(["About dogs"])
 
 
-def test_a_reload_mid_answer_keeps_the_conversation(page: Page, gateway: LiveGateway) -> None:
-    open_chat(page, gateway, paced(200, 20))
+def wait_for(check: Any, *, within: float = 5.0, what: str = "condition") -> None:
+    if not poll(check, within, 0.02):
+        raise AssertionError(f"{what}: not within {within} s")
+
+
+def answer_text(page: Page) -> str:
+    """The text of the last answer, as the page keeps it."""
+    return str(page.evaluate("() => tokenrelayChat.conversation().turns.at(-1).answer.text"))
+
+
+def test_a_reload_mid_answer_resumes_it_where_it_stood(page: Page, gateway: LiveGateway) -> None:
+    """The page saves the answer's text with the id of its last event; after a reload it
+    reads the rest from the gateway (GET /chat/{id}/stream, Last-Event-ID) into the same
+    answer: the text ends up exactly the request log's answer, nothing lost or repeated."""
+    open_chat(page, gateway, paced(60, 30))
     ask(page, "A long one")
     expect(last_answer(page)).to_have_attribute("data-state", "streaming")
+    wait_for(lambda: len(answer_text(page)) > 20, what="some text before the reload")
+    before = answer_text(page)
     page.reload()
     expect(page.locator(".msg.user .bubble")).to_have_text(["A long one"])
+    expect(page.locator(".msg.assistant")).to_have_count(1)
+    expect(last_answer(page)).to_have_attribute("data-state", "done", timeout=10_000)
+    text = answer_text(page)
+    (row,) = chat_rows(gateway, 1)
+    assert row["status"] == "ok" and row["resumes"] == 1, row
+    assert text == row["answer"] and text.startswith(before) and len(text) > len(before)
+    expect(last_answer(page).locator(".content")).to_contain_text(text.split()[-1])
+    expect(last_answer(page).locator(".stats")).to_contain_text("stop")
+    page.reload()  # and it stays done
+    expect(last_answer(page)).to_have_attribute("data-state", "done")
+    assert answer_text(page) == row["answer"]
+
+
+def test_stop_after_a_reload_stops_the_answer_on_the_gateway(page: Page,
+                                                             gateway: LiveGateway) -> None:
+    open_chat(page, gateway, paced(400, 40))  # 10 s if nothing stops it
+    ask(page, "Stop me later")
+    expect(last_answer(page)).to_have_attribute("data-state", "streaming")
+    page.reload()
+    wait_for(lambda: page.evaluate(
+        "() => tokenrelayChat.conversation().turns[0].answer.state") == "streaming",
+        what="the resumed answer streaming")
+    started = time.monotonic()
+    page.click("#stop")
+    expect(last_answer(page)).to_have_attribute("data-state", "stopped")
+    (row,) = chat_rows(gateway, 1)
+    assert row["status"] == "cancelled", row  # the gateway stopped: not the client gone
+    assert time.monotonic() - started < 3.0 and row["completion_tokens"] < 300, row
+    assert row["resumes"] == 1
+
+
+def test_stop_stops_the_answer_on_the_gateway_at_once(page: Page, gateway: LiveGateway) -> None:
+    """The page asks the gateway to keep answers through a reload; Stop still means stop."""
+    open_chat(page, gateway, paced(400, 40))
+    ask(page, "Stop me")
+    expect(last_answer(page)).to_have_attribute("data-state", "streaming")
+    page.click("#stop")
+    expect(last_answer(page)).to_have_attribute("data-state", "stopped")
+    (row,) = chat_rows(gateway, 1)
+    assert row["status"] == "cancelled" and row["completion_tokens"] < 300, row
+
+
+def test_a_reload_after_the_gateway_forgot_the_answer_says_it_was_interrupted(
+        page: Page, gateway: LiveGateway) -> None:
+    open_chat(page, gateway)
+    page.evaluate("""() => localStorage.setItem("tokenrelay.conversation.c1", JSON.stringify({
+        id: "c1", title: "Lost", created: 1, updated: 1, turns: [{prompt: "Lost", answer: {
+            model: "mock", text: "Half an", state: "streaming", error: null,
+            stream_id: "chat-00000000000000000000000000000000", last_event: 3}}]}))""")
+    page.evaluate("() => sessionStorage.setItem('tokenrelay.current', 'c1')")
+    page.reload()
     expect(last_answer(page)).to_have_attribute("data-state", "interrupted")
-    expect(last_answer(page).locator(".error")).to_contain_text("interrupted")
+    expect(last_answer(page).locator(".error")).to_contain_text("no longer has the rest")
+    expect(last_answer(page).locator(".content")).to_have_text("Half an")
 
 
 def test_deleting_the_conversation_that_streams_stops_it_for_good(page: Page,

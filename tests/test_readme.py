@@ -102,7 +102,7 @@ def test_every_block_is_accounted_for() -> None:
     kinds = [_sh_kind(b) for b in sh]
     assert kinds.count("quick start") == 1 and kinds.count("tests") == 1
     assert kinds.count("cli") == 1 and kinds.count("gateway") == 1, kinds
-    assert len(_python_blocks(gateway=True)) == 2
+    assert len(_python_blocks(gateway=True)) == 3
     assert len(_python_blocks(gateway=False)) == 2
 
 

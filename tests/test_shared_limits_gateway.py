@@ -3,6 +3,7 @@ both ``on_redis_error`` modes (and down at start), ``/healthz``, the CLI's refus
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -244,3 +245,26 @@ def test_serve_refuses_several_workers_with_limits_and_no_redis(tmp_path: Path) 
     assert len(lines) == 1 and lines[0].startswith("error: refusing to start 2 workers"), \
         done.stderr
     assert "--redis" in lines[0]
+
+
+@pytest.mark.timeout(60)
+def test_a_sigkilled_replicas_slots_are_free_again_within_5_s(
+        processes: Any, redis_server: RedisServer, tmp_path: Path) -> None:
+    cfg = {"serve_local": False, "log": {"enabled": False}, "access_log": False,
+           "keys": [{"id": "alice", "sha256": hash_key(SECRET), "max_concurrent": 2}],
+           "redis": {"url": redis_server.url, "prefix": redis_prefix()}}
+    a = processes.serve(cfg, name="a")
+    b = processes.serve(a.config_path, name="b")
+    with httpx.Client(base_url=a.url, timeout=10) as ca, \
+            httpx.Client(base_url=b.url, timeout=10) as cb:
+        streams = [Running(ca, "mock:tokens=400,tps=20") for _ in range(2)]
+        assert chat(cb).status_code == 429
+        a.signal(signal.SIGKILL)
+        killed = time.monotonic()
+        for stream in streams:
+            stream.close()
+        while (status := chat(cb).status_code) != 200:
+            assert status == 429
+            assert time.monotonic() - killed < 5.0, "a dead replica's slots are still held"
+            time.sleep(0.05)
+        print(f"slots of a SIGKILLed replica free after {time.monotonic() - killed:.2f}s")

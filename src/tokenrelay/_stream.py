@@ -7,6 +7,9 @@
 * metrics: time to first token, inter-token latency, tokens/s;
 * retries, only before the first token, with exponential backoff and jitter,
   ``Retry-After`` honoured up to a cap;
+* resumes after it, where the server keeps the answer (the provider hands a
+  ``ResumeHandle`` with the first chunk): a broken connection is reopened from the last
+  event received, bounded by the same ``RetryPolicy``;
 * deadlines: first token, idle between chunks, total (connect is the provider's);
 * cancellation: ``aclose()``, leaving the ``async with`` block, breaking the loop or
   cancelling the task closes the provider iterator, which aborts the upstream
@@ -30,6 +33,7 @@ from typing import TYPE_CHECKING, Any, Self
 
 from ._timer import TaskDeadline
 from .errors import (
+    APIStatusError,
     ProviderError,
     StreamError,
     TimeoutError,
@@ -49,7 +53,7 @@ from .events import (
     Usage,
     UsageEvent,
 )
-from .providers.base import Chunk, Provider
+from .providers.base import Chunk, Provider, ResumeHandle
 from .request import Request, RetryPolicy, Timeouts
 
 if TYPE_CHECKING:
@@ -83,6 +87,8 @@ class Result:
         error: the failure, when ``finish_reason == "error"``.
         parsed: with ``response_format=``, the validated answer (a model instance, or
             the JSON value for a schema dict).
+        resumes: how many times a broken connection was reopened and the answer went on
+            from where it stood (a tokenrelay gateway, OpenAI background responses).
     """
 
     text: str
@@ -95,6 +101,7 @@ class Result:
     raw_chunks: list[Any] | None = None
     error: TokenrelayError | None = None
     parsed: Any = None
+    resumes: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -104,6 +111,7 @@ class Result:
             "provider": self.provider,
             "usage": self.usage.to_dict(),
             "metrics": self.metrics.to_dict(),
+            "resumes": self.resumes,
             "error": None if self.error is None else {
                 "code": self.error.code, "message": self.error.message
             },
@@ -302,9 +310,14 @@ class AsyncStream:
         self._iterating = False
         self._agen: AsyncIterator[StreamEvent] | None = None
         self._upstream: Any = None
+        #: The answer's resume handle, from its first chunk (servers that keep answers).
+        self._resume: ResumeHandle | None = None
+        self._abandon = False  # the handle still needs abandon() if the stream ends early
         self._started_at = time.monotonic()
         #: The one task that iterates this stream, once ``pin_task`` said so.
         self._owner: asyncio.Task[Any] | None = None
+        #: The running iteration's timeout timer (bound to ``_owner``).
+        self._deadline: TaskDeadline | None = None
 
     # -- public surface --------------------------------------------------------------
 
@@ -341,6 +354,8 @@ class AsyncStream:
         streams (strace, 2026-12-03).
         """
         self._owner = asyncio.current_task()
+        if self._deadline is not None:  # iterated by another task from now on (the
+            self._deadline.pin(self._owner)  # gateway hands a stream to a background one)
 
     def __aiter__(self) -> AsyncIterator[StreamEvent]:
         if self._agen is None:
@@ -396,18 +411,26 @@ class AsyncStream:
         )
         attempt = 0
         acc = self._acc
-        timer = TaskDeadline(loop, self._owner)  # None: the current task, per arm
+        resuming = False
+        resume_tries = resume_total = resume_mark = 0
+        timer = self._deadline = TaskDeadline(loop, self._owner)  # None: current task, per arm
         try:
             while True:
                 first_token, idle = self.timeouts.first_token, self.timeouts.idle
                 try:
                     if self.request.model is None:  # once: the endpoint's first model
                         await self.pick_model()
-                    self._upstream = self.provider.stream(self.request, raw=self.raw).__aiter__()
+                    if resuming:
+                        assert self._resume is not None
+                        self._upstream = self._resume.reopen(raw=self.raw).__aiter__()
+                    else:
+                        self._upstream = self.provider.stream(
+                            self.request, raw=self.raw).__aiter__()
                     next_chunk = self._upstream.__anext__
                     while True:
                         # The deadline of this wait (inline: it runs once per chunk).
-                        if acc.first_token_at is None:
+                        before_first = acc.first_token_at is None
+                        if before_first:
                             per, kind = first_token, "first_token"
                         else:
                             per, kind = idle, "idle"
@@ -435,6 +458,8 @@ class AsyncStream:
                             raise _timeout_error(kind, self.timeouts, acc.started) from exc
                         finally:
                             timer.disarm()
+                        if before_first and chunk.resume is not None:
+                            self._resume, self._abandon = chunk.resume, True
                         for event in acc.feed(chunk, time.monotonic()):
                             yield event
                     if acc.finish_reason is None:
@@ -446,8 +471,37 @@ class AsyncStream:
                     break
                 except ProviderError as exc:
                     await self._close_upstream()
+                    handle = self._resume
+                    if acc.started and handle is not None and _resumable(exc):
+                        # The connection broke (or the reconnect failed) after the first
+                        # token, and the server keeps the answer: go on from where it stood.
+                        if acc.chunk_count > resume_mark:
+                            resume_tries = 0  # the last reconnect brought something new
+                        resume_mark = acc.chunk_count
+                        resume_tries += 1
+                        resume_total += 1
+                        policy = self.retry
+                        if (resume_tries > policy.max_retries
+                                or resume_total > policy.max_resumes or not handle.ready()):
+                            raise _not_resumed(exc, handle, gave_up=True) from exc
+                        delay = 0.0 if resume_tries == 1 else _backoff_delay(
+                            policy, resume_tries - 2, getattr(exc, "retry_after", None))
+                        if total_deadline is not None and loop.time() + delay >= total_deadline:
+                            raise _not_resumed(exc, handle, gave_up=True) from exc
+                        _log.info("resuming stream %s after: %s", handle.stream_id, exc)
+                        resuming = True
+                        if delay:
+                            await asyncio.sleep(delay)
+                        continue
+                    if resuming and handle is not None and isinstance(exc, APIStatusError):
+                        # The server refused the reconnect (e.g. 404: it no longer has
+                        # the answer): the break is what failed the stream.
+                        raise _not_resumed(exc, handle, gave_up=False) from exc
                     if acc.started or not exc.retryable or attempt >= self.retry.max_retries:
                         raise
+                    if self._resume is not None:  # a first attempt that will not be resumed
+                        await self._abandon_resume()
+                        self._resume = None
                     retry_after = getattr(exc, "retry_after", None)
                     if retry_after is not None and retry_after > self.retry.max_retry_after:
                         exc.message += (
@@ -492,9 +546,21 @@ class AsyncStream:
         return [ErrorEvent(exc.code, exc.message, exc.retryable),
                 Done("error", result.usage, result.metrics)]
 
+    async def _abandon_resume(self) -> None:
+        """The answer ends here, early: tell a server that keeps it for us to stop."""
+        handle = self._resume
+        if handle is not None and self._abandon:
+            self._abandon = False
+            try:
+                await handle.abandon()
+            except Exception:  # noqa: BLE001 - best effort; the server's grace ends it
+                _log.debug("abandoning stream %s failed", handle.stream_id, exc_info=True)
+
     async def _finish(self, reason: FinishReason, error: TokenrelayError | None) -> Result:
         if self._result is not None:
             return self._result
+        if self._abandon and reason in ("cancelled", "error"):
+            await self._abandon_resume()
         acc = self._acc
         usage = acc.usage
         if usage is None:
@@ -546,6 +612,7 @@ class AsyncStream:
             raw_chunks=acc.raw_chunks,
             error=error,
             parsed=acc.parsed,
+            resumes=0 if self._resume is None else self._resume.resumes,
         )
         if self._on_finish is not None:
             try:
@@ -553,6 +620,34 @@ class AsyncStream:
             except Exception:  # noqa: BLE001 - a broken log must not break the answer
                 _log.warning("the on_finish hook failed", exc_info=True)
         return self._result
+
+
+#: Errors of a stream whose connection broke (as opposed to one the server ended on
+#: purpose with an error frame): reset / closed mid-stream, cut without its terminator.
+_BREAKS = frozenset({"connection_lost", "truncated"})
+
+
+def _resumable(exc: ProviderError) -> bool:
+    """Whether ``exc``, after the first token, calls for a reconnect (given a handle): the
+    connection broke or stalled (idle timeout), or a reconnect could not get through
+    (connection refused, 429, 5xx)."""
+    if isinstance(exc, TimeoutError):
+        return exc.kind in ("idle", "connect")
+    if isinstance(exc, StreamError):
+        return exc.code in _BREAKS
+    return exc.retryable
+
+
+def _not_resumed(exc: ProviderError, handle: ResumeHandle, *, gave_up: bool) -> StreamError:
+    """The error a broken answer ends with when resuming it was refused or given up
+    (``RetryPolicy``: ``max_retries`` in a row without progress, ``max_resumes`` in all)."""
+    why = ("gave up resuming it (the retry policy's limit)" if gave_up
+           else "the server refused to resume it")
+    return StreamError(
+        f"the connection broke mid-stream and {why}; last error: {exc.message} (stream"
+        f" {handle.stream_id}, resumed {handle.resumes} time(s))",
+        code="connection_lost",
+    )
 
 
 def _timeout_error(kind: str, timeouts: Timeouts, started: bool) -> TimeoutError:

@@ -118,6 +118,10 @@ class TaskDeadline(LazyTimer):
             self._task = asyncio.current_task()
         LazyTimer.arm(self, when)
 
+    def pin(self, task: asyncio.Task[Any] | None) -> None:
+        """From now on ``task`` arms it (between two waits: not while armed)."""
+        self._fixed = self._task = task
+
     def close(self) -> None:
         super().close()
         self._task = self._fixed = None

@@ -79,13 +79,19 @@ class Timeouts(BaseModel):
 
 
 class RetryPolicy(BaseModel):
-    """Retries, only ever before the first token (retrying later would duplicate text).
+    """Retries before the first token (asking again later would duplicate text), and
+    resumes after it, where the server keeps the answer (a tokenrelay gateway, OpenAI
+    background responses): the stream reconnects and goes on from the last event received.
 
     Args:
-        max_retries: attempts after the first one.
+        max_retries: attempts after the first one; also the reconnections in a row of a
+            broken answer that bring nothing new (the first at once, the next after the
+            backoff).
         backoff: base delay of the exponential backoff (doubled per attempt, with jitter).
         max_backoff: the longest computed delay.
         max_retry_after: the longest ``Retry-After`` honoured; a longer one fails at once.
+        max_resumes: the most reconnections of one answer; 0: a break is an error, as
+            with a server that cannot resume.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -94,6 +100,7 @@ class RetryPolicy(BaseModel):
     backoff: float = Field(0.5, ge=0)
     max_backoff: float = Field(8.0, ge=0)
     max_retry_after: float = Field(30.0, ge=0)
+    max_resumes: int = Field(10, ge=0, le=1000)
 
 
 class Request(BaseModel):

@@ -12,6 +12,11 @@ Contract of ``Provider.stream``:
 * raise the errors of :mod:`tokenrelay.errors` (translate library exceptions once);
 * closing the iterator (``aclose()``, task cancellation) must stop generation:
   close the upstream connection or stop local decoding.
+
+A provider whose server keeps a stream after its connection breaks (a tokenrelay gateway,
+OpenAI background responses) hands a :class:`ResumeHandle` to the stream with the first
+chunk of the answer (``Chunk.resume``); the stream reopens it when the connection breaks
+(issue 12).
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from typing import Any
 from ..events import Usage
 from ..request import Request
 
-__all__ = ["Chunk", "ModelInfo", "Provider", "ToolCallChunk"]
+__all__ = ["Chunk", "ModelInfo", "Provider", "ResumeHandle", "ToolCallChunk"]
 
 
 @dataclass(slots=True)
@@ -46,6 +51,38 @@ class Chunk:
     finish_reason: str | None = None
     usage: Usage | None = None
     raw: Any = None
+    #: Set on the first chunk of an answer the server can resume (else None).
+    resume: ResumeHandle | None = None
+
+
+class ResumeHandle(ABC):
+    """How to pick up an answer whose connection broke, where the server keeps it.
+
+    The stream above the provider decides whether and when to reopen it (its
+    ``RetryPolicy``); the handle knows where the answer stands and how to ask for the rest.
+    """
+
+    #: The server's id of the stream.
+    stream_id: str
+    #: Reconnections that the server answered (a resumed connection was opened).
+    resumes: int = 0
+
+    @abstractmethod
+    def ready(self) -> bool:
+        """Whether a position to resume from is known (an event id was received)."""
+
+    @abstractmethod
+    def reopen(self, *, raw: bool = False) -> AsyncIterator[Chunk]:
+        """The rest of the answer, from after the last event received: no event twice.
+
+        Raises like ``Provider.stream``: a ``ConnectionError`` / retryable status when the
+        server could not be reached, another status error when it no longer has the stream,
+        a ``StreamError`` when the resumed connection breaks or fails.
+        """
+
+    async def abandon(self) -> None:
+        """The caller stops reading before the end (closed, failed): tell the server to stop
+        producing if it keeps the answer only for us. Best effort, bounded; never raises."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -132,23 +132,28 @@ class HTTPProvider(Provider):
         await self._sessions.aclose()
 
     @contextlib.asynccontextmanager
-    async def _post(self, url: str, body: bytes) -> AsyncIterator[aiohttp.ClientResponse]:
-        """POST ``body``; the response is released to the pool if it was read to the end,
-        else closed (which is what aborts the upstream generation)."""
+    async def _post(self, url: str, body: bytes, *, headers: Mapping[str, str] | None = None,
+                    method: str = "POST") -> AsyncIterator[aiohttp.ClientResponse]:
+        """POST ``body`` (or another ``method``); the response is released to the pool if it
+        was read to the end, else closed (which is what aborts the upstream generation)."""
         session = self._client()
+        sent = STREAM_HEADERS if headers is None else {**STREAM_HEADERS, **headers}
+        data = body or None
         try:
             try:
-                response = await session.post(url, data=body, headers=STREAM_HEADERS,
-                                              allow_redirects=False)
+                response = await session.request(method, url, data=data, headers=sent,
+                                                 allow_redirects=False)
             except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
-                if isinstance(exc, aiohttp.ClientConnectorError):
-                    raise  # could not connect at all: not a stale connection
+                if isinstance(exc, aiohttp.ClientConnectorError) or method != "POST":
+                    # Could not connect at all: not a stale connection. (aiohttp sends an
+                    # idempotent request again on a stale connection by itself.)
+                    raise
                 # A pooled connection the server closed just as it was reused (aiohttp,
                 # unlike httpcore, does not check a pooled socket for EOF before reuse):
                 # the request never reached the server, so ask once more at once, on a
                 # fresh connection, instead of failing into the stream's retry backoff.
-                response = await session.post(url, data=body, headers=STREAM_HEADERS,
-                                              allow_redirects=False)
+                response = await session.request(method, url, data=data, headers=sent,
+                                                  allow_redirects=False)
         except TRANSPORT_ERRORS as exc:
             raise self._transport_error(exc, url) from exc
         try:

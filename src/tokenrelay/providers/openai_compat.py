@@ -10,6 +10,7 @@ POST closed when the consumer stops, errors translated once).
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
@@ -18,10 +19,18 @@ import aiohttp
 from ..errors import ProviderError, StreamError, UsageError
 from ..request import Message, Request, ToolSpec
 from ._openai_wire import ChatChunkParser, completion_to_chunks, error_message
+from ._resume import GRACE_HEADER, STREAM_ID_HEADER, HTTPResume, ResumableParser, stream_id
 from .base import Chunk, ModelInfo
 from .http import TRANSPORT_ERRORS, HTTPProvider, read_some
 
-__all__ = ["OpenAIProvider"]
+__all__ = ["DEFAULT_RESUME_GRACE", "OpenAIProvider"]
+
+_log = logging.getLogger("tokenrelay")
+
+#: Seconds a tokenrelay gateway is asked to keep an answer after its connection breaks.
+DEFAULT_RESUME_GRACE = 30.0
+#: The longest a cancel request for an abandoned answer may take (it is best effort).
+_CANCEL_TIMEOUT = 2.0
 
 _STATUS_HINTS = {
     401: "check OPENAI_API_KEY (or pass api_key=...)",
@@ -44,6 +53,10 @@ class OpenAIProvider(HTTPProvider):
             Set explicitly because a default pool (100 in aiohttp and httpx) would
             silently queue a gateway's extra streams.
         headers: extra headers sent with every request.
+        resume_grace: seconds a tokenrelay gateway should keep producing an answer after
+            its connection breaks, waiting for this client to resume it
+            (``x-tokenrelay-resume-grace``; other servers ignore the header). ``None`` or
+            0: ask for none (a break is then an error, as with any server).
 
     Example::
 
@@ -62,10 +75,17 @@ class OpenAIProvider(HTTPProvider):
         connect_timeout: float | None = 10.0,
         max_connections: int = 256,
         headers: Mapping[str, str] | None = None,
+        resume_grace: float | None = DEFAULT_RESUME_GRACE,
     ) -> None:
         auth = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         super().__init__(base_url=base_url, connect_timeout=connect_timeout,
                          max_connections=max_connections, headers={**(headers or {}), **auth})
+        if resume_grace is not None and not 0 <= resume_grace <= 86400:
+            raise UsageError("resume_grace must be between 0 and 86400 seconds (or None)")
+        self.resume_grace = resume_grace or None
+        # Sent with the answer's request (and each resume): the grace we ask for.
+        self._grace_headers = ({GRACE_HEADER: f"{resume_grace:g}"} if resume_grace
+                               else None)
         self.api_key = api_key
         # False once the server rejected stream_options (older vLLM / llama.cpp / proxies).
         self.stream_options_supported = True
@@ -128,7 +148,7 @@ class OpenAIProvider(HTTPProvider):
         with_options = self.uses_stream_options and self.stream_options_supported
         while True:
             body = self._body(request, stream_options=with_options)
-            async with self._post(url, body) as response:
+            async with self._post(url, body, headers=self._grace_headers) as response:
                 if not 200 <= response.status < 300:
                     if not 400 <= response.status <= 599:
                         raise self._unexpected_status(response)
@@ -158,16 +178,31 @@ class OpenAIProvider(HTTPProvider):
                 # its own: every async-generator layer costs each relayed chunk a resume.
                 parser = self._parser(raw=raw)
                 content = response.content
-                while True:
-                    try:
-                        data = await content.readany()
-                    except TRANSPORT_ERRORS as exc:
-                        raise self._broken(exc, started=parser.started) from exc
-                    if not data:
-                        break
-                    for chunk in parser.feed(data):
-                        yield chunk
-                parser.end()
+                pending = True  # the first chunk carries the resume handle (or None)
+                handle = None
+                try:
+                    while True:
+                        try:
+                            data = await content.readany()
+                        except TRANSPORT_ERRORS as exc:
+                            if handle is not None and parser.done:
+                                break  # the answer is whole: nothing to resume
+                            raise self._broken(exc, started=parser.started) from exc
+                        if not data:
+                            break
+                        chunks = parser.feed(data)
+                        if pending and chunks:
+                            pending = False
+                            handle = self._resumption(response, parser, request)
+                            chunks[0].resume = handle
+                        for chunk in chunks:
+                            yield chunk
+                    parser.end()
+                finally:
+                    if pending:
+                        # Left before the first chunk: nobody will resume this answer, so
+                        # a gateway keeping it for us (the grace we asked) can stop now.
+                        await self._abandon_early(response, request)
                 return
 
     async def _unstreamed(self, response: aiohttp.ClientResponse, *, raw: bool) -> list[Chunk]:
@@ -182,6 +217,94 @@ class OpenAIProvider(HTTPProvider):
         except TRANSPORT_ERRORS as exc:
             raise self._broken(exc, started=False) from exc
         return self._from_json(obj, raw=raw)
+
+    # -- resuming a broken answer (providers/_resume.py) ---------------------------------
+
+    #: How a resumed answer is asked for: ``chat`` (a tokenrelay gateway's
+    #: ``…/chat/completions/{id}/stream``) or ``responses`` (``/responses/{id}?stream=``).
+    replay = "chat"
+
+    def _resumption(self, response: aiohttp.ClientResponse, parser: Any,
+                    request: Request) -> HTTPResume | None:
+        """The answer's resume handle, or None when the server cannot resume it (any
+        server but a tokenrelay gateway: no ``x-tokenrelay-stream-id``)."""
+        sid = stream_id(response.headers.get(STREAM_ID_HEADER))
+        if sid is None:
+            return None
+        return HTTPResume(self, sid, parser, replay=self.replay,
+                          stop_on_abandon=self._stops_on_abandon(request))
+
+    def _stops_on_abandon(self, request: Request) -> bool:
+        """Whether an answer abandoned early is cancelled on the server: when it keeps the
+        answer only because we asked for a grace period."""
+        return self.resume_grace is not None
+
+    async def _abandon_early(self, response: aiohttp.ClientResponse, request: Request) -> None:
+        sid = stream_id(response.headers.get(STREAM_ID_HEADER))
+        if sid is not None and self._stops_on_abandon(request):
+            await self._cancel(self._stream_url(sid, "cancel"))
+
+    def _stream_url(self, sid: str, action: str) -> str:
+        if self.replay == "responses":
+            return f"{self.base_url}/responses/{sid}" + ("/cancel" if action == "cancel" else "")
+        return f"{self.base_url}{self.path}/{sid}/{action}"
+
+    def _replay_request(self, handle: HTTPResume, after: int) -> tuple[str, dict[str, str]]:
+        """The URL and headers that ask for the answer's events after ``after``."""
+        headers = dict(self._grace_headers or {})
+        if handle.replay == "responses":
+            url = self._stream_url(handle.stream_id, "retrieve")
+            return f"{url}?stream=true&starting_after={after}", headers
+        headers["Last-Event-ID"] = str(after)
+        return self._stream_url(handle.stream_id, "stream"), headers
+
+    async def resumed(self, handle: HTTPResume, *, raw: bool = False) -> AsyncIterator[Chunk]:
+        """The rest of an answer, from after the last event its parser received (see
+        :class:`~tokenrelay.providers.base.ResumeHandle`)."""
+        parser: ResumableParser = handle.parser
+        after = parser.position()
+        if after is None:
+            raise StreamError("cannot resume: no event id was received yet",
+                              code="connection_lost")
+        url, headers = self._replay_request(handle, after)
+        async with self._post(url, b"", headers=headers, method="GET") as response:
+            if not 200 <= response.status < 300:
+                if not 400 <= response.status <= 599:
+                    raise self._unexpected_status(response)
+                raise self._status_error(response, await read_some(response))
+            if "event-stream" not in response.headers.get("content-type", ""):
+                raise StreamError(f"{url} did not answer with an event stream",
+                                  code="connection_lost")
+            handle.resumes += 1
+            parser.reconnect(after)
+            content = response.content
+            while True:
+                try:
+                    data = await content.readany()
+                except TRANSPORT_ERRORS as exc:
+                    if parser.done:
+                        break  # the answer is whole: nothing more to resume
+                    raise self._broken(exc, started=True) from exc
+                if not data:
+                    break
+                for chunk in parser.feed(data):
+                    yield chunk
+            parser.end()
+
+    async def cancel_stream(self, handle: HTTPResume) -> None:
+        """Ask the server to stop ``handle``'s answer (best effort)."""
+        await self._cancel(self._stream_url(handle.stream_id, "cancel"))
+
+    async def _cancel(self, url: str) -> None:
+        try:
+            async with self._client().post(
+                url, data=b"{}", headers={"Content-Type": "application/json"},
+                allow_redirects=False, timeout=aiohttp.ClientTimeout(total=_CANCEL_TIMEOUT),
+            ) as response:
+                await read_some(response)
+        except (*TRANSPORT_ERRORS, RuntimeError) as exc:
+            # Best effort: the grace period ends the answer on the server anyway.
+            _log.debug("cancelling %s failed: %s", url, exc)
 
     # -- models -----------------------------------------------------------------------
 

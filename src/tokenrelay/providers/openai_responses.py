@@ -34,10 +34,13 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import aiohttp
+
 from ..errors import StreamError, UsageError
 from ..events import Usage
 from ..request import Request
-from ._openai_wire import error_message
+from ._openai_wire import ReplayFilter, error_message, event_seq
+from ._resume import HTTPResume, stream_id
 from ._sse import SSEDecoder
 from .base import Chunk, ToolCallChunk
 from .openai_compat import OpenAIProvider
@@ -47,6 +50,8 @@ __all__ = ["OpenAIResponsesProvider", "ResponsesEventParser", "response_to_chunk
 #: ``incomplete_details.reason`` → the core's finish reason.
 _INCOMPLETE = {"max_output_tokens": "length", "content_filter": "content_filter"}
 _TERMINAL = ("response.completed", "response.incomplete", "response.failed")
+#: The events that name the response (its id) before any output.
+_OPENING = frozenset({"response.created", "response.queued", "response.in_progress"})
 
 
 def _usage(obj: Any) -> Usage | None:
@@ -80,12 +85,18 @@ class ResponsesEventParser:
         raw: attach each parsed event to ``Chunk.raw`` (and emit a chunk for every event).
     """
 
-    __slots__ = ("_calls", "_error", "_raw", "_sse", "_texts", "done", "started")
+    __slots__ = ("_calls", "_error", "_raw", "_replay", "_sse", "_texts", "done", "last_seq",
+                 "response_id", "started")
 
     def __init__(self, *, raw: bool = False) -> None:
         self._sse = SSEDecoder()
         self._raw = raw
         self._error: StreamError | None = None
+        self._replay: ReplayFilter | None = None
+        #: The ``sequence_number`` of the last event received (None before any).
+        self.last_seq: int | None = None
+        #: The response's id, from its ``response.created`` (or queued / in_progress) event.
+        self.response_id: str | None = None
         # output_index → [tool-call index, arguments received]
         self._calls: dict[int, list[Any]] = {}
         # (output_index, content_index) → text received
@@ -94,6 +105,18 @@ class ResponsesEventParser:
         self.done = False
         #: Some text or tool call was produced.
         self.started = False
+
+    def position(self) -> int | None:
+        """The ``sequence_number`` of the last event received, to resume after."""
+        return self.last_seq
+
+    def reconnect(self, after: int) -> None:
+        """A new connection replays the response's events after ``after``
+        (``starting_after``): a fresh SSE decoder, the answer's state kept, events up to
+        ``after`` skipped, a gap refused."""
+        self._sse = SSEDecoder()
+        self._error = None
+        self._replay = ReplayFilter(after)
 
     def feed(self, data: bytes) -> list[Chunk]:
         """Parse one network read; return the chunks it completed."""
@@ -104,7 +127,15 @@ class ResponsesEventParser:
             if self.done or payload == "[DONE]":
                 continue  # nothing counts after the end
             try:
-                chunk = self._event(_loads(payload))
+                obj = _loads(payload)
+                seq = obj.get("sequence_number")
+                if self._replay is not None:
+                    if self._replay.check(seq):
+                        continue  # received before the reconnect
+                    self._replay = None
+                if seq is not None:
+                    self.last_seq = event_seq(seq)
+                chunk = self._event(obj)
             except StreamError as exc:
                 if not chunks:
                     raise
@@ -131,6 +162,11 @@ class ResponsesEventParser:
         return chunk
 
     def _chunk(self, kind: Any, obj: dict[str, Any]) -> Chunk | None:
+        if kind in _OPENING:
+            response_id = (obj.get("response") or {}).get("id")
+            if isinstance(response_id, str):
+                self.response_id = response_id
+            return None
         if kind == "response.output_text.delta" or kind == "response.refusal.delta":
             return self._text(obj, obj["delta"])
         if kind == "response.output_text.done" or kind == "response.refusal.done":
@@ -303,6 +339,8 @@ def responses_body(request: Request) -> dict[str, Any]:
     elif choice is not None:
         body["tool_choice"] = choice
     body.update(request.extra)
+    if body.get("background") and "store" not in request.extra:
+        body["store"] = True  # a background response is stored (the API requires it)
     body["stream"] = True  # this provider only streams; complete() is built on it
     return body
 
@@ -337,3 +375,24 @@ class OpenAIResponsesProvider(OpenAIProvider):
 
     def _from_json(self, obj: Any, *, raw: bool) -> list[Chunk]:
         return response_to_chunks(obj, raw=raw)
+
+    # -- resuming (providers/_resume.py) ---------------------------------------------
+
+    replay = "responses"
+
+    def _stops_on_abandon(self, request: Request) -> bool:
+        # A background response runs to its end on purpose: never cancelled for the caller.
+        return self.resume_grace is not None and not request.extra.get("background")
+
+    def _resumption(self, response: aiohttp.ClientResponse, parser: Any,
+                    request: Request) -> HTTPResume | None:
+        """A tokenrelay gateway's answer (``x-tokenrelay-stream-id``), or a background
+        response (``background: true``: OpenAI keeps it; its id is in
+        ``response.created``); None for any other."""
+        handle = super()._resumption(response, parser, request)
+        if handle is not None or not request.extra.get("background"):
+            return handle
+        sid = stream_id(getattr(parser, "response_id", None))
+        if sid is None:
+            return None
+        return HTTPResume(self, sid, parser, replay=self.replay, stop_on_abandon=False)

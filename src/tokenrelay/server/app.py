@@ -185,13 +185,17 @@ def create_app(config: ServerConfig | None = None) -> Starlette:
         Route("/chat/completions", ep.chat_completions, methods=["POST"]),
         Route("/v1/responses", ep.create_response, methods=["POST"]),
         Route("/responses", ep.create_response, methods=["POST"]),
-        Route("/v1/responses/{response_id}", ep.responses.retrieve, methods=["GET"]),
-        Route("/responses/{response_id}", ep.responses.retrieve, methods=["GET"]),
-        Route("/v1/responses/{response_id}/cancel", ep.responses.cancel, methods=["POST"]),
-        Route("/responses/{response_id}/cancel", ep.responses.cancel, methods=["POST"]),
+        Route("/v1/responses/{id}", ep.responses.retrieve, methods=["GET"]),
+        Route("/responses/{id}", ep.responses.retrieve, methods=["GET"]),
+        Route("/v1/responses/{id}/cancel", ep.responses.cancel, methods=["POST"]),
+        Route("/responses/{id}/cancel", ep.responses.cancel, methods=["POST"]),
         Route("/v1/models", ep.list_models, methods=["GET"]),
         Route("/v1/models/{model:path}", ep.retrieve_model, methods=["GET"]),
         Route("/chat", ep.simple_chat, methods=["POST"]),
+        Route("/v1/chat/completions/{id}/stream", ep.resume_chat_completion, methods=["GET"]),
+        Route("/v1/chat/completions/{id}/cancel", ep.cancel_chat_completion, methods=["POST"]),
+        Route("/chat/{id}/stream", ep.resume_chat, methods=["GET"]),
+        Route("/chat/{id}/cancel", ep.cancel_chat, methods=["POST"]),
         Route("/healthz", ep.healthz, methods=["GET"]),
         Route("/metrics", ep.metrics, methods=["GET"]),
         Route("/openapi.json", ep.openapi_json, methods=["GET"]),
@@ -212,7 +216,6 @@ def create_app(config: ServerConfig | None = None) -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await gateway.start()
         yield
-        await ep.background.aclose()
         await gateway.aclose()
 
     direct: dict[str, Callable[[HTTPRequest], Any]] = {}

@@ -4,14 +4,16 @@ request, kept in the stream log, retrieved, replayed and cancelled from any proc
 ``POST /v1/responses`` with ``background: true`` creates the response's stream
 (``resp_`` + 128 random bits, owned by the caller's key) with its ``response.created``
 frame (status ``queued``) and answers at once: the ``queued`` Response object, or with
-``stream: true`` the stream read from the log. A detached producer task runs the model
-and appends each event's frames (``response.in_progress`` first); nothing a client does
-stops it but a cancel (or the server shutting down): a disconnect only ends a delivery.
+``stream: true`` the stream read from the log. The answer is produced by the shared path
+(``producing.py``, :meth:`Gateway.produce_detached`) in a task of the gateway's, with no
+client: nothing a client does stops it but a cancel (or the server shutting down); a
+disconnect only ends a delivery.
 
 * ``GET /v1/responses/{id}``: the Response object rebuilt from the stored frames
   (``response_snapshot.py``): final, or the output so far.
 * ``GET /v1/responses/{id}?stream=true&starting_after=N``: frames N+1, … then live, each
-  with SSE ``id:`` = ``sequence_number``.
+  with SSE ``id:`` = ``sequence_number`` (``delivery.py``'s resume, this endpoint's
+  error frame).
 * ``POST /v1/responses/{id}/cancel``: sets the stream's cancel flag (any process sees it;
   the producer closes its upstream and ends the stream ``cancelled``), then answers the
   final object. Cancelling again answers it again; a response that ended otherwise is a
@@ -26,48 +28,38 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from starlette.requests import Request as HTTPRequest
 from starlette.responses import JSONResponse, Response
 
 from .._stream import AsyncStream
-from ..events import ErrorEvent
 from .access import log_access
-from .encode import SERVER_SHUTDOWN, SHUTDOWN_MESSAGE
-from .response_snapshot import ResponseSnapshot, frame
+from .delivery import Delivery
+from .encode import PRODUCER_LOST, PRODUCER_LOST_MESSAGE
+from .gateway import STREAM_ID_HEADER, Gateway
+from .response_snapshot import ResponseSnapshot, frame, response_error_frame
 from .responses import ResponsesEncoder
 from .routing import label
 from .security import ANONYMOUS, GatewayHTTPError, Lease
-from .shutdown import SHUTDOWN, is_shutdown
 from .sse import SSEResponse
 from .streamlog import (
-    LeaseLost,
-    Producer,
+    FinalStatus,
     ProducerLost,
     StreamInfo,
     StreamLogError,
-    StreamLogFull,
     StreamNotFound,
     StreamReader,
 )
-
-if TYPE_CHECKING:
-    from .gateway import Gateway
 
 __all__ = ["BackgroundResponses"]
 
 log = logging.getLogger("tokenrelay.server")
 
 ENDPOINT = "responses"
-#: The cancellation of a producer task that a cancel request caused.
-_CANCEL = "tokenrelay: response cancelled"
 #: How long ``POST …/cancel`` waits for the producer to end the stream (it does within a
 #: tick: the upstream read is cancelled where it waits).
 CANCEL_WAIT_S = 5.0
-_SHUTDOWN_EVENT = ErrorEvent(SERVER_SHUTDOWN, SHUTDOWN_MESSAGE, True)
-_LOST_MESSAGE = ("the process generating this response stopped before it was complete;"
-                 " send the request again")
 
 
 def not_found(response_id: str) -> GatewayHTTPError:
@@ -77,13 +69,12 @@ def not_found(response_id: str) -> GatewayHTTPError:
 
 
 class BackgroundResponses:
-    """The background responses of one gateway: their producer tasks and endpoints."""
+    """The background responses of one gateway: create, deliver, retrieve, cancel."""
 
     def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
         self.log = gateway.streams
-        #: The producer tasks running here (strong references: asyncio keeps weak ones).
-        self.tasks: set[asyncio.Task[None]] = set()
+        self.delivery = Delivery(gateway)
 
     # -- create --------------------------------------------------------------------------
 
@@ -91,111 +82,45 @@ class BackgroundResponses:
                     stream: AsyncStream, lease: Lease, key_id: str, model: str,
                     route: str | None, deliver: bool) -> Response | SSEResponse:
         """Create the response's stream, start its producer, answer the POST."""
+        gw = self.gateway
         started = time.monotonic()
         try:
             producer = await self.log.create(
                 owner=key_id, endpoint=ENDPOINT, id_prefix="resp_", status="queued",
-                meta={"model": model, "background": "1"})
+                meta={"model": model[:200], "background": "1"})
             encoder = ResponsesEncoder(**encoder_args, response_id=producer.stream_id,
                                        background=True)
             await producer.append(encoder.start("queued"))
+            # No queue in front of the model: it starts now.
+            await producer.append(encoder.progress(), status="in_progress")
         except StreamLogError as exc:
             lease.release(0)
             await stream.aclose()
-            status = 503 if isinstance(exc, StreamLogFull) or exc.retryable else 500
-            return self.gateway.rejected(GatewayHTTPError(
-                status, f"the stream log cannot take this response now: {exc}",
-                type="server_error", code=exc.code,
-                headers={"retry-after": "1"} if status == 503 else None), request)
-        task = asyncio.get_running_loop().create_task(self._produce(
-            producer, stream, encoder, lease=lease, key_id=key_id, model=label(model),
-            started=started), name=f"background {producer.stream_id}")
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+            log.warning("the stream log refused a background response: %s", exc)
+            return gw.rejected(GatewayHTTPError(
+                503, f"the gateway cannot keep a new response now ({exc.code}); try again"
+                " in a moment", type="server_error", code=exc.code,
+                headers={"retry-after": "1"}), request)
+        # The shared producing path (producing.py), with no client: to the end, a cancel
+        # from any process, or the drain; bookkeeping once, when it ends.
+        gw.produce_detached(stream, encoder, producer, lease=lease, key_id=key_id,
+                            endpoint=ENDPOINT, model=label(model), route=route)
         log_access(request.scope, 200, duration=time.monotonic() - started, model=model,
                    key=None if key_id == ANONYMOUS.id else key_id, outcome="queued")
         if not deliver:
             return JSONResponse(encoder.response("queued"))
         reader = await self.log.reader(producer.stream_id, after=-1, owner=key_id)
-        return self.gateway.sse(self.deliver(reader))
-
-    async def _produce(self, producer: Producer, stream: AsyncStream,
-                       encoder: ResponsesEncoder, *, lease: Lease, key_id: str, model: str,
-                       started: float) -> None:
-        """Run the model to the end, a cancel or the shutdown; every frame to the log."""
-        gw = self.gateway
-        task = asyncio.current_task()
-        assert task is not None
-        gw.drain.add(task)
-        gauge = gw.metrics.active_streams.labels(model)
-        gauge.inc()
-        # A cancel (from any process) or a lost lease sets the signal: cancel this task
-        # where it waits (on the upstream, usually), as the drain does at shutdown.
-        watcher = asyncio.ensure_future(_cancel_on(producer.signal, task))
-        shutdown = False
-        try:
-            async with producer:
-                try:
-                    await producer.append(encoder.progress(), status="in_progress")
-                    async for event in stream:
-                        frames = encoder.frames(event)
-                        if not frames or producer.closed:
-                            continue
-                        if encoder.final_status is not None:
-                            watcher.cancel()  # a cancel from now on finds it ended
-                            await producer.finish(encoder.final_status, frames)
-                        else:
-                            await producer.append(frames)
-                except asyncio.CancelledError as exc:
-                    reason = exc.args[0] if exc.args else None
-                    if not (is_shutdown(exc) or reason == _CANCEL):
-                        raise
-                    task.uncancel()
-                    await stream.aclose()
-                    if producer.lease_lost or producer.closed:
-                        return  # another process holds the stream now, or it ended
-                    if reason == _CANCEL:
-                        frames = encoder.cancel()
-                        await producer.finish("cancelled", frames)
-                    else:
-                        shutdown = True
-                        await producer.finish("failed", encoder.frames(_SHUTDOWN_EVENT))
-                if not producer.closed and not producer.lease_lost:
-                    # The stream ended without a final event (it cannot, but never leave
-                    # a response in_progress forever).
-                    await producer.finish("failed", encoder.frames(ErrorEvent(
-                        "stream_incomplete", "the answer ended without its final event",
-                        False)))
-        except LeaseLost:
-            log.warning("background response %s: another process holds it now",
-                        producer.stream_id)
-        except StreamLogError as exc:
-            # The store failed (Redis down, the stream over its cap): its readers learn
-            # it from the lease (ProducerLost) once it lapses.
-            log.warning("background response %s: the stream log failed: %s",
-                        producer.stream_id, exc)
-        finally:
-            watcher.cancel()
-            gw.drain.discard(task)
-            gauge.dec()
-            await stream.aclose()
-            gw.finish(stream=stream, lease=lease, key_id=key_id, endpoint=ENDPOINT,
-                      model=model, started=started, http_status=200, shutdown=shutdown)
-
-    async def aclose(self) -> None:
-        """End the producers still running (the server stops): each ends its response
-        ``failed`` with the shutdown error."""
-        for task in list(self.tasks):
-            task.cancel(SHUTDOWN)
-        await asyncio.gather(*self.tasks, return_exceptions=True)
+        return gw.sse(self.deliver(reader), wait_first=0.0,
+                      headers=[(STREAM_ID_HEADER, producer.stream_id.encode())])
 
     # -- deliver -------------------------------------------------------------------------
 
     async def deliver(self, reader: StreamReader) -> AsyncIterator[bytes]:
-        """A response's frames from ``reader``'s cursor to the end (replay, then live).
+        """A response's frames from ``reader``'s cursor to the end (the answer to a
+        ``stream: true`` POST: no resume to count, unlike ``delivery.py``'s).
 
-        A producer that died (its lease lapsed) ends the stream with an ``error`` frame
-        (``producer_lost``) and ``response.failed``, appended for every reader at once.
+        A producer that died (its lease lapsed) ends the stream with one ``error`` frame
+        (``producer_lost``), appended for every reader at once.
         """
         try:
             while True:
@@ -203,9 +128,14 @@ class BackgroundResponses:
                     batch = await reader.read()
                 except ProducerLost as lost:
                     await self._end_lost(reader.stream_id, lost.last_seq)
-                    continue
+                    continue  # reads the end: this one, or another reader's
                 except StreamNotFound:
                     return  # expired or evicted meanwhile: nothing more to send
+                except StreamLogError as exc:
+                    # (no frame: its number would not be the log's; the client can
+                    # resume from its last id)
+                    log.warning("background response %s: %s", reader.stream_id, exc)
+                    return
                 if batch.frames:
                     yield b"".join(batch.frames)
                 if reader.ended:
@@ -239,22 +169,22 @@ class BackgroundResponses:
         return snap
 
     async def _end_lost(self, stream_id: str, last_seq: int, *,
-                        status: str = "failed") -> bool:
-        """End a stream whose producer is gone: ``response.failed`` (with an ``error``
-        frame, ``producer_lost``) or ``response.cancelled`` when a cancel was asked."""
-        snap = await self.snapshot(stream_id, upto=last_seq)
-        seq = last_seq + 1
-        frames: list[bytes] = []
+                        status: FinalStatus = "failed") -> bool:
+        """End a stream whose producer is gone, for every reader: one ``error`` frame
+        (``producer_lost``, as ``delivery.py`` ends any stream), or ``response.cancelled``
+        (with the output so far) when a cancel is waiting for it."""
         if status == "failed":
-            error = {"code": "server_error", "message": _LOST_MESSAGE}
-            frames.append(frame("error", seq, code="producer_lost", message=_LOST_MESSAGE,
-                                param=None))
-            frames.append(frame("response.failed", seq + 1,
-                                response=snap.ended("failed", error=error)))
+            frames = [response_error_frame(last_seq + 1, PRODUCER_LOST,
+                                           PRODUCER_LOST_MESSAGE)]
         else:
-            frames.append(frame("response.cancelled", seq, response=snap.ended("cancelled")))
-        return await self.log.end_lost(stream_id, last_seq=last_seq, frames=frames,
-                                       status=status)  # type: ignore[arg-type]
+            snap = await self.snapshot(stream_id, upto=last_seq)
+            frames = [frame("response.cancelled", last_seq + 1,
+                            response=snap.ended("cancelled"))]
+        ended = await self.log.end_lost(stream_id, last_seq=last_seq, frames=frames,
+                                        status=status)
+        if ended:
+            self.gateway.metrics.producer_losses.inc()
+        return ended
 
     # -- endpoints -----------------------------------------------------------------------
 
@@ -276,20 +206,18 @@ class BackgroundResponses:
             if snap.final is not None:
                 return snap.object() or {}
         snap = await self.snapshot(info.id, upto=info.last_seq)
-        obj = snap.object()
-        if obj is None:
+        if snap.response is None:
             raise not_found(info.id)
-        return obj
+        if info.ended and snap.final is None:
+            # Ended by an error frame alone (its producer lost): the output so far.
+            return snap.ended(info.status, error=snap.error)
+        return snap.object() or {}
 
-    async def stream(self, info: StreamInfo, *, after: int, key_id: str) -> SSEResponse:
-        try:
-            reader = await self.log.reader(info.id, after=after, owner=key_id)
-        except StreamNotFound:
-            raise not_found(info.id) from None
-        except ValueError as exc:
-            raise GatewayHTTPError(400, f"invalid starting_after: {exc}",
-                                   param="starting_after", code="invalid_value") from None
-        return self.gateway.sse(self.deliver(reader))
+    async def stream(self, request: HTTPRequest) -> Response | SSEResponse:
+        """A replay from the request's cursor, then live: ``delivery.py``'s resume (the
+        resume metrics, the request log's count), with this endpoint's error frame."""
+        return await self.delivery.resume(request, endpoint=ENDPOINT,
+                                          error_frame=response_error_frame)
 
     async def cancel(self, response_id: str, key_id: str) -> dict[str, Any]:
         """Cancel (idempotent) and answer the final Response object."""
@@ -343,12 +271,6 @@ def parse_starting_after(value: str | None) -> int:
     return int(value)
 
 
-async def _cancel_on(signal: asyncio.Event, task: asyncio.Task[Any]) -> None:
-    await signal.wait()
-    task.cancel(_CANCEL)
-
-
-
 class BackgroundEndpoints:
     """``GET /v1/responses/{id}`` and ``POST /v1/responses/{id}/cancel`` (Starlette)."""
 
@@ -358,18 +280,18 @@ class BackgroundEndpoints:
 
     async def retrieve(self, request: HTTPRequest) -> Response | SSEResponse:
         """``GET /v1/responses/{id}`` (``?stream=true&starting_after=N`` replays)."""
-        response_id = request.path_params["response_id"]
+        response_id = request.path_params["id"]
         try:
             key = self.gateway.auth.check(request.headers)  # type: ignore[arg-type]
             query = request.query_params
             stream = _flag(query.get("stream"), "stream")
-            after = parse_starting_after(query.get("starting_after"))
+            parse_starting_after(query.get("starting_after"))
             if not stream and "starting_after" in query:
                 raise GatewayHTTPError(400, "starting_after needs stream=true",
                                        param="starting_after", code="invalid_value")
             info = await self.background.find(response_id, key.id)
             if stream:
-                return await self.background.stream(info, after=after, key_id=key.id)
+                return await self.background.stream(request)
             return JSONResponse(await self.background.retrieve(info))
         except GatewayHTTPError as exc:
             return self.gateway.rejected(exc, request)
@@ -378,7 +300,7 @@ class BackgroundEndpoints:
 
     async def cancel(self, request: HTTPRequest) -> Response:
         """``POST /v1/responses/{id}/cancel``."""
-        response_id = request.path_params["response_id"]
+        response_id = request.path_params["id"]
         try:
             key = self.gateway.auth.check(request.headers)  # type: ignore[arg-type]
             return JSONResponse(await self.background.cancel(response_id, key.id))

@@ -42,6 +42,8 @@ except ImportError:  # pragma: no cover - the [server] extra installs orjson
 
 
 __all__ = [
+    "PRODUCER_LOST",
+    "STREAM_CANCELLED",
     "ChunkEncoder",
     "SimpleEncoder",
     "completion_body",
@@ -106,11 +108,19 @@ def error_body(message: str, *, type: str, code: str | None = None,
 SERVER_SHUTDOWN = "server_shutdown"
 SHUTDOWN_MESSAGE = ("the server is shutting down and ended this answer before it was"
                     " complete; send the request again in a moment")
+#: The error code of a stream stopped before its end: cancelled (``POST …/cancel``), its
+#: client gone without a resume grace, or the grace over with nobody resuming.
+STREAM_CANCELLED = "cancelled"
+#: The error code a reader gets when the process producing its stream died (Redis store).
+PRODUCER_LOST = "producer_lost"
+PRODUCER_LOST_MESSAGE = ("the process producing this stream stopped before finishing it;"
+                         " the frames before this one are all it produced")
 #: Errors whose message tokenrelay wrote itself and which name no upstream detail: a
 #: client may read them as they are.
 _OWN_MESSAGES = frozenset({"invalid_request", "timeout_first_token", "timeout_idle",
                            "timeout_total", "truncated", "structured_output_invalid",
-                           SERVER_SHUTDOWN})
+                           SERVER_SHUTDOWN, STREAM_CANCELLED, PRODUCER_LOST,
+                           "stream_too_large", "stream_log_unavailable"})
 _GENERIC = {
     "rate_limited": "is rate limited; retry after the delay in the Retry-After header",
     "bad_request": "refused the request; check its parameters (e.g. the prompt's length"
@@ -140,8 +150,11 @@ def error_from_exc(exc: TokenrelayError | ErrorEvent, route: str | None = None,
     kind = "invalid_request_error" if code == "invalid_request" else "upstream_error"
     if code == "rate_limited":
         kind = "rate_limit_error"
-    elif code == SERVER_SHUTDOWN:
+    elif code in (SERVER_SHUTDOWN, PRODUCER_LOST, "stream_too_large",
+                  "stream_log_unavailable"):
         kind = "server_error"
+    elif code == STREAM_CANCELLED:
+        kind = "cancelled"
     return error_body(client_message(code, exc.message, route), type=kind, code=code)
 
 
@@ -151,8 +164,10 @@ _TEXT_TAIL = b'"logprobs":null,"finish_reason":null}]}'
 class ChunkEncoder:
     """Builds ``chat.completion.chunk`` SSE frames for one response."""
 
-    def __init__(self, model: str, *, include_usage: bool, route: str | None = None) -> None:
-        self.id = "chatcmpl-" + uuid.uuid4().hex
+    def __init__(self, model: str, *, include_usage: bool, route: str | None = None,
+                 id: str | None = None) -> None:
+        #: The chunks' ``id``: the stream's id in the stream log (resume and cancel by it).
+        self.id = id or "chatcmpl-" + uuid.uuid4().hex
         self.model = model
         #: The upstream route's name, if the model is one (its errors are generic).
         self.route = route
@@ -282,3 +297,15 @@ class SimpleEncoder:
         seq = self.next_seq
         self.next_seq = seq + 1
         return b"id: %d\nevent: %s\ndata: %s\n\n" % (seq, name, data)
+
+
+def chunk_error_frame(seq: int, code: str, message: str) -> bytes:
+    """A chat completions error frame numbered ``seq`` (a reader writes it: no encoder)."""
+    body = error_from_exc(ErrorEvent(code, message), None)
+    return b"id: %d\ndata: %s\n\n" % (seq, dumps(body))
+
+
+def simple_error_frame(seq: int, code: str, message: str) -> bytes:
+    """A ``/chat`` error frame numbered ``seq``."""
+    body = error_from_exc(ErrorEvent(code, message), None)["error"]
+    return b"id: %d\nevent: error\ndata: %s\n\n" % (seq, dumps(body))

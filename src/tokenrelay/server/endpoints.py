@@ -1,8 +1,10 @@
 """The gateway's endpoints: each turns its body into a core ``Request`` and its encoder,
 then takes the one shared path (``gateway.py``: admit → produce → deliver).
 
-``POST /v1/chat/completions``, ``/chat`` and ``/v1/responses`` answer from a model; the
-others describe the gateway (models, health, metrics, the OpenAPI document, the page).
+``POST /v1/chat/completions``, ``/chat`` and ``/v1/responses`` answer from a model (the
+streamed answers of the first two through the stream log, resumable and cancellable by
+their id: ``GET …/{id}/stream``, ``POST …/{id}/cancel``, ``delivery.py``); the others
+describe the gateway (models, health, metrics, the OpenAPI document, the page).
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 
 from ..request import Message, Request
 from .background import BackgroundEndpoints, BackgroundResponses
-from .encode import ChunkEncoder, SimpleEncoder, dumps
+from .delivery import Delivery
+from .encode import ChunkEncoder, SimpleEncoder, chunk_error_frame, dumps, simple_error_frame
 from .gateway import Gateway, error_response
 from .metrics import CONTENT_TYPE_LATEST
 from .openapi import openapi_document
@@ -36,6 +39,7 @@ class Endpoints:
     def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
         self.router = gateway.router
+        self.delivery = Delivery(gateway)
         self._openapi = dumps(openapi_document(auth=bool(gateway.config.keys)))
         #: Background responses: their producers, retrieve and cancel (background.py).
         self.background = BackgroundResponses(gateway)
@@ -61,7 +65,12 @@ class Endpoints:
                     extra=router.unused_parameters(chat.model, chat.unused_parameters()))
             except (ValidationError, ValueError) as exc:
                 raise GatewayHTTPError(400, f"invalid messages: {exc}", param="messages") from exc
+            grace = gw.resume_grace(request) if chat.stream else 0.0
             lease = await gw.acquire(key, reservation(core, key))
+            if chat.stream:
+                producer = await gw.create_stream(key, endpoint="chat.completions",
+                                                  model=chat.model, id_prefix="chatcmpl-",
+                                                  lease=lease)
         except GatewayHTTPError as exc:
             return gw.rejected(exc, request)
 
@@ -71,10 +80,11 @@ class Endpoints:
             return await gw.complete(stream, request=request, lease=lease, key_id=key.id,
                                      model=chat.model, route=route)
         encoder = ChunkEncoder(chat.model, include_usage=bool(
-            chat.stream_options and chat.stream_options.include_usage), route=route)
-        return gw.sse(gw.relay(stream, encoder.encode, lease=lease, key_id=key.id,
-                               endpoint="chat.completions", model=label(chat.model),
-                               route=route, scope=request.scope))
+            chat.stream_options and chat.stream_options.include_usage), route=route,
+            id=producer.stream_id)
+        return gw.produce(stream, encoder, producer, lease=lease, key_id=key.id,
+                          endpoint="chat.completions", model=label(chat.model), route=route,
+                          grace=grace, scope=request.scope)
 
     async def simple_chat(self, request: HTTPRequest) -> Any:
         """``POST /chat``: a prompt (and optional history) in, plain text deltas out."""
@@ -100,14 +110,37 @@ class Endpoints:
                 key, chat.max_tokens, gw.config.max_tokens_default)
             core = Request(messages=tuple(messages), model=upstream_model,
                            max_tokens=max_tokens, temperature=chat.temperature)
+            grace = gw.resume_grace(request)
             lease = await gw.acquire(key, reservation(core, key))
+            producer = await gw.create_stream(key, endpoint="chat", model=model,
+                                              id_prefix="chat-", lease=lease)
         except GatewayHTTPError as exc:
             return gw.rejected(exc, request)
         stream = gw.open(core, provider)
         route = router.route(model)
-        return gw.sse(gw.relay(stream, SimpleEncoder(route).encode, lease=lease,
-                               key_id=key.id, endpoint="chat", model=label(model),
-                               route=route, scope=request.scope))
+        return gw.produce(stream, SimpleEncoder(route), producer, lease=lease, key_id=key.id,
+                          endpoint="chat", model=label(model), route=route, grace=grace,
+                          scope=request.scope)
+
+    # -- streams by id (resume, cancel: delivery.py) ----------------------------------
+
+    async def resume_chat_completion(self, request: HTTPRequest) -> Any:
+        """``GET /v1/chat/completions/{id}/stream``."""
+        return await self.delivery.resume(request, endpoint="chat.completions",
+                                          error_frame=chunk_error_frame)
+
+    async def cancel_chat_completion(self, request: HTTPRequest) -> Response:
+        """``POST /v1/chat/completions/{id}/cancel``."""
+        return await self.delivery.cancel(request, endpoint="chat.completions")
+
+    async def resume_chat(self, request: HTTPRequest) -> Any:
+        """``GET /chat/{id}/stream``."""
+        return await self.delivery.resume(request, endpoint="chat",
+                                          error_frame=simple_error_frame)
+
+    async def cancel_chat(self, request: HTTPRequest) -> Response:
+        """``POST /chat/{id}/cancel``."""
+        return await self.delivery.cancel(request, endpoint="chat")
 
     async def create_response(self, request: HTTPRequest) -> Any:
         """``POST /v1/responses``: the same path as chat completions, another wire format."""

@@ -4,9 +4,11 @@ deliver.
 An endpoint (``endpoints.py``) turns its body into a core ``Request`` and its encoder;
 from there chat completions, ``/chat`` and ``/v1/responses`` share everything here:
 :meth:`Gateway.admit` (key, body, validation), :meth:`Gateway.open` (the ``AsyncStream``),
-:meth:`Gateway.relay` (a streamed answer: events → frames, one generator) or
-:meth:`Gateway.complete` (a ``stream: false`` one), and :meth:`Gateway.finish` (limits,
-metrics, access line, request log), once per request whatever ends it.
+:meth:`Gateway.create_stream` + :meth:`Gateway.produce` (a streamed answer, produced into
+the stream log and delivered to its client: ``producing.py``), :meth:`Gateway.relay` (a
+streamed answer without the log) or :meth:`Gateway.complete` (a ``stream: false`` one),
+and :meth:`Gateway.finish` (limits, metrics, access line, request log), once per request
+whatever ends it. Resume and cancel of a stream by its id are in ``delivery.py``.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, MutableMapping
+from collections.abc import AsyncIterator, Callable, Coroutine, MutableMapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
@@ -38,18 +40,24 @@ from .encode import (
     error_status,
 )
 from .metrics import GatewayMetrics
+from .producing import Encoder, Production
 from .reqlog import RequestLog
 from .routing import Router, label
 from .security import ANONYMOUS, Authenticator, GatewayHTTPError, Lease, Limiter
 from .shutdown import Drain, is_shutdown
 from .sse import EarlyResponse, SSEResponse
-from .streamlog import StreamLog, create_store
+from .streamlog import Producer, StreamLog, StreamLogError, create_store
 
 if TYPE_CHECKING:
     from .redis_link import RedisLink
     from .shared_limits import SharedLimiter
 
-__all__ = ["Gateway", "error_response"]
+__all__ = ["GRACE_HEADER", "STREAM_ID_HEADER", "Gateway", "error_response"]
+
+#: The response header carrying a streamed answer's id (before its first frame).
+STREAM_ID_HEADER = b"x-tokenrelay-stream-id"
+#: The request header asking for a resume grace period, in seconds.
+GRACE_HEADER = "x-tokenrelay-resume-grace"
 
 log = logging.getLogger("tokenrelay.server")
 
@@ -101,6 +109,10 @@ class Gateway:
 
             path = config.log.path or default_log_path().with_name("requests.db")
             self.reqlog = RequestLog(path, redact=config.log.redact)
+        #: Streams produced by this process now, by id (resumes are counted on them).
+        self.productions: dict[str, Production] = {}
+        #: Tasks of the gateway's own: streams producing with no client attached.
+        self._background: set[asyncio.Task[None]] = set()
 
     @property
     def models(self) -> dict[str, tuple[Provider, str]]:
@@ -181,11 +193,100 @@ class Gateway:
         scope["tokenrelay.logged"] = True
 
 
-    def sse(self, frames: AsyncIterator[bytes]) -> SSEResponse:
+    def sse(self, frames: AsyncIterator[bytes], *,
+            headers: list[tuple[bytes, bytes]] | None = None, detach: Any = None,
+            wait_first: float | None = None) -> SSEResponse:
         """An event stream of ``frames`` with this gateway's heartbeat and send timeout."""
         return SSEResponse(frames, heartbeat=self.config.heartbeat,
                            send_timeout=self.config.send_timeout,
-                           wait_first=min(self.config.heartbeat, 10.0))
+                           wait_first=min(self.config.heartbeat, 10.0)
+                           if wait_first is None else wait_first,
+                           headers=headers, detach=detach)
+
+    # -- produce (into the stream log) ---------------------------------------------------
+
+    def resume_grace(self, request: HTTPRequest) -> float:
+        """The resume grace the request asks for (``x-tokenrelay-resume-grace``), capped by
+        ``[streams] max_resume_grace_s``; 0 without the header."""
+        raw = request.headers.get(GRACE_HEADER)
+        if raw is None:
+            return 0.0
+        try:
+            value = float(raw.strip()) if len(raw) <= 32 else float("nan")
+        except ValueError:
+            value = float("nan")
+        if not value >= 0 or value == float("inf"):
+            raise GatewayHTTPError(
+                400, f"the {GRACE_HEADER} header must be a number of seconds >= 0, got"
+                f" {raw[:40]!r}", param=GRACE_HEADER, code="invalid_value")
+        return min(value, self.config.streams.max_resume_grace_s)
+
+    async def create_stream(self, key: KeyConfig, *, endpoint: str, model: str,
+                            id_prefix: str, lease: Lease) -> Producer:
+        """A new stream in the log for one answer (its id is the answer's); on failure the
+        limits ``lease`` is released and a 503 raised."""
+        try:
+            return await self.streams.create(owner=key.id, endpoint=endpoint,
+                                             meta={"model": model[:200]},
+                                             id_prefix=id_prefix, status="in_progress")
+        except StreamLogError as exc:
+            lease.release(0)
+            log.warning("the stream log refused a new stream: %s", exc)
+            raise GatewayHTTPError(503, f"the gateway cannot keep a new stream now ({exc.code});"
+                                   " try again in a moment", type="server_error",
+                                   code=exc.code, headers={"retry-after": "1"}) from exc
+
+    def produce(self, stream: AsyncStream, encoder: Encoder, producer: Producer, *,
+                lease: Lease, key_id: str, endpoint: str, model: str,
+                route: str | None = None, grace: float = 0.0,
+                scope: MutableMapping[str, Any] | None = None) -> SSEResponse:
+        """Produce a streamed answer into the log and deliver it to its client (the
+        stream's id in the ``x-tokenrelay-stream-id`` header); with a ``grace`` it goes on
+        that long for a resume when the client leaves."""
+        production = self._production(stream, encoder, producer, lease=lease, key_id=key_id,
+                                      endpoint=endpoint, model=model, route=route,
+                                      grace=grace, scope=scope)
+        return self.sse(production.frames(), headers=[(STREAM_ID_HEADER, production.id.encode())],
+                        detach=production if grace > 0 else None)
+
+    def produce_detached(self, stream: AsyncStream, encoder: Encoder, producer: Producer, *,
+                         lease: Lease, key_id: str, endpoint: str, model: str,
+                         route: str | None = None,
+                         scope: MutableMapping[str, Any] | None = None) -> Production:
+        """Produce a streamed answer with no client attached, to its end or a cancel (a
+        background response): a task of the gateway's, in its drain. Read it through the
+        log by ``production.id``."""
+        production = self._production(stream, encoder, producer, lease=lease, key_id=key_id,
+                                      endpoint=endpoint, model=model, route=route,
+                                      grace=0.0, scope=scope, keep=True)
+        production.run_detached()
+        return production
+
+    def _production(self, stream: AsyncStream, encoder: Encoder, producer: Producer,
+                    **kwargs: Any) -> Production:
+        production = Production(self, stream=stream, encoder=encoder, producer=producer,
+                                **kwargs)
+        self.productions[production.id] = production
+        return production
+
+    def spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+        """A task of the gateway's (kept until it ends; cancelled at ``aclose``)."""
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
+
+    def produced(self, production: Production, *, started: float, shutdown: bool) -> None:
+        """A production ended (``producing.py``): its request's bookkeeping, once."""
+        self.productions.pop(production.id, None)
+        reason = {"cancel": "cancel", "grace": "grace_expired", "lost": "producer_lost"}.get(
+            production.stop_reason or "", "client_disconnect")
+        self.finish(stream=production.stream, lease=production.lease,
+                    key_id=production.key_id, endpoint=production.endpoint,
+                    model=production.model, started=started,
+                    http_status=production.http_status, shutdown=shutdown,
+                    scope=production.scope, stream_id=production.id,
+                    resumes=production.resumes, cancel_reason=reason)
 
     def open(self, request: Request, provider: Provider) -> AsyncStream:
         return AsyncStream(request, provider, timeouts=self.timeouts, retry=self.retry,
@@ -193,7 +294,8 @@ class Gateway:
 
     def finish(self, *, stream: AsyncStream, lease: Lease, key_id: str, endpoint: str,
                model: str, started: float, http_status: int, shutdown: bool = False,
-               scope: MutableMapping[str, Any] | None = None) -> None:
+               scope: MutableMapping[str, Any] | None = None, stream_id: str | None = None,
+               resumes: int = 0, cancel_reason: str = "client_disconnect") -> None:
         """Release limits, count metrics and log one finished (or cancelled) request
         (``scope``: the HTTP request's, for its console access line)."""
         result = stream.result
@@ -215,7 +317,7 @@ class Gateway:
             m.tokens_per_second.labels(model).observe(result.metrics.tokens_per_second)
         m.completion_tokens.labels(model).inc(result.usage.completion_tokens)
         if status == "cancelled":
-            m.cancellations.labels(model, "client_disconnect").inc()
+            m.cancellations.labels(model, cancel_reason).inc()
         if result.error is not None:
             if result.error.code != SERVER_SHUTDOWN:
                 # The operator's copy of what clients see only in general terms.
@@ -238,7 +340,7 @@ class Gateway:
                 time_to_first_token=result.metrics.time_to_first_token,
                 duration=time.monotonic() - started,
                 prompt=[m.model_dump(exclude_none=True) for m in stream.request.messages],
-                answer=result.text, error=error)
+                answer=result.text, error=error, stream_id=stream_id, resumes=resumes)
 
     async def drain_logs(self) -> None:
         """Wait until the request log has written every row queued so far."""
@@ -363,10 +465,20 @@ class Gateway:
                         shutdown=shutdown, scope=request.scope)
 
     async def aclose(self) -> None:
+        if self._background:
+            # Streams producing with no client attached hold no connection, so uvicorn
+            # does not wait for them: they get the drain here (the rest of
+            # drain_timeout_s, then the drain's server_shutdown end), as attached ones do.
+            self.drain.begin(self.config.drain_timeout_s)
+            await asyncio.wait(set(self._background),
+                               timeout=self.config.drain_timeout_s + 2.0)
+            for task in list(self._background):
+                task.cancel()
+            await asyncio.gather(*self._background, return_exceptions=True)
         self.drain.close()
         await self.drain_logs()
-        await self.router.aclose()
         await self.streams.aclose()
+        await self.router.aclose()
         if self.reqlog is not None:
             self.reqlog.close()
         if self.redis is not None:

@@ -73,6 +73,21 @@ class GatewayMetrics:
             ["model", "status"], registry=r)
         self.completion_tokens = Counter(
             "tokenrelay_completion_tokens", "Generated tokens", ["model"], registry=r)
+        # Streams that outlive their connection (server/producing.py, delivery.py).
+        self.resumes = Counter(
+            "tokenrelay_stream_resumes", "Streams resumed (GET …/{id}/stream)",
+            ["endpoint"], registry=r)
+        self.replayed_frames = Counter(
+            "tokenrelay_stream_replayed_frames",
+            "Frames sent again to resuming clients (stored before they attached)",
+            ["endpoint"], registry=r)
+        self.stream_cancels = Counter(
+            "tokenrelay_stream_cancels", "Live streams cancelled through POST …/{id}/cancel",
+            ["endpoint"], registry=r)
+        self.producer_losses = Counter(
+            "tokenrelay_stream_producer_losses",
+            "Streams whose producing process stopped before their end (producer_lost)",
+            registry=r)
         # Written out, not a Gauge: in multiprocess mode a Gauge goes to the workers'
         # files (one sample per pid), and every worker of a replica says the same.
         self._info = _info_lines(replica_name(), os.environ.get(WORKERS_ENV, "1"))

@@ -306,6 +306,83 @@ def _error_responses(*codes: str) -> dict[str, Any]:
             for code in codes}
 
 
+_STREAM_STATE = {
+    "type": "object",
+    "description": "A stream's state (the answer of `POST …/{id}/cancel`).",
+    "required": ["id", "object", "status", "last_event_id"],
+    "properties": {
+        "id": {"type": "string"},
+        "object": {"const": "stream"},
+        "status": {"enum": ["queued", "in_progress", "completed", "failed", "cancelled",
+                            "incomplete"]},
+        "last_event_id": {"type": "integer", "minimum": -1,
+                          "description": "The SSE id of the stream's last frame so far."},
+        "created_at": {"type": "integer"},
+        "cancel_requested": {"type": "boolean"},
+    },
+}
+
+#: The request header asking a stream to go on for a resume when its client leaves.
+_GRACE_PARAMETER = {
+    "name": "x-tokenrelay-resume-grace", "in": "header", "required": False,
+    "schema": {"type": "number", "minimum": 0},
+    "description": "Seconds the answer goes on producing, waiting for a resume, when the"
+                   " client disconnects (capped by the config's `max_resume_grace_s`)."
+                   " Without it a disconnect stops the answer at once.",
+}
+_STREAM_ID_HEADER = {"x-tokenrelay-stream-id": {
+    "description": "The stream's id (the chunks' `id`): resume or cancel it with it.",
+    "schema": {"type": "string"}}}
+
+
+def _stream_paths(prefix: str, what: str, event: dict[str, Any],
+                  operation: str) -> dict[str, Any]:
+    """``GET {prefix}/{id}/stream`` and ``POST {prefix}/{id}/cancel``."""
+    stream_id = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"},
+                 "description": "The stream's id (`x-tokenrelay-stream-id`)."}
+    return {
+        f"{prefix}/{{id}}/stream": {"get": {
+            "operationId": f"resume{operation}",
+            "summary": f"Resume a streamed {what}: the frames after a cursor, then live",
+            "description": "Replays the stored frames after `Last-Event-ID` (or"
+                           " `starting_after`; neither: from the first frame) and follows"
+                           " the stream live to its end. Only the API key that created the"
+                           " stream may read it. A frame number beyond a live stream's"
+                           " waits for it. If the process producing the stream died, one"
+                           " error frame with `code: producer_lost` ends it.",
+            "parameters": [
+                stream_id,
+                {"name": "starting_after", "in": "query", "required": False,
+                 "schema": {"type": "integer", "minimum": 0},
+                 "description": "The SSE id of the last frame received."},
+                {"name": "Last-Event-ID", "in": "header", "required": False,
+                 "schema": {"type": "integer", "minimum": 0},
+                 "description": "The same (what EventSource sends); wins over the query."},
+            ],
+            "responses": {
+                "200": {"description": "The frames, as the original stream sent them.",
+                        "headers": _STREAM_ID_HEADER,
+                        "content": {"text/event-stream": {"schema": event}}},
+                **_error_responses("400", "401", "403", "404", "503"),
+            },
+        }},
+        f"{prefix}/{{id}}/cancel": {"post": {
+            "operationId": f"cancel{operation}",
+            "summary": f"Cancel a streamed {what}, from any connection",
+            "description": "Stops the stream (its upstream is aborted; a client reading"
+                           " it gets an error frame with `code: cancelled`) and answers its"
+                           " state once it ended. Idempotent: a finished stream answers its"
+                           " final state.",
+            "parameters": [stream_id],
+            "responses": {
+                "200": {"description": "The stream's state.",
+                        "content": {"application/json": {"schema": _ref("StreamState")}}},
+                **_error_responses("401", "403", "404", "415", "503"),
+            },
+        }},
+    }
+
+
 def _body(name: str) -> dict[str, Any]:
     return {"required": True, "content": {"application/json": {"schema": _ref(name)}}}
 
@@ -378,7 +455,7 @@ def openapi_document(*, auth: bool = True) -> dict[str, Any]:
     schemas.update(Usage=_USAGE, Error=_ERROR, ErrorObject=_ERROR_OBJECT,
                    ChatCompletion=_COMPLETION,
                    ChatCompletionChunk=_CHUNK, Model=_MODEL, ModelList=_MODELS,
-                   Response=_RESPONSE)
+                   Response=_RESPONSE, StreamState=_STREAM_STATE)
     responses = {
         "summary": "Create a response (OpenAI Responses API)",
         "description": "The same models as chat completions, in the Responses wire format."
@@ -404,10 +481,13 @@ def openapi_document(*, auth: bool = True) -> dict[str, Any]:
     chat_completions = {
         "summary": "Create a chat completion (OpenAI-compatible)",
         "requestBody": _body("ChatCompletionRequest"),
+        "parameters": [_GRACE_PARAMETER],
         "responses": {
             "200": {
                 "description": "The completion (`stream: false`) or its events"
-                               " (`stream: true`; `data:` holds ChatCompletionChunk JSON).",
+                               " (`stream: true`; `data:` holds ChatCompletionChunk JSON;"
+                               " each frame's SSE `id:` is its number, 0, 1, 2, …).",
+                "headers": _STREAM_ID_HEADER,
                 "content": {
                     "application/json": {"schema": _ref("ChatCompletion")},
                     "text/event-stream": {"schema": _CHUNK_EVENT},
@@ -430,12 +510,17 @@ def openapi_document(*, auth: bool = True) -> dict[str, Any]:
             "operationId": "chat",
             "summary": "Stream the answer to one prompt as simple text events",
             "requestBody": _body("SimpleChatRequest"),
+            "parameters": [_GRACE_PARAMETER],
             "responses": {
                 "200": {"description": "The answer as server-sent events.",
+                        "headers": _STREAM_ID_HEADER,
                         "content": {"text/event-stream": {"schema": _CHAT_EVENT}}},
                 **_error_responses(*_POST_ERRORS),
             },
         }},
+        **_stream_paths("/v1/chat/completions", "chat completion", _CHUNK_EVENT,
+                        "ChatCompletionStream"),
+        **_stream_paths("/chat", "/chat answer", _CHAT_EVENT, "ChatStream"),
         "/v1/models": {"get": {
             "operationId": "listModels",
             "summary": "The models this gateway serves",

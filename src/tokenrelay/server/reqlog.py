@@ -11,6 +11,9 @@ usage, time to first token, duration, the prompt and answer (``redact = true`` s
 neither), error. Keys and upstream secrets are never written. A request refused before it
 reached a model (400, 401, 403, 404, 413, 415, 429, 431, …) is a ``refused`` row with its
 path as the endpoint; a stream its client left before the first frame has HTTP status 499.
+A streamed answer is one row whatever happens to its connections, written when it ends,
+with its ``stream_id`` and how many times it was resumed (``resumes``; a resume after the
+row was written adds one to it).
 
 What a crash can lose: committed rows survive a killed process (WAL; ``synchronous=NORMAL``
 gives up only the last commits to a power loss), so a ``kill -9`` loses the rows recorded
@@ -30,7 +33,7 @@ import sqlite3
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 __all__ = ["RequestLog"]
 
@@ -53,10 +56,18 @@ CREATE TABLE IF NOT EXISTS requests (
     error TEXT
 );
 """
+#: Columns added after the first release: ALTERed into an older database on open.
+_ADDED = (("stream_id", "TEXT"), ("resumes", "INTEGER NOT NULL DEFAULT 0"))
 
 _COLUMNS = ("created_at", "key_id", "endpoint", "model", "status", "http_status",
             "prompt_tokens", "completion_tokens", "usage_estimated", "time_to_first_token",
-            "duration", "prompt", "answer", "error")
+            "duration", "prompt", "answer", "error", "stream_id", "resumes")
+
+
+class _Resumes(NamedTuple):
+    """Stream ids whose rows get one more resume each (a queue item of their own)."""
+
+    ids: list[str]
 
 
 class RequestLog:
@@ -75,6 +86,7 @@ class RequestLog:
         self._lock = threading.Lock()
         self._db = sqlite3.connect(self.path, check_same_thread=False, timeout=10)
         self._db.executescript(_SCHEMA)
+        self._migrate()
         self._db.execute("PRAGMA journal_mode=WAL")
         # WAL + NORMAL: a crash loses at most the last commits, never the database.
         self._db.execute("PRAGMA synchronous=NORMAL")
@@ -86,17 +98,44 @@ class RequestLog:
             f"INSERT INTO requests ({', '.join(_COLUMNS)}) SELECT "
             + ", ".join(f"json_extract(value, '$[{i}]')" for i in range(len(_COLUMNS)))
             + " FROM json_each(?)")
-        #: Batches of rows, ``threading.Event`` markers (flush) and ``None`` (close).
-        self._queue: queue.SimpleQueue[list[dict[str, Any]] | threading.Event | None] = \
-            queue.SimpleQueue()
+        #: Batches of rows, resumes, ``threading.Event`` markers (flush), ``None`` (close).
+        self._queue: queue.SimpleQueue[
+            list[dict[str, Any]] | _Resumes | threading.Event | None] = queue.SimpleQueue()
         #: Rows recorded on the event loop since the last hand-over, and its timer: the
         #: writer thread wakes once per batch, not once per request.
         self._pending: list[dict[str, Any]] = []
+        #: Stream ids whose rows get one more resume (after the rows handed over before).
+        self._pending_resumes: list[str] = []
         self._handover: asyncio.TimerHandle | None = None
         self._closed = False
         self._writer = threading.Thread(target=self._run, name="tokenrelay-reqlog",
                                         daemon=True)
         self._writer.start()
+
+    def _migrate(self) -> None:
+        """Add the columns an older database lacks (ALTER TABLE … ADD COLUMN keeps its rows)."""
+        have = {r[1] for r in self._db.execute("PRAGMA table_info(requests)")}
+        for name, kind in _ADDED:
+            if name not in have:
+                try:
+                    self._db.execute(f"ALTER TABLE requests ADD COLUMN {name} {kind}")
+                except sqlite3.OperationalError as exc:  # another process added it first
+                    if "duplicate column" not in str(exc):
+                        raise
+        self._db.execute("CREATE INDEX IF NOT EXISTS requests_stream_id ON requests"
+                         " (stream_id) WHERE stream_id IS NOT NULL")
+        self._db.commit()
+
+    def add_resume(self, stream_id: str) -> None:
+        """Count one more resume on the row of stream ``stream_id`` (written already)."""
+        self._pending_resumes.append(stream_id)
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.hand_over()
+            return
+        if self._handover is None:
+            self._handover = loop.call_later(self.BATCH_SECONDS, self.hand_over)
 
     def record(self, **row: Any) -> None:
         """Log one request (cheap: the writer thread serialises and writes it)."""
@@ -130,8 +169,12 @@ class RequestLog:
         rows, self._pending = self._pending, []
         if rows:
             self._queue.put(rows)
+        resumes, self._pending_resumes = self._pending_resumes, []
+        if resumes:
+            self._queue.put(_Resumes(resumes))
 
     def _values(self, row: dict[str, Any]) -> tuple[Any, ...]:
+        row.setdefault("resumes", 0)
         if self.redact:
             row["prompt"] = row["answer"] = None
         elif isinstance(row.get("prompt"), (list, dict)):
@@ -166,11 +209,29 @@ class RequestLog:
             if rows and not self._write(rows) and len(rows) > 1:
                 for row in rows:  # one bad row must not cost the others theirs
                     self._write([row])
+            resumes = [sid for item in items if isinstance(item, _Resumes) for sid in item.ids]
+            if resumes:
+                self._count_resumes(resumes)
             for item in items:
                 if isinstance(item, threading.Event):
                     item.set()
             if any(item is None for item in items):
                 return
+
+    def _count_resumes(self, stream_ids: list[str]) -> None:
+        try:
+            with self._lock:
+                try:
+                    self._db.executemany(
+                        "UPDATE requests SET resumes = resumes + 1 WHERE stream_id = ?",
+                        [(sid,) for sid in stream_ids])
+                    self._db.commit()
+                except BaseException:
+                    self._db.rollback()
+                    raise
+        except Exception as exc:  # noqa: BLE001
+            logging.getLogger("tokenrelay.server").warning(
+                "request log: %d resume(s) not counted: %s", len(stream_ids), exc)
 
     def flush(self, timeout: float | None = 10) -> bool:
         """Block until the rows handed over so far are written; False on timeout. (On the

@@ -19,7 +19,7 @@ import orjson
 
 from .encode import dumps
 
-__all__ = ["FINAL_EVENTS", "ResponseSnapshot", "frame", "parse_frame"]
+__all__ = ["FINAL_EVENTS", "ResponseSnapshot", "frame", "parse_frame", "response_error_frame"]
 
 #: The events that end a response, and the status each one gives it.
 FINAL_EVENTS = {"response.completed": "completed", "response.incomplete": "incomplete",
@@ -32,6 +32,11 @@ def frame(kind: str, seq: int, **fields: Any) -> bytes:
     as :class:`~.responses.ResponsesEncoder` writes them."""
     payload = dumps({"type": kind, "sequence_number": seq, **fields})
     return b"event: %s\nid: %d\ndata: %s\n\n" % (kind.encode(), seq, payload)
+
+
+def response_error_frame(seq: int, code: str, message: str) -> bytes:
+    """An ``error`` event numbered ``seq`` (a reader ends a stream with it: no encoder)."""
+    return frame("error", seq, code=code, message=message, param=None)
 
 
 def parse_frame(data: bytes) -> dict[str, Any] | None:
@@ -58,6 +63,8 @@ class ResponseSnapshot:
         self.items: list[dict[str, Any]] = []
         #: The final status once a final event came.
         self.final: str | None = None
+        #: The last ``error`` event's code and message (a response's ``error`` shape).
+        self.error: dict[str, Any] | None = None
 
     def feed(self, data: bytes) -> None:
         event = parse_frame(data)
@@ -70,6 +77,9 @@ class ResponseSnapshot:
                 self.response = response
                 if kind in FINAL_EVENTS:
                     self.final = FINAL_EVENTS[kind]
+            return
+        if kind == "error":
+            self.error = {"code": "server_error", "message": str(event.get("message", ""))}
             return
         index = event.get("output_index")
         if not isinstance(index, int) or isinstance(index, bool) or index < 0:

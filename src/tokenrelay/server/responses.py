@@ -34,9 +34,8 @@ from typing import Any
 
 from .._stream import Result
 from ..events import Done, ErrorEvent, StreamEvent, TextDelta, ToolCallDelta, Usage, UsageEvent
-from .encode import client_message, dumps, tool_call_id
+from .encode import STREAM_CANCELLED, client_message, dumps, tool_call_id
 from .responses_schema import ResponsesRequest
-from .streamlog.base import FinalStatus
 
 __all__ = ["ResponsesEncoder"]
 
@@ -99,9 +98,6 @@ class ResponsesEncoder:
         self._calls: dict[int, dict[str, Any]] = {}  # core tool-call index → its item
         self._open_calls: list[int] = []
         self.usage: Usage | None = None
-        #: The final status once the last frame is out (completed, incomplete, failed,
-        #: cancelled); None before.
-        self.final_status: FinalStatus | None = None
 
     # -- frames ---------------------------------------------------------------------
 
@@ -151,7 +147,6 @@ class ResponsesEncoder:
         frames: list[bytes] = []
         self._close_message(frames, "incomplete")
         self._close_calls(frames, "incomplete")
-        self.final_status = "cancelled"
         self._frame(frames, "response.cancelled",
                     response=self.response("cancelled", usage=self.usage))
         return frames
@@ -175,7 +170,12 @@ class ResponsesEncoder:
                 # (after an error the failure frames are out; cancelled: nobody listens)
                 self._finish(frames, event.finish_reason, event.usage)
         elif isinstance(event, ErrorEvent):
-            self._fail(frames, event)
+            if event.code == STREAM_CANCELLED:
+                # A cancel (background responses: producing.py ends a stopped stream
+                # with this event): the open items end incomplete, response.cancelled.
+                frames += self.cancel()
+            else:
+                self._fail(frames, event)
         # Other events add nothing to the wire: tool_call_done (its arguments came as
         # deltas), structured_partial (the text carries the JSON), raw chunks, tool results.
         return frames
@@ -240,11 +240,10 @@ class ResponsesEncoder:
 
     def _finish(self, frames: list[bytes], reason: str, usage: Usage) -> None:
         incomplete = _INCOMPLETE.get(reason)
-        status: FinalStatus = "completed" if incomplete is None else "incomplete"
+        status = "completed" if incomplete is None else "incomplete"
         # Close in output order: at most one of the two is open.
         self._close_message(frames, status)
         self._close_calls(frames, status)
-        self.final_status = status
         self._frame(frames, f"response.{status}",
                     response=self.response(status, usage=usage, incomplete=incomplete))
 
@@ -255,7 +254,6 @@ class ResponsesEncoder:
             if item["status"] == "in_progress":
                 item["status"] = "incomplete"
         code = "rate_limit_exceeded" if event.code == "rate_limited" else "server_error"
-        self.final_status = "failed"
         self._frame(frames, "response.failed", response=self.response(
             "failed", usage=self.usage, error={"code": code, "message": message}))
 

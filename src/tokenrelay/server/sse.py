@@ -11,7 +11,10 @@ issues are the reference):
 * the client going away (``http.disconnect``) cancels the source at once, so the upstream
   request is aborted / local decoding stops (the source's ``finally`` blocks run);
 * a client that stops reading is dropped after ``send_timeout`` instead of holding the
-  stream (and its limits) forever.
+  stream (and its limits) forever;
+* with a ``detach`` hook (a stream that may outlive its client: ``server/producing.py``),
+  the client going away does not cancel the source: the response stops iterating it at
+  the next frame and hands it over (``Detachable.hand_over``) instead of closing it.
 """
 
 from __future__ import annotations
@@ -19,11 +22,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
 
 from .._timer import LazyTimer, TaskDeadline
 
-__all__ = ["SSE_HEADERS", "EarlyResponse", "SSEResponse", "SendTimeout"]
+__all__ = ["SSE_HEADERS", "Detachable", "EarlyResponse", "SSEResponse", "SendTimeout"]
 
 SSE_HEADERS: list[tuple[bytes, bytes]] = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
@@ -37,6 +40,21 @@ _END = object()
 
 class SendTimeout(ConnectionAbortedError):
     """A client stopped reading for longer than the send timeout: its stream is dropped."""
+
+
+class Detachable(Protocol):
+    """A source that may go on without its client (``SSEResponse(detach=...)``)."""
+
+    def client_gone(self) -> bool:
+        """The client left: True when the source goes on producing (do not cancel it)."""
+
+    def hand_over(self, source: AsyncIterator[bytes]) -> None:
+        """The response stopped iterating ``source`` (not closed): run it to its end."""
+
+
+#: The message of a cancellation that stops a stream on request (cancel, grace over): the
+#: source answers it; a response interrupted in a send by it just ends.
+STOP = "tokenrelay: stream stopped"
 
 
 class EarlyResponse(Exception):
@@ -68,7 +86,9 @@ class SSEResponse:
             that a source failing at once (``EarlyResponse``) gets a real HTTP status;
             after it, heartbeats keep the started stream alive.
         on_close: awaited once the response is over, with the reason:
-            "complete", "disconnect" or "send_timeout".
+            "complete", "disconnect", "detached", "stopped" or "send_timeout".
+        detach: asked when the client leaves whether the source goes on without it; if
+            so, the source is handed over at its next frame instead of being closed.
     """
 
     def __init__(
@@ -80,6 +100,7 @@ class SSEResponse:
         wait_first: float = 0.0,
         headers: list[tuple[bytes, bytes]] | None = None,
         on_close: Callable[[str], Awaitable[None]] | None = None,
+        detach: Detachable | None = None,
     ) -> None:
         self.source = source
         self.heartbeat = heartbeat
@@ -87,6 +108,7 @@ class SSEResponse:
         self.wait_first = wait_first
         self.headers = SSE_HEADERS + (headers or [])
         self.on_close = on_close
+        self.detach = detach
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         loop = asyncio.get_running_loop()
@@ -97,13 +119,18 @@ class SSEResponse:
         reason = "complete"
         try:
             await self._stream(state)
-        except asyncio.CancelledError:
+        except asyncio.CancelledError as exc:
             timed_out = state.send_deadline.expired()  # absorbs its own cancellation
             if state.gone:  # the watcher's cancellation: the client left
                 task.uncancel()
                 reason = "disconnect"
             elif timed_out:
                 reason = "send_timeout"
+            elif exc.args and exc.args[0] == STOP:
+                # A stop request caught this task in a send (a client not reading): the
+                # source's own end (its finally) records it.
+                task.uncancel()
+                reason = "stopped"
             else:
                 raise
         except OSError:  # the server reports the client gone on send
@@ -112,11 +139,15 @@ class SSEResponse:
             state.close()
             watcher.cancel()
             await asyncio.gather(watcher, return_exceptions=True)
-            # Runs on cancellation too (client gone): closes the source, which aborts
-            # the upstream request / stops local decoding.
-            aclose = getattr(self.source, "aclose", None)
-            if aclose is not None:
-                await aclose()
+            if state.handed and self.detach is not None:
+                reason = "detached"
+                self.detach.hand_over(self.source)  # goes on without this response
+            else:
+                # Runs on cancellation too (client gone): closes the source, which aborts
+                # the upstream request / stops local decoding.
+                aclose = getattr(self.source, "aclose", None)
+                if aclose is not None:
+                    await aclose()
             if self.on_close is not None:
                 await self.on_close(reason)
         if reason == "send_timeout":
@@ -131,7 +162,12 @@ class SSEResponse:
             if message["type"] == "http.disconnect":
                 if not state.done:
                     state.gone = True
-                    state.task.cancel()
+                    if self.detach is not None and self.detach.client_gone():
+                        # The source goes on: the response lets go of it at its next
+                        # frame (sends to a gone client are dropped meanwhile).
+                        state.detached = True
+                    else:
+                        state.task.cancel()
                 return
 
     async def _stream(self, state: _State) -> None:
@@ -173,7 +209,9 @@ class SSEResponse:
             await send({"type": "http.response.start", "status": 200, "headers": self.headers})
         else:
             await state.wait_open()
-        if first is not _END:
+        if first is not _END and state.detached:
+            state.handed = True  # (the frame is in the stream log: a resume has it)
+        elif first is not _END:
             await state.write(first, self.send_timeout)
             state.heartbeats()
             # The hot loop: one frame, one send, in this task. State.write inline (no
@@ -184,6 +222,9 @@ class SSEResponse:
             now = state.loop.time
             try:
                 async for frame in source:
+                    if state.detached:  # the client left; the source goes on without it
+                        state.handed = True
+                        break
                     state.last_write = when = now()
                     state.sending = True
                     deadline.arm(when + timeout)
@@ -203,9 +244,9 @@ class SSEResponse:
 class _State:
     """One response's shared state: disconnect flag, send deadline, heartbeat timer."""
 
-    __slots__ = ("_open_timer", "_opening", "_ping", "done", "gone", "heartbeat",
-                 "heartbeat_timer", "last_write", "loop", "opened", "send", "send_deadline",
-                 "sending", "task")
+    __slots__ = ("_open_timer", "_opening", "_ping", "detached", "done", "gone", "handed",
+                 "heartbeat", "heartbeat_timer", "last_write", "loop", "opened", "send",
+                 "send_deadline", "sending", "task")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, task: asyncio.Task[Any], send: Any,
                  heartbeat: float) -> None:
@@ -214,6 +255,10 @@ class _State:
         self.send = send
         self.heartbeat = heartbeat
         self.gone = False
+        #: The client left and the source goes on without it (``SSEResponse.detach``).
+        self.detached = False
+        #: This response stopped iterating the source, which is to be handed over.
+        self.handed = False
         self.done = False
         self.sending = False
         #: Loop time of the last frame or ping sent.

@@ -25,7 +25,7 @@ import asyncio
 import re
 import secrets
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Literal, NamedTuple, Self
@@ -229,6 +229,9 @@ class Producer(ABC):
         self.closed = False
         self._readers = 0
         self._readers_seen_at: float | None = None
+        #: Called (no arguments, on the loop) when ``signal`` is set: a caller that must
+        #: not keep a task waiting on ``signal`` for every stream (the gateway).
+        self.on_signal: Callable[[], None] | None = None
         if self.cancel_requested:
             self.signal.set()
 
@@ -245,11 +248,17 @@ class Producer(ABC):
 
     def _on_cancel(self) -> None:
         self.cancel_requested = True
-        self.signal.set()
+        self._signal()
 
     def _on_lost(self) -> None:
         self.lease_lost = True
-        self.signal.set()
+        self._signal()
+
+    def _signal(self) -> None:
+        if not self.signal.is_set():
+            self.signal.set()
+            if self.on_signal is not None:
+                self.on_signal()
 
     @abstractmethod
     async def append(self, frames: Sequence[bytes], *, status: LiveStatus | None = None) -> int:

@@ -82,24 +82,44 @@ class RedisProducer(Producer):
         self._store = store
         self._keys = store._keys(info.id)
 
-    async def _write(self, frames: Sequence[bytes], live: str, final: str, cap: int) -> int:
+    def _enqueue(self, frames: Sequence[bytes], live: str, final: str,
+                 cap: int) -> asyncio.Future[Any]:
         if self.closed:
             self._on_lost()
             raise LeaseLost(f"stream {self.stream_id} is no longer this producer's")
         store = self._store
         store._check_frames(frames)
         m, x, lease, _, _ = self._keys
-        code, last = await store._submit(self, len(frames), [
+        return store._enqueue(self, len(frames), [
             3, m, x, lease, self.holder, self.next_seq, live, final, repr(time.time()),
             store._ttl_ms, LEASE_MS, cap, *frames])
+
+    def append_soon(self, frames: Sequence[bytes], *,
+                    status: LiveStatus | None = None) -> asyncio.Future[Any]:
+        """:meth:`append` as a future (no coroutine), settled by :meth:`appended`.
+
+        The append is sent with the writer's next batch; cancelling a wait on the
+        future (``asyncio.shield`` it) leaves the append going, so a caller that is
+        interrupted can still learn where the stream stands.
+        """
+        if status is not None and status not in LIVE_STATUSES:
+            raise ValueError(f"not a live status: {status!r}")
+        return self._enqueue(frames, status or "", "", self._store.max_stream_bytes)
+
+    def appended(self, reply: tuple[int, int]) -> int:
+        """The last seq of a settled :meth:`append_soon` (raises as :meth:`append`)."""
+        code, last = reply
         if code == 1:
             return int(last)
         if code == -5:
             raise StreamTooLarge(f"stream {self.stream_id} would exceed max_stream_bytes"
-                                 f" ({store.max_stream_bytes})")
+                                 f" ({self._store.max_stream_bytes})")
         reason = {-1: "expired", -2: "already ended", -3: "held by another producer",
                   -4: "further along than this producer"}.get(code, f"code {code}")
         raise LeaseLost(f"stream {self.stream_id} is no longer this producer's ({reason})")
+
+    async def _write(self, frames: Sequence[bytes], live: str, final: str, cap: int) -> int:
+        return self.appended(await self._enqueue(frames, live, final, cap))
 
     def _applied(self, reply: Any, nframes: int) -> tuple[int, int]:
         """Apply an append's reply to this producer (even if its caller was cancelled)."""

@@ -249,6 +249,11 @@ class RedisStreamLog(StreamLog):
 
     async def _submit(self, producer: RedisProducer, nframes: int, keys_args: list[Any]) -> Any:
         """Queue an append for the writer task and wait for its reply."""
+        return await self._enqueue(producer, nframes, keys_args)
+
+    def _enqueue(self, producer: RedisProducer, nframes: int,
+                 keys_args: list[Any]) -> asyncio.Future[Any]:
+        """Queue an append for the writer task; the future of its reply."""
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._queue.append(PendingAppend(producer, nframes, keys_args, fut))
         kick = self._kick
@@ -258,7 +263,7 @@ class RedisStreamLog(StreamLog):
                 kick.set_result(None)
         if self._writer is None or self._writer.done():
             self._writer = asyncio.create_task(self._write_loop(), name="streamlog-writer")
-        return await fut
+        return fut
 
     async def _write_loop(self) -> None:
         loop = asyncio.get_running_loop()
