@@ -157,7 +157,9 @@ def table(out: Path) -> str:
                      (f"{_f(two['chunks_per_s'], 0)} vs {_f(one['chunks_per_s'], 0)}:"
                       f" **{_ratio(two['chunks_per_s'], one['chunks_per_s'])}**"
                       f" ({share['gateway']:.0%} / {share['upstream']:.0%} /"
-                      f" {share['load_generator']:.0%} / {share['other_processes']:.0%})"),
+                      f" {share['load_generator']:.0%} / {share['other_processes']:.0%};"
+                      f" the most 2 cores shared with upstream and load generator allow:"
+                      f" {_f(scale.get('ceiling_speedup'), 2)}×)"),
                      "≥ 1.5×"))
     limits = load("bench_limits")
     for name, setup in limits.get("setups", {}).items():
