@@ -106,7 +106,9 @@ class Gateway:
         # One Redis client: the stream log's writes share the limits' pool (same URL).
         shared = (self.redis.client if self.redis is not None
                   and config.streams.redis_url == config.redis.url else None)
-        self.streams: StreamLog = create_store(config.streams, client=shared)
+        self.streams: StreamLog = create_store(
+            config.streams, client=shared,
+            hold_new_streams=config.redis.on_redis_error == "open")
         self.reqlog: RequestLog | None = None
         if config.log.enabled:
             from ..log import default_log_path
