@@ -177,17 +177,19 @@ class ChunkEncoder:
     """Builds ``chat.completion.chunk`` SSE frames for one response."""
 
     def __init__(self, model: str, *, include_usage: bool, route: str | None = None,
-                 id: str | None = None) -> None:
+                 id: str | None = None, created: int | None = None,
+                 role_sent: bool = False) -> None:
         #: The chunks' ``id``: the stream's id in the stream log (resume and cancel by it).
         self.id = id or "chatcmpl-" + uuid.uuid4().hex
         self.model = model
         #: The upstream route's name, if the model is one (its errors are generic).
         self.route = route
-        self.created = int(time.time())
+        self.created = int(time.time()) if created is None else created
         self.include_usage = include_usage
         #: The sequence number (SSE ``id:``) of the next frame.
         self.next_seq = 0
-        self._sent_role = False
+        #: The first chunk (with the role) went out (a taken-over stream's did).
+        self._sent_role = role_sent
         # Per tool-call index: its id (sent once), and whether its name was sent. The SDK
         # concatenates every string it receives for an index, so id and name go out once.
         self._tool_ids: dict[int, str] = {}

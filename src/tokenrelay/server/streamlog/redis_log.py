@@ -111,7 +111,8 @@ class RedisStreamLog(StreamLog):
                  retention_s: float = 600.0, max_stream_bytes: int = 64 << 20,
                  max_frame_bytes: int = 1 << 20, block_ms: int = 1000,
                  read_count: int = 512, where: str = "redis",
-                 max_held_bytes: int = 256 << 20, hold_new_streams: bool = False) -> None:
+                 owns_client: bool = True, max_held_bytes: int = 256 << 20,
+                 hold_new_streams: bool = False) -> None:
         if retention_s <= 0 or max_stream_bytes <= 0 or max_frame_bytes <= 0:
             raise ValueError("retention and sizes must be positive")
         if not 1 <= block_ms <= 60_000 or not 1 <= read_count <= 100_000:
@@ -129,6 +130,8 @@ class RedisStreamLog(StreamLog):
         self._ttl_ms = max(int(retention_s * 1000), LEASE_MS)
         self._command_timeout = block_ms / 1000 + 1.0
         self._where = where
+        #: False: ``client`` is shared (the gateway's Redis), its pool is not ours to close.
+        self._owns_client = owns_client
         self._redis = client
         self._reads = read_client or client
         self._create = client.register_script(_lua.CREATE)
@@ -168,13 +171,16 @@ class RedisStreamLog(StreamLog):
 
     @classmethod
     def from_url(cls, url: str, *, max_connections: int = 256, max_readers: int = 4096,
-                 block_ms: int = 1000, **kwargs: Any) -> RedisStreamLog:
+                 block_ms: int = 1000, client: aioredis.Redis | None = None,
+                 **kwargs: Any) -> RedisStreamLog:
         """A store on the Redis at ``url`` (``redis://``, ``rediss://``, ``unix://``).
 
         Two pools: ``max_connections`` for writes and lookups, ``max_readers`` for readers
         waiting in ``XREAD BLOCK`` (one connection each while they wait). Each command has
         ``block_ms`` + 1 s to answer and is tried twice at most, so a stopped server is an
-        error within a few seconds, never a hang.
+        error within a few seconds, never a hang. ``client``: writes and lookups on this
+        client's pool instead (the gateway's one Redis client, shared with its limits; left
+        open by :meth:`aclose`).
         """
         def pool(size: int) -> aioredis.BlockingConnectionPool:
             return aioredis.BlockingConnectionPool.from_url(
@@ -182,12 +188,13 @@ class RedisStreamLog(StreamLog):
                 socket_timeout=block_ms / 1000 + 1.0, socket_connect_timeout=2.0,
                 retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 1))
 
-        commands = pool(max_connections)
-        kw = commands.connection_kwargs
+        owns = client is None
+        if client is None:
+            client = aioredis.Redis(connection_pool=pool(max_connections))
+        kw = client.connection_pool.connection_kwargs
         where = kw.get("path") or f"{kw.get('host', 'localhost')}:{kw.get('port', 6379)}"
-        return cls(aioredis.Redis(connection_pool=commands),
-                   read_client=aioredis.Redis(connection_pool=pool(max_readers)),
-                   block_ms=block_ms, where=f"redis at {where}", **kwargs)
+        return cls(client, read_client=aioredis.Redis(connection_pool=pool(max_readers)),
+                   block_ms=block_ms, where=f"redis at {where}", owns_client=owns, **kwargs)
 
     # -- plumbing ------------------------------------------------------------------------
 
@@ -619,7 +626,8 @@ class RedisStreamLog(StreamLog):
                 pending.fut.set_exception(StreamLogUnavailable("the stream log is closed"))
         self._queue = []
         await asyncio.gather(*tasks, return_exceptions=True)
-        await self._redis.aclose(close_connection_pool=True)
+        if self._owns_client:
+            await self._redis.aclose(close_connection_pool=True)
         if self._reads is not self._redis:
             await self._reads.aclose(close_connection_pool=True)
 
