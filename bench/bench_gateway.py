@@ -214,11 +214,20 @@ class Proc:
         return f"http://127.0.0.1:{self.port}/v1"
 
     def start(self, workdir: Path, timeout: float = 60.0) -> None:
+        self.launch(workdir)
+        self.wait_ready(timeout)
+
+    def launch(self, workdir: Path) -> None:
+        """Start the process, not waiting for it (several start at once)."""
         self.log = workdir / f"{self.name}.log"
-        out = self.log.open("wb")
-        self.popen = subprocess.Popen(self.argv, stdout=out, stderr=subprocess.STDOUT,
-                                      env={**os.environ, **self.env}, cwd=workdir,
-                                      start_new_session=True)
+        with self.log.open("wb") as out:
+            self.popen = subprocess.Popen(self.argv, stdout=out, stderr=subprocess.STDOUT,
+                                          env={**os.environ, **self.env}, cwd=workdir,
+                                          start_new_session=True)
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        """Until it answers ``ready_path`` (``RuntimeError`` if it exits or times out)."""
+        assert self.popen is not None
         deadline = time.monotonic() + timeout
         while True:
             if self.popen.poll() is not None:
@@ -232,7 +241,7 @@ class Proc:
                     self.stop()
                     raise RuntimeError(f"{self.name} did not answer in {timeout:g}s: "
                                        + self.tail()) from None
-                time.sleep(0.25)
+                time.sleep(0.05)
 
     def tail(self, lines: int = 8) -> str:
         if self.log is None or not self.log.exists():
@@ -258,17 +267,8 @@ class Proc:
 
 def upstream_proc() -> Proc:
     port = free_port()
-    probe = ("import click; from tokenrelay.cli._app import cli;"
-             " print(cli.get_command(click.Context(cli), 'mock-upstream') is not None)")
-    check = subprocess.run([sys.executable, "-c", probe],
-                           capture_output=True, text=True, check=False)
-    if check.stdout.strip() == "True":
-        argv = [TOKENRELAY, "mock-upstream", "--port", str(port)]
-    else:  # the command is not registered (yet): the same server through its module
-        code = ("import asyncio, sys; from tokenrelay.testing.mock_upstream import MockUpstream;"
-                " asyncio.run(MockUpstream(port=int(sys.argv[1])).serve_forever())")
-        argv = [sys.executable, "-c", code, str(port)]
-    return Proc("upstream", argv, port, "/v1/models")
+    return Proc("upstream", [TOKENRELAY, "mock-upstream", "--port", str(port)], port,
+                "/v1/models")
 
 
 def tokenrelay_proc(workdir: Path, upstream: Proc, *, name: str = "tokenrelay",
@@ -402,7 +402,8 @@ async def measure(target: str, url: str, model: str, *, concurrency: int, reques
 async def idle_streams(target: str, gateway: Proc, upstream: Proc, n: int) -> dict[str, Any]:
     """RSS of the gateway with ``n`` streams open, all waiting for a first token."""
     delete(f"http://127.0.0.1:{upstream.port}/_mock/requests")
-    await asyncio.sleep(1.0)
+    settle = 0.2 if os.environ.get("BENCH_SMOKE") else 1.0  # for RSS to settle
+    await asyncio.sleep(settle)
     before = rss_mib(gateway.pid)
     task = asyncio.ensure_future(abench(base_url=gateway.url, model="idle", concurrency=n,
                                         requests=n, timeout=IDLE_DELAY * 3,
@@ -436,7 +437,7 @@ async def idle_streams(target: str, gateway: Proc, upstream: Proc, n: int) -> di
         health_ms = None
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
-    await asyncio.sleep(2.0)
+    await asyncio.sleep(2 * settle)
     after = rss_mib(gateway.pid)
     result: dict[str, Any] = {
         "target": target, "streams": n, "client_connections": clients,
@@ -925,19 +926,18 @@ async def main(args: argparse.Namespace) -> None:
     results: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M"),
                                "cores": os.cpu_count()}
     try:
-        upstream.start(workdir)
         gateway = tokenrelay_proc(workdir, upstream, reqlog=not args.no_reqlog)
-        procs.append(gateway)
-        gateway.start(workdir)
+        floor = floor_proc(upstream)
+        bare = floor_proc(upstream, raw=True)
+        procs += [gateway, floor, bare]
+        for proc in procs:  # all at once: none needs another to start
+            proc.launch(workdir)
+        for proc in procs:
+            proc.wait_ready()
         # (name, base URL, model for the fast answers, the same at a served model's pace)
         targets: list[tuple[str, str, str, str, Proc | None]] = [
             ("direct", upstream.url, FAST, PACED, None),
             ("tokenrelay", gateway.url, "fast", "paced", gateway)]
-        floor = floor_proc(upstream)
-        bare = floor_proc(upstream, raw=True)
-        for proc in (floor, bare):
-            procs.append(proc)
-            proc.start(workdir)
         targets[1:1] = [("bare", bare.url, FAST, PACED, bare),
                         ("floor", floor.url, FAST, PACED, floor)]
         if args.baseline:
@@ -1061,5 +1061,8 @@ if __name__ == "__main__":
     arguments = parser.parse_args()
     if arguments.smoke:
         arguments.no_litellm = True
+        # Paced answers of 0.2 s, not 2 s: the part runs, in a fraction of the time.
+        PACED_TPS = 500
+        PACED = f"tokens={TOKENS},tps={PACED_TPS}"
         os.environ["BENCH_SMOKE"] = "1"  # the client micro-benchmark's counts
     asyncio.run(main(arguments))

@@ -154,6 +154,9 @@ class Production:
         self.gone_at: float | None = None
         #: Resumes of this stream served by this process while it was produced.
         self.resumes = 0
+        #: The partial answer of a taken-over stream (``takeover.py``): written before
+        #: this production's text in the request log's row.
+        self.answer_prefix = ""
         #: The log has the stream's final frame (or cannot take it any more).
         self.ended = False
         self.final_status: FinalStatus | None = None
