@@ -6,7 +6,8 @@ from there chat completions, ``/chat`` and ``/v1/responses`` share everything he
 :meth:`Gateway.admit` (key, body, validation), :meth:`Gateway.open` (the ``AsyncStream``),
 :meth:`Gateway.create_stream` + :meth:`Gateway.produce` (a streamed answer, produced into
 the stream log and delivered to its client: ``producing.py``), :meth:`Gateway.relay` (a
-streamed answer without the log) or :meth:`Gateway.complete` (a ``stream: false`` one),
+streamed answer without the log: no endpoint uses it now; ``bench_gateway.py --parts
+producing`` measures the log's cost against it) or :meth:`Gateway.complete` (a ``stream: false`` one),
 and :meth:`Gateway.finish` (limits, metrics, access line, request log), once per request
 whatever ends it. Resume and cancel of a stream by its id are in ``delivery.py``.
 """
