@@ -28,7 +28,7 @@ from _resumable import ResumableServer, expected_text
 from _upstream import Upstream
 
 import tokenrelay
-from tokenrelay.errors import StreamError
+from tokenrelay.errors import StreamError, UsageError
 from tokenrelay.providers._openai_wire import ChatChunkParser
 from tokenrelay.providers._resume import stream_id
 from tokenrelay.providers.base import Provider
@@ -296,6 +296,18 @@ def test_a_refused_resume_is_a_typed_error_at_once(
     kinds = [(method, path.rsplit("/", 1)[-1]) for method, path, _, _ in scripted.requests[before:]]
     assert kinds == [("POST", "completions"), ("GET", "stream"), ("POST", "cancel")]
     assert proxy.cuts
+
+
+def test_the_grace_asked_for_comes_from_tokenrelay_resume_grace(
+        scripted: ResumableServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    for value, sent in [("12.5", "12.5"), ("0", None)]:
+        monkeypatch.setenv("TOKENRELAY_RESUME_GRACE", value)
+        result = tokenrelay.complete("hi", model="m:tokens=3,tps=500",
+                                     base_url=scripted.base_url)
+        assert result.text == expected_text(3) and scripted.requests[-1][3] == sent
+    monkeypatch.setenv("TOKENRELAY_RESUME_GRACE", "soon")
+    with pytest.raises(UsageError, match="TOKENRELAY_RESUME_GRACE"):
+        tokenrelay.complete("hi", model="m:tokens=3", base_url=scripted.base_url)
 
 
 def test_leaving_early_cancels_the_answer_on_the_server(scripted: ResumableServer) -> None:
