@@ -4,6 +4,7 @@ both ``on_redis_error`` modes (and down at start), ``/healthz``, the CLI's refus
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import subprocess
 import time
@@ -19,7 +20,11 @@ from _redis import RedisServer, redis_prefix
 pytest.importorskip("redis")
 
 from tokenrelay.errors import ConfigurationError
+from tokenrelay.events import ErrorEvent
 from tokenrelay.server.config import hash_key, load_config
+from tokenrelay.server.encode import STREAM_LOG_MESSAGE, ChunkEncoder, dumps, error_from_exc
+from tokenrelay.server.responses import ResponsesEncoder
+from tokenrelay.server.responses_schema import ResponsesRequest
 
 SECRET = "alice-0123456789abcdef"
 AUTH = {"authorization": f"Bearer {SECRET}"}
@@ -162,6 +167,80 @@ def test_open_redis_lost_mid_run_admits_and_counts(tmp_path: Path) -> None:
             assert _bypassed(c) == 3  # shared limits again
     finally:
         server.stop()
+
+
+# -- running streams while the stream log's Redis is away ------------------------------------
+
+
+def sse_frames(body: bytes) -> bytes:
+    """``body`` without its comment frames (``: stream open``, heartbeats), byte for byte."""
+    return b"".join(part + b"\n\n" for part in body.split(b"\n\n")
+                    if part and not part.startswith(b":"))
+
+
+@pytest.mark.timeout(60)
+def test_a_stream_held_while_redis_is_stopped_replays_whole_once_it_is_back(
+        tmp_path: Path) -> None:
+    """Redis stopped (SIGSTOP) mid-stream: the client gets the whole answer; once Redis
+    answers again the frames held meanwhile are in the log, and a resume returns the whole
+    stream byte for byte."""
+    server = RedisServer.start(tmp_path / "redis")
+    try:
+        with LiveGateway(gateway_config(tmp_path, server.url)) as gw, \
+                httpx.Client(base_url=gw.url, timeout=20) as c:
+            running = Running(c)
+            stream_id = running.response.headers["x-tokenrelay-stream-id"]
+            server.pause()
+            try:
+                payloads = running.finish()
+            finally:
+                server.resume()
+            assert payloads[-1] == "[DONE]"
+            assert len([p for p in payloads if '"content"' in p]) == 20
+            path = f"/v1/chat/completions/{stream_id}/stream"
+            whole = sse_frames(running.body)
+            assert poll(lambda: sse_frames(c.get(path, headers=AUTH).content) == whole, 10)
+            assert sse_frames(c.get(f"{path}?starting_after=5", headers=AUTH).content) == \
+                whole[whole.index(b"\n\nid: 6\n") + 2:]
+    finally:
+        server.stop()
+
+
+def test_clients_never_see_the_stream_logs_address_or_error(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A stream that cannot be held any more (over [streams] max_bytes held while Redis is
+    away) ends with a typed error in general terms; the operator's log has the details."""
+    server = RedisServer.start(tmp_path / "redis")
+    try:
+        cfg = config(tmp_path, [], keys=[{"id": "alice", "sha256": hash_key(SECRET)}],
+                     redis={"url": server.url, "prefix": redis_prefix(), "timeout_s": 0.5},
+                     streams={"max_bytes": 1 << 20})
+        with LiveGateway(cfg) as gw, httpx.Client(base_url=gw.url, timeout=20) as c:
+            running = Running(c, "mock:tokens=9000,tps=3000")
+            server.kill()
+            payloads = running.finish()
+        error = json.loads(payloads[-1])["error"]
+        assert error["code"] == "stream_log_unavailable"
+        assert error["message"] == STREAM_LOG_MESSAGE
+        body = running.body.decode()
+        for detail in (f"127.0.0.1:{server.port}", "ConnectionError", "redis at"):
+            assert detail not in body
+        assert f"redis at 127.0.0.1:{server.port}" in caplog.text  # the operator's
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("route", [None, "gpt"])
+def test_a_stream_log_error_frame_is_general_on_every_face(route: str | None) -> None:
+    internal = ("the stream log (redis at 10.1.2.3:6379) failed: ConnectionError: Error 111"
+                " connecting to 10.1.2.3:6379. Connection refused.")
+    event = ErrorEvent("stream_log_unavailable", internal)
+    request = ResponsesRequest.model_validate({"model": "m", "input": "hi"})
+    for frame in (ChunkEncoder("m", include_usage=False, route=route).encode(event),
+                  b"".join(ResponsesEncoder(request, model="m", route=route).frames(event)),
+                  dumps(error_from_exc(event, route))):
+        assert b"10.1.2.3" not in frame and b"ConnectionError" not in frame, frame
+        assert b"stream log is unavailable" in frame
 
 
 # -- configuration and the command line -----------------------------------------------------

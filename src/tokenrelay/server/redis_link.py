@@ -30,15 +30,16 @@ from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
-from .streamlog.redis_handles import pack
+from .streamlog.redis_handles import RETRY_CAP_S, RETRY_FIRST_S, pack
 
 __all__ = ["RedisLink", "RedisUnavailable"]
 
 log = logging.getLogger("tokenrelay.server")
 
-#: The probe's backoff: first delay, cap (seconds).
-PROBE_FIRST_S = 0.1
-PROBE_CAP_S = 2.0
+#: The probe's backoff: first delay, cap (seconds); the stream log's writing of held frames
+#: uses the same.
+PROBE_FIRST_S = RETRY_FIRST_S
+PROBE_CAP_S = RETRY_CAP_S
 
 
 class RedisUnavailable(Exception):
