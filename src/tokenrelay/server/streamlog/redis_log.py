@@ -84,6 +84,8 @@ class RedisStreamLog(StreamLog):
         read_count: most entries one read returns.
     """
 
+    shared = True
+
     def __init__(self, client: aioredis.Redis, *, read_client: aioredis.Redis | None = None,
                  prefix: str = "tokenrelay:",
                  retention_s: float = 600.0, max_stream_bytes: int = 64 << 20,
