@@ -140,6 +140,9 @@ async def saturate(name: str, gateway: Proc, upstream: Proc, concurrency: int,
            "failed": r.requests - r.completed, "duration_s": r.duration,
            "chunks_per_s": r.total_chunks / r.duration if r.duration else None,
            "cpu_us_per_chunk": (g1 - g0) / r.total_chunks * 1e6 if r.total_chunks else None,
+           "upstream_us_per_chunk": (u1 - u0) / r.total_chunks * 1e6 if r.total_chunks else None,
+           "load_generator_us_per_chunk": ((c1 - c0) / r.total_chunks * 1e6
+                                           if r.total_chunks else None),
            "cpu_share": {"gateway": (g1 - g0) / wall, "upstream": (u1 - u0) / wall,
                          "load_generator": (c1 - c0) / wall,
                          "other_processes": max(0.0, (b1 - b0) - ours) / wall,
@@ -192,6 +195,15 @@ async def scale_part(upstream: Proc, workdir: Path, concurrency: int, requests: 
     one, two = out["w1"], out["w2"]
     if one["chunks_per_s"] and two["chunks_per_s"]:
         out["speedup"] = two["chunks_per_s"] / one["chunks_per_s"]
+    # The most a second worker can give on this machine, from what a chunk costs each
+    # process (measured above): N workers relay at most N/g chunks/s, and the machine
+    # at most cores/(g + u + l), with the upstream (u) and load generator (l) on it too.
+    g, u, l = (two[k] for k in ("cpu_us_per_chunk", "upstream_us_per_chunk",
+                                "load_generator_us_per_chunk"))
+    if g and u and l:
+        cores = os.cpu_count() or 1
+        machine = cores / (g + u + l)
+        out["ceiling_speedup"] = min(2 / g, machine) / min(1 / g, machine)
     console.print(f"\n  best of {rounds}  {'chunks/s':>10}{'failed':>8}{'µs/chunk':>10}"
                   f"{'CPU: gateway':>14}{'upstream':>10}{'load gen':>10}{'others':>8}"
                   f"{'idle':>6}")
@@ -205,11 +217,16 @@ async def scale_part(upstream: Proc, workdir: Path, concurrency: int, requests: 
                       f"{share['idle']:>6.0%}")
     console.print(f"  --workers 2 / --workers 1: {fmt(out.get('speedup'))}× (goal ≥ 1.5×;"
                   f" CPU shares are of all {os.cpu_count()} cores)")
+    if "ceiling_speedup" in out:
+        console.print(f"  the most --workers 2 can give here with the upstream and the load"
+                      f" generator on the same {os.cpu_count()} cores: "
+                      f"{fmt(out['ceiling_speedup'])}× (per chunk: gateway {fmt(g, 1)},"
+                      f" upstream {fmt(u, 1)}, load generator {fmt(l, 1)} µs)")
     return out
 
 
 async def main(args: argparse.Namespace) -> None:
-    levels = [(1, 100), (64, 256), (256, 384)]
+    levels = [(1, 100), (64, 512), (256, 768)]
     worker_counts = [1, 2]
     scale_c, scale_n, rounds = 256, 1536, 3
     if args.smoke:

@@ -1,10 +1,11 @@
-"""Three real ``tokenrelay serve`` replicas behind Debian's nginx running the shipped
-``deploy/nginx.conf`` (the harness only points it at the replicas' ports and keeps its
-files in a temp dir): frames are not held back, every replica serves, and a rolling
-restart under load loses nothing.
+"""Three real ``tokenrelay serve`` replicas sharing one real Redis, behind Debian's nginx
+running the shipped ``deploy/nginx.conf`` (the harness only points it at the replicas'
+ports and keeps its files in a temp dir): frames are not held back, every replica serves,
+per-key limits hold exactly across the replicas (and a SIGKILLed replica's slots come
+back), and a rolling restart under load loses nothing.
 
-One nginx and three replicas for the whole module (the rolling restart runs last: it
-replaces the replicas' processes, on the same ports). The replicas serve the in-process
+One nginx and three replicas for the whole module (the SIGKILL and the rolling restart
+replace replicas' processes, on the same ports; the rolling restart runs last). The replicas serve the in-process
 mock; their drain (``drain_timeout_s``) is longer than any stream here, so a SIGTERMed
 replica finishes its streams itself: streams longer than the drain would need the stream
 log's hand-over to another replica (issue 12's resume), which is not tested here.
@@ -27,12 +28,22 @@ from pathlib import Path
 import aiohttp
 import pytest
 from _harness import Proc, Processes, free_port, poll, sse_payloads
+from _redis import RedisServer, redis_prefix
+
+from tokenrelay.server.config import hash_key
 
 DRAIN = 10.0
 HI = [{"role": "user", "content": "hi"}]
-#: ~2 s each: far shorter than the drain.
-PACED = "mock:tokens=20,tps=10"
+#: ~4 s each: far shorter than the drain.
+PACED = "mock:tokens=20,tps=5"
+#: Streams in flight through nginx during the rolling restart, and at most in all.
+IN_FLIGHT = 100
+MAX_STREAMS = 500
 REPLICAS = 3
+#: API keys: one without limits (most tests), one limited to 5 streams at once, one to
+#: 60 requests a minute; the limits are shared by the replicas through Redis.
+KEYS = {"open": {}, "conc5": {"max_concurrent": 5}, "rpm60": {"requests_per_minute": 60}}
+RAW = {name: f"sk-replicas-{name}-{os.urandom(8).hex()}" for name in KEYS}
 _ENV_DROP = ("OPENAI_API_KEY", "OPENAI_BASE_URL", "TOKENRELAY_MODEL", "TOKENRELAY_GGUF",
              "TOKENRELAY_LOG", "TOKENRELAY_HOME", "PROMETHEUS_MULTIPROC_DIR")
 
@@ -44,6 +55,8 @@ class Cluster:
     ports: list[int]
     replicas: list[Proc]
     nginx: Proc
+    redis_url: str
+    prefix: str
 
     @property
     def url(self) -> str:
@@ -56,8 +69,11 @@ class Cluster:
         return env
 
     def start(self, index: int) -> Proc:
-        config = {"drain_timeout_s": DRAIN,
-                  "log": {"path": str(self.workdir / f"requests-r{index + 1}.db")}}
+        config = {"drain_timeout_s": DRAIN, "metrics_public": True,
+                  "log": {"path": str(self.workdir / f"requests-r{index + 1}.db")},
+                  "redis": {"url": self.redis_url, "prefix": self.prefix},
+                  "keys": [{"id": name, "sha256": hash_key(RAW[name]), **limits}
+                           for name, limits in KEYS.items()]}
         proc = self.processes.serve(config, "--port", str(self.ports[index]), "--quiet",
                                     name=f"r{index + 1}", env=self.env(index))
         if index < len(self.replicas):
@@ -68,10 +84,12 @@ class Cluster:
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+def cluster(tmp_path_factory: pytest.TempPathFactory,
+            redis_server: RedisServer) -> Iterator[Cluster]:
     workdir = tmp_path_factory.mktemp("replicas")
     with Processes(workdir / "processes") as group:
-        made = Cluster(group, workdir, [free_port() for _ in range(REPLICAS)], [], None)  # type: ignore[arg-type]
+        made = Cluster(group, workdir, [free_port() for _ in range(REPLICAS)], [],
+                       None, redis_server.url, redis_prefix())  # type: ignore[arg-type]
         for index in range(REPLICAS):
             made.start(index)
         made.nginx = group.nginx(made.ports)
@@ -129,9 +147,24 @@ async def stream(session: aiohttp.ClientSession, url: str, model: str) -> Answer
                   errors[0] if errors else None, first, ended)
 
 
-def session() -> aiohttp.ClientSession:
+def session(key: str = "open") -> aiohttp.ClientSession:
     return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
-                                 timeout=aiohttp.ClientTimeout(total=60))
+                                 timeout=aiohttp.ClientTimeout(total=60),
+                                 headers={"authorization": f"Bearer {RAW[key]}"})
+
+
+def test_the_deployment_files_hold_together() -> None:
+    """What deploy/compose.yaml mounts exists, and the replicas' config loads."""
+    from tokenrelay.server.config import load_config
+
+    deploy = Path(__file__).resolve().parents[1] / "deploy"
+    compose = (deploy / "compose.yaml").read_text()
+    for mounted in re.findall(r"- \./([\w.]+):", compose):
+        assert (deploy / mounted).is_file(), mounted
+    assert "dockerfile: deploy/Dockerfile" in compose and (deploy / "Dockerfile").is_file()
+    config = load_config(deploy / "gateway.toml")
+    assert config.redis.url and config.drain_timeout_s < float(
+        re.search(r"stop_grace_period: (\d+)s", compose).group(1))  # type: ignore[union-attr]
 
 
 async def test_the_first_frame_reaches_the_client_before_the_second_is_made(
@@ -164,11 +197,84 @@ async def test_three_replicas_behind_nginx_all_serve(cluster: Cluster) -> None:
     assert names == {"r1", "r2", "r3"}
 
 
+async def attempt(client: aiohttp.ClientSession, url: str,
+                  model: str) -> aiohttp.ClientResponse | int:
+    """Open a stream: the open response (the caller reads or closes it), or the status
+    it was refused with."""
+    response = await client.post(url + "/v1/chat/completions",
+                                 json={"model": model, "messages": HI, "stream": True})
+    if response.status == 200:
+        return response
+    status = response.status
+    body = await response.text()
+    response.release()
+    assert status == 429, (status, body[:300])
+    return status
+
+
+def active(url: str) -> float:
+    return sum(float(v) for v in re.findall(r"^tokenrelay_active_streams\{[^}]*\} (\S+)$",
+                                            metrics(url), re.MULTILINE))
+
+
+async def test_a_rate_limit_is_exact_over_three_replicas(cluster: Cluster) -> None:
+    """200 requests at once, spread by nginx over three processes: exactly the key's 60
+    per minute are admitted, as one process would."""
+    async with session("rpm60") as client:
+        outcomes = await asyncio.gather(*(attempt(client, cluster.url, "mock:tokens=1")
+                                          for _ in range(200)))
+        admitted = [o for o in outcomes if not isinstance(o, int)]
+        for response in admitted:
+            assert (await response.read()).endswith(b"data: [DONE]\n\n")
+            response.release()
+    assert len(admitted) == 60, len(admitted)
+
+
+async def test_a_concurrency_limit_is_exact_and_a_killed_replicas_slots_come_back(
+        cluster: Cluster) -> None:
+    """200 attempts at once on a key with 5 streams at most: exactly 5 run, spread over
+    the replicas. SIGKILL a replica holding some: within 5 s as many new streams are
+    admitted (its slots' leases lapsed), and no more."""
+    long = "mock:tokens=40,tps=2"  # 20 s: none ends during the test
+    async with session("conc5") as client:
+        outcomes = await asyncio.gather(*(attempt(client, cluster.url, long)
+                                          for _ in range(200)))
+        held = [o for o in outcomes if not isinstance(o, int)]
+        try:
+            assert len(held) == 5, len(held)
+            per_replica = [active(r.url) for r in cluster.replicas]
+            assert sum(per_replica) == 5, per_replica
+            victim = max(range(REPLICAS), key=lambda i: per_replica[i])
+            lost = int(per_replica[victim])
+            killed = cluster.replicas[victim]
+            killed.signal(signal.SIGKILL)
+            killed.popen.wait(5)
+            started = time.monotonic()
+            while len(held) < 5 + lost and time.monotonic() - started < 8:
+                outcome = await attempt(client, cluster.url, long)
+                if isinstance(outcome, int):
+                    await asyncio.sleep(0.1)
+                else:
+                    held.append(outcome)
+            took = time.monotonic() - started
+            assert len(held) == 5 + lost, f"{lost} slot(s) still held after {took:.1f}s"
+            assert took < 5, f"the dead replica's {lost} slot(s) came back after {took:.1f}s"
+            # Exactly those: the key is full again.
+            assert await attempt(client, cluster.url, long) == 429
+        finally:
+            for response in held:
+                response.close()
+    await asyncio.to_thread(cluster.start, victim)
+    # The closed streams give their slots back (the next tests' key is another).
+    assert await asyncio.to_thread(
+        poll, lambda: sum(active(r.url) for r in cluster.replicas) == 0, 10)
+
+
 @pytest.mark.timeout(180)
 async def test_a_rolling_restart_under_load_loses_no_stream(cluster: Cluster) -> None:
-    """Every replica SIGTERMed and started again, one after the other, while paced
-    streams keep arriving through nginx: 0 failures, every answer complete and equal to
-    what the model produced."""
+    """Every replica SIGTERMed and started again, one after the other, while 100 paced
+    streams run through nginx all along (each replaced by a new one when it ends): 0
+    failures, every answer complete and equal to what the model produced."""
     async with session() as client:
         reference = await stream(client, cluster.replicas[0].url, PACED)
         assert reference.done and reference.text, reference
@@ -194,16 +300,20 @@ async def test_a_rolling_restart_under_load_loses_no_stream(cluster: Cluster) ->
 
         thread = threading.Thread(target=rolling_restart, name="rolling-restart")
         thread.start()
-        tasks: list[asyncio.Task[Answer]] = []
-        # One new stream every 0.15 s until the restart is over (at most 100), ~13 in
-        # flight at any time, each on whichever replica nginx picks.
-        while not restarted.is_set() and len(tasks) < 100:
-            tasks.append(asyncio.ensure_future(stream(client, cluster.url, PACED)))
-            await asyncio.sleep(0.15)
-        answers = await asyncio.gather(*tasks)
+        answers: list[Answer] = []
+
+        async def one_after_another(delay: float) -> None:
+            # A new stream as soon as the last one ended, until the restart is over:
+            # IN_FLIGHT of these keep that many streams running, on whichever replica
+            # nginx picks for each.
+            await asyncio.sleep(delay)
+            while not restarted.is_set() and len(answers) < MAX_STREAMS:
+                answers.append(await stream(client, cluster.url, PACED))
+
+        await asyncio.gather(*(one_after_another(i * 0.015) for i in range(IN_FLIGHT)))
         thread.join(5)
     assert not errors, errors
-    assert restarted.is_set() and len(tasks) >= 30, len(tasks)
+    assert restarted.is_set() and len(answers) >= 2 * IN_FLIGHT, len(answers)
     failed = [a for a in answers if not (a.status == 200 and a.done and a.error is None)]
     assert not failed, f"{len(failed)} of {len(answers)} failed: {failed[:3]}"
     wrong = [a.text for a in answers if a.text != reference.text]

@@ -3,6 +3,8 @@ both ``on_redis_error`` modes (and down at start), ``/healthz``, the CLI's refus
 
 from __future__ import annotations
 
+import asyncio
+import json
 import signal
 import subprocess
 import time
@@ -18,7 +20,11 @@ from _redis import RedisServer, redis_prefix
 pytest.importorskip("redis")
 
 from tokenrelay.errors import ConfigurationError
+from tokenrelay.events import ErrorEvent
 from tokenrelay.server.config import hash_key, load_config
+from tokenrelay.server.encode import STREAM_LOG_MESSAGE, ChunkEncoder, dumps, error_from_exc
+from tokenrelay.server.responses import ResponsesEncoder
+from tokenrelay.server.responses_schema import ResponsesRequest
 
 SECRET = "alice-0123456789abcdef"
 AUTH = {"authorization": f"Bearer {SECRET}"}
@@ -163,6 +169,80 @@ def test_open_redis_lost_mid_run_admits_and_counts(tmp_path: Path) -> None:
         server.stop()
 
 
+# -- running streams while the stream log's Redis is away ------------------------------------
+
+
+def sse_frames(body: bytes) -> bytes:
+    """``body`` without its comment frames (``: stream open``, heartbeats), byte for byte."""
+    return b"".join(part + b"\n\n" for part in body.split(b"\n\n")
+                    if part and not part.startswith(b":"))
+
+
+@pytest.mark.timeout(60)
+def test_a_stream_held_while_redis_is_stopped_replays_whole_once_it_is_back(
+        tmp_path: Path) -> None:
+    """Redis stopped (SIGSTOP) mid-stream: the client gets the whole answer; once Redis
+    answers again the frames held meanwhile are in the log, and a resume returns the whole
+    stream byte for byte."""
+    server = RedisServer.start(tmp_path / "redis")
+    try:
+        with LiveGateway(gateway_config(tmp_path, server.url)) as gw, \
+                httpx.Client(base_url=gw.url, timeout=20) as c:
+            running = Running(c)
+            stream_id = running.response.headers["x-tokenrelay-stream-id"]
+            server.pause()
+            try:
+                payloads = running.finish()
+            finally:
+                server.resume()
+            assert payloads[-1] == "[DONE]"
+            assert len([p for p in payloads if '"content"' in p]) == 20
+            path = f"/v1/chat/completions/{stream_id}/stream"
+            whole = sse_frames(running.body)
+            assert poll(lambda: sse_frames(c.get(path, headers=AUTH).content) == whole, 10)
+            assert sse_frames(c.get(f"{path}?starting_after=5", headers=AUTH).content) == \
+                whole[whole.index(b"\n\nid: 6\n") + 2:]
+    finally:
+        server.stop()
+
+
+def test_clients_never_see_the_stream_logs_address_or_error(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A stream that cannot be held any more (over [streams] max_bytes held while Redis is
+    away) ends with a typed error in general terms; the operator's log has the details."""
+    server = RedisServer.start(tmp_path / "redis")
+    try:
+        cfg = config(tmp_path, [], keys=[{"id": "alice", "sha256": hash_key(SECRET)}],
+                     redis={"url": server.url, "prefix": redis_prefix(), "timeout_s": 0.5},
+                     streams={"max_bytes": 1 << 20})
+        with LiveGateway(cfg) as gw, httpx.Client(base_url=gw.url, timeout=20) as c:
+            running = Running(c, "mock:tokens=9000,tps=3000")
+            server.kill()
+            payloads = running.finish()
+        error = json.loads(payloads[-1])["error"]
+        assert error["code"] == "stream_log_unavailable"
+        assert error["message"] == STREAM_LOG_MESSAGE
+        body = running.body.decode()
+        for detail in (f"127.0.0.1:{server.port}", "ConnectionError", "redis at"):
+            assert detail not in body
+        assert f"redis at 127.0.0.1:{server.port}" in caplog.text  # the operator's
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("route", [None, "gpt"])
+def test_a_stream_log_error_frame_is_general_on_every_face(route: str | None) -> None:
+    internal = ("the stream log (redis at 10.1.2.3:6379) failed: ConnectionError: Error 111"
+                " connecting to 10.1.2.3:6379. Connection refused.")
+    event = ErrorEvent("stream_log_unavailable", internal)
+    request = ResponsesRequest.model_validate({"model": "m", "input": "hi"})
+    for frame in (ChunkEncoder("m", include_usage=False, route=route).encode(event),
+                  b"".join(ResponsesEncoder(request, model="m", route=route).frames(event)),
+                  dumps(error_from_exc(event, route))):
+        assert b"10.1.2.3" not in frame and b"ConnectionError" not in frame, frame
+        assert b"stream log is unavailable" in frame
+
+
 # -- configuration and the command line -----------------------------------------------------
 
 
@@ -268,3 +348,70 @@ def test_a_sigkilled_replicas_slots_are_free_again_within_5_s(
             assert time.monotonic() - killed < 5.0, "a dead replica's slots are still held"
             time.sleep(0.05)
         print(f"slots of a SIGKILLed replica free after {time.monotonic() - killed:.2f}s")
+
+
+async def test_the_stream_log_and_the_limits_share_one_redis_client(
+        redis_server: RedisServer) -> None:
+    from tokenrelay.server.gateway import Gateway
+
+    key = {"id": "alice", "sha256": hash_key(SECRET), "max_concurrent": 1}
+    cfg = load_config(redis_url=redis_server.url, keys=[key], serve_local=False,
+                      log={"enabled": False}, redis={"prefix": redis_prefix()})
+    gateway = Gateway(cfg)
+    try:
+        assert gateway.redis is not None
+        assert gateway.streams._redis is gateway.redis.client  # type: ignore[attr-defined]
+        producer = await gateway.streams.create(owner="alice", endpoint="chat")
+        await producer.finish("completed", [b"data: x\n\n"])
+        lease = await gateway.acquire(cfg.keys[0], 1)
+        lease.release(1)
+        await gateway.streams.aclose()  # not the shared pool: the limits still work
+        await asyncio.sleep(0.05)
+        (await gateway.acquire(cfg.keys[0], 1)).release(1)
+    finally:
+        await gateway.aclose()
+    other = load_config(redis_url=redis_server.url, serve_local=False, log={"enabled": False},
+                        streams={"redis_url": redis_server.url.replace("/0", "/1")})
+    gateway = Gateway(other)
+    try:
+        assert gateway.redis is not None
+        assert gateway.streams._redis is not gateway.redis.client  # type: ignore[attr-defined]
+    finally:
+        await gateway.aclose()
+
+
+@pytest.mark.timeout(60)
+def test_a_redis_slower_than_timeout_s_counts_as_failing(tmp_path: Path) -> None:
+    server = RedisServer.start(tmp_path / "redis")
+    try:
+        with LiveGateway(gateway_config(tmp_path, server.url)) as gw, \
+                httpx.Client(base_url=gw.url, timeout=10) as c:
+            assert chat(c).status_code == 200
+            server.pause()  # SIGSTOP: connections open, no answers
+            started = time.monotonic()
+            refused = chat(c)
+            waited = time.monotonic() - started
+            assert refused.status_code == 503 and 0.4 < waited < 3.0, (refused, waited)
+            state = health(c)
+            assert state["status"] == "degraded" and "no answer within 0.5s" in state["reason"]
+            started = time.monotonic()
+            assert chat(c).status_code == 503  # while down: no wait on Redis at all
+            assert time.monotonic() - started < 0.4
+            server.resume()
+            assert poll(lambda: health(c)["status"] == "ok", 5), health(c)
+            assert chat(c).status_code == 200
+    finally:
+        server.stop()
+
+
+@pytest.mark.timeout(60)
+def test_workers_share_their_limits_in_redis(processes: Any, redis_server: RedisServer) -> None:
+    cfg = {"serve_local": False, "log": {"enabled": False}, "access_log": False,
+           "keys": [{"id": "alice", "sha256": hash_key(SECRET), "requests_per_minute": 4}],
+           "redis": {"url": redis_server.url, "prefix": redis_prefix()}}
+    serve = processes.serve(cfg, "--workers", "2")
+    statuses = []
+    for _ in range(12):  # a connection each: the kernel spreads them over the workers
+        with httpx.Client(base_url=serve.url, timeout=10) as c:
+            statuses.append(chat(c).status_code)
+    assert statuses.count(200) == 4 and statuses.count(429) == 8, statuses

@@ -297,7 +297,7 @@ class OpenAIProvider(HTTPProvider):
         after = parser.position()
         if after is None:
             raise StreamError("cannot resume: no event id was received yet",
-                              code="connection_lost")
+                              code="resume_failed")
         url, headers = self._replay_request(handle, after)
         async with self._post(url, b"", headers=headers, method="GET") as response:
             if not 200 <= response.status < 300:
@@ -305,8 +305,9 @@ class OpenAIProvider(HTTPProvider):
                     raise self._unexpected_status(response)
                 raise self._status_error(response, await read_some(response))
             if "event-stream" not in response.headers.get("content-type", ""):
-                raise StreamError(f"{url} did not answer with an event stream",
-                                  code="connection_lost")
+                raise StreamError(f"{url} answered the resume with"
+                                  f" {response.headers.get('content-type', 'no content type')!r},"
+                                  " not an event stream", code="resume_failed")
             handle.resumes += 1
             parser.reconnect(after)
             content = response.content

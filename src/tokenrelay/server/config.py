@@ -351,12 +351,12 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> ServerConfi
         except tomllib.TOMLDecodeError as exc:
             raise ConfigurationError(f"bad TOML in {path}: {exc}") from exc
     redis_url = overrides.pop("redis_url", None)
-    if redis_url is not None:  # --redis URL: the file's other [redis] settings stay
-        section = data.get("redis")
-        data["redis"] = {**(section if isinstance(section, dict) else {}), "url": redis_url}
     extra_models = overrides.pop("models", None) or []
     extra_keys = overrides.pop("keys", None) or []
     data.update({k: v for k, v in overrides.items() if v is not None})
+    if redis_url is not None:  # --redis URL: the other [redis] settings stay
+        section = data.get("redis")
+        data["redis"] = {**(section if isinstance(section, dict) else {}), "url": redis_url}
     data["models"] = list(data.get("models", [])) + extra_models
     data["keys"] = list(data.get("keys", [])) + extra_keys
     try:

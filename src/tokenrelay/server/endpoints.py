@@ -161,7 +161,14 @@ class Endpoints:
                     req.model, req.unused_parameters(), api="responses"))
             except (ValidationError, ValueError) as exc:
                 raise GatewayHTTPError(400, f"invalid input: {exc}", param="input") from exc
+            foreground = req.stream and not req.background
+            grace = gw.resume_grace(request) if foreground else 0.0
             lease = await gw.acquire(key, reservation(core, key))
+            if foreground:
+                # Its id is the response's: resumable and cancellable as a background
+                # one (GET /v1/responses/{id}?stream=true, POST …/cancel).
+                producer = await gw.create_stream(key, endpoint="responses", model=req.model,
+                                                  id_prefix="resp_", lease=lease)
         except GatewayHTTPError as exc:
             return gw.rejected(exc, request)
 
@@ -172,14 +179,16 @@ class Endpoints:
                 request, {"request": req, "model": req.model, "route": route},
                 stream=stream, lease=lease, key_id=key.id, model=req.model, route=route,
                 deliver=req.stream)
-        encoder = ResponsesEncoder(req, model=req.model, route=route)
         if not req.stream:
+            encoder = ResponsesEncoder(req, model=req.model, route=route)
             return await gw.complete(stream, request=request, lease=lease, key_id=key.id,
                                      model=req.model, endpoint="responses",
                                      render=encoder.body, route=route)
-        return gw.sse(gw.relay(stream, encoder.encode, lease=lease, key_id=key.id,
-                               endpoint="responses", model=label(req.model),
-                               route=route, scope=request.scope))
+        encoder = ResponsesEncoder(req, model=req.model, route=route,
+                                   response_id=producer.stream_id)
+        return gw.produce(stream, encoder, producer, lease=lease, key_id=key.id,
+                          endpoint="responses", model=label(req.model), route=route,
+                          grace=grace, scope=request.scope)
 
     # -- about the gateway -----------------------------------------------------------
 

@@ -103,7 +103,12 @@ class Gateway:
         #: The requests answering a model, ended at the drain deadline on shutdown.
         self.drain = Drain()
         #: The stream log between producing and delivering (``[streams]``).
-        self.streams: StreamLog = create_store(config.streams)
+        # One Redis client: the stream log's writes share the limits' pool (same URL).
+        shared = (self.redis.client if self.redis is not None
+                  and config.streams.redis_url == config.redis.url else None)
+        self.streams: StreamLog = create_store(
+            config.streams, client=shared,
+            hold_new_streams=config.redis.on_redis_error == "open")
         self.reqlog: RequestLog | None = None
         if config.log.enabled:
             from ..log import default_log_path
@@ -486,8 +491,8 @@ class Gateway:
             await asyncio.gather(*self._background, return_exceptions=True)
         self.drain.close()
         await self.drain_logs()
-        await self.streams.aclose()
         await self.router.aclose()
+        await self.streams.aclose()
         if self.reqlog is not None:
             self.reqlog.close()
         if self.redis is not None:

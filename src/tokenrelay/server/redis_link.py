@@ -30,15 +30,16 @@ from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
-from .streamlog.redis_handles import pack
+from .streamlog.redis_handles import RETRY_CAP_S, RETRY_FIRST_S, pack
 
 __all__ = ["RedisLink", "RedisUnavailable"]
 
 log = logging.getLogger("tokenrelay.server")
 
-#: The probe's backoff: first delay, cap (seconds).
-PROBE_FIRST_S = 0.1
-PROBE_CAP_S = 2.0
+#: The probe's backoff: first delay, cap (seconds); the stream log's writing of held frames
+#: uses the same.
+PROBE_FIRST_S = RETRY_FIRST_S
+PROBE_CAP_S = RETRY_CAP_S
 
 
 class RedisUnavailable(Exception):
@@ -51,10 +52,11 @@ class RedisLink:
     Args:
         url: ``redis://``, ``rediss://`` or ``unix://`` (validated by the config).
         timeout_s: a batch of calls must be answered within this (connecting included).
-        max_connections: the pool's size; callers beyond it wait (within ``timeout_s``).
+        max_connections: the pool's size (shared with the stream log's writes); callers
+            beyond it wait (within ``timeout_s``).
     """
 
-    def __init__(self, url: str, *, timeout_s: float = 1.0, max_connections: int = 64,
+    def __init__(self, url: str, *, timeout_s: float = 1.0, max_connections: int = 256,
                  ) -> None:
         self.timeout_s = timeout_s
         self.pool = aioredis.BlockingConnectionPool.from_url(

@@ -70,8 +70,13 @@ def _reuse_port_socket(family: int) -> socket.socket:
 
 
 def reserve(host: str, port: int) -> socket.socket:
-    """The address the workers will share, bound (``SO_REUSEPORT``) but not listening:
-    the kernel gives it no connection, and no other user can take the port meanwhile.
+    """The address the workers will share, bound but not listening: the kernel gives it no
+    connection, and nothing else can take the port meanwhile.
+
+    It is bound *without* ``SO_REUSEPORT`` first, so an address some other process holds
+    (another ``serve --workers`` on the same port, whose listeners do allow reuse) is an
+    error, never a silent share of its traffic; the option is set after the bind, for the
+    workers' listeners to join.
 
     Raises:
         ConfigurationError: the address cannot be used (in use, not local, no permission).
@@ -80,9 +85,11 @@ def reserve(host: str, port: int) -> socket.socket:
         infos = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM,
                                    flags=socket.AI_PASSIVE)
         family, _, _, _, address = infos[0]
-        sock = _reuse_port_socket(family)
+        sock = socket.socket(family, socket.SOCK_STREAM)
         try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind(address)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         except OSError:
             sock.close()
             raise
