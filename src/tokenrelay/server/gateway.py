@@ -238,7 +238,7 @@ class Gateway:
         try:
             return await self.streams.create(
                 owner=key.id, endpoint=endpoint, id_prefix=id_prefix, status="in_progress",
-                meta=meta if core is None else restart_meta(meta, core))
+                meta=meta if core is None else restart_meta(meta, core, self.streams))
         except StreamLogError as exc:
             lease.release(0)
             log.warning("the stream log refused a new stream: %s", exc)

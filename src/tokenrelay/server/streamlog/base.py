@@ -369,6 +369,9 @@ class StreamLog(ABC):
     max_frame_bytes: int
     #: A stream's frames beyond this are refused (:class:`StreamTooLarge`).
     max_stream_bytes: int
+    #: Other processes read and write these streams too (Redis): a stream whose producer
+    #: died can be taken over by one of them (``server/takeover.py``).
+    shared: bool = False
 
     @abstractmethod
     async def create(self, *, owner: str, endpoint: str, meta: Mapping[str, str] | None = None,

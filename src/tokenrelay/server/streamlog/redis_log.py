@@ -106,6 +106,8 @@ class RedisStreamLog(StreamLog):
             in memory (written to Redis when it is back) instead of failing.
     """
 
+    shared = True
+
     def __init__(self, client: aioredis.Redis, *, read_client: aioredis.Redis | None = None,
                  prefix: str = "tokenrelay:",
                  retention_s: float = 600.0, max_stream_bytes: int = 64 << 20,
