@@ -35,7 +35,10 @@ Parts (``--parts relay,paced,profile,idle``, in this order):
   that neither the CPU is saturated nor the requests come in synchronised waves of c at
   once: *added TTFT* is then the gateway's latency, not queueing behind other work;
 * ``--baseline SRC``: the gateway of another checkout (``git worktree add /tmp/old REV``,
-  then ``--baseline /tmp/old/src``) as a fourth path, "before", in the same run.
+  then ``--baseline /tmp/old/src``) as a fourth path, "before", in the same run;
+* ``--redis-store``: the same gateway with its stream log on Redis (a ``redis-server``
+  of its own, Debian's, on a free port) as the path "tr-redis": what a frame costs when
+  its append is acknowledged by Redis before it goes out, against the memory store.
 
 It prints figures and ratios against the goals; it never asserts timings.
 """
@@ -211,11 +214,20 @@ class Proc:
         return f"http://127.0.0.1:{self.port}/v1"
 
     def start(self, workdir: Path, timeout: float = 60.0) -> None:
+        self.launch(workdir)
+        self.wait_ready(timeout)
+
+    def launch(self, workdir: Path) -> None:
+        """Start the process, not waiting for it (several start at once)."""
         self.log = workdir / f"{self.name}.log"
-        out = self.log.open("wb")
-        self.popen = subprocess.Popen(self.argv, stdout=out, stderr=subprocess.STDOUT,
-                                      env={**os.environ, **self.env}, cwd=workdir,
-                                      start_new_session=True)
+        with self.log.open("wb") as out:
+            self.popen = subprocess.Popen(self.argv, stdout=out, stderr=subprocess.STDOUT,
+                                          env={**os.environ, **self.env}, cwd=workdir,
+                                          start_new_session=True)
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        """Until it answers ``ready_path`` (``RuntimeError`` if it exits or times out)."""
+        assert self.popen is not None
         deadline = time.monotonic() + timeout
         while True:
             if self.popen.poll() is not None:
@@ -229,7 +241,7 @@ class Proc:
                     self.stop()
                     raise RuntimeError(f"{self.name} did not answer in {timeout:g}s: "
                                        + self.tail()) from None
-                time.sleep(0.25)
+                time.sleep(0.05)
 
     def tail(self, lines: int = 8) -> str:
         if self.log is None or not self.log.exists():
@@ -255,21 +267,13 @@ class Proc:
 
 def upstream_proc() -> Proc:
     port = free_port()
-    probe = ("import click; from tokenrelay.cli._app import cli;"
-             " print(cli.get_command(click.Context(cli), 'mock-upstream') is not None)")
-    check = subprocess.run([sys.executable, "-c", probe],
-                           capture_output=True, text=True, check=False)
-    if check.stdout.strip() == "True":
-        argv = [TOKENRELAY, "mock-upstream", "--port", str(port)]
-    else:  # the command is not registered (yet): the same server through its module
-        code = ("import asyncio, sys; from tokenrelay.testing.mock_upstream import MockUpstream;"
-                " asyncio.run(MockUpstream(port=int(sys.argv[1])).serve_forever())")
-        argv = [sys.executable, "-c", code, str(port)]
-    return Proc("upstream", argv, port, "/v1/models")
+    return Proc("upstream", [TOKENRELAY, "mock-upstream", "--port", str(port)], port,
+                "/v1/models")
 
 
 def tokenrelay_proc(workdir: Path, upstream: Proc, *, name: str = "tokenrelay",
-                    baseline: Path | None = None, reqlog: bool = True) -> Proc:
+                    baseline: Path | None = None, reqlog: bool = True,
+                    redis_url: str | None = None) -> Proc:
     port = free_port()
     config = workdir / f"{name}.toml"
     config.write_text(
@@ -277,6 +281,8 @@ def tokenrelay_proc(workdir: Path, upstream: Proc, *, name: str = "tokenrelay",
         # database configured, logs nothing).
         (f'[log]\npath = "{workdir / (name + ".db")}"\n\n' if reqlog
          else "[log]\nenabled = false\n\n")
+        + (f'[streams]\nstore = "redis"\nredis_url = "{redis_url}"\n\n' if redis_url
+           else "")
         + "".join(f'[[models]]\nname = "{name}"\nbase_url = "{upstream.url}"\n'
                   f'upstream_model = "{model}"\n\n' for name, model in
                   (("fast", FAST), ("idle", IDLE), ("paced", PACED))))
@@ -290,6 +296,28 @@ def tokenrelay_proc(workdir: Path, upstream: Proc, *, name: str = "tokenrelay",
         argv = [sys.executable, "-c", code, *argv[1:]]
         env["PYTHONPATH"] = str(baseline)
     return Proc(name, argv, port, "/healthz", env=env, api_key=KEY)
+
+
+def start_redis(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """A ``redis-server`` of this run's own (no persistence, loopback) and its URL."""
+    binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+    port = free_port()
+    popen = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(workdir),
+         "--save", "", "--appendonly", "no", "--logfile", str(workdir / "redis.log")],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and popen.poll() is None:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
+                sock.sendall(b"PING\r\n")
+                if sock.recv(16).startswith(b"+PONG"):
+                    return popen, f"redis://127.0.0.1:{port}/0"
+        except OSError:
+            time.sleep(0.1)
+    popen.kill()
+    raise RuntimeError(f"redis-server ({binary}) did not start")
 
 
 def floor_proc(upstream: Proc, *, raw: bool = False) -> Proc:
@@ -374,7 +402,8 @@ async def measure(target: str, url: str, model: str, *, concurrency: int, reques
 async def idle_streams(target: str, gateway: Proc, upstream: Proc, n: int) -> dict[str, Any]:
     """RSS of the gateway with ``n`` streams open, all waiting for a first token."""
     delete(f"http://127.0.0.1:{upstream.port}/_mock/requests")
-    await asyncio.sleep(1.0)
+    settle = 0.2 if os.environ.get("BENCH_SMOKE") else 1.0  # for RSS to settle
+    await asyncio.sleep(settle)
     before = rss_mib(gateway.pid)
     task = asyncio.ensure_future(abench(base_url=gateway.url, model="idle", concurrency=n,
                                         requests=n, timeout=IDLE_DELAY * 3,
@@ -408,7 +437,7 @@ async def idle_streams(target: str, gateway: Proc, upstream: Proc, n: int) -> di
         health_ms = None
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
-    await asyncio.sleep(2.0)
+    await asyncio.sleep(2 * settle)
     after = rss_mib(gateway.pid)
     result: dict[str, Any] = {
         "target": target, "streams": n, "client_connections": clients,
@@ -712,7 +741,7 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None or b <= 0 else a / b
 
 
-PATHS = ("direct", "bare", "floor", "tokenrelay", "before", "litellm")
+PATHS = ("direct", "bare", "floor", "tokenrelay", "before", "tr-redis", "litellm")
 
 
 def report_runs(runs: list[Run], levels: list[tuple[int, int]],
@@ -782,6 +811,33 @@ def report_runs(runs: list[Run], levels: list[tuple[int, int]],
                                   "added_ttft_p99_vs_litellm": lat99,
                                   "cpu_vs_minimal_relay": vs_floor}
     console.print(goals)
+    side = [(a, b) for a, b in (("tokenrelay", "before"), ("tr-redis", "tokenrelay"))
+            if any(f"{a}@{c}" in summary and f"{b}@{c}" in summary for c, _ in levels)]
+    if side:
+        # The issue-12 goals: the stream log's hot path ≤ 1.10× the gateway before it;
+        # Redis adds ≤ 15 µs per chunk and ≤ 0.5 ms TTFT p50 over the memory store.
+        pairs = Table(title=f"Side by side at {tps} tokens/s per stream (same run)")
+        for col in ("conc.", "path vs path", "CPU µs/chunk", "CPU ratio", "added µs/chunk",
+                    "TTFT p50 ms", "TTFT p50 diff ms"):
+            pairs.add_column(col, justify="right")
+        for c, _ in levels:
+            for a, b in side:
+                ra, rb = summary.get(f"{a}@{c}"), summary.get(f"{b}@{c}")
+                if ra is None or rb is None:
+                    continue
+                ca, cb = ra["gateway_cpu_us_per_chunk"], rb["gateway_cpu_us_per_chunk"]
+                ta = ra["report"]["ttft_ms"]["median"]  # (ms already)
+                tb = rb["report"]["ttft_ms"]["median"]
+                diff = None if ta is None or tb is None else ta - tb
+                pairs.add_row(str(c), f"{a} vs {b}", f"{fmt(ca, 1)} / {fmt(cb, 1)}",
+                              fmt(ratio(ca, cb)),
+                              fmt(None if ca is None or cb is None else ca - cb, 1),
+                              f"{fmt(ta)} / {fmt(tb)}", fmt(diff))
+                summary[f"{a}_vs_{b}@{c}"] = {
+                    "cpu_ratio": ratio(ca, cb),
+                    "added_cpu_us_per_chunk": None if ca is None or cb is None else ca - cb,
+                    "ttft_p50_diff_ms": diff}
+        console.print(pairs)
     return summary
 
 
@@ -866,22 +922,22 @@ async def main(args: argparse.Namespace) -> None:
     workdir = Path(tempfile.mkdtemp(prefix="bench-gateway-"))
     upstream = upstream_proc()
     procs: list[Proc] = [upstream]
+    redis_popen: subprocess.Popen[bytes] | None = None
     results: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M"),
                                "cores": os.cpu_count()}
     try:
-        upstream.start(workdir)
         gateway = tokenrelay_proc(workdir, upstream, reqlog=not args.no_reqlog)
-        procs.append(gateway)
-        gateway.start(workdir)
+        floor = floor_proc(upstream)
+        bare = floor_proc(upstream, raw=True)
+        procs += [gateway, floor, bare]
+        for proc in procs:  # all at once: none needs another to start
+            proc.launch(workdir)
+        for proc in procs:
+            proc.wait_ready()
         # (name, base URL, model for the fast answers, the same at a served model's pace)
         targets: list[tuple[str, str, str, str, Proc | None]] = [
             ("direct", upstream.url, FAST, PACED, None),
             ("tokenrelay", gateway.url, "fast", "paced", gateway)]
-        floor = floor_proc(upstream)
-        bare = floor_proc(upstream, raw=True)
-        for proc in (floor, bare):
-            procs.append(proc)
-            proc.start(workdir)
         targets[1:1] = [("bare", bare.url, FAST, PACED, bare),
                         ("floor", floor.url, FAST, PACED, floor)]
         if args.baseline:
@@ -891,6 +947,13 @@ async def main(args: argparse.Namespace) -> None:
             procs.append(before)
             before.start(workdir)
             targets.append(("before", before.url, "fast", "paced", before))
+        if args.redis_store:
+            redis_popen, redis_url = start_redis(workdir)
+            on_redis = tokenrelay_proc(workdir, upstream, name="tr-redis",
+                                       reqlog=not args.no_reqlog, redis_url=redis_url)
+            procs.append(on_redis)
+            on_redis.start(workdir)
+            targets.append(("tr-redis", on_redis.url, "fast", "paced", on_redis))
         litellm: Proc | None = None
         if not args.no_litellm:
             made = litellm_proc(workdir, upstream)
@@ -960,6 +1023,9 @@ async def main(args: argparse.Namespace) -> None:
     finally:
         for proc in reversed(procs):
             proc.stop()
+        if redis_popen is not None:
+            redis_popen.terminate()
+            redis_popen.wait(10)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2, default=str))
         console.print(f"results written to {args.json}")
@@ -980,6 +1046,9 @@ if __name__ == "__main__":
     parser.add_argument("--parts", default="relay,paced,idle,profile",
                         help="comma-separated parts to run: relay, paced, profile, idle"
                              " [relay,paced,idle,profile]")
+    parser.add_argument("--redis-store", action="store_true",
+                        help="also measure tokenrelay with its stream log on Redis"
+                             " ('tr-redis'; starts a redis-server of its own)")
     parser.add_argument("--baseline", metavar="SRC",
                         help="also measure the gateway from another checkout's src/ (e.g."
                              " a `git worktree` of an older commit), as the 'before' path")
@@ -992,5 +1061,8 @@ if __name__ == "__main__":
     arguments = parser.parse_args()
     if arguments.smoke:
         arguments.no_litellm = True
+        # Paced answers of 0.2 s, not 2 s: the part runs, in a fraction of the time.
+        PACED_TPS = 500
+        PACED = f"tokens={TOKENS},tps={PACED_TPS}"
         os.environ["BENCH_SMOKE"] = "1"  # the client micro-benchmark's counts
     asyncio.run(main(arguments))

@@ -22,7 +22,7 @@ Two phases per setup, each on a key of its own:
   concurrency alone would let far more than 60 through): admitted in the minute (goal:
   60) and the most at once at the upstream (goal: ≤ 5).
 
-"At the upstream" is counted by the mock upstream (``tokenrelay.mock_upstream``, a thread
+"At the upstream" is counted by the mock upstream (``tokenrelay.testing.mock_upstream``, a thread
 of this process) from when each request reached it to when its answer ended: the load
 the limits protect, measured outside the gateways.
 

@@ -17,6 +17,26 @@ sys.exit(0 if sys.version_info >= (3, 11) else 1)
 PY
     "$PYTHON" -m venv .venv
 fi
+
+# A second run with nothing to do takes a fraction of a second: the stamp names what the
+# last successful run installed (pyproject.toml's hash, the extras); a changed
+# pyproject.toml or an extra not installed yet runs pip again.
+STAMP=.venv/.tokenrelay-setup
+WANT="$(sha256sum pyproject.toml | cut -d' ' -f1)"
+HAVE=""  # the extras installed for this very pyproject.toml
+if [ -f "$STAMP" ] && [ "$(head -n1 "$STAMP")" = "$WANT" ]; then
+    HAVE="$(tail -n +2 "$STAMP" | tr '\n' ' ')"
+    missing=0
+    for extra in ${EXTRAS//,/ }; do
+        case " $HAVE " in *" $extra "*) ;; *) missing=1 ;; esac
+    done
+    if [ "$missing" = 0 ] && .venv/bin/python -c "import tokenrelay" >/dev/null 2>&1; then
+        echo "tokenrelay setup: ready (.venv/bin/tokenrelay)" >&2
+        exit 0
+    fi
+fi
+rm -f "$STAMP"
+
 PIP=(.venv/bin/python -m pip --disable-pip-version-check --quiet)
 "${PIP[@]}" install --upgrade pip >/dev/null 2>&1 || true
 
@@ -53,4 +73,7 @@ if ! smoke >/dev/null 2>&1; then
         "llama-cpp-python==$(.venv/bin/python -c 'import importlib.metadata as m; print(m.version("llama_cpp_python"))')"
     smoke
 fi
+# What is installed now: this run's extras and those installed before for the same
+# pyproject.toml.
+{ echo "$WANT"; printf '%s\n' $HAVE ${EXTRAS//,/ } | sort -u; } > "$STAMP"
 echo "tokenrelay setup: ready (.venv/bin/tokenrelay)" >&2

@@ -7,6 +7,9 @@ sees its client go away exactly as with a real network failure.
         client(base_url=f"http://127.0.0.1:{p.port}/v1")
 
 ``plan(n)`` is asked once per accepted connection (0, 1, 2, …): a :class:`Cut` or None.
+A cut with a ``marker`` counts its bytes from the end of the marker's first occurrence in
+what the server sent on that connection (a browser reuses connections: the response to
+break is found by its bytes); ``max_cuts`` bounds the cuts of the whole proxy.
 """
 
 from __future__ import annotations
@@ -29,13 +32,16 @@ class Cut:
 
     after: int
     how: Literal["reset", "close", "stall"] = "reset"
+    marker: bytes | None = None
 
 
 class CutProxy:
     def __init__(self, target: tuple[str, int],
-                 plan: Callable[[int], Cut | None] = lambda n: None) -> None:
+                 plan: Callable[[int], Cut | None] = lambda n: None, *,
+                 max_cuts: int | None = None) -> None:
         self.target = target
         self.plan = plan
+        self.max_cuts = max_cuts
         self.port = 0
         #: Connections accepted, and the cuts made (connection number, bytes sent).
         self.connections = 0
@@ -103,19 +109,27 @@ class CutProxy:
         """Forward the server's bytes; True when the connection is to stall."""
         sent = 0
         received = self.received[number] = bytearray()
+        limit = None if cut is None or cut.marker is not None else cut.after
         while True:
             data = await up.read(65536)
             received += data
+            if limit is None and cut is not None and cut.marker is not None:
+                found = received.find(cut.marker)
+                if found >= 0:
+                    limit = found + len(cut.marker) + cut.after
+            if limit is not None and self.max_cuts is not None and len(self.cuts) >= self.max_cuts:
+                limit = None
+                cut = None
             if not data:
                 client.write_eof()
                 await client.drain()
                 with contextlib.suppress(OSError, TimeoutError):
                     await asyncio.wait_for(client.wait_closed(), 5)
                 return False
-            if cut is not None and sent + len(data) >= cut.after:
-                client.write(data[: cut.after - sent])
+            if cut is not None and limit is not None and sent + len(data) >= limit:
+                client.write(data[: limit - sent])
                 await client.drain()
-                sent = cut.after
+                sent = limit
                 self.cuts.append((number, sent))
                 if cut.how == "stall":
                     return True

@@ -58,6 +58,8 @@ class ResumableServer:
         #: Requests seen: (method, path, Last-Event-ID or starting_after, grace header).
         self.requests: list[tuple[str, str, str | None, str | None]] = []
         self.port = 0
+        #: How the chat replay answers instead, when set: (status, content type, body).
+        self.replay_answer: tuple[int, str, bytes] | None = None
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._runner: web.AppRunner | None = None
@@ -155,6 +157,9 @@ class ResumableServer:
         cursor = request.headers.get("Last-Event-ID")
         self._log(request, cursor)
         answer = self.answers.get(request.match_info["id"])
+        if self.replay_answer is not None:
+            status, content_type, body = self.replay_answer
+            return web.Response(status=status, body=body, content_type=content_type)
         if answer is None:
             return web.json_response({"error": {"message": "no such stream"}}, status=404)
         return await self._follow(request, answer, int(cursor or -1) + 1, {})

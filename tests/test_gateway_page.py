@@ -23,6 +23,7 @@ from urllib.parse import quote
 
 import pytest
 from _browser import chromium_path, launch_chromium
+from _cutproxy import Cut, CutProxy
 from _harness import LiveGateway, Processes, poll
 
 pytest.importorskip("playwright.sync_api",
@@ -497,6 +498,22 @@ def test_a_reload_mid_answer_resumes_it_where_it_stood(page: Page, gateway: Live
     page.reload()  # and it stays done
     expect(last_answer(page)).to_have_attribute("data-state", "done")
     assert answer_text(page) == row["answer"]
+
+
+def test_a_connection_dropped_mid_answer_is_picked_up_again(page: Page,
+                                                             gateway: LiveGateway) -> None:
+    """A network blip (here a proxy resetting the answer's connection): the page reads the
+    rest from the gateway into the same answer, no error shown."""
+    plan = Cut(400, "reset", marker=b"event: text")
+    with CutProxy(("127.0.0.1", gateway.port), plan=lambda n: plan, max_cuts=1) as proxy:
+        page.goto(f"http://127.0.0.1:{proxy.port}/?model={quote(paced(60, 30))}")
+        ask(page, "Through a bad network")
+        expect(last_answer(page)).to_have_attribute("data-state", "done", timeout=10_000)
+        assert proxy.cuts
+    (row,) = chat_rows(gateway, 1)
+    assert row["status"] == "ok" and row["resumes"] == 1, row
+    assert answer_text(page) == row["answer"]
+    expect(last_answer(page).locator(".error")).to_have_count(0)
 
 
 def test_stop_after_a_reload_stops_the_answer_on_the_gateway(page: Page,

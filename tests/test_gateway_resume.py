@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import random
 import socket
 import sqlite3
@@ -625,3 +626,64 @@ def test_a_shutdown_ends_a_detached_stream_with_the_shutdown_error(
     events = [e for e in sse_events(b"".join(asyncio.run(stored()))) if "id" in e]
     check_sequence(events)
     assert error_of(events[-1])["code"] == "server_shutdown"
+
+
+def test_a_reader_of_a_stream_whose_producer_is_gone_gets_producer_lost(
+        live: LiveGateway) -> None:
+    frames = [b'id: 0\ndata: {"choices":[{"index":0,"delta":{"content":"a"}}]}\n\n',
+              b'id: 1\ndata: {"choices":[{"index":0,"delta":{"content":"b"}}]}\n\n']
+
+    async def orphan() -> str:
+        # A producer that dies without finishing (as a crashed process's would).
+        producer = await live.gateway.streams.create(
+            owner="anonymous", endpoint="chat.completions", id_prefix="chatcmpl-",
+            status="in_progress")
+        await producer.append(frames)
+        await producer.release()
+        return producer.stream_id
+
+    stream_id = live.call(orphan())
+    for _ in range(2):  # the first reader writes the end, the second reads it
+        _, events = stream_all(live.url, path=f"/v1/chat/completions/{stream_id}/stream")
+        check_sequence(events)
+        assert [e["data"] for e in events[:2]] == [f[f.index(b"data: ") + 6:-2].decode()
+                                                   for f in frames]
+        assert len(events) == 3 and error_of(events[2])["code"] == "producer_lost"
+    _, events = stream_all(live.url, path=f"/chat/{stream_id}/stream")
+    assert not events  # another endpoint's stream: 404 (no events)
+    text = httpx.get(f"{live.url}/metrics").text
+    assert "tokenrelay_stream_producer_losses_total 1.0" in text
+
+
+def test_a_producer_whose_redis_lease_lapsed_takes_it_back_and_goes_on(
+        make_gateway: MakeGateway, redis_server: RedisServer,
+        caplog: pytest.LogCaptureFixture) -> None:
+    import redis
+
+    caplog.set_level(logging.WARNING, logger="tokenrelay.server")
+
+    prefix = redis_prefix()
+    live = make_gateway(streams={"store": "redis", "redis_url": redis_server.url,
+                                 "redis_prefix": prefix})
+    _, whole = stream_all(live.url, body=chat("paced"))
+    sock = post_raw(live.port, "/v1/chat/completions", chat("paced"))
+    raw = recv_bytes(sock, 1)
+    while len(complete_frames(head_and_body(raw)[1])) < 3:
+        raw += recv_bytes(sock, 1)
+    stream_id = head_and_body(raw)[0]["x-tokenrelay-stream-id"]
+    # As if this process had stalled past its lease: the lease key is gone.
+    client = redis.Redis.from_url(redis_server.url)
+    try:
+        assert client.delete(f"{prefix}{{{stream_id}}}:l") == 1
+    finally:
+        client.close()
+    deadline = time.monotonic() + 10
+    while not raw.endswith(b"\r\n0\r\n\r\n") and time.monotonic() < deadline:
+        raw += recv_bytes(sock, 1, timeout=max(0.01, deadline - time.monotonic()))
+    sock.close()
+    events = complete_frames(head_and_body(raw)[1])
+    check_sequence(events)
+    assert chunk_text(events) == chunk_text(whole) and events[-1]["data"] == "[DONE]"
+    _, again = stream_all(live.url, path=f"/v1/chat/completions/{stream_id}/stream")
+    assert again == events
+    assert any("taken back" in r.getMessage() for r in caplog.records), caplog.text

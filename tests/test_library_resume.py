@@ -33,7 +33,7 @@ from tokenrelay.providers._openai_wire import ChatChunkParser
 from tokenrelay.providers._resume import stream_id
 from tokenrelay.providers.base import Provider
 from tokenrelay.providers.openai_compat import OpenAIProvider
-from tokenrelay.providers.openai_responses import OpenAIResponsesProvider
+from tokenrelay.providers.openai_responses import OpenAIResponsesProvider, ResponsesEventParser
 from tokenrelay.request import RetryPolicy, Timeouts
 from tokenrelay.testing.mock_upstream import MockUpstream
 
@@ -84,10 +84,13 @@ def chat_target(port: int) -> Target:
     return Target(port, lambda url: OpenAIProvider(base_url=url))
 
 
-@pytest.fixture(params=["gateway-chat", "gateway-responses"])
+@pytest.fixture(params=["gateway-chat", "gateway-responses", "gateway-background"])
 def target(request: pytest.FixtureRequest, gateway: LiveGateway) -> Target:
-    if request.param == "gateway-responses":
+    if request.param == "gateway-background":
         return responses_target(gateway)
+    if request.param == "gateway-responses":  # streamed in the foreground, with a grace
+        return Target(gateway.port, lambda url: OpenAIResponsesProvider(base_url=url),
+                      marker=b"output_text.delta")
     return chat_target(gateway.port)
 
 
@@ -180,9 +183,10 @@ def test_the_cli_shows_the_whole_answer_after_breaks(gateway: LiveGateway) -> No
     plan = {0: Cut((lo + hi) // 2), 1: Cut(lo + 5, "close")}
     with CutProxy(("127.0.0.1", target.port), plan=plan.get) as proxy:
         done = tokenrelay_cli("--base-url", f"http://127.0.0.1:{proxy.port}/v1", "-m",
-                              "relayed", "hi")
+                              "relayed", "--stats", "hi")
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == clean.strip() and len(proxy.cuts) == 2
+    assert "resumed 2×" in done.stderr  # the footer says so
 
 
 # -- bounds ------------------------------------------------------------------------------
@@ -269,6 +273,31 @@ def test_the_request_asks_for_a_grace_and_a_resume_names_the_last_event(
     assert scripted.requests[-1][3] is None
 
 
+@pytest.mark.parametrize(("answer", "code", "says"), [
+    ((404, "application/json", b'{"error":{"message":"no such stream"}}'), "connection_lost",
+     "refused to resume it; last error: " + "http://127.0.0.1"),
+    ((200, "text/html", b"<html>login</html>"), "resume_failed", "'text/html'"),
+])
+def test_a_refused_resume_is_a_typed_error_at_once(
+        scripted: ResumableServer, answer: tuple[int, str, bytes], code: str, says: str) -> None:
+    target = chat_target(scripted.port)
+    scripted.replay_answer = answer
+    before = len(scripted.requests)
+    try:
+        with (CutProxy(("127.0.0.1", target.port),
+                       plan=lambda n: Cut(700) if n == 0 else None) as proxy,
+              pytest.raises(StreamError) as caught):
+            run(target, proxy)
+    finally:
+        scripted.replay_answer = None
+    assert caught.value.code == code and says in caught.value.message
+    assert caught.value.partial_text and expected_text(40).startswith(caught.value.partial_text)
+    # The answer, one resume (a refusal is not asked again), the cancel.
+    kinds = [(method, path.rsplit("/", 1)[-1]) for method, path, _, _ in scripted.requests[before:]]
+    assert kinds == [("POST", "completions"), ("GET", "stream"), ("POST", "cancel")]
+    assert proxy.cuts
+
+
 def test_leaving_early_cancels_the_answer_on_the_server(scripted: ResumableServer) -> None:
     """The library asked the server to keep the answer: leaving early says stop."""
     provider = OpenAIProvider(base_url=scripted.base_url)
@@ -297,6 +326,25 @@ def test_leaving_early_stops_the_gateway_at_once(gateway: LiveGateway) -> None:
     row = poll(lambda: reqlog_row(gateway, sid), 3.0)
     assert row is not None and row["status"] == "cancelled", row
     assert row["duration"] < 2.0 and row["completion_tokens"] < 100
+
+
+def test_a_break_before_the_first_token_asks_again_and_cancels_the_first_answer(
+        gateway: LiveGateway) -> None:
+    """Before the first token a break is retried as always (a new request); the answer the
+    gateway keeps for the first one is cancelled, not left running for its grace."""
+    target = chat_target(gateway.port)
+    target.model = "mock:tokens=200,tps=100"  # 2 s: long enough to see it stopped
+    _, body = clean_run(chat_target(gateway.port))
+    inside_first_frame = body.index(b"\r\n\r\n") + 4 + 10
+    with CutProxy(("127.0.0.1", target.port),
+                  plan=lambda n: Cut(inside_first_frame) if n == 0 else None) as proxy:
+        result = run(target, proxy)
+    assert result.finish_reason == "stop" and result.resumes == 0
+    head = bytes(proxy.received[0]).split(b"\r\n\r\n")[0].decode()
+    first = head.split("x-tokenrelay-stream-id: ")[1].split("\r\n")[0]
+    row = poll(lambda: reqlog_row(gateway, first), 3.0)
+    assert row is not None and row["status"] == "cancelled", row
+    assert row["completion_tokens"] < 100
 
 
 def test_the_gateway_counts_the_resumes_the_library_made(gateway: LiveGateway) -> None:
@@ -351,6 +399,50 @@ def test_the_parser_skips_what_it_has_and_refuses_a_gap() -> None:
     parser.reconnect(4)
     with pytest.raises(StreamError) as caught:
         parser.feed(frames(6))
+    assert caught.value.code == "resume_gap"
+    # An id that is not a frame number cannot be placed: refused, not guessed.
+    for bad in (b"x", b"-1", b"1e3", b"99999999999999999999"):
+        parser = ChatChunkParser()
+        parser.feed(frames(0))
+        parser.reconnect(0)
+        with pytest.raises(StreamError, match="valid sequence number"):
+            parser.feed(b"id: %s\ndata: {}\n\n" % bad)
+
+
+def test_numbered_frames_take_the_fast_path_with_the_same_outcome() -> None:
+    """A frame with an ``id:`` line (every gateway frame) skips line splitting, and gives
+    the chunks and the position the general way gives."""
+    body = frames(*range(12))
+    whole, pieces = ChatChunkParser(), ChatChunkParser()
+    for frame in body.split(b"\n\n")[:-1]:
+        data = frame + b"\n\n"
+        assert whole._sse.plain_data_with_id(data) is not None or not whole._sse._started
+        chunks = whole.feed(data)
+        assert [c.text for c in chunks] == [f"t{whole.position()} "]
+    texts = [c.text for i in range(0, len(body), 7) for c in pieces.feed(body[i:i + 7])]
+    assert texts == [f"t{i} " for i in range(12)] and pieces.position() == whole.position() == 11
+    for odd in (b"id: 1x\ndata: {}\n\n", b"id: 1\ndata: {}\n\ndata: {}\n\n",
+                b"id: 1\nevent: x\ndata: {}\n\n", b"id:1\ndata: {}\n\n"):
+        assert whole._sse.plain_data_with_id(odd) is None
+
+
+def test_the_responses_parser_resumes_on_sequence_numbers() -> None:
+    def events(*seqs: int) -> bytes:
+        return b"".join(
+            b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta",'
+            b'"output_index":0,"content_index":0,"delta":"t%d ","sequence_number":%d}\n\n'
+            % (n, n) for n in seqs)
+
+    parser = ResponsesEventParser()
+    created = (b'data: {"type":"response.created","sequence_number":0,'
+               b'"response":{"id":"resp_0123456789abcdef"}}\n\n')
+    assert [c.text for c in parser.feed(created + events(1, 2))] == ["t1 ", "t2 "]
+    assert parser.position() == 2 and parser.response_id == "resp_0123456789abcdef"
+    parser.reconnect(2)
+    assert [c.text for c in parser.feed(events(2, 3))] == ["t3 "]
+    parser.reconnect(3)
+    with pytest.raises(StreamError) as caught:
+        parser.feed(events(5))
     assert caught.value.code == "resume_gap"
 
 

@@ -5,9 +5,11 @@ processes; their admissions together are exactly what one process would admit.""
 from __future__ import annotations
 
 import asyncio
+import tempfile
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 from _redis import RedisServer, redis_prefix
@@ -251,3 +253,91 @@ async def test_running_streams_slots_come_back_when_redis_lost_them(
     await asyncio.sleep(1.3)  # one renewal (every second)
     assert await three.attempt(1, k) == "concurrency_limit"
     running.release(0)
+
+
+async def test_a_settlement_redis_missed_is_sent_when_it_is_back() -> None:
+    """A tokens-only key (no slot to renew): its settlement, refused while Redis was
+    down, is retried until it lands."""
+    with tempfile.TemporaryDirectory() as tmp:
+        server = RedisServer.start(Path(tmp))
+        link = RedisLink(server.url, timeout_s=0.3)
+        limiter, other = SharedLimiter(link), SharedLimiter(RedisLink(server.url))
+        k = key(tokens_per_minute=1000)
+        try:
+            lease = await limiter.aacquire(k, 900)
+            server.pause()
+            lease.release(10)  # 890 to give back; Redis does not answer
+            await asyncio.sleep(0.5)
+            assert limiter._pending
+            server.resume()
+            deadline = time.monotonic() + 5
+            while True:  # once the 890 are given back: 10 + 900 <= 1000
+                try:
+                    (await other.aacquire(k, 900)).release(None)
+                    break
+                except GatewayHTTPError as exc:
+                    assert exc.code == "token_limit"
+                    assert time.monotonic() < deadline, "the settlement never went out"
+                    await asyncio.sleep(0.05)
+        finally:
+            for lim in (limiter, other):
+                await lim.aclose()
+                await lim.link.aclose()
+            server.stop()
+
+
+async def test_an_admission_whose_caller_left_frees_its_slot_at_once(tmp_path: Path) -> None:
+    server = RedisServer.start(tmp_path)
+    limiter = SharedLimiter(RedisLink(server.url, timeout_s=3.0))
+    other = SharedLimiter(RedisLink(server.url))
+    k = key(max_concurrent=1)
+    try:
+        (await limiter.aacquire(k, 1)).release(0)  # connected, scripts loaded
+        await asyncio.sleep(0.05)
+        server.pause()
+        waiting = asyncio.create_task(limiter.aacquire(k, 1))
+        await asyncio.sleep(0.1)  # sent; Redis will admit it once it runs again
+        waiting.cancel()
+        server.resume()
+        left = time.monotonic()
+        while not isinstance(result := await _try(other, k), Lease):
+            assert time.monotonic() - left < 1.5, "the slot waited for its lease to lapse"
+            await asyncio.sleep(0.05)
+        result.release(0)
+    finally:
+        for lim in (limiter, other):
+            await lim.aclose()
+            await lim.link.aclose()
+        server.stop()
+
+
+async def _try(limiter: SharedLimiter, k: KeyConfig) -> Lease | str:
+    try:
+        return await limiter.aacquire(k, 1)
+    except GatewayHTTPError as exc:
+        return exc.code or ""
+
+
+async def test_open_mode_warns_at_most_once_a_minute(caplog: pytest.LogCaptureFixture,
+                                                     ) -> None:
+    now = [1000.0]
+    link = RedisLink("redis://127.0.0.1:1/0", timeout_s=0.2)
+    limiter = SharedLimiter(link, on_redis_error="open", clock=lambda: now[0])
+    k = key(requests_per_minute=1)
+    try:
+        link.failed(OSError("refused"))
+        with caplog.at_level("WARNING", logger="tokenrelay.server"):
+            for _ in range(5):
+                (await limiter.aacquire(k, 1)).release(1)
+            now[0] += 59.0
+            (await limiter.aacquire(k, 1)).release(1)
+            now[0] += 1.5
+            (await limiter.aacquire(k, 1)).release(1)
+        lines = [r.getMessage() for r in caplog.records if "without the shared limits" in
+                 r.getMessage()]
+        assert len(lines) == 2, lines
+        assert lines[0].startswith("1 request(s)") and lines[1].startswith("6 request(s)")
+        assert limiter.bypassed._value.get() == 7
+    finally:
+        await limiter.aclose()
+        await link.aclose()

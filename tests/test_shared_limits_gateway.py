@@ -3,6 +3,7 @@ both ``on_redis_error`` modes (and down at start), ``/healthz``, the CLI's refus
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import subprocess
 import time
@@ -268,3 +269,70 @@ def test_a_sigkilled_replicas_slots_are_free_again_within_5_s(
             assert time.monotonic() - killed < 5.0, "a dead replica's slots are still held"
             time.sleep(0.05)
         print(f"slots of a SIGKILLed replica free after {time.monotonic() - killed:.2f}s")
+
+
+async def test_the_stream_log_and_the_limits_share_one_redis_client(
+        redis_server: RedisServer) -> None:
+    from tokenrelay.server.gateway import Gateway
+
+    key = {"id": "alice", "sha256": hash_key(SECRET), "max_concurrent": 1}
+    cfg = load_config(redis_url=redis_server.url, keys=[key], serve_local=False,
+                      log={"enabled": False}, redis={"prefix": redis_prefix()})
+    gateway = Gateway(cfg)
+    try:
+        assert gateway.redis is not None
+        assert gateway.streams._redis is gateway.redis.client  # type: ignore[attr-defined]
+        producer = await gateway.streams.create(owner="alice", endpoint="chat")
+        await producer.finish("completed", [b"data: x\n\n"])
+        lease = await gateway.acquire(cfg.keys[0], 1)
+        lease.release(1)
+        await gateway.streams.aclose()  # not the shared pool: the limits still work
+        await asyncio.sleep(0.05)
+        (await gateway.acquire(cfg.keys[0], 1)).release(1)
+    finally:
+        await gateway.aclose()
+    other = load_config(redis_url=redis_server.url, serve_local=False, log={"enabled": False},
+                        streams={"redis_url": redis_server.url.replace("/0", "/1")})
+    gateway = Gateway(other)
+    try:
+        assert gateway.redis is not None
+        assert gateway.streams._redis is not gateway.redis.client  # type: ignore[attr-defined]
+    finally:
+        await gateway.aclose()
+
+
+@pytest.mark.timeout(60)
+def test_a_redis_slower_than_timeout_s_counts_as_failing(tmp_path: Path) -> None:
+    server = RedisServer.start(tmp_path / "redis")
+    try:
+        with LiveGateway(gateway_config(tmp_path, server.url)) as gw, \
+                httpx.Client(base_url=gw.url, timeout=10) as c:
+            assert chat(c).status_code == 200
+            server.pause()  # SIGSTOP: connections open, no answers
+            started = time.monotonic()
+            refused = chat(c)
+            waited = time.monotonic() - started
+            assert refused.status_code == 503 and 0.4 < waited < 3.0, (refused, waited)
+            state = health(c)
+            assert state["status"] == "degraded" and "no answer within 0.5s" in state["reason"]
+            started = time.monotonic()
+            assert chat(c).status_code == 503  # while down: no wait on Redis at all
+            assert time.monotonic() - started < 0.4
+            server.resume()
+            assert poll(lambda: health(c)["status"] == "ok", 5), health(c)
+            assert chat(c).status_code == 200
+    finally:
+        server.stop()
+
+
+@pytest.mark.timeout(60)
+def test_workers_share_their_limits_in_redis(processes: Any, redis_server: RedisServer) -> None:
+    cfg = {"serve_local": False, "log": {"enabled": False}, "access_log": False,
+           "keys": [{"id": "alice", "sha256": hash_key(SECRET), "requests_per_minute": 4}],
+           "redis": {"url": redis_server.url, "prefix": redis_prefix()}}
+    serve = processes.serve(cfg, "--workers", "2")
+    statuses = []
+    for _ in range(12):  # a connection each: the kernel spreads them over the workers
+        with httpx.Client(base_url=serve.url, timeout=10) as c:
+            statuses.append(chat(c).status_code)
+    assert statuses.count(200) == 4 and statuses.count(429) == 8, statuses

@@ -559,8 +559,6 @@ class AsyncStream:
     async def _finish(self, reason: FinishReason, error: TokenrelayError | None) -> Result:
         if self._result is not None:
             return self._result
-        if self._abandon and reason in ("cancelled", "error"):
-            await self._abandon_resume()
         acc = self._acc
         usage = acc.usage
         if usage is None:
@@ -578,7 +576,12 @@ class AsyncStream:
                     usage = self._count()
                     self._set_result(reason, error, usage)
                     raise
-        return self._set_result(reason, error, usage)
+        result = self._set_result(reason, error, usage)
+        if self._abandon and reason in ("cancelled", "error"):
+            # After the result is set: a second cancellation arriving while this request
+            # is out must not leave the stream without one.
+            await self._abandon_resume()
+        return result
 
     def _count(self) -> Usage:
         """Usage counted by the provider's tokenizer (``estimated``)."""

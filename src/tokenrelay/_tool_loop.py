@@ -298,6 +298,7 @@ class ToolLoopStream(AsyncStream):
             raw_chunks=[c for r in rounds for c in r.raw_chunks or ()] if self.raw else None,
             error=error,
             parsed=last.parsed if last is not None else None,
+            resumes=sum(r.resumes for r in rounds),
         )
         if self._on_finish is not None:
             with contextlib.suppress(Exception):  # a broken log must not break the answer

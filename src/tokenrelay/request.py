@@ -123,6 +123,12 @@ class Request(BaseModel):
     tool_choice: str | dict[str, Any] | None = None
     #: Provider-specific extras passed through unchanged (e.g. ``{"ignore_eos": True}``).
     extra: dict[str, Any] = Field(default_factory=dict)
+    #: An assistant prefix: the answer already begins with this text and the model goes on
+    #: after it (the chat template's assistant turn + the prefix; the stream yields only
+    #: what follows). Providers that cannot do it refuse the request
+    #: (``Provider.can_continue()``); the gateway uses it to finish an answer whose
+    #: producing process died (issue 12).
+    continue_from: str | None = None
 
     @field_validator("stop", mode="before")
     @classmethod

@@ -178,6 +178,8 @@ def footer_text(result: Result, *, model_note: str | None = None,
     if metrics.tokens_per_second is not None:
         parts.append(f"{metrics.tokens_per_second:.1f} tok/s")
     parts.append(seconds(metrics.total_seconds))
+    if result.resumes:  # the connection broke and the answer went on (issue 12)
+        parts.append(f"resumed {result.resumes}×")
     finish: str = result.finish_reason
     if finish == "length" and cap is not None:
         finish += f": stopped at the {cap}-token cap (--max-tokens to raise)"

@@ -155,7 +155,14 @@ class ChatChunkParser:
         """Parse one network read; return the chunks it completed."""
         if self._error is not None:
             raise self._error
-        plain = None if self.done or self._replay is not None else self._sse.plain_data(data)
+        if self.done or self._replay is not None:
+            plain = None
+        else:
+            plain = self._sse.plain_data(data)
+            if plain is None and data.startswith(b"id: "):  # a tokenrelay gateway's frame
+                plain = self._sse.plain_data_with_id(data)
+                if plain is not None:
+                    self.last_id = self._sse.last_event_id
         if plain is not None:
             # The common read: one plain data frame. Anything unusual about it (not JSON,
             # not UTF-8, an error object, an odd shape) goes the general way below, which

@@ -124,6 +124,12 @@ class Provider(ABC):
 
         return encoding_ready()
 
+    def can_continue(self) -> bool:
+        """Whether ``Request.continue_from`` works here: the model goes on after a partial
+        assistant answer (the embedded model and the mock; an OpenAI-compatible upstream
+        when its route says how, ``continue_prefix``). Others refuse such a request."""
+        return False
+
     async def list_models(self) -> list[ModelInfo]:
         return []
 

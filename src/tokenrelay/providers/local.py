@@ -273,6 +273,14 @@ class _Vocab:
         # As llama-cpp-python does: the template writes any BOS itself.
         return self.tokenize(prompt, add_bos=False, special=True)
 
+    def continued_prompt_tokens(self, request: Request) -> list[int]:
+        """The prompt, then the partial answer (``Request.continue_from``) as the start
+        of the assistant turn the template opened: decoding goes on after its tokens."""
+        tokens = self.prompt_tokens(request)
+        if request.continue_from:
+            tokens += self.tokenize(request.continue_from, add_bos=False, special=False)
+        return tokens
+
     def close(self) -> None:
         if self._free is not None:
             self._free()
@@ -578,7 +586,7 @@ class LocalProvider(Provider):
     def _decode(self, loaded: _Loaded, job: _Job) -> None:
         lib, llm, vocab = loaded.lib, loaded.llm, loaded.vocab
         request, options, cancel = job.request, job.options, job.cancel
-        prompt = vocab.prompt_tokens(request)
+        prompt = vocab.continued_prompt_tokens(request)
         # llama.cpp may round the context up; llama-cpp-python's buffers keep our size.
         n_ctx = min(llm.n_ctx(), self.n_ctx)
         if len(prompt) >= n_ctx:
@@ -681,6 +689,9 @@ class LocalProvider(Provider):
     def count_prompt_tokens(self, request: Request) -> int:
         """Prompt tokens of ``request``, chat template included."""
         return len(self._tokenize(lambda v: v.prompt_tokens(request)))
+
+    def can_continue(self) -> bool:
+        return True
 
     def counting_ready(self) -> bool:
         """Counting needs the model or a vocabulary-only load of it (slow the first time)."""

@@ -166,6 +166,9 @@ class MockProvider(Provider):
         answer = self.answer_for(request)
         split = _JSON_TOKEN.findall if request.response_format is not None else tokenize
         pieces = split(answer)
+        if request.continue_from is not None:
+            # max_tokens counts the tokens generated after the prefix, as on a real server.
+            pieces = _after_prefix(pieces, request.continue_from, split)
         finish = self.finish_reason
         if request.max_tokens is not None and len(pieces) > request.max_tokens:
             pieces, finish = pieces[: request.max_tokens], "length"
@@ -222,6 +225,9 @@ class MockProvider(Provider):
     def count_tokens(self, text: str, *, model: str | None = None) -> int:
         return len(tokenize(text))
 
+    def can_continue(self) -> bool:
+        return True
+
     def count_prompt_tokens(self, request: Request) -> int:
         return sum(len(tokenize(m.content)) for m in request.messages)
 
@@ -230,6 +236,24 @@ class MockProvider(Provider):
 
     async def list_models(self) -> list[ModelInfo]:
         return [ModelInfo("mock", self.name, "scripted answers for tests and demos")]
+
+
+def _after_prefix(pieces: list[str], prefix: str,
+                  split: Callable[[str], list[str]]) -> list[str]:
+    """The tokens an uninterrupted run sends after ``prefix`` (``Request.continue_from``:
+    an answer continued from its partial text), so that prefix + continuation is exactly
+    the uninterrupted answer. A prefix that is not the start of the answer gets what
+    follows its length."""
+    joined = "".join(pieces)
+    if joined.startswith(prefix):
+        done = 0
+        for i, piece in enumerate(pieces):
+            if done == len(prefix):
+                return pieces[i:]
+            done += len(piece)
+        if done == len(prefix):
+            return []
+    return split(joined[len(prefix):])
 
 
 async def _inject(fault: str, sent: int) -> bool:

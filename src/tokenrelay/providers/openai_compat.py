@@ -39,6 +39,10 @@ _STATUS_HINTS = {
 }
 
 
+#: The ways an upstream continues a partial answer (``OpenAIProvider(continue_prefix=)``).
+CONTINUE_STYLES = (None, "vllm", "llama.cpp")
+
+
 class OpenAIProvider(HTTPProvider):
     """Streams from an OpenAI-compatible ``/chat/completions`` endpoint.
 
@@ -53,6 +57,13 @@ class OpenAIProvider(HTTPProvider):
             Set explicitly because a default pool (100 in aiohttp and httpx) would
             silently queue a gateway's extra streams.
         headers: extra headers sent with every request.
+        continue_prefix: how the server continues a partial assistant answer
+            (``Request.continue_from``), if it can: ``"vllm"`` sends the partial answer
+            as the last, assistant, message with ``continue_final_message: true,
+            add_generation_prompt: false`` (vLLM, and llama.cpp's server since 2026-05);
+            ``"llama.cpp"`` sends it as the last message only (llama.cpp's server
+            prefills a trailing assistant message unless started with
+            ``--no-prefill-assistant``). ``None``: such requests are refused.
         resume_grace: seconds a tokenrelay gateway should keep producing an answer after
             its connection breaks, waiting for this client to resume it
             (``x-tokenrelay-resume-grace``; other servers ignore the header). ``None`` or
@@ -75,8 +86,13 @@ class OpenAIProvider(HTTPProvider):
         connect_timeout: float | None = 10.0,
         max_connections: int = 256,
         headers: Mapping[str, str] | None = None,
+        continue_prefix: str | None = None,
         resume_grace: float | None = DEFAULT_RESUME_GRACE,
     ) -> None:
+        if continue_prefix not in CONTINUE_STYLES:
+            raise UsageError(f"continue_prefix must be one of"
+                             f" {', '.join(repr(c) for c in CONTINUE_STYLES)}")
+        self.continue_prefix = continue_prefix
         auth = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         super().__init__(base_url=base_url, connect_timeout=connect_timeout,
                          max_connections=max_connections, headers={**(headers or {}), **auth})
@@ -103,6 +119,8 @@ class OpenAIProvider(HTTPProvider):
             "model": request.model,
             "messages": [_message(m) for m in request.messages],
         }
+        if request.continue_from is not None:
+            self._continue(body, request.continue_from)
         if stream_options:
             body["stream_options"] = {"include_usage": True}
         for name in ("temperature", "max_tokens", "top_p", "seed"):
@@ -128,6 +146,20 @@ class OpenAIProvider(HTTPProvider):
         if not stream_options or body.get("stream_options") is None:
             body.pop("stream_options", None)
         return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+
+    def can_continue(self) -> bool:
+        return self.continue_prefix is not None
+
+    def _continue(self, body: dict[str, Any], prefix: str) -> None:
+        """The partial answer as the last (assistant) message, in the server's style."""
+        if self.continue_prefix is None:
+            raise UsageError("this endpoint cannot continue a partial answer: set the"
+                             " route's continue_prefix (\"vllm\" or \"llama.cpp\") if"
+                             " the server can")
+        body["messages"].append({"role": "assistant", "content": prefix})
+        if self.continue_prefix == "vllm":
+            body["continue_final_message"] = True
+            body["add_generation_prompt"] = False
 
     # What the Responses provider changes (providers/openai_responses.py): the path, the
     # body, the parser, the non-streamed answer; the I/O below is shared.
@@ -265,7 +297,7 @@ class OpenAIProvider(HTTPProvider):
         after = parser.position()
         if after is None:
             raise StreamError("cannot resume: no event id was received yet",
-                              code="connection_lost")
+                              code="resume_failed")
         url, headers = self._replay_request(handle, after)
         async with self._post(url, b"", headers=headers, method="GET") as response:
             if not 200 <= response.status < 300:
@@ -273,8 +305,9 @@ class OpenAIProvider(HTTPProvider):
                     raise self._unexpected_status(response)
                 raise self._status_error(response, await read_some(response))
             if "event-stream" not in response.headers.get("content-type", ""):
-                raise StreamError(f"{url} did not answer with an event stream",
-                                  code="connection_lost")
+                raise StreamError(f"{url} answered the resume with"
+                                  f" {response.headers.get('content-type', 'no content type')!r},"
+                                  " not an event stream", code="resume_failed")
             handle.resumes += 1
             parser.reconnect(after)
             content = response.content

@@ -366,7 +366,12 @@ class OpenAIResponsesProvider(OpenAIProvider):
     path = "/responses"
     uses_stream_options = False
 
+    def can_continue(self) -> bool:
+        return False  # the Responses API has no assistant prefill
+
     def _body(self, request: Request, *, stream_options: bool) -> bytes:
+        if request.continue_from is not None:
+            raise UsageError("a /responses upstream cannot continue a partial answer")
         return json.dumps(responses_body(request), separators=(",", ":"),
                           ensure_ascii=False).encode()
 

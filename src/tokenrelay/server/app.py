@@ -101,11 +101,15 @@ class GatewayApp(Starlette):
     answer their own errors, so their POSTs skip the stack: the body cap still applies,
     and an unexpected exception reaches uvicorn, which answers 500 as the stack's
     ServerErrorMiddleware would. With CORS configured every request takes the stack.
+    The resumes that follow a stream live (``GET {prefix}/{id}/stream``, ``resume``) take
+    the same direct path.
     """
 
     def __init__(self, *, direct: dict[str, Callable[[HTTPRequest], Any]],
                  max_body_bytes: int, gateway: Gateway, guard: RequestGuard,
-                 logged_paths: frozenset[str], **kwargs: Any) -> None:
+                 logged_paths: frozenset[str],
+                 resume: dict[str, Callable[[HTTPRequest], Any]] | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._gateway = gateway
         self._guard = guard
@@ -114,6 +118,9 @@ class GatewayApp(Starlette):
         self._direct = {path: BodyLimit(_endpoint_app(endpoint), max_body_bytes,
                                         gateway.log_refused)
                         for path, endpoint in direct.items()}
+        #: ``GET {prefix}/{id}/stream`` by prefix.
+        self._resume = {prefix: _endpoint_app(endpoint)
+                        for prefix, endpoint in (resume or {}).items()}
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] == "http":
@@ -129,6 +136,14 @@ class GatewayApp(Starlette):
                 if app is not None:
                     scope["app"] = self
                     await app(scope, receive, send)
+                    return
+            elif scope["method"] == "GET" and scope["path"].endswith("/stream"):
+                prefix, _, stream_id = scope["path"][:-7].rpartition("/")
+                resume = self._resume.get(prefix)
+                if resume is not None and stream_id:
+                    scope["app"] = self
+                    scope["path_params"] = {"id": stream_id}
+                    await resume(scope, receive, send)
                     return
             if not (scope["method"] == "POST" and scope["path"] in self._logged_paths):
                 # Starlette's answers (404, 405) and the GET endpoints' 401s: log any
@@ -219,7 +234,10 @@ def create_app(config: ServerConfig | None = None) -> Starlette:
         await gateway.aclose()
 
     direct: dict[str, Callable[[HTTPRequest], Any]] = {}
+    resume: dict[str, Callable[[HTTPRequest], Any]] = {}
     if not config.cors_origins:
+        resume = {"/v1/chat/completions": ep.resume_chat_completion,
+                  "/chat": ep.resume_chat}
         direct = {"/v1/chat/completions": ep.chat_completions,
                   "/chat/completions": ep.chat_completions,
                   "/v1/responses": ep.create_response, "/responses": ep.create_response,
@@ -227,7 +245,7 @@ def create_app(config: ServerConfig | None = None) -> Starlette:
     guard = RequestGuard(check_host=not config.keys or bool(config.allowed_hosts),
                          allowed_hosts=config.allowed_hosts)
     app = GatewayApp(direct=direct, max_body_bytes=config.max_body_bytes, gateway=gateway,
-                     guard=guard, logged_paths=streaming, routes=routes,
+                     guard=guard, logged_paths=streaming, resume=resume, routes=routes,
                      middleware=middleware, lifespan=lifespan,
                      exception_handlers={HTTPException: _http_error})
     app.state.gateway = gateway

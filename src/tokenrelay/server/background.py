@@ -51,6 +51,7 @@ from .streamlog import (
     StreamNotFound,
     StreamReader,
 )
+from .takeover import restart_meta
 
 __all__ = ["BackgroundResponses"]
 
@@ -87,7 +88,8 @@ class BackgroundResponses:
         try:
             producer = await self.log.create(
                 owner=key_id, endpoint=ENDPOINT, id_prefix="resp_", status="queued",
-                meta={"model": model[:200], "background": "1"})
+                meta=restart_meta({"model": model[:200], "background": "1"},
+                                  stream.request))
             encoder = ResponsesEncoder(**encoder_args, response_id=producer.stream_id,
                                        background=True)
             await producer.append(encoder.start("queued"))
@@ -127,8 +129,10 @@ class BackgroundResponses:
                 try:
                     batch = await reader.read()
                 except ProducerLost as lost:
-                    await self._end_lost(reader.stream_id, lost.last_seq)
-                    continue  # reads the end: this one, or another reader's
+                    # Finished here if the model can go on (takeover.py), else ended.
+                    if not await self.delivery.takeover.attempt(reader.stream_id, ENDPOINT):
+                        await self._end_lost(reader.stream_id, lost.last_seq)
+                    continue  # reads the rest or the end: this one, or another reader's
                 except StreamNotFound:
                     return  # expired or evicted meanwhile: nothing more to send
                 except StreamLogError as exc:
@@ -182,8 +186,9 @@ class BackgroundResponses:
                             response=snap.ended("cancelled"))]
         ended = await self.log.end_lost(stream_id, last_seq=last_seq, frames=frames,
                                         status=status)
-        if ended:
-            self.gateway.metrics.producer_losses.inc()
+        if ended and status == "failed":
+            await self.delivery.takeover.lost(stream_id, ENDPOINT,
+                                              message=PRODUCER_LOST_MESSAGE)
         return ended
 
     # -- endpoints -----------------------------------------------------------------------
@@ -197,8 +202,10 @@ class BackgroundResponses:
     async def retrieve(self, info: StreamInfo) -> dict[str, Any]:
         """The Response object as it stands: the final one, or the output so far."""
         if not info.ended and not info.producer_alive and info.last_seq >= 0:
-            # Its producer is gone: end it for everyone, as a reader would.
-            await self._end_lost(info.id, info.last_seq)
+            # Its producer is gone: finish it here (takeover.py) or end it for everyone,
+            # as a reader would.
+            if not await self.delivery.takeover.attempt(info.id, ENDPOINT):
+                await self._end_lost(info.id, info.last_seq)
             info = await self.log.info(info.id, owner=None) or info
         if info.ended:
             # The final event carries the whole response: read just that frame.

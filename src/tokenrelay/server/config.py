@@ -99,6 +99,17 @@ class ModelRoute(BaseModel):
     max_connections: int = Field(1024, ge=1, le=65536)
     #: The upstream's wire format: ``/chat/completions`` or ``/responses``.
     api: Literal["chat_completions", "responses"] = "chat_completions"
+    #: How the upstream continues a partial answer, if it can (``"vllm"``:
+    #: ``continue_final_message``; ``"llama.cpp"``: its server's assistant prefill). With
+    #: it, another process finishes a stream whose producing process died (take-over).
+    continue_prefix: Literal["vllm", "llama.cpp"] | None = None
+
+    @model_validator(mode="after")
+    def _continue_needs_chat(self) -> ModelRoute:
+        if self.continue_prefix is not None and self.api != "chat_completions":
+            raise ValueError("continue_prefix needs api = \"chat_completions\" (the"
+                             " Responses API has no assistant prefill)")
+        return self
 
     @field_validator("base_url")
     @classmethod
@@ -340,12 +351,12 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> ServerConfi
         except tomllib.TOMLDecodeError as exc:
             raise ConfigurationError(f"bad TOML in {path}: {exc}") from exc
     redis_url = overrides.pop("redis_url", None)
-    if redis_url is not None:  # --redis URL: the file's other [redis] settings stay
-        section = data.get("redis")
-        data["redis"] = {**(section if isinstance(section, dict) else {}), "url": redis_url}
     extra_models = overrides.pop("models", None) or []
     extra_keys = overrides.pop("keys", None) or []
     data.update({k: v for k, v in overrides.items() if v is not None})
+    if redis_url is not None:  # --redis URL: the other [redis] settings stay
+        section = data.get("redis")
+        data["redis"] = {**(section if isinstance(section, dict) else {}), "url": redis_url}
     data["models"] = list(data.get("models", [])) + extra_models
     data["keys"] = list(data.get("keys", [])) + extra_keys
     try:

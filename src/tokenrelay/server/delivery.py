@@ -40,6 +40,7 @@ from .streamlog import (
     StreamReader,
     valid_stream_id,
 )
+from .takeover import StreamTakeOver
 
 if TYPE_CHECKING:
     from .gateway import Gateway
@@ -87,6 +88,8 @@ class Delivery:
 
     def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
+        #: Streams whose producing process died: continued here, or ended typed.
+        self.takeover = StreamTakeOver(gateway)
 
     async def resume(self, request: HTTPRequest, *, endpoint: str,
                      error_frame: ErrorFrame) -> Response | SSEResponse:
@@ -145,11 +148,16 @@ class Delivery:
                         if not batch.frames and time.monotonic() >= deadline:
                             return
                 except ProducerLost as exc:
+                    # Its producing process died: finish the answer here if the model can
+                    # continue it (takeover.py), else end it with a typed error.
+                    if await self.takeover.attempt(reader.stream_id, endpoint):
+                        continue  # reads the rest, from this process or another
                     seq = exc.last_seq + 1
                     frame = error_frame(seq, PRODUCER_LOST, PRODUCER_LOST_MESSAGE)
                     if await gw.streams.end_lost(reader.stream_id, last_seq=exc.last_seq,
                                                  frames=[frame]):
-                        gw.metrics.producer_losses.inc()
+                        await self.takeover.lost(reader.stream_id, endpoint,
+                                                 message=PRODUCER_LOST_MESSAGE)
                     continue  # reads the end: this one, or another reader's or producer's
                 except asyncio.CancelledError as exc:
                     if task is None or not is_shutdown(exc):

@@ -44,6 +44,8 @@ except ImportError:  # pragma: no cover - the [server] extra installs orjson
 __all__ = [
     "PRODUCER_LOST",
     "STREAM_CANCELLED",
+    "STREAM_LOG_MESSAGE",
+    "STREAM_LOG_UNAVAILABLE",
     "ChunkEncoder",
     "SimpleEncoder",
     "completion_body",
@@ -115,12 +117,18 @@ STREAM_CANCELLED = "cancelled"
 PRODUCER_LOST = "producer_lost"
 PRODUCER_LOST_MESSAGE = ("the process producing this stream stopped before finishing it;"
                          " the frames before this one are all it produced")
+#: The error code of a stream the gateway could not keep in its stream log (its store
+#: failing); clients get :data:`STREAM_LOG_MESSAGE`, never the store's address or error.
+STREAM_LOG_UNAVAILABLE = "stream_log_unavailable"
+STREAM_LOG_MESSAGE = ("the gateway's stream log is unavailable, so this answer was ended;"
+                      " send the request again in a moment (the gateway's log has the"
+                      " details)")
 #: Errors whose message tokenrelay wrote itself and which name no upstream detail: a
 #: client may read them as they are.
 _OWN_MESSAGES = frozenset({"invalid_request", "timeout_first_token", "timeout_idle",
                            "timeout_total", "truncated", "structured_output_invalid",
                            SERVER_SHUTDOWN, STREAM_CANCELLED, PRODUCER_LOST,
-                           "stream_too_large", "stream_log_unavailable"})
+                           "stream_too_large"})
 _GENERIC = {
     "rate_limited": "is rate limited; retry after the delay in the Retry-After header",
     "bad_request": "refused the request; check its parameters (e.g. the prompt's length"
@@ -137,7 +145,11 @@ def client_message(code: str, message: str, route: str | None = None) -> str:
     internal host) and its own error text: clients get the route name and a generic
     message instead; the request log and the operator's log keep the full one (issue 9).
     The embedded model's and the mock's errors (``route`` None) are tokenrelay's own.
+    The stream log's failures name its store (a Redis address) and its error: clients get
+    a general message whatever the route; the operator's log keeps the details.
     """
+    if code == STREAM_LOG_UNAVAILABLE:
+        return STREAM_LOG_MESSAGE
     if route is None or code in _OWN_MESSAGES:
         return message
     return (f"the upstream of model {route!r} "
@@ -151,7 +163,7 @@ def error_from_exc(exc: TokenrelayError | ErrorEvent, route: str | None = None,
     if code == "rate_limited":
         kind = "rate_limit_error"
     elif code in (SERVER_SHUTDOWN, PRODUCER_LOST, "stream_too_large",
-                  "stream_log_unavailable"):
+                  STREAM_LOG_UNAVAILABLE):
         kind = "server_error"
     elif code == STREAM_CANCELLED:
         kind = "cancelled"
@@ -165,17 +177,19 @@ class ChunkEncoder:
     """Builds ``chat.completion.chunk`` SSE frames for one response."""
 
     def __init__(self, model: str, *, include_usage: bool, route: str | None = None,
-                 id: str | None = None) -> None:
+                 id: str | None = None, created: int | None = None,
+                 role_sent: bool = False) -> None:
         #: The chunks' ``id``: the stream's id in the stream log (resume and cancel by it).
         self.id = id or "chatcmpl-" + uuid.uuid4().hex
         self.model = model
         #: The upstream route's name, if the model is one (its errors are generic).
         self.route = route
-        self.created = int(time.time())
+        self.created = int(time.time()) if created is None else created
         self.include_usage = include_usage
         #: The sequence number (SSE ``id:``) of the next frame.
         self.next_seq = 0
-        self._sent_role = False
+        #: The first chunk (with the role) went out (a taken-over stream's did).
+        self._sent_role = role_sent
         # Per tool-call index: its id (sent once), and whether its name was sent. The SDK
         # concatenates every string it receives for an index, so id and name go out once.
         self._tool_ids: dict[int, str] = {}

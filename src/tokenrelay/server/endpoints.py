@@ -68,9 +68,10 @@ class Endpoints:
             grace = gw.resume_grace(request) if chat.stream else 0.0
             lease = await gw.acquire(key, reservation(core, key))
             if chat.stream:
-                producer = await gw.create_stream(key, endpoint="chat.completions",
-                                                  model=chat.model, id_prefix="chatcmpl-",
-                                                  lease=lease)
+                producer = await gw.create_stream(
+                    key, endpoint="chat.completions", model=chat.model,
+                    id_prefix="chatcmpl-", lease=lease, core=core, grace=grace,
+                    usage=bool(chat.stream_options and chat.stream_options.include_usage))
         except GatewayHTTPError as exc:
             return gw.rejected(exc, request)
 
@@ -113,7 +114,8 @@ class Endpoints:
             grace = gw.resume_grace(request)
             lease = await gw.acquire(key, reservation(core, key))
             producer = await gw.create_stream(key, endpoint="chat", model=model,
-                                              id_prefix="chat-", lease=lease)
+                                              id_prefix="chat-", lease=lease, core=core,
+                                              grace=grace)
         except GatewayHTTPError as exc:
             return gw.rejected(exc, request)
         stream = gw.open(core, provider)
@@ -159,7 +161,14 @@ class Endpoints:
                     req.model, req.unused_parameters(), api="responses"))
             except (ValidationError, ValueError) as exc:
                 raise GatewayHTTPError(400, f"invalid input: {exc}", param="input") from exc
+            foreground = req.stream and not req.background
+            grace = gw.resume_grace(request) if foreground else 0.0
             lease = await gw.acquire(key, reservation(core, key))
+            if foreground:
+                # Its id is the response's: resumable and cancellable as a background
+                # one (GET /v1/responses/{id}?stream=true, POST …/cancel).
+                producer = await gw.create_stream(key, endpoint="responses", model=req.model,
+                                                  id_prefix="resp_", lease=lease)
         except GatewayHTTPError as exc:
             return gw.rejected(exc, request)
 
@@ -170,14 +179,16 @@ class Endpoints:
                 request, {"request": req, "model": req.model, "route": route},
                 stream=stream, lease=lease, key_id=key.id, model=req.model, route=route,
                 deliver=req.stream)
-        encoder = ResponsesEncoder(req, model=req.model, route=route)
         if not req.stream:
+            encoder = ResponsesEncoder(req, model=req.model, route=route)
             return await gw.complete(stream, request=request, lease=lease, key_id=key.id,
                                      model=req.model, endpoint="responses",
                                      render=encoder.body, route=route)
-        return gw.sse(gw.relay(stream, encoder.encode, lease=lease, key_id=key.id,
-                               endpoint="responses", model=label(req.model),
-                               route=route, scope=request.scope))
+        encoder = ResponsesEncoder(req, model=req.model, route=route,
+                                   response_id=producer.stream_id)
+        return gw.produce(stream, encoder, producer, lease=lease, key_id=key.id,
+                          endpoint="responses", model=label(req.model), route=route,
+                          grace=grace, scope=request.scope)
 
     # -- about the gateway -----------------------------------------------------------
 

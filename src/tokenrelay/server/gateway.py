@@ -47,6 +47,7 @@ from .security import ANONYMOUS, Authenticator, GatewayHTTPError, Lease, Limiter
 from .shutdown import Drain, is_shutdown
 from .sse import EarlyResponse, SSEResponse
 from .streamlog import Producer, StreamLog, StreamLogError, create_store
+from .takeover import restart_meta
 
 if TYPE_CHECKING:
     from .redis_link import RedisLink
@@ -102,7 +103,12 @@ class Gateway:
         #: The requests answering a model, ended at the drain deadline on shutdown.
         self.drain = Drain()
         #: The stream log between producing and delivering (``[streams]``).
-        self.streams: StreamLog = create_store(config.streams)
+        # One Redis client: the stream log's writes share the limits' pool (same URL).
+        shared = (self.redis.client if self.redis is not None
+                  and config.streams.redis_url == config.redis.url else None)
+        self.streams: StreamLog = create_store(
+            config.streams, client=shared,
+            hold_new_streams=config.redis.on_redis_error == "open")
         self.reqlog: RequestLog | None = None
         if config.log.enabled:
             from ..log import default_log_path
@@ -222,13 +228,16 @@ class Gateway:
         return min(value, self.config.streams.max_resume_grace_s)
 
     async def create_stream(self, key: KeyConfig, *, endpoint: str, model: str,
-                            id_prefix: str, lease: Lease) -> Producer:
+                            id_prefix: str, lease: Lease, core: Request | None = None,
+                            grace: float = 0.0, usage: bool = False) -> Producer:
         """A new stream in the log for one answer (its id is the answer's); on failure the
-        limits ``lease`` is released and a 503 raised."""
+        limits ``lease`` is released and a 503 raised. The record keeps what a take-over
+        needs (``core``, the grace, whether usage is streamed: ``takeover.py``)."""
+        meta = {"model": model[:200], "grace": repr(grace), "usage": "1" if usage else ""}
         try:
-            return await self.streams.create(owner=key.id, endpoint=endpoint,
-                                             meta={"model": model[:200]},
-                                             id_prefix=id_prefix, status="in_progress")
+            return await self.streams.create(
+                owner=key.id, endpoint=endpoint, id_prefix=id_prefix, status="in_progress",
+                meta=meta if core is None else restart_meta(meta, core))
         except StreamLogError as exc:
             lease.release(0)
             log.warning("the stream log refused a new stream: %s", exc)
@@ -251,14 +260,15 @@ class Gateway:
 
     def produce_detached(self, stream: AsyncStream, encoder: Encoder, producer: Producer, *,
                          lease: Lease, key_id: str, endpoint: str, model: str,
-                         route: str | None = None,
+                         route: str | None = None, grace: float | None = None,
                          scope: MutableMapping[str, Any] | None = None) -> Production:
         """Produce a streamed answer with no client attached, to its end or a cancel (a
         background response): a task of the gateway's, in its drain. Read it through the
-        log by ``production.id``."""
+        log by ``production.id``. With a ``grace`` (a taken-over stream), it stops once
+        nobody has read it for that long."""
         production = self._production(stream, encoder, producer, lease=lease, key_id=key_id,
                                       endpoint=endpoint, model=model, route=route,
-                                      grace=0.0, scope=scope, keep=True)
+                                      grace=grace or 0.0, scope=scope, keep=grace is None)
         production.run_detached()
         return production
 
@@ -286,7 +296,8 @@ class Gateway:
                     model=production.model, started=started,
                     http_status=production.http_status, shutdown=shutdown,
                     scope=production.scope, stream_id=production.id,
-                    resumes=production.resumes, cancel_reason=reason)
+                    resumes=production.resumes, cancel_reason=reason,
+                    answer_prefix=production.answer_prefix)
 
     def open(self, request: Request, provider: Provider) -> AsyncStream:
         return AsyncStream(request, provider, timeouts=self.timeouts, retry=self.retry,
@@ -295,9 +306,11 @@ class Gateway:
     def finish(self, *, stream: AsyncStream, lease: Lease, key_id: str, endpoint: str,
                model: str, started: float, http_status: int, shutdown: bool = False,
                scope: MutableMapping[str, Any] | None = None, stream_id: str | None = None,
-               resumes: int = 0, cancel_reason: str = "client_disconnect") -> None:
+               resumes: int = 0, cancel_reason: str = "client_disconnect",
+               answer_prefix: str = "") -> None:
         """Release limits, count metrics and log one finished (or cancelled) request
-        (``scope``: the HTTP request's, for its console access line)."""
+        (``scope``: the HTTP request's, for its console access line; ``answer_prefix``:
+        the partial answer a take-over continued, for the request log's row)."""
         result = stream.result
         lease.release(result.usage.total_tokens)
         status = {"cancelled": "cancelled", "error": "error"}.get(result.finish_reason, "ok")
@@ -340,7 +353,8 @@ class Gateway:
                 time_to_first_token=result.metrics.time_to_first_token,
                 duration=time.monotonic() - started,
                 prompt=[m.model_dump(exclude_none=True) for m in stream.request.messages],
-                answer=result.text, error=error, stream_id=stream_id, resumes=resumes)
+                answer=answer_prefix + result.text, error=error, stream_id=stream_id,
+                resumes=resumes)
 
     async def drain_logs(self) -> None:
         """Wait until the request log has written every row queued so far."""
@@ -477,8 +491,8 @@ class Gateway:
             await asyncio.gather(*self._background, return_exceptions=True)
         self.drain.close()
         await self.drain_logs()
-        await self.streams.aclose()
         await self.router.aclose()
+        await self.streams.aclose()
         if self.reqlog is not None:
             self.reqlog.close()
         if self.redis is not None:

@@ -88,6 +88,10 @@ class GatewayMetrics:
             "tokenrelay_stream_producer_losses",
             "Streams whose producing process stopped before their end (producer_lost)",
             registry=r)
+        self.take_overs = Counter(
+            "tokenrelay_stream_take_overs",
+            "Streams whose producing process stopped, finished by another (take-over)",
+            registry=r)
         # Written out, not a Gauge: in multiprocess mode a Gauge goes to the workers'
         # files (one sample per pid), and every worker of a replica says the same.
         self._info = _info_lines(replica_name(), os.environ.get(WORKERS_ENV, "1"))

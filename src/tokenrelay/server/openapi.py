@@ -398,9 +398,11 @@ def _stored_response_paths() -> dict[str, Any]:
     """``GET /v1/responses/{id}`` and ``POST /v1/responses/{id}/cancel`` (background.py)."""
     retrieve = {
         "summary": "Retrieve a response, or replay its events (`stream=true`)",
-        "description": "The Response object as it stands (the output so far while it runs);"
-                       " with `stream=true`, its events after `starting_after` (default:"
-                       " from the first) and then live until it ends.",
+        "description": "A background response, or a streamed one (kept in the stream log"
+                       " for `retention_s`): the Response object as it stands (the output so"
+                       " far while it runs); with `stream=true`, its events after"
+                       " `starting_after` (or a `Last-Event-ID` header; default: from the"
+                       " first) and then live until it ends.",
         "parameters": [
             _RESPONSE_ID,
             {"name": "stream", "in": "query", "required": False,

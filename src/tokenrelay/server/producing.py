@@ -59,7 +59,7 @@ from .metrics import GatewayMetrics
 from .security import Lease
 from .shutdown import Drain, is_shutdown
 from .sse import STOP, EarlyResponse
-from .streamlog import FinalStatus, Producer, StreamLogError
+from .streamlog import FinalStatus, LeaseLost, Producer, StreamLog, StreamLogError
 
 __all__ = ["Encoder", "Production", "ProductionHost", "split_frames"]
 
@@ -94,6 +94,7 @@ class ProductionHost(Protocol):
 
     drain: Drain
     metrics: GatewayMetrics
+    streams: StreamLog
 
     def spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]: ...
 
@@ -153,6 +154,9 @@ class Production:
         self.gone_at: float | None = None
         #: Resumes of this stream served by this process while it was produced.
         self.resumes = 0
+        #: The partial answer of a taken-over stream (``takeover.py``): written before
+        #: this production's text in the request log's row.
+        self.answer_prefix = ""
         #: The log has the stream's final frame (or cannot take it any more).
         self.ended = False
         self.final_status: FinalStatus | None = None
@@ -162,6 +166,7 @@ class Production:
         self._unlogged: list[bytes] = []
         #: The reply of an append in flight (stores whose appends are futures).
         self._inflight: asyncio.Future[Any] | None = None
+        self._inflight_frames: Sequence[bytes] = ()
         self._append_soon = getattr(producer, "append_soon", None)
         self._done: asyncio.Future[None] | None = None
         producer.on_signal = self._signalled
@@ -188,62 +193,79 @@ class Production:
         try:
             stream.pin_task()  # one task iterates it at a time (hand_over re-pins)
             events = stream.__aiter__()
-            try:
-                async for event in events:  # up to the first frame
-                    frame = encode(event)
-                    if (type(event) is text_delta and append is not None
-                            and encoder.next_seq - producer.next_seq == 1):
-                        append((frame,))
-                    else:
-                        frame = await self._other(event, frame)
-                        if not frame:
-                            continue
-                    self.http_status = 200
-                    yield frame
+            while True:  # (again only after the lease was taken back: _retake)
+                try:
+                    if self.http_status == 499:
+                        async for event in events:  # up to the first frame
+                            frame = encode(event)
+                            if (type(event) is text_delta and append is not None
+                                    and encoder.next_seq - producer.next_seq == 1):
+                                append((frame,))
+                            else:
+                                frame = await self._other(event, frame)
+                                if not frame:
+                                    continue
+                            self.http_status = 200
+                            yield frame
+                            break
+                    async for event in events:
+                        frame = encode(event)
+                        if (type(event) is text_delta and append is not None
+                                and encoder.next_seq - producer.next_seq == 1):
+                            append((frame,))  # the hot path: a list extend, then the send
+                            yield frame
+                        else:
+                            frame = await self._other(event, frame)
+                            if frame:
+                                yield frame
                     break
-                async for event in events:
-                    frame = encode(event)
-                    if (type(event) is text_delta and append is not None
-                            and encoder.next_seq - producer.next_seq == 1):
-                        append((frame,))  # the hot path: a list extend, then the send
+                except asyncio.CancelledError as exc:
+                    task = asyncio.current_task()
+                    if task is not None and is_shutdown(exc):
+                        task.uncancel()  # the drain's cancellation: answer it, as an error
+                        shutdown = True
+                        frame = await self._stop_with(_SHUTDOWN_EVENT, "failed")
+                        if self.http_status == 499:
+                            self.http_status = 503
+                            body = dumps(error_body(SHUTDOWN_MESSAGE, type="server_error",
+                                                    code=SERVER_SHUTDOWN))
+                            raise EarlyResponse(503, body, [
+                                (b"content-type", b"application/json"),
+                                (b"content-length", str(len(body)).encode()),
+                                (b"retry-after", b"1")], frame=frame) from None
                         yield frame
+                    elif task is not None and exc.args and exc.args[0] == STOP \
+                            and self.stop_reason is not None:
+                        task.uncancel()  # ours: a cancel, the grace over, the lease lost
+                        if self.stop_reason == "lost" and await self._retake():
+                            producer = self.producer
+                            frame = await self._append_unlogged()
+                            if frame:
+                                yield frame
+                            continue
+                        frame = await self._stopped()
+                        if self.gone_at is None and not self.keep:
+                            self.http_status = 200
+                            yield frame  # the attached client's typed end
                     else:
-                        frame = await self._other(event, frame)
+                        raise  # the client left (no grace): ``finally`` ends the stream
+                except StreamLogError as exc:
+                    # The log refused a frame (over max_stream_bytes, lease lost, store
+                    # down): the stream fails with that error, never a silent end.
+                    if frame and encoder.next_seq > producer.next_seq + len(self._unlogged):
+                        self._unlogged.append(frame)  # (the hot path's rejected frame)
+                    if isinstance(exc, LeaseLost) and await self._retake():
+                        producer = self.producer
+                        frame = await self._append_unlogged()
                         if frame:
                             yield frame
-            except asyncio.CancelledError as exc:
-                task = asyncio.current_task()
-                if task is not None and is_shutdown(exc):
-                    task.uncancel()  # the drain's cancellation: answer it, as an error
-                    shutdown = True
-                    frame = await self._stop_with(_SHUTDOWN_EVENT, "failed")
-                    if self.http_status == 499:
-                        self.http_status = 503
-                        body = dumps(error_body(SHUTDOWN_MESSAGE, type="server_error",
-                                                code=SERVER_SHUTDOWN))
-                        raise EarlyResponse(503, body, [
-                            (b"content-type", b"application/json"),
-                            (b"content-length", str(len(body)).encode()),
-                            (b"retry-after", b"1")], frame=frame) from None
-                    yield frame
-                elif task is not None and exc.args and exc.args[0] == STOP \
-                        and self.stop_reason is not None:
-                    task.uncancel()  # our watcher's: a cancel, the grace over, lease lost
-                    frame = await self._stopped()
+                        continue
+                    log.warning("stream %s: the stream log failed: %s", self.id, exc)
+                    frame = await self._stop_with(ErrorEvent(exc.code, exc.message),
+                                                  "failed")
                     if self.gone_at is None and not self.keep:
-                        self.http_status = 200
-                        yield frame  # the attached client's typed end
-                else:
-                    raise  # the client left (no grace): ``finally`` ends the stream
-            except StreamLogError as exc:
-                # The log refused a frame (over max_stream_bytes, lease lost, store
-                # down): the stream fails with that error, never a silent end.
-                if frame and encoder.next_seq > producer.next_seq + len(self._unlogged):
-                    self._unlogged.append(frame)  # (the hot path's rejected frame)
-                log.warning("stream %s: the stream log failed: %s", self.id, exc)
-                frame = await self._stop_with(ErrorEvent(exc.code, exc.message), "failed")
-                if self.gone_at is None and not self.keep:
-                    yield frame
+                        yield frame
+                break
         finally:
             host.drain.discard(self.task)
             gauge.dec()
@@ -310,6 +332,7 @@ class Production:
             # Shielded: a cancellation of this task leaves the append going, and the
             # stop path waits for it (_settle) so that the stream's numbering holds.
             fut = self._inflight = soon(frames)
+            self._inflight_frames = frames
             reply = await asyncio.shield(fut)
             self._inflight = None
             producer.appended(reply)  # type: ignore[attr-defined]
@@ -325,7 +348,43 @@ class Production:
         try:
             self.producer.appended(await fut)  # type: ignore[attr-defined]
         except StreamLogError as exc:
+            self._unlogged[:0] = self._inflight_frames  # (not in the log: sent at the end)
             log.warning("stream %s: the stream log failed: %s", self.id, exc)
+
+    async def _retake(self, *, ending: bool = False) -> bool:
+        """The lease lapsed while this process still produces (a loop stalled past the
+        lease, Redis): take the stream back if no other process did and it has not
+        ended, and go on (``ending``: to write its end). False: stop."""
+        if (self.ended and not ending) or self.producer.cancel_requested:
+            return False
+        # An append still in flight was sent as the old holder: it fails (its frames go
+        # back to _unlogged, appended again below) or it landed; either way first.
+        await self._settle()
+        try:
+            producer = await self.host.streams.acquire(self.id)
+        except StreamLogError:
+            return False
+        if producer is None:
+            return False
+        old, self.producer = self.producer, producer
+        old.on_signal = None
+        self._append_soon = getattr(producer, "append_soon", None)
+        self.stop_reason = None
+        producer.on_signal = self._signalled
+        log.warning("stream %s: its lease on the stream log lapsed (the event loop stalled?);"
+                    " taken back at frame %d", self.id, producer.next_seq)
+        if producer.signal.is_set():  # cancelled meanwhile
+            self._signalled()
+        return True
+
+    async def _append_unlogged(self) -> bytes:
+        """After :meth:`_retake`: the frames a lost append left out, appended; what to
+        yield (an error event's frames stay for the end)."""
+        frames, self._unlogged = self._unlogged, []
+        if not frames:
+            return b""
+        await self._append(frames)
+        return b"".join(frames)
 
     async def _stopped(self) -> bytes:
         """The loop was stopped by its watcher: end the stream; the client's frame."""
@@ -359,16 +418,30 @@ class Production:
         self.ended = True
         self.final_status = status
         if frames is None:
+            await self._settle()
             n = self.encoder.next_seq - self.producer.next_seq - len(self._unlogged)
-            frames = self._unlogged + split_frames(frame, n)
+            try:
+                frames = self._unlogged + split_frames(frame, n)
+            except RuntimeError as exc:  # (a bug: say so, but end the request cleanly)
+                log.error("stream %s: its end is not written: %s", self.id, exc)
+                return
             self._unlogged = []
-        if self.producer.closed:
+        if self.producer.closed and not (self.producer.lease_lost
+                                         and await self._retake(ending=True)):
             return
-        try:
-            await self.producer.finish(status, frames)
-        except StreamLogError as exc:
+        for attempt in (0, 1):
+            try:
+                await self.producer.finish(status, frames)
+                return
+            except LeaseLost as exc:
+                if attempt == 0 and await self._retake(ending=True):
+                    continue
+                error: StreamLogError = exc
+            except StreamLogError as exc:
+                error = exc
             log.warning("stream %s: its end could not be written to the stream log: %s",
-                        self.id, exc)
+                        self.id, error)
+            return
 
     # -- the client ----------------------------------------------------------------------
 

@@ -51,10 +51,11 @@ class RedisLink:
     Args:
         url: ``redis://``, ``rediss://`` or ``unix://`` (validated by the config).
         timeout_s: a batch of calls must be answered within this (connecting included).
-        max_connections: the pool's size; callers beyond it wait (within ``timeout_s``).
+        max_connections: the pool's size (shared with the stream log's writes); callers
+            beyond it wait (within ``timeout_s``).
     """
 
-    def __init__(self, url: str, *, timeout_s: float = 1.0, max_connections: int = 64,
+    def __init__(self, url: str, *, timeout_s: float = 1.0, max_connections: int = 256,
                  ) -> None:
         self.timeout_s = timeout_s
         self.pool = aioredis.BlockingConnectionPool.from_url(

@@ -67,6 +67,10 @@ def _call_item(call_id: str | None, name: str | None, arguments: str,
             "call_id": call_id or tool_call_id(), "name": name or "", "arguments": arguments}
 
 
+#: The response object's fields the encoder sets itself (the others echo the request).
+_OWN_FIELDS = frozenset({"id", "object", "created_at", "status", "completed_at", "error",
+                         "incomplete_details", "model", "output", "usage"})
+
 #: Finish reasons that end a response as ``incomplete``, and the reason it names.
 _INCOMPLETE = {"length": "max_output_tokens", "content_filter": "content_filter"}
 
@@ -98,6 +102,32 @@ class ResponsesEncoder:
         self._calls: dict[int, dict[str, Any]] = {}  # core tool-call index → its item
         self._open_calls: list[int] = []
         self.usage: Usage | None = None
+
+    @classmethod
+    def resumed(cls, response: dict[str, Any], *, next_seq: int,
+                route: str | None = None) -> ResponsesEncoder:
+        """An encoder in the state another process's left ``response`` (the object
+        rebuilt from its frames, ``response_snapshot.py``): a take-over goes on from frame
+        ``next_seq`` with the same ids, its open message item taking the new text."""
+        self = cls.__new__(cls)
+        self.id = str(response["id"])
+        self.model = str(response.get("model", ""))
+        self.route = route
+        created = response.get("created_at")
+        self.created_at = created if isinstance(created, int) else int(time.time())
+        self._echo = {k: v for k, v in response.items() if k not in _OWN_FIELDS}
+        self.next_seq = next_seq
+        self._started = True
+        self.output = [_copy(item) for item in response.get("output") or []
+                       if isinstance(item, dict)]
+        last = self.output[-1] if self.output else None
+        self._message = (last if last is not None and last.get("type") == "message"
+                         and last.get("status") == "in_progress" and last.get("content")
+                         else None)
+        self._calls = {}
+        self._open_calls = []
+        self.usage = None
+        return self
 
     # -- frames ---------------------------------------------------------------------
 

@@ -55,8 +55,11 @@ class Router:
             key = route.api_key or (os.environ.get(route.api_key_env)
                                     if route.api_key_env else None)
             # The provider that speaks the route's API, from the registry resolve() uses.
+            options = {} if route.continue_prefix is None else {
+                "continue_prefix": route.continue_prefix}
             provider = kind_for_api(route.api).create(
-                base_url=route.base_url, api_key=key, max_connections=route.max_connections)
+                base_url=route.base_url, api_key=key, max_connections=route.max_connections,
+                **options)
             self._routes.append(provider)
             self.models[route.name] = (provider, route.upstream_model or route.name)
             self.route_of[route.name] = route

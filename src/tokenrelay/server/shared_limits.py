@@ -12,9 +12,10 @@
   in-memory limiter, on Redis's clock), so N processes admit exactly what one would, and
   a refusal never leaves a partial reservation to undo. Tokens are reserved at admission
   (``security.reservation``) and settled with the real usage at the end (``RELEASE``).
-* releases (slot + settlement) go out at once, batched with whatever else is waiting
-  (one round trip for all the streams that ended meanwhile); one that fails is retried
-  with the next renewal, for as long as it still matters (a minute).
+* one sender, in order: admissions, releases (slot + settlement) and renewals queue for
+  it, and each batch takes all that queued while the previous one was in flight, in one
+  round trip (group commit); a release that fails is resent with the next renewal, for
+  as long as it still matters (a minute).
 
 Keys with no limit (and ``anonymous``) never touch Redis. When Redis cannot be reached
 (down at start, lost, slower than ``[redis] timeout_s``), ``on_redis_error`` decides:
@@ -31,9 +32,11 @@ import logging
 import time
 import uuid
 from collections import defaultdict
-from typing import Literal
+from collections.abc import Callable
+from typing import Any, Literal, NamedTuple
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
+from redis.commands.core import AsyncScript
 
 from . import _limits_lua
 from .config import KeyConfig
@@ -75,12 +78,15 @@ class SharedLimiter:
         prefix: prepended to every key (``[redis] prefix``).
         on_redis_error: ``"closed"`` or ``"open"`` (see the module docstring).
         registry: where its metrics go (the gateway's).
+        clock: seconds, for the warning's pace and the age of releases to resend.
     """
 
     def __init__(self, link: RedisLink, *, prefix: str = "tokenrelay:",
                  on_redis_error: Literal["closed", "open"] = "closed",
-                 registry: CollectorRegistry | None = None) -> None:
+                 registry: CollectorRegistry | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.link = link
+        self._clock = clock
         self.prefix = prefix
         self.on_redis_error = on_redis_error
         self._admit = link.script(_limits_lua.ADMIT)
@@ -90,11 +96,14 @@ class SharedLimiter:
         self._active: dict[str, int] = defaultdict(int)
         #: Running streams holding a concurrency slot: key id → lease id → lease.
         self._slots: dict[str, dict[str, SharedLease]] = defaultdict(dict)
-        #: Releases not yet applied in Redis: (lease, delta, when released).
-        self._pending: list[tuple[SharedLease, int, float]] = []
+        #: Calls waiting for the sender, in order (admissions, releases, renewals).
+        self._queue: list[_Call] = []
+        #: Releases Redis did not take (down): resent with every renewal while they matter.
+        self._pending: list[_Release] = []
+        self._sender: asyncio.Task[None] | None = None
+        self._kick: asyncio.Future[None] | None = None
         self._keeper: asyncio.Task[None] | None = None
-        self._writer: asyncio.Task[None] | None = None
-        self._flushing = asyncio.Lock()
+        self._closed = False
         self._last_warning = -_WARN_EVERY_S
         self._bypassed_since_warning = 0
         self.bypassed = Counter(
@@ -140,9 +149,11 @@ class SharedLimiter:
             return self._admitted(key, reserve_tokens, lease_id, shared=False)
         if not self.link.up:
             return self._without_redis(key, reserve_tokens, lease_id, None)
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._send(_Call(self._admit, list(self.keys(key.id)), [
+            lease_id, conc, rpm, tpm, reserve_tokens if tpm else 0, LEASE_MS], fut=fut))
         try:
-            reply = (await self.link.run([(self._admit, self.keys(key.id), [
-                lease_id, conc, rpm, tpm, reserve_tokens if tpm else 0, LEASE_MS])]))[0]
+            reply = await fut
             if (not isinstance(reply, list) or len(reply) != 2
                     or not all(isinstance(v, int) for v in reply)
                     or reply[0] not in (0, 1, 2, 3)):
@@ -157,8 +168,7 @@ class SharedLimiter:
         lease = self._admitted(key, reserve_tokens, lease_id, shared=True)
         if conc:
             self._slots[key.id][lease_id] = lease
-            if self._keeper is None or self._keeper.done():
-                self._keeper = asyncio.create_task(self._keep(), name="limits-renewal")
+            self._start_keeper()
         return lease
 
     def _admitted(self, key: KeyConfig, reserved: int, lease_id: str, *,
@@ -178,7 +188,7 @@ class SharedLimiter:
                 headers={"retry-after": str(self.link.retry_after())})
         self.bypassed.inc()
         self._bypassed_since_warning += 1
-        now = time.monotonic()
+        now = self._clock()
         if now - self._last_warning >= _WARN_EVERY_S:
             log.warning("%d request(s) admitted without the shared limits"
                         ' (on_redis_error = "open"): %s', self._bypassed_since_warning, reason)
@@ -202,67 +212,132 @@ class SharedLimiter:
         delta = 0
         if lease.key.tokens_per_minute and used_tokens is not None:
             delta = used_tokens - lease.reserved
-        if not lease.key.max_concurrent and not delta:
-            return  # nothing to undo: a request stays counted for its minute
-        self._pending.append((lease, delta, time.monotonic()))
-        if self._writer is None or self._writer.done():
-            self._writer = asyncio.get_running_loop().create_task(
-                self._write(), name="limits-release")
+        if lease.key.max_concurrent or delta:  # else nothing to undo: a request stays
+            self._send(self._release_call(  # counted for its minute
+                _Release(lease.key, lease.id, delta, self._clock())))
 
-    # -- background: releases and renewals ---------------------------------------------
+    def _release_call(self, release: _Release) -> _Call:
+        slots, _requests, tokens, total = self.keys(release.key.id)
+        return _Call(self._release_script, [slots, tokens, total],
+                     [release.lease_id, 1 if release.key.max_concurrent else 0, release.delta],
+                     release=release)
 
-    async def _write(self) -> None:
-        """Send the waiting releases, one round trip per batch, until none wait (or
-        Redis fails: the renewal retries them every second)."""
-        while self._pending and self.link.up:
-            if not await self._flush():
-                return
+    # -- background: one sender, renewals ------------------------------------------------
 
-    async def _flush(self, renewals: bool = False) -> bool:
-        # One flush at a time: a renewal in flight on one connection must never land
-        # after the release of the same slot sent on another (it would add it back).
-        async with self._flushing:
-            now = time.monotonic()
-            batch = [p for p in self._pending if now - p[2] < _RELEASE_RETRY_S]
-            self._pending = []
-            calls = []
-            for lease, delta, _ in batch:
-                slots, _r, tokens, total = self.keys(lease.key.id)
-                calls.append((self._release_script, [slots, tokens, total],
-                              [lease.id, 1 if lease.key.max_concurrent else 0, delta]))
-            if renewals:
-                calls += [(self._renew, [self.keys(key_id)[0]], [LEASE_MS, *slots])
-                          for key_id, slots in self._slots.items()]
-            if not calls:
-                return True
-            try:
-                await self.link.run(calls)
-            except RedisUnavailable:
-                self._pending[:0] = batch  # retried with the next renewal
-                return False
-            except BaseException:
-                self._pending[:0] = batch
-                raise
-            return True
+    def _send(self, call: _Call) -> None:
+        """Queue a call for the sender. Everything goes through one queue, in order: a
+        release always lands before an admission queued after it (a client that ends a
+        stream and starts the next finds its slot free, as with one process), and a
+        renewal can never re-add a slot whose release was queued after it."""
+        self._queue.append(call)
+        kick = self._kick
+        if kick is not None:
+            self._kick = None
+            if not kick.done():
+                kick.set_result(None)
+        if self._sender is None or self._sender.done():
+            self._sender = asyncio.get_running_loop().create_task(
+                self._send_loop(), name="limits-sender")
+
+    async def _send_loop(self) -> None:
+        """Group commit: every call queued while a batch was in flight goes in the next
+        one, one round trip (at 8 requests at once, most admissions share one)."""
+        loop = asyncio.get_running_loop()
+        while not self._closed:
+            if not self._queue:
+                self._kick = kick = loop.create_future()
+                await kick
+                continue
+            await self._send_batch()
+
+    async def _send_batch(self) -> None:
+        # An admission whose caller gave up before it was sent is dropped.
+        batch = [c for c in self._queue if c.fut is None or not c.fut.done()]
+        self._queue = []
+        if not batch:
+            return
+        try:
+            replies = await self.link.run([(c.script, c.keys, c.args) for c in batch])
+        except RedisUnavailable as exc:
+            for call in batch:
+                if call.fut is not None and not call.fut.done():
+                    call.fut.set_exception(exc)
+                if call.release is not None:
+                    self._pending.append(call.release)  # the keeper resends it
+            if self._pending:
+                self._start_keeper()
+            return
+        except BaseException as exc:
+            for call in batch:
+                if call.fut is not None and not call.fut.done():
+                    call.fut.set_exception(RedisUnavailable(f"cancelled: {exc!r}"))
+            raise
+        for call, reply in zip(batch, replies, strict=True):
+            if call.fut is None:
+                continue
+            if not call.fut.done():
+                call.fut.set_result(reply)
+            elif reply == [0, 0] and call.args[1]:
+                # Admitted, but its caller is gone (cancelled): free the slot at once.
+                slots, _r, tokens, total = call.keys
+                self._send(_Call(self._release_script, [slots, tokens, total],
+                                 [call.args[0], 1, 0]))
+
+    def _start_keeper(self) -> None:
+        if not self._closed and (self._keeper is None or self._keeper.done()):
+            self._keeper = asyncio.get_running_loop().create_task(
+                self._keep(), name="limits-renewal")
 
     async def _keep(self) -> None:
-        """Every ``RENEW_S``: renew the slots of this process's running streams and send
-        any release still waiting, in one round trip."""
+        """Every ``RENEW_S``: renew the slots of this process's running streams (one
+        script call per key) and resend releases Redis missed, in the same batch."""
         while self._slots or self._pending:
             await asyncio.sleep(RENEW_S)
-            await self._flush(renewals=True)
+            now = self._clock()
+            retry = [r for r in self._pending if now - r.released < _RELEASE_RETRY_S]
+            self._pending = []
+            for release in retry:
+                self._send(self._release_call(release))
+            for key_id, slots in self._slots.items():
+                self._send(_Call(self._renew, [self.keys(key_id)[0]], [LEASE_MS, *slots]))
 
     def on_health(self, up: bool) -> None:
         self.redis_up.set(1 if up else 0)
 
     async def aclose(self) -> None:
-        """Send what releases are waiting (briefly), stop renewing."""
-        for task in (self._keeper, self._writer):
-            if task is not None:
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
-        if self._pending and self.link.up:
+        """Send what is queued (within ``timeout_s``), stop renewing."""
+        if self._keeper is not None:
+            self._keeper.cancel()
+            await asyncio.gather(self._keeper, return_exceptions=True)
+        if self._sender is not None and not self._sender.done() and self.link.up:
             try:
-                await asyncio.wait_for(self._flush(), self.link.timeout_s)
-            except (TimeoutError, RedisUnavailable):
+                async with asyncio.timeout(self.link.timeout_s):
+                    while self._queue:
+                        await asyncio.sleep(0.005)
+            except TimeoutError:
                 pass
+        self._closed = True
+        if self._sender is not None:
+            self._sender.cancel()
+            await asyncio.gather(self._sender, return_exceptions=True)
+        for call in self._queue:
+            if call.fut is not None and not call.fut.done():
+                call.fut.set_exception(RedisUnavailable("the gateway is closing"))
+        self._queue = []
+
+
+class _Release(NamedTuple):
+    key: KeyConfig
+    lease_id: str
+    delta: int
+    released: float
+
+
+class _Call(NamedTuple):
+    script: AsyncScript
+    keys: list[str]
+    args: list[Any]
+    #: An admission's reply goes here.
+    fut: asyncio.Future[Any] | None = None
+    #: A release (kept for a retry when Redis does not take it).
+    release: _Release | None = None

@@ -139,9 +139,8 @@ class SSEResponse:
             state.close()
             watcher.cancel()
             await asyncio.gather(watcher, return_exceptions=True)
-            if state.handed and self.detach is not None:
-                reason = "detached"
-                self.detach.hand_over(self.source)  # goes on without this response
+            if state.handed:
+                reason = "detached"  # (handed over where this response let go of it)
             else:
                 # Runs on cancellation too (client gone): closes the source, which aborts
                 # the upstream request / stops local decoding.
@@ -155,6 +154,13 @@ class SSEResponse:
             # (server/run.py logs it as one warning line, not uvicorn's traceback).
             raise SendTimeout(f"dropped a client that read nothing for {self.send_timeout:g}s"
                               " (send timeout)")
+
+    def _hand_over(self, state: _State) -> None:
+        # Here, with the source suspended at a frame boundary and no await since: a stop
+        # cannot fall between this response letting go and the new task taking it.
+        assert self.detach is not None
+        state.handed = True
+        self.detach.hand_over(self.source)
 
     async def _watch_disconnect(self, receive: Any, state: _State) -> None:
         while True:
@@ -210,7 +216,7 @@ class SSEResponse:
         else:
             await state.wait_open()
         if first is not _END and state.detached:
-            state.handed = True  # (the frame is in the stream log: a resume has it)
+            self._hand_over(state)  # (the frame is in the stream log: a resume has it)
         elif first is not _END:
             await state.write(first, self.send_timeout)
             state.heartbeats()
@@ -223,7 +229,7 @@ class SSEResponse:
             try:
                 async for frame in source:
                     if state.detached:  # the client left; the source goes on without it
-                        state.handed = True
+                        self._hand_over(state)
                         break
                     state.last_write = when = now()
                     state.sending = True

@@ -41,6 +41,9 @@ with ``response_format`` ``json_schema`` gets JSON matching the schema (``sample
 with ``tools`` gets one call of the first tool (or the one ``tool_choice`` names) with
 arguments matching its parameters and ``finish_reason: "tool_calls"`` — unless
 ``tool_choice`` is ``"none"`` or the last message is a tool result, which get text.
+A trailing assistant message ``"tok0 … tok{k-1}"`` is a prefill (vLLM's
+``continue_final_message``, llama.cpp server's default): the answer goes on from ``tok{k}``,
+exactly as the uninterrupted one (``max_tokens`` counts the tokens after it).
 
 Every request is recorded (:class:`RequestRecord`): when it started, tokens sent, and
 ``aborted_at``, the moment the client was seen leaving. Times are ``time.monotonic()``
@@ -142,6 +145,23 @@ def _structured_answer(body: dict[str, Any]) -> str | None:
     schema = (fmt.get("json_schema") or {}).get("schema") if fmt["type"] == "json_schema" \
         else None
     return json.dumps(sample_json(schema) if schema else {})
+
+
+def _continued_from(body: dict[str, Any]) -> int:
+    """How many ``tok`` tokens an assistant prefill already holds: a trailing assistant
+    message continued as vLLM does (``continue_final_message: true``) or llama.cpp's server
+    (a trailing assistant message is a prefill unless ``--no-prefill-assistant``). The
+    answer goes on from there, exactly as the uninterrupted one would have."""
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages or not isinstance(messages[-1], dict):
+        return 0
+    last = messages[-1]
+    if last.get("role") != "assistant" or body.get("add_generation_prompt") is True:
+        return 0
+    words = str(last.get("content") or "").split()
+    if words != [f"tok{i}" for i in range(len(words))]:
+        return 0
+    return len(words)
 
 
 def _tool_to_call(body: dict[str, Any]) -> dict[str, Any] | None:
@@ -489,7 +509,8 @@ class MockUpstream:
         fault = self._inject(exchange, behaviour)
         body = exchange.body
         limit = body.get("max_completion_tokens") or body.get("max_tokens")
-        n, finish = behaviour.tokens, "stop"
+        first = _continued_from(body)
+        n, finish = max(0, behaviour.tokens - first), "stop"
         if isinstance(limit, int) and 0 < limit < n:
             n, finish = limit, "length"
         prompt_tokens = sum(len(str(m.get("content") or "").split())
@@ -517,6 +538,8 @@ class MockUpstream:
             if isinstance(limit, int) and 0 < limit < n:
                 n, finish = limit, "length"
             usage.update(completion_tokens=n, total_tokens=prompt_tokens + n)
+        if pieces is None and first:
+            pieces = [f" tok{i}" for i in range(first, first + n)]
         if exchange.record.stream:
             await self._stream(exchange, behaviour, fault, n, finish, usage, pieces)
         else:

@@ -161,3 +161,67 @@ local v = redis.call('HMGET', KEYS[1], 's', 'n')
 if not v[1] then return false end
 return {v[1], v[2], redis.call('PTTL', KEYS[2])}
 """
+
+#: KEYS m x l c r; ARGV holder first_seq live_status final_status finished_at ttl_ms
+#: lease_ms owner endpoint created meta frame... → {code, last_seq, cancel, readers}:
+#: 1 written, -2 ended meanwhile, -3 another producer holds it, -4 frames missing before
+#: ``first_seq`` (Redis lost some), -6 Redis is further along (an append still in flight).
+#:
+#: A producer that held frames in memory while Redis was unreachable writes them with
+#: this, and takes its lease again (it expired meanwhile). When the record is gone (Redis
+#: restarted without persistence, or the keys expired) it is made again under the same
+#: id, from ``first_seq`` on: ``meta`` then carries ``kept_from`` (the frames before it are
+#: lost; a reader asking for them is told the stream is not found).
+RECLAIM = _FINAL + """
+local m, x, l = KEYS[1], KEYS[2], KEYS[3]
+local holder = ARGV[1]
+local first = tonumber(ARGV[2])
+local n = #ARGV - 11
+local st = redis.call('HMGET', m, 's', 'n', 'b', 'h')
+local last, size
+if not st[1] then
+  redis.call('DEL', x, l)
+  local status = ARGV[3]
+  if status == '' then status = 'in_progress' end
+  redis.call('HSET', m, 'o', ARGV[8], 'e', ARGV[9], 't', ARGV[10], 's', status,
+             'n', first - 1, 'b', 0, 'm', ARGV[11], 'h', holder)
+  last, size = first - 1, 0
+else
+  last = tonumber(st[2])
+  if FINAL[st[1]] then
+    if st[4] == holder and ARGV[4] == st[1] and last == first + n - 1 then
+      return {1, last, 0, 0}  -- (this very call, sent again: its reply was lost)
+    end
+    return {-2, last, 0, 0}
+  end
+  if st[4] ~= holder then return {-3, last, 0, 0} end
+  local owner = redis.call('GET', l)
+  if owner and owner ~= holder then return {-3, last, 0, 0} end
+  if last < first - 1 then return {-4, last, 0, 0} end
+  if last > first + n - 1 then return {-6, last, 0, 0} end
+  size = tonumber(st[3])
+end
+local final = ARGV[4]
+for i = 12 + (last - first + 1), #ARGV do
+  size = size + #ARGV[i]
+  local id = '0-' .. string.format('%d', first + i - 11)
+  if final ~= '' and i == #ARGV then
+    redis.call('XADD', x, id, 'd', ARGV[i], 'end', final)
+  else
+    redis.call('XADD', x, id, 'd', ARGV[i])
+  end
+end
+last = first + n - 1
+redis.call('HSET', m, 'n', last, 'b', size)
+if final ~= '' then
+  redis.call('HSET', m, 's', final, 'f', ARGV[5])
+  redis.call('DEL', l)
+else
+  if ARGV[3] ~= '' then redis.call('HSET', m, 's', ARGV[3]) end
+  redis.call('SET', l, holder, 'PX', ARGV[7])
+end
+redis.call('PEXPIRE', m, ARGV[6])
+if redis.call('EXISTS', x) == 1 then redis.call('PEXPIRE', x, ARGV[6]) end
+redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', redis.call('TIME')[1] * 1000)
+return {1, last, redis.call('EXISTS', KEYS[4]), redis.call('ZCARD', KEYS[5])}
+"""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ...errors import ConfigurationError
 from .base import StreamLog
@@ -14,8 +14,14 @@ if TYPE_CHECKING:
 __all__ = ["create_store"]
 
 
-def create_store(config: StreamsConfig) -> StreamLog:
-    """The stream log ``config`` asks for: in memory (default) or on Redis.
+def create_store(config: StreamsConfig, *, client: Any = None,
+                 hold_new_streams: bool = False) -> StreamLog:
+    """The stream log ``config`` asks for: in memory (default) or on Redis (``client``:
+    a ``redis.asyncio.Redis`` on that same URL to share, the gateway's one client).
+
+    Redis: while it is unreachable, running streams hold their frames in memory (at most
+    ``max_bytes`` in all); with ``hold_new_streams`` (``on_redis_error = "open"``) new
+    streams are made that way too, instead of being refused.
 
     Building the Redis store does not connect yet: the first operation does, and fails
     with :class:`~.base.StreamLogUnavailable` if Redis cannot be reached.
@@ -33,4 +39,6 @@ def create_store(config: StreamsConfig) -> StreamLog:
         ) from exc
     return RedisStreamLog.from_url(config.redis_url, prefix=config.redis_prefix,
                                    retention_s=config.retention_s,
-                                   max_stream_bytes=config.max_stream_bytes)
+                                   max_stream_bytes=config.max_stream_bytes, client=client,
+                                   max_held_bytes=config.max_bytes,
+                                   hold_new_streams=hold_new_streams)

@@ -2,17 +2,23 @@
 
 Both talk to Redis through their :class:`~.redis_log.RedisStreamLog`: appends go through
 its writer (group commit), reads through its readers' pool.
+
+While Redis cannot be reached, a producer *holds* its frames in memory (see
+:meth:`RedisProducer._hold`): its appends succeed at once and keep their numbering, up to
+``max_stream_bytes`` held; its store writes them, in order, once Redis answers again.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 from .base import (
     FINAL_STATUSES,
+    LEASE_REFRESH_S,
     LEASE_TTL_S,
     LIVE_STATUSES,
     FinalStatus,
@@ -22,6 +28,7 @@ from .base import (
     Producer,
     ProducerLost,
     StreamInfo,
+    StreamLogUnavailable,
     StreamNotFound,
     StreamReader,
     StreamTooLarge,
@@ -34,6 +41,14 @@ __all__ = ["RedisProducer", "RedisReader"]
 
 _EMPTY: tuple[bytes, ...] = ()
 LEASE_MS = int(LEASE_TTL_S * 1000)
+#: The backoff of every retry towards Redis (the gateway's link probe, the stream log's
+#: writing of held frames): first delay and cap, seconds, doubling, jittered.
+RETRY_FIRST_S = 0.1
+RETRY_CAP_S = 2.0
+#: Held frames are written back in calls of about this many bytes (a call is one Lua
+#: script: Redis does nothing else while it runs).
+HELD_CHUNK_BYTES = 1 << 20
+assert RETRY_FIRST_S < LEASE_REFRESH_S
 
 
 def _pack_py(args: tuple[Any, ...]) -> bytes:
@@ -81,6 +96,15 @@ class RedisProducer(Producer):
         super().__init__(info, holder)
         self._store = store
         self._keys = store._keys(info.id)
+        #: The live status to give the record if it must be made again (_hold).
+        self._live = info.status if info.status in LIVE_STATUSES else "in_progress"
+        #: Frames Redis could not take, numbered from ``_held_first`` (None: not holding).
+        self._held: list[bytes] | None = None
+        self._held_first = 0
+        self._held_bytes = 0
+        #: The final status among the held frames (the last one carries it), and its time.
+        self._held_final = ""
+        self._held_finished_at = ""
 
     def _enqueue(self, frames: Sequence[bytes], live: str, final: str,
                  cap: int) -> asyncio.Future[Any]:
@@ -102,8 +126,10 @@ class RedisProducer(Producer):
         future (``asyncio.shield`` it) leaves the append going, so a caller that is
         interrupted can still learn where the stream stands.
         """
-        if status is not None and status not in LIVE_STATUSES:
-            raise ValueError(f"not a live status: {status!r}")
+        if status is not None:
+            if status not in LIVE_STATUSES:
+                raise ValueError(f"not a live status: {status!r}")
+            self._live = status
         return self._enqueue(frames, status or "", "", self._store.max_stream_bytes)
 
     def appended(self, reply: tuple[int, int]) -> int:
@@ -137,8 +163,10 @@ class RedisProducer(Producer):
         return code, int(reply[1])
 
     async def append(self, frames: Sequence[bytes], *, status: LiveStatus | None = None) -> int:
-        if status is not None and status not in LIVE_STATUSES:
-            raise ValueError(f"not a live status: {status!r}")
+        if status is not None:
+            if status not in LIVE_STATUSES:
+                raise ValueError(f"not a live status: {status!r}")
+            self._live = status
         return await self._write(frames, status or "", "", self._store.max_stream_bytes)
 
     async def finish(self, status: FinalStatus, frames: Sequence[bytes]) -> int:
@@ -150,6 +178,128 @@ class RedisProducer(Producer):
         self.closed = True
         self._store._producers.pop(self.stream_id, None)
         return last
+
+    # -- holding frames while Redis is away ---------------------------------------------
+
+    def _start_holding(self) -> None:
+        """Appends go to memory from now on, until :meth:`_reclaimed` has written them all.
+
+        The holding ``_enqueue`` is set on the instance, so that while Redis is up an
+        append pays no check for it.
+        """
+        if self._held is None and not self.closed:
+            self._held = []
+            self._held_first = self.next_seq
+            self._enqueue = self._enqueue_held  # type: ignore[method-assign]
+            self._store._holding[self.stream_id] = self
+
+    def _enqueue_held(self, frames: Sequence[bytes], live: str, final: str,
+                      cap: int) -> asyncio.Future[Any]:
+        if self.closed:
+            self._on_lost()
+            raise LeaseLost(f"stream {self.stream_id} is no longer this producer's")
+        self._hold(frames, self.next_seq, final, repr(time.time()), cap)
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        fut.set_result((1, self.next_seq - 1))
+        return fut
+
+    def _hold(self, frames: Sequence[bytes], first: int, final: str, finished_at: str,
+              cap: int) -> None:
+        """Keep ``frames`` (numbered from ``first``) in memory for Redis; raises
+        :class:`StreamTooLarge` when they would take more than ``max_stream_bytes``
+        (``cap``, 0 for the final frames: a stream can always end)."""
+        store = self._store
+        self._start_holding()
+        held = self._held
+        if held is None:  # (closed)
+            raise LeaseLost(f"stream {self.stream_id} is no longer this producer's")
+        if not held:
+            self._held_first = first
+        elif first != self._held_first + len(held):
+            raise StreamLogUnavailable(f"stream {self.stream_id}: held frames out of order")
+        size = store._check_frames(frames)
+        if cap and self._held_bytes + size > cap:
+            raise StreamTooLarge(
+                f"the stream log is unavailable, and stream {self.stream_id} would hold more"
+                f" than max_stream_bytes ({cap}) in memory until it is back")
+        if size and store._held_total + size > store.max_held_bytes and not final:
+            raise StreamLogUnavailable(
+                f"the stream log is unavailable, and this process holds max_held_bytes"
+                f" ({store.max_held_bytes}) of frames for it already")
+        held.extend(frames)
+        self._held_bytes += size
+        store._held_total += size
+        self.next_seq = first + len(frames)
+        if final:
+            self._held_final, self._held_finished_at = final, finished_at
+            self.closed = True
+            store._producers.pop(self.stream_id, None)
+
+    def _held_from_append(self, pending: PendingAppend) -> tuple[int, int]:
+        """An append Redis could not take (``pending``): held instead; its reply."""
+        args = pending.keys_args
+        first, final, finished_at, cap = int(args[5]), args[7], args[8], int(args[11])
+        self._hold(args[12:], first, final, finished_at, cap)
+        return 1, self.next_seq - 1
+
+    def _reclaim_call(self) -> tuple[list[Any], int, int]:
+        """The RECLAIM script's keys and args for the next held frames (about
+        ``HELD_CHUNK_BYTES``); how many frames and bytes it carries."""
+        held = self._held or []
+        count = size = 0
+        for data in held:
+            if count and size + len(data) > HELD_CHUNK_BYTES:
+                break
+            count += 1
+            size += len(data)
+        final = self._held_final if count == len(held) else ""
+        first = self._held_first if held else self.next_seq
+        info = self.info
+        meta = dict(info.meta)
+        if first > 0:
+            meta["kept_from"] = str(first)
+        store = self._store
+        return [5, *self._keys, self.holder, first, self._live, final,
+                self._held_finished_at or repr(time.time()), store._ttl_ms, LEASE_MS,
+                info.owner, info.endpoint, repr(info.created_at),
+                json.dumps(meta, separators=(",", ":")), *held[:count]], count, size
+
+    def _reclaimed(self, reply: Any, count: int, size: int) -> int:
+        """Apply a RECLAIM reply: 1 done (the frames are in Redis; holding may end),
+        0 try again later, -1 the stream is not this producer's any more."""
+        store = self._store
+        if (not isinstance(reply, list) or len(reply) != 4
+                or not all(isinstance(v, int) for v in reply)):
+            raise store._bad("reclaim reply")
+        code, _last, cancel, readers = reply
+        if code == -6:
+            return 0  # an append sent before the outage is still on its way
+        if code != 1:
+            why = {-2: "another process ended it meanwhile",
+                   -3: "another process took it over meanwhile",
+                   -4: "Redis lost some of its frames meanwhile"}.get(code, f"code {code}")
+            store._drop_held(self, why)
+            if not self.closed:
+                self._on_lost()
+                self.closed = True
+                store._producers.pop(self.stream_id, None)
+            return -1
+        held = self._held or []
+        del held[:count]
+        self._held_first += count
+        self._held_bytes -= size
+        store._held_total -= size
+        self._readers = readers
+        if readers > 0:
+            self._readers_seen_at = time.monotonic()
+        if cancel == 1:
+            self._on_cancel()
+        if held:
+            return 1  # (more came meanwhile: the next call writes them)
+        self._held = None
+        store._holding.pop(self.stream_id, None)
+        self.__dict__.pop("_enqueue", None)  # the class's again: straight to Redis
+        return 1
 
     def _refreshed(self, reply: Any) -> bool:
         if (isinstance(reply, list) and len(reply) == 3
@@ -180,6 +330,11 @@ class RedisProducer(Producer):
         self.closed = True
         store = self._store
         store._producers.pop(self.stream_id, None)
+        if self._held is not None:
+            # Given up unfinished while Redis was away: its held frames are dropped, and
+            # readers learn of the loss once Redis is back (no lease: ProducerLost).
+            store._drop_held(self, "its producer stopped before Redis was back")
+            return
         await store._call(store._release, [self._keys[2]], [self.holder])
 
 

@@ -14,6 +14,19 @@ own ``maxmemory`` (use ``maxmemory-policy volatile-lru``: finished streams nobod
 go first, while a live stream's keys are touched every 0.5 s; ``volatile-ttl`` would evict
 the short-lived leases first); ``max_stream_bytes`` caps each stream.
 
+Redis lost mid-run: a running stream goes on. Its producer *holds* the frames Redis
+could not take in memory (up to ``max_stream_bytes`` a stream, ``max_held_bytes`` in all;
+beyond, the stream ends with a typed error), and this store writes them, in order, once
+Redis answers again (retried with the gateway's backoff: 0.1 s doubling to 2 s), taking
+the stream's lease again; its final frame and status too. When Redis came back empty
+(restarted without persistence) the stream's record is made again under the same id
+from the first held frame on (``meta["kept_from"]``; a resume from before it is not
+found). When another process ended or took over the stream meanwhile, the held frames are
+dropped (a warning says so) and the producer learns it lost its lease. While frames are
+held, readers (any process) see only what Redis has. With ``hold_new_streams`` (the
+gateway's ``on_redis_error = "open"``), a stream created while Redis is away is held the
+same way from its first frame.
+
 Replies are checked as hostile: types, entry ids (consecutive from the cursor), frame
 sizes (``max_frame_bytes``), at most ``read_count`` entries per read. Anything else is
 :class:`StreamLogUnavailable`, as is every Redis or socket error.
@@ -25,6 +38,7 @@ import asyncio
 import json
 import logging
 import math
+import random
 import time
 import weakref
 from collections.abc import Mapping, Sequence
@@ -44,18 +58,22 @@ from .base import (
     MAX_META_BYTES,
     MAX_OWNER_LEN,
     FinalStatus,
+    LeaseLost,
     LiveStatus,
     StreamInfo,
     StreamLog,
     StreamLogUnavailable,
     StreamNotFound,
     StreamStatus,
+    StreamTooLarge,
     check_after,
     new_stream_id,
     valid_stream_id,
 )
 from .redis_handles import (
     LEASE_MS,
+    RETRY_CAP_S,
+    RETRY_FIRST_S,
     PendingAppend,
     RedisProducer,
     RedisReader,
@@ -82,13 +100,19 @@ class RedisStreamLog(StreamLog):
         max_stream_bytes / max_frame_bytes: caps on a stream / one frame.
         block_ms: longest single ``XREAD BLOCK`` (a reader's lease check interval when idle).
         read_count: most entries one read returns.
+        max_held_bytes: most bytes of frames all streams of this process hold in memory
+            while Redis is unreachable.
+        hold_new_streams: while Redis is unreachable, :meth:`create` makes streams held
+            in memory (written to Redis when it is back) instead of failing.
     """
 
     def __init__(self, client: aioredis.Redis, *, read_client: aioredis.Redis | None = None,
                  prefix: str = "tokenrelay:",
                  retention_s: float = 600.0, max_stream_bytes: int = 64 << 20,
                  max_frame_bytes: int = 1 << 20, block_ms: int = 1000,
-                 read_count: int = 512, where: str = "redis") -> None:
+                 read_count: int = 512, where: str = "redis",
+                 owns_client: bool = True, max_held_bytes: int = 256 << 20,
+                 hold_new_streams: bool = False) -> None:
         if retention_s <= 0 or max_stream_bytes <= 0 or max_frame_bytes <= 0:
             raise ValueError("retention and sizes must be positive")
         if not 1 <= block_ms <= 60_000 or not 1 <= read_count <= 100_000:
@@ -98,12 +122,16 @@ class RedisStreamLog(StreamLog):
         self.max_frame_bytes = max_frame_bytes
         self.block_ms = block_ms
         self.read_count = read_count
+        self.max_held_bytes = max_held_bytes
+        self.hold_new_streams = hold_new_streams
         self.prefix = prefix
         self.channel = f"{prefix}cancel"
         # (at least a lease's life: live keys are renewed with the lease)
         self._ttl_ms = max(int(retention_s * 1000), LEASE_MS)
         self._command_timeout = block_ms / 1000 + 1.0
         self._where = where
+        #: False: ``client`` is shared (the gateway's Redis), its pool is not ours to close.
+        self._owns_client = owns_client
         self._redis = client
         self._reads = read_client or client
         self._create = client.register_script(_lua.CREATE)
@@ -117,6 +145,7 @@ class RedisStreamLog(StreamLog):
         self._touch = client.register_script(_lua.TOUCH)
         self._detach = client.register_script(_lua.DETACH)
         self._attach = client.register_script(_lua.ATTACH)
+        self._reclaim = client.register_script(_lua.RECLAIM)
         #: This process's live producers (weak: a dropped producer stops being refreshed).
         self._producers: weakref.WeakValueDictionary[str, RedisProducer] = (
             weakref.WeakValueDictionary())
@@ -131,16 +160,27 @@ class RedisStreamLog(StreamLog):
         self._writer: asyncio.Task[None] | None = None
         self._kick: asyncio.Future[None] | None = None
         self._closed = False
+        #: Producers holding frames in memory while Redis is away (strong references: a
+        #: finished stream's held end must still reach Redis).
+        self._holding: dict[str, RedisProducer] = {}
+        self._held_total = 0
+        #: Why Redis is unreachable (None: it is not known to be).
+        self._outage: str | None = None
+        self._outage_since = 0.0
+        self._recovery: asyncio.Task[None] | None = None
 
     @classmethod
     def from_url(cls, url: str, *, max_connections: int = 256, max_readers: int = 4096,
-                 block_ms: int = 1000, **kwargs: Any) -> RedisStreamLog:
+                 block_ms: int = 1000, client: aioredis.Redis | None = None,
+                 **kwargs: Any) -> RedisStreamLog:
         """A store on the Redis at ``url`` (``redis://``, ``rediss://``, ``unix://``).
 
         Two pools: ``max_connections`` for writes and lookups, ``max_readers`` for readers
         waiting in ``XREAD BLOCK`` (one connection each while they wait). Each command has
         ``block_ms`` + 1 s to answer and is tried twice at most, so a stopped server is an
-        error within a few seconds, never a hang.
+        error within a few seconds, never a hang. ``client``: writes and lookups on this
+        client's pool instead (the gateway's one Redis client, shared with its limits; left
+        open by :meth:`aclose`).
         """
         def pool(size: int) -> aioredis.BlockingConnectionPool:
             return aioredis.BlockingConnectionPool.from_url(
@@ -148,12 +188,13 @@ class RedisStreamLog(StreamLog):
                 socket_timeout=block_ms / 1000 + 1.0, socket_connect_timeout=2.0,
                 retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 1))
 
-        commands = pool(max_connections)
-        kw = commands.connection_kwargs
+        owns = client is None
+        if client is None:
+            client = aioredis.Redis(connection_pool=pool(max_connections))
+        kw = client.connection_pool.connection_kwargs
         where = kw.get("path") or f"{kw.get('host', 'localhost')}:{kw.get('port', 6379)}"
-        return cls(aioredis.Redis(connection_pool=commands),
-                   read_client=aioredis.Redis(connection_pool=pool(max_readers)),
-                   block_ms=block_ms, where=f"redis at {where}", **kwargs)
+        return cls(client, read_client=aioredis.Redis(connection_pool=pool(max_readers)),
+                   block_ms=block_ms, where=f"redis at {where}", owns_client=owns, **kwargs)
 
     # -- plumbing ------------------------------------------------------------------------
 
@@ -284,14 +325,21 @@ class RedisStreamLog(StreamLog):
             return
         try:
             replies = await self._pipeline([(self._append, p.keys_args) for p in batch])
+        except StreamLogUnavailable as exc:
+            # Redis is away: the frames are held in memory (the producers go on).
+            self._lost(exc)
+            for p in batch:
+                self._settle_held(p)
+            return
         except BaseException as exc:
             # Never leave a producer waiting: the writer stops only when the store closes.
-            error = exc if isinstance(exc, StreamLogUnavailable) else self._unavailable(exc)
+            error = self._unavailable(exc)
             for p in batch:
                 if not p.fut.done():
                     p.fut.set_exception(error)
-            if not isinstance(exc, StreamLogUnavailable):
-                raise
+            raise
+        if self._outage is not None:
+            self._apply_in_outage(batch, replies)
             return
         for p, reply in zip(batch, replies, strict=True):
             if isinstance(reply, Exception):
@@ -306,6 +354,103 @@ class RedisStreamLog(StreamLog):
                     p.fut.set_exception(result)
                 else:
                     p.fut.set_result(result)
+
+    # -- Redis away: frames held in memory, written when it is back -----------------------
+
+    def _settle_held(self, p: PendingAppend) -> None:
+        """Hold an append Redis could not take; settle its future as if it was written."""
+        try:
+            result: Any = p.producer._held_from_append(p)
+        except (StreamLogUnavailable, StreamTooLarge, LeaseLost) as exc:
+            result = exc
+        if not p.fut.done():
+            if isinstance(result, BaseException):
+                p.fut.set_exception(result)
+            else:
+                p.fut.set_result(result)
+
+    def _apply_in_outage(self, batch: list[PendingAppend], replies: list[Any]) -> None:
+        """Replies of appends sent while producers hold frames: an error reply, or a lease
+        that expired during the outage (the producer takes it again), means: hold."""
+        for p, reply in zip(batch, replies, strict=True):
+            producer = p.producer
+            held = isinstance(reply, Exception) or (
+                producer._held is not None and isinstance(reply, list) and len(reply) == 2
+                and reply[0] in (-1, -3))
+            if held:
+                if isinstance(reply, Exception):
+                    self._lost(self._unavailable(reply))
+                self._settle_held(p)
+                continue
+            try:
+                result: Any = producer._applied(reply, p.nframes)
+            except StreamLogUnavailable as exc:
+                result = exc
+            if not p.fut.done():
+                if isinstance(result, BaseException):
+                    p.fut.set_exception(result)
+                else:
+                    p.fut.set_result(result)
+
+    def _lost(self, exc: BaseException) -> None:
+        """Redis failed: every live producer of this process holds its frames from now on,
+        and a task writes them back when Redis answers (one warning line per outage)."""
+        if self._closed:
+            return
+        if self._outage is None:
+            self._outage = str(exc)
+            self._outage_since = time.monotonic()
+            log.warning("stream log: %s; running streams go on, their frames held in memory"
+                        " until it is back", exc)
+        for producer in list(self._producers.values()):
+            producer._start_holding()
+        if self._recovery is None or self._recovery.done():
+            self._recovery = asyncio.get_running_loop().create_task(
+                self._recover(), name="streamlog-recovery")
+
+    def _drop_held(self, producer: RedisProducer, why: str) -> None:
+        held = producer._held or []
+        log.warning("stream log: stream %s: %s; its %d frames held in memory since Redis"
+                    " became unreachable are not written", producer.stream_id, why, len(held))
+        self._held_total -= producer._held_bytes
+        producer._held, producer._held_bytes = None, 0
+        producer.__dict__.pop("_enqueue", None)
+        self._holding.pop(producer.stream_id, None)
+
+    async def _recover(self) -> None:
+        """Write the held frames back once Redis answers: with backoff while it does not,
+        at once while there is more to write."""
+        delay = RETRY_FIRST_S
+        while self._holding and not self._closed:
+            await asyncio.sleep(delay * random.uniform(0.8, 1.0))
+            try:
+                again = await self._write_held()
+            except StreamLogUnavailable as exc:
+                self._outage = str(exc)
+                delay = min(RETRY_CAP_S, max(delay, RETRY_FIRST_S) * 2)
+                continue
+            delay = 0.0 if again else RETRY_FIRST_S
+        if self._outage is not None and not self._closed:
+            log.warning("stream log: Redis is reachable again after %.1fs; the frames"
+                        " held in memory are written",
+                        time.monotonic() - self._outage_since)
+            self._outage = None
+
+    async def _write_held(self) -> bool:
+        """One round trip: the next held frames of every holding producer (and their
+        leases taken again). True when more is ready to write at once."""
+        producers = list(self._holding.values())
+        calls = [p._reclaim_call() for p in producers]
+        replies = await self._pipeline([(self._reclaim, c[0]) for c in calls])
+        again = False
+        for producer, (_, count, size), reply in zip(producers, calls, replies, strict=True):
+            if isinstance(reply, Exception):
+                raise self._unavailable(reply)
+            if producer._held is None:
+                continue  # (dropped meanwhile)
+            if producer._reclaimed(reply, count, size) == 1 and producer._held:
+                again = True
+        return again
 
     def _bad(self, what: str) -> StreamLogUnavailable:
         return StreamLogUnavailable(f"the stream log ({self._where}) sent an invalid {what}")
@@ -351,13 +496,29 @@ class RedisStreamLog(StreamLog):
         created = time.time()
         m, _, lease, _, _ = self._keys(stream_id)
         meta_json = json.dumps(dict(meta or {}), separators=(",", ":"))
-        ok = await self._call(self._create, [m, lease], [
-            holder, owner, endpoint, repr(created), status, meta_json, LEASE_MS, self._ttl_ms])
-        if ok != 1:
-            raise StreamLogUnavailable(f"stream id {stream_id} already exists")
         info = StreamInfo(id=stream_id, owner=owner, endpoint=endpoint, created_at=created,
                           status=status, last_seq=-1, producer_alive=True, meta=dict(meta or {}))
+        if self._outage is not None and self.hold_new_streams:
+            return self._held_producer(info, holder)
+        try:
+            ok = await self._call(self._create, [m, lease], [
+                holder, owner, endpoint, repr(created), status, meta_json, LEASE_MS,
+                self._ttl_ms])
+        except StreamLogUnavailable as exc:
+            if not self.hold_new_streams:
+                raise
+            self._lost(exc)
+            return self._held_producer(info, holder)
+        if ok != 1:
+            raise StreamLogUnavailable(f"stream id {stream_id} already exists")
         return self._register(RedisProducer(self, info, holder))
+
+    def _held_producer(self, info: StreamInfo, holder: str) -> RedisProducer:
+        """A new stream while Redis is away: held in memory, made in Redis when it is back."""
+        producer = self._register(RedisProducer(self, info, holder))
+        producer._start_holding()
+        self._lost(StreamLogUnavailable(self._outage or "the stream log is unavailable"))
+        return producer
 
     def _register(self, producer: RedisProducer) -> RedisProducer:
         self._producers[producer.stream_id] = producer
@@ -394,7 +555,11 @@ class RedisStreamLog(StreamLog):
             raise StreamNotFound(stream_id)
         try:
             check_after(after, info)
-        except ValueError:
+            kept = info.meta.get("kept_from")
+            if kept is not None and kept.isdigit() and after + 1 < int(kept):
+                # Made again after Redis lost it: the frames before ``kept`` are gone.
+                raise StreamNotFound(stream_id)
+        except (ValueError, StreamNotFound):
             await self._call(self._detach, [r], [token])
             raise
         reader = RedisReader(self, info, after, token)
@@ -440,8 +605,20 @@ class RedisStreamLog(StreamLog):
         return reply_code(reply, self) == 1
 
     async def aclose(self) -> None:
+        if self._holding and not self._closed:
+            try:  # one last try; else their streams are lost (ProducerLost to readers)
+                async with asyncio.timeout(self._command_timeout):
+                    while await self._write_held():
+                        pass
+            except (StreamLogUnavailable, TimeoutError):
+                pass
+            if self._holding:
+                log.warning("stream log: closed with %d streams' frames held in memory"
+                            " (Redis unreachable): those streams are lost",
+                            len(self._holding))
         self._closed = True
-        tasks = [t for t in (self._keeper, self._listener, self._writer) if t is not None]
+        tasks = [t for t in (self._keeper, self._listener, self._writer, self._recovery)
+                 if t is not None]
         for task in tasks:
             task.cancel()
         for pending in self._queue:
@@ -449,7 +626,8 @@ class RedisStreamLog(StreamLog):
                 pending.fut.set_exception(StreamLogUnavailable("the stream log is closed"))
         self._queue = []
         await asyncio.gather(*tasks, return_exceptions=True)
-        await self._redis.aclose(close_connection_pool=True)
+        if self._owns_client:
+            await self._redis.aclose(close_connection_pool=True)
         if self._reads is not self._redis:
             await self._reads.aclose(close_connection_pool=True)
 
@@ -469,6 +647,10 @@ class RedisStreamLog(StreamLog):
         readers = list(self._readers.values())
         if not producers and not readers:
             return False
+        # (holding producers: their lease is taken again with their held frames)
+        producers = [p for p in producers if p._held is None]
+        if not producers and not readers:
+            return True
         try:
             replies = await self._pipeline([
                 (self._refresh, [5, *p._keys, p.holder, LEASE_MS, self._ttl_ms])
@@ -476,7 +658,10 @@ class RedisStreamLog(StreamLog):
                 (self._touch, [1, r._keys[4], r.token, LEASE_MS, self._ttl_ms])
                 for r in readers])
         except StreamLogUnavailable as exc:
-            log.warning("stream log: lease refresh failed: %s", exc)
+            if producers:
+                self._lost(exc)  # (their leases may lapse: they are taken again after)
+            elif self._outage is None:
+                log.warning("stream log: lease refresh failed: %s", exc)
             return True
         for producer, reply in zip(producers, replies, strict=False):
             producer._refreshed(reply)
@@ -499,8 +684,9 @@ class RedisStreamLog(StreamLog):
                             producer._on_cancel()
             except (RedisError, OSError) as exc:
                 # The lease refresh still reads the flag every 0.5 s meanwhile.
-                log.warning("stream log: cancel subscription failed: %s",
-                            self._unavailable(exc))
+                if self._outage is None:
+                    log.warning("stream log: cancel subscription failed: %s",
+                                self._unavailable(exc))
                 await asyncio.sleep(1.0)
             finally:
                 try:
