@@ -453,6 +453,11 @@ class RedisReader(StreamReader):
                 self.ended = True  # (its final frame was read: it carried the end)
                 self.status = cast(FinalStatus, status)
                 return FrameBatch(self.cursor + 1, _EMPTY)
+            if pttl == -2 and self.stream_id in store._holding:
+                # Its producer is here, holding frames Redis could not take: it takes the
+                # lease again with them (not a loss, nothing to take over).
+                block = store.block_ms
+                continue
             if pttl == -2:
                 # No producer and no final frame. Frames are written atomically, so
                 # everything it wrote is already readable: take it, then report the loss.
