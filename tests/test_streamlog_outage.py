@@ -245,7 +245,7 @@ async def test_a_reader_here_waits_for_its_holding_producer(tmp_path: Path) -> N
         await p.append([b"0"])
         reader = await store.reader(p.stream_id, after=0, owner="k")
         p._start_holding()  # as after an outage, before the recovery's first write
-        m, x, lease, c, r = store._keys(p.stream_id)
+        lease = store._keys(p.stream_id)[2]
         await store._redis.delete(lease)  # (it lapsed while Redis was away)
         assert await p.append([b"1"]) == 1  # held
         batch = await reader.read(timeout=0.8)  # no ProducerLost
