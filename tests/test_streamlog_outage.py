@@ -258,3 +258,24 @@ async def test_a_reader_here_waits_for_its_holding_producer(tmp_path: Path) -> N
     finally:
         await store.aclose()
         server.stop()
+
+
+async def test_a_record_gone_without_an_outage_is_made_again(tmp_path: Path) -> None:
+    """Redis restarted empty between two calls (no call failed: a FLUSHALL here), or it
+    evicted a live stream: the producer is not "lost", it makes the record again."""
+    server = RedisServer.start(tmp_path / "redis")
+    store = make_store(server.url)
+    try:
+        p = await store.create(owner="k", endpoint="chat")
+        await p.append([b"0", b"1"])
+        await store._redis.flushall()
+        assert await p.append([b"2"]) == 2
+        await until(lambda: not store._holding)
+        assert not p.lease_lost
+        assert await p.append([b"3"]) == 3
+        await p.finish("completed", [b"4"])
+        assert await read_all(store, p.stream_id, after=1) == ([b"2", b"3", b"4"],
+                                                                "completed")
+    finally:
+        await store.aclose()
+        server.stop()
