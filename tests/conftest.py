@@ -39,7 +39,7 @@ if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 _ENV = ("OPENAI_API_KEY", "OPENAI_BASE_URL", "TOKENRELAY_MODEL", "TOKENRELAY_GGUF",
-        "TOKENRELAY_LOG", "TOKENRELAY_HOME")
+        "TOKENRELAY_LOG", "TOKENRELAY_HOME", "TOKENRELAY_RESUME_GRACE")
 
 
 def _is_local(address: Any) -> bool:

@@ -545,6 +545,20 @@ def test_stop_stops_the_answer_on_the_gateway_at_once(page: Page, gateway: LiveG
     assert row["status"] == "cancelled" and row["completion_tokens"] < 300, row
 
 
+def test_stop_before_the_first_token_still_stops_the_gateway(page: Page,
+                                                             gateway: LiveGateway) -> None:
+    """Stopped before the answer's headers came (so before its id is known): the page is
+    done at once, and cancels the answer by its id when the headers come."""
+    open_chat(page, gateway, "mock:tokens=200,tps=40,delay=1")
+    ask(page, "Never mind")
+    expect(last_answer(page)).to_have_attribute("data-state", "waiting")
+    page.click("#stop")
+    expect(last_answer(page)).to_have_attribute("data-state", "stopped")
+    expect(page.locator("#send")).to_be_visible()
+    (row,) = chat_rows(gateway, 1)
+    assert row["status"] == "cancelled" and row["completion_tokens"] < 100, row
+
+
 def test_a_reload_after_the_gateway_forgot_the_answer_says_it_was_interrupted(
         page: Page, gateway: LiveGateway) -> None:
     open_chat(page, gateway)

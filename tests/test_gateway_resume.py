@@ -687,3 +687,21 @@ def test_a_producer_whose_redis_lease_lapsed_takes_it_back_and_goes_on(
     _, again = stream_all(live.url, path=f"/v1/chat/completions/{stream_id}/stream")
     assert again == events
     assert any("taken back" in r.getMessage() for r in caplog.records), caplog.text
+
+
+def test_a_page_on_another_origin_may_ask_for_a_grace_and_read_the_stream_id(
+        make_gateway: MakeGateway) -> None:
+    live = make_gateway(cors_origins=["https://app.example"])
+    origin = {"Origin": "https://app.example"}
+    preflight = httpx.options(f"{live.url}/v1/chat/completions", headers={
+        **origin, "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "content-type, x-tokenrelay-resume-grace"})
+    assert preflight.status_code == 200
+    assert "x-tokenrelay-resume-grace" in preflight.headers["access-control-allow-headers"]
+    r, _ = stream_all(live.url, body=chat("quick"), headers={**origin, GRACE: "5"})
+    assert "x-tokenrelay-stream-id" in r.headers["access-control-expose-headers"]
+    stream_id = r.headers["x-tokenrelay-stream-id"]
+    preflight = httpx.options(f"{live.url}/v1/chat/completions/{stream_id}/stream", headers={
+        **origin, "Access-Control-Request-Method": "GET",
+        "Access-Control-Request-Headers": "last-event-id"})
+    assert preflight.status_code == 200

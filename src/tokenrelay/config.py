@@ -50,6 +50,9 @@ class Settings:
     log_library: bool = False
     #: Saved by ``tokenrelay models default NAME`` (in the config directory).
     saved_model: str | None = None
+    #: Seconds a tokenrelay gateway is asked to keep an answer after a break
+    #: (``TOKENRELAY_RESUME_GRACE``; 0: none).
+    resume_grace: float | None = 30.0
 
     @classmethod
     def load(cls, env_file: str | os.PathLike[str] | None = ".env") -> Settings:
@@ -74,11 +77,25 @@ class Settings:
             data_dir=Path(data_dir) if data_dir else None,
             log_library=(get("TOKENRELAY_LOG") or "").lower() in ("1", "true", "yes"),
             saved_model=saved,
+            resume_grace=_grace(get("TOKENRELAY_RESUME_GRACE")),
         )
 
     @property
     def remote_configured(self) -> bool:
         return bool(self.openai_api_key or self.openai_base_url)
+
+
+def _grace(value: str | None) -> float | None:
+    if value is None:
+        return 30.0
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds <= 86400:
+        raise UsageError(f"TOKENRELAY_RESUME_GRACE must be a number of seconds from 0 to"
+                         f" 86400 (0: ask for none), not {value!r}")
+    return seconds or None
 
 
 _providers: dict[tuple[str, ...], Provider] = {}
@@ -239,5 +256,7 @@ def _openai(name: str | None, base_url: str | None, api_key: str | None, setting
             f" {LOCAL_MODEL!r} (embedded) or 'mock'"
         )
     url = url or "https://api.openai.com/v1"
-    return _cached(("openai", url, key or "", str(connect_timeout)), OPENAI.load(),
-                   base_url=url, api_key=key, connect_timeout=connect_timeout)
+    grace = settings.resume_grace
+    return _cached(("openai", url, key or "", str(connect_timeout), str(grace)), OPENAI.load(),
+                   base_url=url, api_key=key, connect_timeout=connect_timeout,
+                   resume_grace=grace)

@@ -225,7 +225,10 @@ def create_app(config: ServerConfig | None = None) -> Starlette:
         middleware.append(Middleware(
             CORSMiddleware, allow_origins=config.cors_origins,
             allow_credentials=config.cors_credentials, allow_methods=["GET", "POST"],
-            allow_headers=["authorization", "content-type", "api-key", "x-api-key"]))
+            allow_headers=["authorization", "content-type", "api-key", "x-api-key",
+                           "x-tokenrelay-resume-grace", "last-event-id"],
+            # A page on another origin reads the stream's id (to resume or cancel it).
+            expose_headers=["x-tokenrelay-stream-id"]))
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
