@@ -137,6 +137,15 @@ def test_closed_redis_down_at_start_then_lost_mid_run(tmp_path: Path) -> None:
             server.restart()
             assert poll(lambda: health(c)["status"] == "ok", 5), health(c)
             assert chat(c).status_code == 200
+            # Redis came back empty: the stream's record was made again from its first
+            # frame held in memory; its end resumes, its start (lost with Redis) is a 404.
+            path = f"/v1/chat/completions/{running.response.headers['x-tokenrelay-stream-id']}"
+            whole = sse_frames(running.body)
+            last = whole.count(b"\n\nid: ")  # (the first frame is id 0)
+            assert poll(lambda: sse_frames(c.get(f"{path}/stream?starting_after={last - 2}",
+                                                 headers=AUTH).content)
+                        == whole[whole.index(b"\n\nid: %d\n" % (last - 1)) + 2:], 5)
+            assert c.get(f"{path}/stream", headers=AUTH).status_code == 404
     finally:
         if server is not None:
             server.stop()

@@ -75,6 +75,7 @@ from .redis_handles import (
     RETRY_CAP_S,
     RETRY_FIRST_S,
     PendingAppend,
+    RecordGone,
     RedisProducer,
     RedisReader,
     pack,
@@ -344,13 +345,18 @@ class RedisStreamLog(StreamLog):
             self._apply_in_outage(batch, replies)
             return
         for p, reply in zip(batch, replies, strict=True):
-            if isinstance(reply, Exception):
-                result: Any = self._unavailable(reply)
-            else:
-                try:
-                    result = p.producer._applied(reply, p.nframes)
-                except StreamLogUnavailable as exc:
-                    result = exc
+            if isinstance(reply, Exception):  # (OOM, READONLY: Redis cannot take it now)
+                self._lost(self._unavailable(reply))
+                self._settle_held(p)
+                continue
+            try:
+                result: Any = p.producer._applied(reply, p.nframes)
+            except RecordGone as exc:
+                self._lost(exc)
+                self._settle_held(p)
+                continue
+            except StreamLogUnavailable as exc:
+                result = exc
             if not p.fut.done():
                 if isinstance(result, BaseException):
                     p.fut.set_exception(result)
@@ -386,6 +392,10 @@ class RedisStreamLog(StreamLog):
                 continue
             try:
                 result: Any = producer._applied(reply, p.nframes)
+            except RecordGone as exc:
+                self._lost(exc)
+                self._settle_held(p)
+                continue
             except StreamLogUnavailable as exc:
                 result = exc
             if not p.fut.done():
