@@ -201,7 +201,8 @@ class BackgroundResponses:
 
     async def retrieve(self, info: StreamInfo) -> dict[str, Any]:
         """The Response object as it stands: the final one, or the output so far."""
-        if not info.ended and not info.producer_alive and info.last_seq >= 0:
+        if (not info.ended and not info.producer_alive and info.last_seq >= 0
+                and not self.delivery.takeover.stopping()):
             # Its producer is gone: finish it here (takeover.py) or end it for everyone,
             # as a reader would.
             if not await self.delivery.takeover.attempt(info.id, ENDPOINT):
