@@ -430,10 +430,6 @@ class StreamLog(ABC):
 
     # -- hand-off at shutdown (stores shared by processes) ------------------------------
 
-    #: Other processes read and take over this log's streams (Redis; the memory store
-    #: lives and dies with its one process).
-    shared: bool = False
-
     async def hand_off(self, producer: Producer) -> bool:
         """Give ``producer``'s stream up unfinished, for another process to finish (this
         one is shutting down): the lease released after the last frame appended, and the
