@@ -619,7 +619,6 @@ class RedisStreamLog(StreamLog):
 
     # -- hand-off at shutdown -----------------------------------------------------------
 
-    shared = True
 
     @property
     def _handoff_key(self) -> str:
