@@ -4,20 +4,25 @@ ports and keeps its files in a temp dir): frames are not held back, every replic
 per-key limits hold exactly across the replicas (and a SIGKILLed replica's slots come
 back), and a rolling restart under load loses nothing.
 
-One nginx and three replicas for the whole module (the SIGKILL and the rolling restart
-replace replicas' processes, on the same ports; the rolling restart runs last). The replicas serve the in-process
-mock; their drain (``drain_timeout_s``) is longer than any stream here, so a SIGTERMed
-replica finishes its streams itself: streams longer than the drain would need the stream
-log's hand-over to another replica (issue 12's resume), which is not tested here.
+One nginx and three replicas for the whole module (the SIGKILL, the SIGTERMs and the
+rolling restart replace replicas' processes, on the same ports; the rolling restart runs
+last). The replicas serve the in-process mock; their drain (``drain_timeout_s``) is 1 s,
+shorter than the paced answers here, so a SIGTERMed replica hands its running streams
+off at the deadline (``producing.py``): its clients' connections break, they resume
+through nginx on another replica, which takes the stream over (``takeover.py``) and
+finishes it; a background response nobody reads is taken over by the other replicas'
+sweepers (``handoff.py``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
 import signal
+import sqlite3
 import threading
 import time
 import urllib.request
@@ -30,11 +35,15 @@ import pytest
 from _harness import Proc, Processes, free_port, poll, sse_payloads
 from _redis import RedisServer, redis_prefix
 
+import tokenrelay
+from tokenrelay.providers.openai_compat import OpenAIProvider
+from tokenrelay.request import RetryPolicy
 from tokenrelay.server.config import hash_key
 
-DRAIN = 10.0
+#: Every replica's drain: the paced answers outlive it (hand-offs).
+DRAIN = 1.0
 HI = [{"role": "user", "content": "hi"}]
-#: ~4 s each: far shorter than the drain.
+#: ~4 s each: longer than the drain.
 PACED = "mock:tokens=20,tps=5"
 #: Streams in flight through nginx during the rolling restart, and at most in all.
 IN_FLIGHT = 100
@@ -270,57 +279,212 @@ async def test_a_concurrency_limit_is_exact_and_a_killed_replicas_slots_come_bac
         poll, lambda: sum(active(r.url) for r in cluster.replicas) == 0, 10)
 
 
+# -- hand-off at shutdown: streams longer than the drain ---------------------------------
+
+#: The text of PACED, as the mock makes it (the replicas run the same mock).
+REFERENCE = tokenrelay.complete("hi", model="mock:tokens=20").text
+#: The library's reconnects: quick, bounded (a resume that meets a replica stopping is
+#: tried again on the next).
+RESUMING = RetryPolicy(backoff=0.05, max_backoff=0.5)
+
+
+def library(cluster: Cluster) -> OpenAIProvider:
+    """The library, talking to the replicas through nginx as any client would."""
+    return OpenAIProvider(base_url=cluster.url + "/v1", api_key=RAW["open"])
+
+
+async def library_answer(provider: OpenAIProvider, model: str = PACED,
+                         first: asyncio.Event | None = None) -> tokenrelay.Result:
+    async with tokenrelay.astream("hi", model=model, provider=provider,
+                                  retry=RESUMING) as s:
+        async for _ in s.text_stream():
+            if first is not None:
+                first.set()
+    return s.result
+
+
+def rows(cluster: Cluster, stream_id: str) -> list[tuple[str, str, str]]:
+    """(replica, status, answer) of the request-log rows of one stream, all replicas."""
+    out = []
+    for index in range(REPLICAS):
+        path = cluster.workdir / f"requests-r{index + 1}.db"
+        if path.exists():
+            with contextlib.closing(sqlite3.connect(path)) as db:
+                out += [(f"r{index + 1}", status, answer) for status, answer in db.execute(
+                    "SELECT status, answer FROM requests WHERE stream_id = ?", (stream_id,))]
+    return sorted(out)
+
+
+async def sigterm_the_one_serving(cluster: Cluster) -> int:
+    """SIGTERM the replica running the (one) stream in flight and wait for its exit
+    (its drain, then the hand-off); start it again. Its index."""
+    assert await asyncio.to_thread(
+        poll, lambda: sum(active(r.url) for r in cluster.replicas) == 1, 5)
+    index = next(i for i, r in enumerate(cluster.replicas) if active(r.url) == 1)
+    old = cluster.replicas[index]
+    code = await asyncio.to_thread(cluster.processes.stop, old, signal.SIGTERM, DRAIN + 10)
+    assert code == 0, old.output()[-2000:]
+    await asyncio.to_thread(cluster.start, index)
+    return index
+
+
+async def test_sigterm_mid_stream_hands_the_stream_off_and_the_library_resumes(
+        cluster: Cluster) -> None:
+    """A 4 s answer, its replica SIGTERMed after the first tokens with a 1 s drain: the
+    library (through nginx) gets the whole answer, as an uninterrupted run gives it,
+    resumed once; the old replica's request-log row says handed_over, the one that
+    finished writes the whole answer."""
+    first = asyncio.Event()
+    answer = asyncio.ensure_future(library_answer(library(cluster), first=first))
+    await asyncio.wait_for(first.wait(), 5)
+    started = time.monotonic()
+    await sigterm_the_one_serving(cluster)
+    result = await answer
+    took = time.monotonic() - started
+    assert result.error is None and result.finish_reason == "stop", result.error
+    assert result.text == REFERENCE, (result.text, REFERENCE)
+    assert result.resumes >= 1, "the stream was never broken: it was not handed off"
+    print(f"handed off and finished elsewhere: {result.resumes} resume(s), the answer"
+          f" complete {took:.1f}s after the SIGTERM")
+
+
+async def test_a_raw_client_resuming_by_last_event_id_gets_every_frame_once(
+        cluster: Cluster) -> None:
+    """A plain SSE client: its connection breaks at the hand-off (no [DONE], no error
+    frame: an incomplete body); it reconnects through nginx with Last-Event-ID and gets
+    the rest, every frame exactly once, the whole answer."""
+    headers = {"authorization": f"Bearer {RAW['open']}"}
+    body = {"model": PACED, "messages": HI, "stream": True}
+    raw = b""
+    async with aiohttp.ClientSession(headers=headers) as client:
+        async with client.post(cluster.url + "/v1/chat/completions", json=body) as response:
+            assert response.status == 200
+            stream_id = response.headers["x-tokenrelay-stream-id"]
+            killer: asyncio.Future[int] | None = None
+            with contextlib.suppress(aiohttp.ClientPayloadError):
+                async for data in response.content.iter_any():
+                    raw += data
+                    if killer is None and _TOKEN.search(raw):
+                        killer = asyncio.ensure_future(sigterm_the_one_serving(cluster))
+        assert killer is not None
+        first = frames_of(raw)
+        assert first and first[-1][1] != "[DONE]", "the stream ended: it was not handed off"
+        assert all("error" not in json.loads(data) for _, data in first)
+        async with client.get(f"{cluster.url}/v1/chat/completions/{stream_id}/stream",
+                              headers={"last-event-id": str(first[-1][0])}) as response:
+            assert response.status == 200
+            rest = frames_of(await response.read())
+        await killer
+    ids = [seq for seq, _ in first + rest]
+    assert ids == list(range(len(ids))), ids  # each frame once, none missing
+    assert rest[-1][1] == "[DONE]"
+    text = "".join(json.loads(data)["choices"][0]["delta"].get("content") or ""
+                   for _, data in first + rest if data != "[DONE]")
+    assert text == REFERENCE
+    # One row per process: the old one's says it handed the stream over, the one that
+    # took it over has the whole answer.
+    assert await asyncio.to_thread(poll, lambda: len(rows(cluster, stream_id)) == 2, 5), \
+        rows(cluster, stream_id)
+    statuses = {status: answer for _, status, answer in rows(cluster, stream_id)}
+    assert set(statuses) == {"handed_over", "ok"}, statuses
+    assert statuses["ok"] == REFERENCE and REFERENCE.startswith(statuses["handed_over"])
+    assert statuses["handed_over"], statuses
+
+
+def frames_of(raw: bytes) -> list[tuple[int, str]]:
+    """(SSE id, data) of each frame in ``raw`` (comments skipped)."""
+    out = []
+    for block in raw.decode().split("\n\n"):
+        fields = dict(line.split(": ", 1) for line in block.split("\n")
+                      if line and not line.startswith(":"))
+        if "data" in fields:
+            out.append((int(fields["id"]), fields["data"]))
+    return out
+
+
+async def test_a_background_response_nobody_reads_is_finished_by_another_replica(
+        cluster: Cluster) -> None:
+    """``background: true``, its replica SIGTERMed mid-answer, and nobody asks for it
+    meanwhile: another replica's sweeper takes it over, so when it is retrieved (after
+    the answer's time) it is completed already, with the whole text."""
+    headers = {"authorization": f"Bearer {RAW['open']}"}
+    async with aiohttp.ClientSession(headers=headers) as client:
+        async with client.post(cluster.url + "/v1/responses", json={
+                "model": "mock:tokens=15,tps=5", "input": "hi", "background": True}) as r:
+            assert r.status == 200, await r.text()
+            response_id = (await r.json())["id"]
+        started = time.monotonic()
+        await asyncio.sleep(0.5)  # a few tokens in
+        await sigterm_the_one_serving(cluster)
+        await asyncio.sleep(max(0.0, started + 4.5 - time.monotonic()))  # 3 s answer
+        async with client.get(f"{cluster.url}/v1/responses/{response_id}") as r:
+            obj = await r.json()
+    assert obj["status"] == "completed", obj
+    text = "".join(part["text"] for item in obj["output"] for part in item["content"])
+    assert text == tokenrelay.complete("hi", model="mock:tokens=15").text
+
+
 @pytest.mark.timeout(180)
 async def test_a_rolling_restart_under_load_loses_no_stream(cluster: Cluster) -> None:
     """Every replica SIGTERMed and started again, one after the other, while 100 paced
-    streams run through nginx all along (each replaced by a new one when it ends): 0
-    failures, every answer complete and equal to what the model produced."""
-    async with session() as client:
-        reference = await stream(client, cluster.replicas[0].url, PACED)
-        assert reference.done and reference.text, reference
+    streams (~4 s each, the drain 1 s) run through nginx all along, each replaced by a new
+    one when it ends, read by the library: 0 failures, every answer complete and equal to
+    what the model produced. The streams running at each SIGTERM outlive the drain: they
+    are handed off, and their clients resume on the other replicas."""
+    provider = library(cluster)
+    restarted = threading.Event()
+    errors: list[BaseException] = []
+    stopped: list[Proc] = []
 
-        restarted = threading.Event()
-        errors: list[BaseException] = []
-        stopped: list[Proc] = []
+    def rolling_restart() -> None:
+        try:
+            time.sleep(1.5)  # streams in flight on every replica first
+            for index in range(REPLICAS):
+                old = cluster.replicas[index]
+                stopped.append(old)
+                assert cluster.processes.stop(old, signal.SIGTERM, timeout=DRAIN + 10) == 0, \
+                    old.output()[-2000:]
+                cluster.start(index)
+                time.sleep(0.5)
+        except BaseException as exc:  # noqa: BLE001 - reported by the test
+            errors.append(exc)
+        finally:
+            restarted.set()
 
-        def rolling_restart() -> None:
+    answers: list[tokenrelay.Result | BaseException] = []
+
+    async def one_after_another(delay: float) -> None:
+        # A new stream as soon as the last one ended, until the restart is over:
+        # IN_FLIGHT of these keep that many streams running, on whichever replica
+        # nginx picks for each.
+        await asyncio.sleep(delay)
+        while not restarted.is_set() and len(answers) < MAX_STREAMS:
             try:
-                time.sleep(1.5)  # streams in flight on every replica first
-                for index in range(REPLICAS):
-                    old = cluster.replicas[index]
-                    stopped.append(old)
-                    assert cluster.processes.stop(old, signal.SIGTERM, timeout=DRAIN + 10) == 0, \
-                        old.output()[-2000:]
-                    cluster.start(index)
-                    time.sleep(0.5)
-            except BaseException as exc:  # noqa: BLE001 - reported by the test
-                errors.append(exc)
-            finally:
-                restarted.set()
+                answers.append(await library_answer(provider))
+            except Exception as exc:  # noqa: BLE001 - counted as a failure
+                answers.append(exc)
 
-        thread = threading.Thread(target=rolling_restart, name="rolling-restart")
-        thread.start()
-        answers: list[Answer] = []
-
-        async def one_after_another(delay: float) -> None:
-            # A new stream as soon as the last one ended, until the restart is over:
-            # IN_FLIGHT of these keep that many streams running, on whichever replica
-            # nginx picks for each.
-            await asyncio.sleep(delay)
-            while not restarted.is_set() and len(answers) < MAX_STREAMS:
-                answers.append(await stream(client, cluster.url, PACED))
-
-        await asyncio.gather(*(one_after_another(i * 0.015) for i in range(IN_FLIGHT)))
-        thread.join(5)
+    thread = threading.Thread(target=rolling_restart, name="rolling-restart")
+    thread.start()
+    started = time.monotonic()
+    await asyncio.gather(*(one_after_another(i * 0.015) for i in range(IN_FLIGHT)))
+    took = time.monotonic() - started
+    thread.join(5)
     assert not errors, errors
     assert restarted.is_set() and len(answers) >= 2 * IN_FLIGHT, len(answers)
-    failed = [a for a in answers if not (a.status == 200 and a.done and a.error is None)]
+    failed = [a for a in answers if not (isinstance(a, tokenrelay.Result)
+                                         and a.error is None and a.finish_reason == "stop")]
     assert not failed, f"{len(failed)} of {len(answers)} failed: {failed[:3]}"
-    wrong = [a.text for a in answers if a.text != reference.text]
-    assert not wrong, (len(wrong), wrong[:2], reference.text)
-    # The replicas were SIGTERMed with streams in flight, which they finished (the
-    # drain's warning says how many); nginx sent new ones elsewhere meanwhile.
-    draining = [re.findall(r"(\d+) answer\(s\) in progress get", p.output()) for p in stopped]
-    assert sum(bool(d) for d in draining) >= 2, draining
+    wrong = [a.text for a in answers if isinstance(a, tokenrelay.Result)
+             and a.text != REFERENCE]
+    assert not wrong, (len(wrong), wrong[:2], REFERENCE)
+    resumed = [a.resumes for a in answers if isinstance(a, tokenrelay.Result) and a.resumes]
+    # Each replica was SIGTERMed with streams in flight, which outlived its drain: handed
+    # off at the deadline (their clients resumed elsewhere).
+    handed = [sum(int(n) for n in re.findall(r"(\d+) answer\(s\) still in progress",
+                                              p.output())) for p in stopped]
+    assert sum(bool(n) for n in handed) >= 2, handed
+    assert sum(resumed) >= REPLICAS, resumed
     assert poll(lambda: all(r.alive() for r in cluster.replicas), 5)
-    print(f"{len(answers)} streams through nginx, in flight at each SIGTERM: {draining}")
+    print(f"{len(answers)} streams through nginx in {took:.1f}s, {len(resumed)} resumed"
+          f" ({sum(resumed)} resumes), hand-off warnings per SIGTERM: {handed}")

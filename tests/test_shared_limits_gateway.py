@@ -415,6 +415,10 @@ def test_a_redis_slower_than_timeout_s_counts_as_failing(tmp_path: Path) -> None
 
 @pytest.mark.timeout(60)
 def test_workers_share_their_limits_in_redis(processes: Any, redis_server: RedisServer) -> None:
+    """``--workers 2 --redis URL`` starts (the refusal is for limits without Redis) and
+    its workers count in Redis. Which worker answered each request is the kernel's choice
+    and not checked here: sharing between processes is what the two-gateway and SIGKILL
+    tests show."""
     cfg = {"serve_local": False, "log": {"enabled": False}, "access_log": False,
            "keys": [{"id": "alice", "sha256": hash_key(SECRET), "requests_per_minute": 4}],
            "redis": {"url": redis_server.url, "prefix": redis_prefix()}}

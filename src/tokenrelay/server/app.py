@@ -29,6 +29,7 @@ from .encode import dumps, error_body
 from .endpoints import Endpoints
 from .gateway import Gateway
 from .guard import Refusal, RequestGuard, logging_refusals
+from .sse import BreakConnection
 
 __all__ = ["Gateway", "GatewayApp", "create_app"]
 
@@ -157,6 +158,8 @@ def _endpoint_app(endpoint: Callable[[HTTPRequest], Any]) -> Callable[..., Any]:
         try:
             response = await endpoint(HTTPRequest(scope, receive, send))
             await response(scope, receive, send)
+        except BreakConnection:
+            raise  # (a stream handed off at shutdown: its access line is written)
         except Exception:
             log_access(scope, 500, duration=0.0)  # uvicorn answers 500 and logs why
             raise

@@ -89,7 +89,7 @@ class BackgroundResponses:
             producer = await self.log.create(
                 owner=key_id, endpoint=ENDPOINT, id_prefix="resp_", status="queued",
                 meta=restart_meta({"model": model[:200], "background": "1"},
-                                  stream.request))
+                                  stream.request, self.log))
             encoder = ResponsesEncoder(**encoder_args, response_id=producer.stream_id,
                                        background=True)
             await producer.append(encoder.start("queued"))
@@ -201,7 +201,8 @@ class BackgroundResponses:
 
     async def retrieve(self, info: StreamInfo) -> dict[str, Any]:
         """The Response object as it stands: the final one, or the output so far."""
-        if not info.ended and not info.producer_alive and info.last_seq >= 0:
+        if (not info.ended and not info.producer_alive and info.last_seq >= 0
+                and not self.delivery.takeover.stopping()):
             # Its producer is gone: finish it here (takeover.py) or end it for everyone,
             # as a reader would.
             if not await self.delivery.takeover.attempt(info.id, ENDPOINT):

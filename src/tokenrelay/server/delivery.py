@@ -31,7 +31,7 @@ from .access import log_access
 from .encode import PRODUCER_LOST, PRODUCER_LOST_MESSAGE
 from .security import GatewayHTTPError
 from .shutdown import is_shutdown
-from .sse import SSEResponse
+from .sse import BreakConnection, SSEResponse
 from .streamlog import (
     ProducerLost,
     StreamInfo,
@@ -162,9 +162,15 @@ class Delivery:
                 except asyncio.CancelledError as exc:
                     if task is None or not is_shutdown(exc):
                         raise
+                    task.uncancel()
+                    if gw.streams.shared:
+                        # The drain, with other processes sharing the log: the stream
+                        # goes on there (or is handed off by this one): the client
+                        # resumes on one of them from what it has.
+                        raise BreakConnection(f"stream {reader.stream_id}: this process"
+                                              " is shutting down") from None
                     # The drain: the stream's own producer (here) ends it now; read on
                     # shortly for that end, then let the client resume elsewhere.
-                    task.uncancel()
                     gw.drain.discard(task)
                     deadline = time.monotonic() + _SHUTDOWN_READ_S
                     continue

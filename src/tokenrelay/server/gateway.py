@@ -6,7 +6,8 @@ from there chat completions, ``/chat`` and ``/v1/responses`` share everything he
 :meth:`Gateway.admit` (key, body, validation), :meth:`Gateway.open` (the ``AsyncStream``),
 :meth:`Gateway.create_stream` + :meth:`Gateway.produce` (a streamed answer, produced into
 the stream log and delivered to its client: ``producing.py``), :meth:`Gateway.relay` (a
-streamed answer without the log) or :meth:`Gateway.complete` (a ``stream: false`` one),
+streamed answer without the log: no endpoint uses it now; ``bench_gateway.py --parts
+producing`` measures the log's cost against it) or :meth:`Gateway.complete` (a ``stream: false`` one),
 and :meth:`Gateway.finish` (limits, metrics, access line, request log), once per request
 whatever ends it. Resume and cancel of a stream by its id are in ``delivery.py``.
 """
@@ -39,6 +40,7 @@ from .encode import (
     error_from_exc,
     error_status,
 )
+from .handoff import Sweeper
 from .metrics import GatewayMetrics
 from .producing import Encoder, Production
 from .reqlog import RequestLog
@@ -119,6 +121,8 @@ class Gateway:
         self.productions: dict[str, Production] = {}
         #: Tasks of the gateway's own: streams producing with no client attached.
         self._background: set[asyncio.Task[None]] = set()
+        #: Takes over the streams other processes handed off at shutdown (shared log).
+        self.sweeper = Sweeper(self)
 
     @property
     def models(self) -> dict[str, tuple[Provider, str]]:
@@ -133,6 +137,7 @@ class Gateway:
         """At startup: check Redis (down: start all the same, ``degraded``)."""
         if self.redis is not None:
             await self.redis.start()
+        self.sweeper.start()
 
     def health(self) -> dict[str, Any]:
         """``/healthz``: ``ok``, or ``degraded`` with the reason (Redis unreachable)."""
@@ -237,7 +242,7 @@ class Gateway:
         try:
             return await self.streams.create(
                 owner=key.id, endpoint=endpoint, id_prefix=id_prefix, status="in_progress",
-                meta=meta if core is None else restart_meta(meta, core))
+                meta=meta if core is None else restart_meta(meta, core, self.streams))
         except StreamLogError as exc:
             lease.release(0)
             log.warning("the stream log refused a new stream: %s", exc)
@@ -297,7 +302,8 @@ class Gateway:
                     http_status=production.http_status, shutdown=shutdown,
                     scope=production.scope, stream_id=production.id,
                     resumes=production.resumes, cancel_reason=reason,
-                    answer_prefix=production.answer_prefix)
+                    answer_prefix=production.answer_prefix,
+                    handed_off=production.handed_off)
 
     def open(self, request: Request, provider: Provider) -> AsyncStream:
         return AsyncStream(request, provider, timeouts=self.timeouts, retry=self.retry,
@@ -307,15 +313,19 @@ class Gateway:
                model: str, started: float, http_status: int, shutdown: bool = False,
                scope: MutableMapping[str, Any] | None = None, stream_id: str | None = None,
                resumes: int = 0, cancel_reason: str = "client_disconnect",
-               answer_prefix: str = "") -> None:
+               answer_prefix: str = "", handed_off: bool = False) -> None:
         """Release limits, count metrics and log one finished (or cancelled) request
         (``scope``: the HTTP request's, for its console access line; ``answer_prefix``:
-        the partial answer a take-over continued, for the request log's row)."""
+        the partial answer a take-over continued, for the request log's row;
+        ``handed_off``: given up at shutdown for another process to finish, which writes
+        the row of the whole answer: this one's status is ``handed_over``)."""
         result = stream.result
         lease.release(result.usage.total_tokens)
         status = {"cancelled": "cancelled", "error": "error"}.get(result.finish_reason, "ok")
         if shutdown:
             status = "error"
+        elif handed_off:
+            status = "handed_over"
         if scope is not None:
             log_access(scope, http_status, duration=time.monotonic() - started, model=model,
                        key=None if key_id == ANONYMOUS.id else key_id,
@@ -479,6 +489,7 @@ class Gateway:
                         shutdown=shutdown, scope=request.scope)
 
     async def aclose(self) -> None:
+        await self.sweeper.aclose()
         if self._background:
             # Streams producing with no client attached hold no connection, so uvicorn
             # does not wait for them: they get the drain here (the rest of

@@ -15,7 +15,10 @@ the provider and the socket:
 
 Every stream ends in the log with a final status and a final frame, whatever ends it:
 ``completed`` / ``incomplete`` (``length``, ``content_filter``) / ``failed`` (an error,
-a shutdown, the log failing) / ``cancelled`` (a cancel, the client gone, the grace over).
+a shutdown, the log failing) / ``cancelled`` (a cancel, the client gone, the grace over)
+— or it is *handed off*: at the drain deadline, with a store other processes share
+(Redis), a stream still running is given up unfinished (:meth:`Production._hand_off`) and
+another process takes it over and ends it (``shutdown.py``, ``takeover.py``).
 
 **Stop.** The producer's ``signal`` (a cancel from any process, or the lease lost) calls
 :meth:`Production._signalled` (``Producer.on_signal``: no task waits for it), and once
@@ -58,7 +61,7 @@ from .encode import (
 from .metrics import GatewayMetrics
 from .security import Lease
 from .shutdown import Drain, is_shutdown
-from .sse import STOP, EarlyResponse
+from .sse import STOP, BreakConnection, EarlyResponse
 from .streamlog import FinalStatus, LeaseLost, Producer, StreamLog, StreamLogError
 
 __all__ = ["Encoder", "Production", "ProductionHost", "split_frames"]
@@ -159,6 +162,8 @@ class Production:
         self.answer_prefix = ""
         #: The log has the stream's final frame (or cannot take it any more).
         self.ended = False
+        #: Given up unfinished at shutdown for another process to finish (``_hand_off``).
+        self.handed_off = False
         self.final_status: FinalStatus | None = None
         self._watcher: asyncio.Task[None] | None = None
         #: Frames numbered by the encoder but not in the log yet: an error event's (sent
@@ -222,8 +227,15 @@ class Production:
                 except asyncio.CancelledError as exc:
                     task = asyncio.current_task()
                     if task is not None and is_shutdown(exc):
-                        task.uncancel()  # the drain's cancellation: answer it, as an error
-                        shutdown = True
+                        task.uncancel()  # the drain's cancellation
+                        if await self._hand_off():
+                            # Another process finishes it; the attached client resumes
+                            # there (its connection broken, never ended as complete).
+                            if self.gone_at is None and not self.keep:
+                                raise BreakConnection(
+                                    f"stream {self.id} handed off at shutdown") from None
+                            break
+                        shutdown = True  # answer it, as an error
                         frame = await self._stop_with(_SHUTDOWN_EVENT, "failed")
                         if self.http_status == 499:
                             self.http_status = 503
@@ -375,6 +387,31 @@ class Production:
                     " taken back at frame %d", self.id, producer.next_seq)
         if producer.signal.is_set():  # cancelled meanwhile
             self._signalled()
+        return True
+
+    async def _hand_off(self) -> bool:
+        """At the drain deadline, with a store other processes share: give the stream up
+        unfinished for one of them to take over (``StreamLog.hand_off``: the lease released
+        after the last frame appended). False: end it here (the memory store; nothing
+        sent yet, so the client gets a real 503; a cancel or stop under way; frames the
+        log does not have; the log unreachable)."""
+        producer = self.producer
+        if (self.ended or self.http_status != 200 or self.stop_reason is not None
+                or producer.cancel_requested or not self.host.streams.shared):
+            return False
+        await self.stream.aclose()  # the upstream first: nothing more comes from it
+        await self._settle()
+        if self._unlogged or producer.closed:
+            return False  # (an error's frames wait for their end; or the lease is gone)
+        try:
+            if not await self.host.streams.hand_off(producer):
+                return False
+        except StreamLogError as exc:
+            # Released or not, its lease lapses within 1.5 s: readers take it over then.
+            log.warning("stream %s: handing it off: %s", self.id, exc)
+        self.ended = self.handed_off = True
+        log.info("stream %s: handed off at frame %d (shutdown)", self.id,
+                 producer.next_seq - 1)
         return True
 
     async def _append_unlogged(self) -> bytes:

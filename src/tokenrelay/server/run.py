@@ -53,7 +53,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from ..errors import ConfigurationError
 from .config import ServerConfig
 from .encode import dumps, error_body
-from .sse import SendTimeout
+from .sse import BreakConnection, SendTimeout
 
 __all__ = [
     "MAX_HEADER_BYTES",
@@ -288,7 +288,9 @@ class _DroppedClients(logging.Filter):
         if isinstance(exc, SendTimeout):
             log.warning("%s", exc)
             return False
-        return True
+        # A stream handed to another process at shutdown: its connection is closed on
+        # purpose (the producer logged the hand-off).
+        return not isinstance(exc, BreakConnection)
 
 
 _DROPPED_CLIENTS = _DroppedClients()

@@ -12,6 +12,15 @@ The mechanism is a task cancellation carrying :data:`SHUTDOWN` as its message: t
 endpoint's task is cancelled wherever it waits (on the upstream, usually), the core stream
 aborts its upstream request as on any cancellation, and the endpoint, seeing the
 message, takes the cancellation back and answers the shutdown error.
+
+**Hand-off** (a shared stream log: Redis). A streamed answer still running at the deadline
+is not ended: its production (``producing.py``) aborts its upstream, gives its lease up
+after its last appended frame and lists the stream for the other processes
+(``StreamLog.hand_off``), and breaks its client's connection (:class:`~.sse.BreakConnection`:
+closed without the body's end), so the client resumes on another replica, which takes the
+stream over (``takeover.py``) and finishes it. Streams with no client attached (background
+responses, detached ones) are taken over by the other processes' sweepers
+(``handoff.py``). A draining process takes nothing over itself.
 """
 
 from __future__ import annotations
@@ -35,6 +44,8 @@ class Drain:
         self._timer: asyncio.TimerHandle | None = None
         #: Set once the drain deadline passed: requests still running are being ended.
         self.expired = False
+        #: Set once shutdown began: this process takes no stream over any more.
+        self.draining = False
 
     def add(self, task: asyncio.Task[object] | None) -> None:
         if task is not None:
@@ -50,6 +61,7 @@ class Drain:
 
     def begin(self, timeout: float) -> None:
         """Shutdown began: end what is still running in ``timeout`` seconds."""
+        self.draining = True
         if self._timer is None and not self.expired:
             loop = asyncio.get_running_loop()
             if self._tasks:
@@ -61,7 +73,8 @@ class Drain:
         self._timer = None
         self.expired = True
         if self._tasks:
-            log.warning("shutting down: ending %d answer(s) still in progress",
+            log.warning("shutting down: %d answer(s) still in progress at the drain"
+                        " deadline: handed off (a shared stream log) or ended",
                         len(self._tasks))
         for task in list(self._tasks):
             task.cancel(SHUTDOWN)

@@ -26,7 +26,8 @@ from typing import Any, Protocol
 
 from .._timer import LazyTimer, TaskDeadline
 
-__all__ = ["SSE_HEADERS", "Detachable", "EarlyResponse", "SSEResponse", "SendTimeout"]
+__all__ = ["SSE_HEADERS", "BreakConnection", "Detachable", "EarlyResponse", "SSEResponse",
+           "SendTimeout"]
 
 SSE_HEADERS: list[tuple[bytes, bytes]] = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
@@ -40,6 +41,13 @@ _END = object()
 
 class SendTimeout(ConnectionAbortedError):
     """A client stopped reading for longer than the send timeout: its stream is dropped."""
+
+
+class BreakConnection(Exception):
+    """Raised by a source once its stream has started: end the response by closing the
+    connection without the body's end (no last chunk), which every HTTP client reads as
+    a broken stream, never as a complete one. The gateway does it to a client whose
+    stream is handed to another process at shutdown: the client resumes there."""
 
 
 class Detachable(Protocol):
@@ -86,7 +94,8 @@ class SSEResponse:
             that a source failing at once (``EarlyResponse``) gets a real HTTP status;
             after it, heartbeats keep the started stream alive.
         on_close: awaited once the response is over, with the reason:
-            "complete", "disconnect", "detached", "stopped" or "send_timeout".
+            "complete", "disconnect", "detached", "stopped", "send_timeout" or "broken"
+            (the source raised :class:`BreakConnection`).
         detach: asked when the client leaves whether the source goes on without it; if
             so, the source is handed over at its next frame instead of being closed.
     """
@@ -117,8 +126,11 @@ class SSEResponse:
         state = _State(loop, task, send, self.heartbeat)
         watcher = asyncio.ensure_future(self._watch_disconnect(receive, state))
         reason = "complete"
+        broken: BreakConnection | None = None
         try:
             await self._stream(state)
+        except BreakConnection as exc:
+            broken, reason = exc, "broken"
         except asyncio.CancelledError as exc:
             timed_out = state.send_deadline.expired()  # absorbs its own cancellation
             if state.gone:  # the watcher's cancellation: the client left
@@ -149,6 +161,8 @@ class SSEResponse:
                     await aclose()
             if self.on_close is not None:
                 await self.on_close(reason)
+        if broken is not None:
+            raise broken  # the server closes the connection (run.py: no traceback)
         if reason == "send_timeout":
             # Raising after the response started makes the server close the connection
             # (server/run.py logs it as one warning line, not uvicorn's traceback).

@@ -41,6 +41,7 @@ from .response_snapshot import ResponseSnapshot, parse_frame
 from .responses import ResponsesEncoder
 from .routing import label
 from .security import ANONYMOUS, GatewayHTTPError, Lease
+from .sse import BreakConnection
 from .streamlog import (
     Producer,
     ProducerLost,
@@ -69,10 +70,13 @@ MODEL_KEY = "model"
 TAKE_OVER_GRACE_S = 3.0
 
 
-def restart_meta(meta: Mapping[str, str], core: Request) -> dict[str, str]:
-    """``meta`` + the core request, when the whole still fits the record's cap (else
+def restart_meta(meta: Mapping[str, str], core: Request, log_: StreamLog) -> dict[str, str]:
+    """``meta`` + the core request, when the store is shared by processes (one process's
+    streams die with it: nothing to keep) and the whole still fits the record's cap (else
     ``meta`` alone: that stream cannot be taken over)."""
     out = dict(meta)
+    if not log_.shared:
+        return out
     data = core.model_dump_json(exclude_defaults=True, by_alias=True)
     used = sum(len(k) + len(v) for k, v in out.items()) + len(REQUEST_KEY)
     # (the cap is on characters; the stores count bytes of UTF-8: leave room for both)
@@ -288,9 +292,22 @@ class StreamTakeOver(TakeOver):
     """Take-over and loss of the streams of every endpoint (chat completions, ``/chat``,
     ``/v1/responses``), for their readers (``delivery.py``, ``background.py``)."""
 
+    def stopping(self) -> bool:
+        """This process is shutting down, and others share the stream log: it takes no
+        stream over (a stream it took would be handed off again at once)."""
+        return self.gateway.drain.draining and self.gateway.streams.shared
+
     async def attempt(self, stream_id: str, endpoint: str) -> bool:
         """Continue the stream here if it can be: True (this process, or another, produces
-        it now: read on), False (end it ``producer_lost``)."""
+        it now: read on), False (end it ``producer_lost``).
+
+        Raises :class:`~.sse.BreakConnection` while this process shuts down (a stream
+        handed off by it, or whose producer died meanwhile): the reader's client resumes
+        on another process, which takes it over.
+        """
+        if self.stopping():
+            raise BreakConnection(f"stream {stream_id}: this process is shutting down;"
+                                  " resume on another")
         if endpoint == "responses":
             return await self._responses(stream_id)
         state: dict[str, ChatPartial] = {}

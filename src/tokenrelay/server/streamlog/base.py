@@ -369,6 +369,9 @@ class StreamLog(ABC):
     max_frame_bytes: int
     #: A stream's frames beyond this are refused (:class:`StreamTooLarge`).
     max_stream_bytes: int
+    #: Other processes read and write these streams too (Redis): a stream whose producer
+    #: died can be taken over by one of them (``server/takeover.py``).
+    shared: bool = False
 
     @abstractmethod
     async def create(self, *, owner: str, endpoint: str, meta: Mapping[str, str] | None = None,
@@ -424,6 +427,27 @@ class StreamLog(ABC):
     @abstractmethod
     async def aclose(self) -> None:
         """Stop background work and close connections."""
+
+    # -- hand-off at shutdown (stores shared by processes) ------------------------------
+
+    async def hand_off(self, producer: Producer) -> bool:
+        """Give ``producer``'s stream up unfinished, for another process to finish (this
+        one is shutting down): the lease released after the last frame appended, and the
+        stream listed for the other processes (:meth:`handed_off`).
+
+        False when it cannot be (a store not shared, or frames only this process holds):
+        finish the stream here. Raises :class:`StreamLogUnavailable` (the lease then lapses
+        on its own; readers still take the stream over).
+        """
+        return False
+
+    async def handed_off(self, limit: int = 64) -> list[str]:
+        """Up to ``limit`` streams handed off by a process that shut down, oldest first
+        (each stays listed until :meth:`forget_handed_off`)."""
+        return []
+
+    async def forget_handed_off(self, stream_id: str) -> None:
+        """Take ``stream_id`` off the hand-off list (taken over, ended, or not possible)."""
 
     def _check_create(self, owner: str, endpoint: str, meta: Mapping[str, str] | None,
                       id_prefix: str) -> None:

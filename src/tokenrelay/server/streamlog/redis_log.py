@@ -61,6 +61,7 @@ from .base import (
     FinalStatus,
     LeaseLost,
     LiveStatus,
+    Producer,
     StreamInfo,
     StreamLog,
     StreamLogUnavailable,
@@ -107,6 +108,8 @@ class RedisStreamLog(StreamLog):
         hold_new_streams: while Redis is unreachable, :meth:`create` makes streams held
             in memory (written to Redis when it is back) instead of failing.
     """
+
+    shared = True
 
     def __init__(self, client: aioredis.Redis, *, read_client: aioredis.Redis | None = None,
                  prefix: str = "tokenrelay:",
@@ -617,6 +620,56 @@ class RedisStreamLog(StreamLog):
             "", last_seq + 1, "", status, repr(time.time()), self._ttl_ms, LEASE_MS, 0,
             *frames])
         return reply_code(reply, self) == 1
+
+    # -- hand-off at shutdown -----------------------------------------------------------
+
+
+    @property
+    def _handoff_key(self) -> str:
+        return f"{self.prefix}handoff"
+
+    async def hand_off(self, producer: Producer) -> bool:
+        if (not isinstance(producer, RedisProducer) or producer._store is not self
+                or producer.closed or producer._held is not None):
+            return False  # (held frames exist only here: the stream ends here)
+        # The lease first: a reader anywhere may take the stream over from then on; the
+        # list entry is for streams nobody reads (their sweeper, gateway's handoff.py).
+        await producer.release()
+        try:
+            await self._redis.zadd(self._handoff_key, {producer.stream_id: time.time()})
+        except (RedisError, OSError) as exc:
+            raise self._unavailable(exc) from exc
+        return True
+
+    async def handed_off(self, limit: int = 64) -> list[str]:
+        key = self._handoff_key
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                # Entries older than the retention name streams Redis dropped already.
+                pipe.zremrangebyscore(key, "-inf", time.time() - self.retention_s)
+                pipe.zrange(key, 0, max(0, limit - 1))
+                _, ids = await pipe.execute()
+        except (RedisError, OSError) as exc:
+            raise self._unavailable(exc) from exc
+        if not isinstance(ids, list) or len(ids) > limit:
+            raise self._bad("hand-off list")
+        out: list[str] = []
+        bad: list[Any] = []
+        for raw in ids:
+            name = raw.decode("ascii", "replace") if isinstance(raw, bytes) else ""
+            (out if valid_stream_id(name) else bad).append(name or raw)
+        if bad:  # (not ours: never used as a key)
+            try:
+                await self._redis.zrem(key, *bad)
+            except (RedisError, OSError):
+                pass
+        return out
+
+    async def forget_handed_off(self, stream_id: str) -> None:
+        try:
+            await self._redis.zrem(self._handoff_key, stream_id)
+        except (RedisError, OSError) as exc:
+            raise self._unavailable(exc) from exc
 
     async def aclose(self) -> None:
         if self._holding and not self._closed:
