@@ -279,3 +279,27 @@ async def test_a_record_gone_without_an_outage_is_made_again(tmp_path: Path) -> 
     finally:
         await store.aclose()
         server.stop()
+
+
+async def test_a_quiet_stream_keeps_its_lease_through_an_outage(tmp_path: Path) -> None:
+    """No frame at all while Redis is stopped (a model thinking): the lease lapses in
+    Redis meanwhile, yet the stream is not lost: the keeper's failed refresh makes it
+    hold, and its lease is taken again when Redis is back."""
+    server = RedisServer.start(tmp_path / "redis")
+    store = make_store(server.url)
+    try:
+        p = await store.create(owner="k", endpoint="chat")
+        await p.append([b"0"])
+        server.pause()
+        await until(lambda: p._held is not None, timeout=8)  # the keeper noticed
+        await asyncio.sleep(1.6)
+        server.resume()
+        await until(lambda: not store._holding)
+        assert not p.lease_lost and not p.signal.is_set()
+        assert await p.append([b"1"]) == 1
+        await p.finish("completed", [b"2"])
+        assert await read_all(store, p.stream_id) == ([b"0", b"1", b"2"], "completed")
+    finally:
+        server.resume()
+        await store.aclose()
+        server.stop()

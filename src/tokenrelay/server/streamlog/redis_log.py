@@ -53,6 +53,7 @@ from . import _lua
 from .base import (
     FINAL_STATUSES,
     LEASE_REFRESH_S,
+    LEASE_TTL_S,
     LIVE_STATUSES,
     MAX_ENDPOINT_LEN,
     MAX_META_BYTES,
@@ -172,6 +173,8 @@ class RedisStreamLog(StreamLog):
         self._outage: str | None = None
         self._outage_since = 0.0
         self._recovery: asyncio.Task[None] | None = None
+        #: When the keeper last renewed every lease (or started).
+        self._refreshed_at = 0.0
 
     @classmethod
     def from_url(cls, url: str, *, max_connections: int = 256, max_readers: int = 4096,
@@ -542,6 +545,7 @@ class RedisStreamLog(StreamLog):
 
     def _start_keeper(self) -> None:
         if self._keeper is None or self._keeper.done():
+            self._refreshed_at = time.monotonic()
             self._keeper = asyncio.create_task(self._keep(), name="streamlog-keeper")
 
     async def info(self, stream_id: str, *, owner: str | None) -> StreamInfo | None:
@@ -721,11 +725,17 @@ class RedisStreamLog(StreamLog):
                 (self._touch, [1, r._keys[4], r.token, LEASE_MS, self._ttl_ms])
                 for r in readers])
         except StreamLogUnavailable as exc:
-            if producers:
-                self._lost(exc)  # (their leases may lapse: they are taken again after)
+            stale = time.monotonic() - self._refreshed_at
+            if producers and (self._outage is not None
+                              or stale >= LEASE_TTL_S - LEASE_REFRESH_S):
+                # The leases lapse before the next pass could renew them: the producers
+                # hold from now on and take their leases again when Redis is back. (A
+                # quick failure alone leaves the next pass its chance.)
+                self._lost(exc)
             elif self._outage is None:
                 log.warning("stream log: lease refresh failed: %s", exc)
             return True
+        self._refreshed_at = time.monotonic()
         for producer, reply in zip(producers, replies, strict=False):
             producer._refreshed(reply)
         return True
