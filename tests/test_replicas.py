@@ -283,9 +283,13 @@ async def test_a_concurrency_limit_is_exact_and_a_killed_replicas_slots_come_bac
 
 #: The text of PACED, as the mock makes it (the replicas run the same mock).
 REFERENCE = tokenrelay.complete("hi", model="mock:tokens=20").text
-#: The library's reconnects: quick, bounded (a resume that meets a replica stopping is
-#: tried again on the next).
-RESUMING = RetryPolicy(backoff=0.05, max_backoff=0.5)
+#: The library's retries and reconnects: its defaults, as users get them.
+RESUMING = RetryPolicy()
+#: How long nginx keeps a replica out after a failed connect (deploy/nginx.conf's
+#: ``fail_timeout``): a rolling restart waits that long after a replica is back before
+#: stopping the next, else nginx may see none alive for a moment (502 "no live upstreams").
+FAIL_TIMEOUT = float(re.search(r"fail_timeout=(\d+)s", (
+    Path(__file__).resolve().parents[1] / "deploy" / "nginx.conf").read_text()).group(1))  # type: ignore[union-attr]
 
 
 def library(cluster: Cluster) -> OpenAIProvider:
@@ -445,7 +449,7 @@ async def test_a_rolling_restart_under_load_loses_no_stream(cluster: Cluster) ->
                 assert cluster.processes.stop(old, signal.SIGTERM, timeout=DRAIN + 10) == 0, \
                     old.output()[-2000:]
                 cluster.start(index)
-                time.sleep(0.5)
+                time.sleep(FAIL_TIMEOUT + 0.5)  # back in nginx's rotation
         except BaseException as exc:  # noqa: BLE001 - reported by the test
             errors.append(exc)
         finally:

@@ -48,8 +48,8 @@ from .routing import Router, label
 from .security import ANONYMOUS, Authenticator, GatewayHTTPError, Lease, Limiter
 from .shutdown import Drain, is_shutdown
 from .sse import EarlyResponse, SSEResponse
-from .streamlog import Producer, StreamLog, StreamLogError, create_store
-from .takeover import restart_meta
+from .streamlog import Producer, StreamInfo, StreamLog, StreamLogError, create_store
+from .takeover import TakeOver, restart_meta
 
 if TYPE_CHECKING:
     from .redis_link import RedisLink
@@ -304,6 +304,11 @@ class Gateway:
                     resumes=production.resumes, cancel_reason=reason,
                     answer_prefix=production.answer_prefix,
                     handed_off=production.handed_off)
+
+    def continuable(self, info: StreamInfo) -> bool:
+        """Whether a process of this deployment could continue stream ``info`` from its
+        partial answer (``takeover.py``): what a hand-off at shutdown needs."""
+        return TakeOver(self).restartable(info) is not None
 
     def open(self, request: Request, provider: Provider) -> AsyncStream:
         return AsyncStream(request, provider, timeouts=self.timeouts, retry=self.retry,

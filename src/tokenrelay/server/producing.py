@@ -62,7 +62,14 @@ from .metrics import GatewayMetrics
 from .security import Lease
 from .shutdown import Drain, is_shutdown
 from .sse import STOP, BreakConnection, EarlyResponse
-from .streamlog import FinalStatus, LeaseLost, Producer, StreamLog, StreamLogError
+from .streamlog import (
+    FinalStatus,
+    LeaseLost,
+    Producer,
+    StreamInfo,
+    StreamLog,
+    StreamLogError,
+)
 
 __all__ = ["Encoder", "Production", "ProductionHost", "split_frames"]
 
@@ -103,6 +110,8 @@ class ProductionHost(Protocol):
 
     def produced(self, production: Production, *, started: float,
                  shutdown: bool) -> None: ...
+
+    def continuable(self, info: StreamInfo) -> bool: ...
 
 
 def split_frames(data: bytes, n: int) -> list[bytes]:
@@ -396,11 +405,13 @@ class Production:
         """At the drain deadline, with a store other processes share: give the stream up
         unfinished for one of them to take over (``StreamLog.hand_off``: the lease released
         after the last frame appended). False: end it here (the memory store; nothing
-        sent yet, so the client gets a real 503; a cancel or stop under way; frames the
-        log does not have; the log unreachable)."""
+        sent yet, so the client gets a real 503; a cancel or stop under way; a stream no
+        process could continue: tools, a structured answer, a route without
+        ``continue_prefix``; frames the log does not have; the log unreachable)."""
         producer = self.producer
         if (self.ended or self.http_status != 200 or self.stop_reason is not None
-                or producer.cancel_requested or not self.host.streams.shared):
+                or producer.cancel_requested or not self.host.streams.shared
+                or not self.host.continuable(producer.info)):
             return False
         await self.stream.aclose()  # the upstream first: nothing more comes from it
         await self._settle()

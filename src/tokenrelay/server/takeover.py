@@ -295,7 +295,7 @@ class StreamTakeOver(TakeOver):
     def stopping(self) -> bool:
         """This process is shutting down, and others share the stream log: it takes no
         stream over (a stream it took would be handed off again at once)."""
-        return self.gateway.drain.draining and self.gateway.streams.shared
+        return self.gateway.streams.shared and self.gateway.drain.draining
 
     async def attempt(self, stream_id: str, endpoint: str) -> bool:
         """Continue the stream here if it can be: True (this process, or another, produces
