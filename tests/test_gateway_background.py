@@ -493,15 +493,16 @@ def test_two_gateways_on_one_redis_share_retrieve_replay_and_cancel(
         assert 0 <= took < ABORT_WITHIN, f"the upstream was aborted {took:.3f} s after the cancel"
         assert on_a.responses.retrieve(slow).status == "cancelled"
 
-        # A stops while it produces one: with a shared store it hands the response off
-        # at its drain deadline; B finds it without a producer and, the route unable to
-        # continue a partial answer (takeover.py), ends it failed with what was made.
+        # A stops while it produces one whose route cannot continue a partial answer
+        # (takeover.py): nobody could finish it elsewhere, so A does not hand it off but
+        # ends it at its drain deadline as server_shutdown, with what was made; B reads
+        # that end from the shared store.
         running = on_a.responses.create(model="slow", input="shutdown", background=True).id
         assert poll(lambda: on_b.responses.retrieve(running).status == "in_progress", 5)
         a.__exit__(None, None, None)
         ended = on_b.responses.retrieve(running)
         assert ended.status == "failed" and ended.error is not None
-        assert "stopped before finishing" in ended.error.message
+        assert "shutting down" in ended.error.message
         assert ended.output_text  # what was generated before stays
         assert on_b.responses.retrieve(running).model_dump() == ended.model_dump()
 
