@@ -43,7 +43,7 @@ class SendTimeout(ConnectionAbortedError):
     """A client stopped reading for longer than the send timeout: its stream is dropped."""
 
 
-class BreakConnection(Exception):  # noqa: N818 - what it asks for, not an error
+class BreakConnection(Exception):
     """Raised by a source once its stream has started: end the response by closing the
     connection without the body's end (no last chunk), which every HTTP client reads as
     a broken stream, never as a complete one. The gateway does it to a client whose

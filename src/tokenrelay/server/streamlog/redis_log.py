@@ -638,7 +638,8 @@ class RedisStreamLog(StreamLog):
             raise self._unavailable(exc) from exc
         if not isinstance(ids, list) or len(ids) > limit:
             raise self._bad("hand-off list")
-        out, bad = [], []
+        out: list[str] = []
+        bad: list[Any] = []
         for raw in ids:
             name = raw.decode("ascii", "replace") if isinstance(raw, bytes) else ""
             (out if valid_stream_id(name) else bad).append(name or raw)
