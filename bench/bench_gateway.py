@@ -16,13 +16,16 @@ gateways require an API key, as deployed ones do (LiteLLM refuses to start witho
 The mock's behaviour is chosen by the model name, which is all a gateway forwards, so the
 gateway config maps ``fast``/``idle`` to the mock's ``tokens=…,tps=…`` names.
 
-Parts (``--parts relay,paced,profile,idle``, in this order):
+Parts (``--parts relay,paced,producing,profile,idle``, in this order):
 
 * relay, at concurrency 1, 64 and 256 (100/256/384 requests of 100-token answers at
   2,000 tokens/s each): TTFT p50/p99 and what each gateway adds over the direct path;
   gateway CPU per relayed chunk (utime+stime of the gateway's process tree from
   /proc/PID/stat over the run, divided by the content chunks clients received), its
   kernel share, and how long the gateway waited for a CPU (other load on the machine);
+* producing: the stream log's own cost on the hot path, in-process and without sockets
+  (``Gateway.relay``, the path before the log, against ``Gateway.produce`` with the
+  memory store, alternating): µs of CPU per chunk added by appending every frame;
 * profile: py-spy samples of tokenrelay at c=1 and c=64 grouped by component
   (``$PY_SPY`` or /tmp/pyspy-venv/bin/py-spy), then single stages timed alone, and the
   CPU cost of reading the same upstream streams with httpx, httpx2 (if installed) and
@@ -614,6 +617,59 @@ print(json.dumps(asyncio.run(variants[kind]())))
 """
 
 
+async def producing_costs(tokens: int, reps: int) -> dict[str, Any]:
+    """The stream log's own cost on the hot path, in this process with nothing else:
+    one 2,000-chunk answer of the in-process mock through ``Gateway.relay`` (no log, the
+    path before issue 12) and through ``Gateway.produce`` (memory store: every frame
+    appended before it is yielded), alternating, CPU time per chunk (median of ``reps``).
+    No sockets: what is left is the generator's own work, where the two differ."""
+    import statistics
+
+    from tokenrelay.request import Message, Request
+    from tokenrelay.server.config import ServerConfig
+    from tokenrelay.server.encode import ChunkEncoder
+    from tokenrelay.server.gateway import Gateway
+    from tokenrelay.server.security import ANONYMOUS
+
+    gw = Gateway(ServerConfig(serve_local=False, log={"enabled": False}))
+    provider, model = gw.router.lookup(f"mock:tokens={tokens}")
+
+    async def one(logged: bool) -> float:
+        core = Request(messages=(Message(role="user", content="hi"),), model=model)
+        lease = gw.limiter.acquire(ANONYMOUS, 10)
+        stream = gw.open(core, provider)
+        if logged:
+            producer = await gw.create_stream(ANONYMOUS, endpoint="chat.completions",
+                                              model="m", id_prefix="chatcmpl-", lease=lease)
+            encoder = ChunkEncoder("m", include_usage=False, id=producer.stream_id)
+            frames: Any = gw.produce(stream, encoder, producer, lease=lease,
+                                     key_id=ANONYMOUS.id, endpoint="chat.completions",
+                                     model="m").source
+        else:
+            encoder = ChunkEncoder("m", include_usage=False)
+            frames = gw.relay(stream, encoder.encode, lease=lease, key_id=ANONYMOUS.id,
+                              endpoint="chat.completions", model="m")
+        started, n = time.process_time(), 0
+        async for _ in frames:
+            n += 1
+        return (time.process_time() - started) / n * 1e6
+
+    runs: dict[bool, list[float]] = {False: [], True: []}
+    try:
+        for rep in range(reps):
+            for logged in ((False, True) if rep % 2 == 0 else (True, False)):
+                runs[logged].append(await one(logged))
+    finally:
+        await gw.aclose()
+    relay, produce = statistics.median(runs[False]), statistics.median(runs[True])
+    console.print(f"[bold]Producing[/] (in-process, {tokens}-chunk answers, median of {reps}):"
+                  f" relay {relay:.2f} µs/chunk, produce into the memory log {produce:.2f}"
+                  f" µs/chunk: +{produce - relay:.2f} µs/chunk ({produce / relay:.2f}×"
+                  " of the generator alone; the served chunk costs 20-60 µs in all)")
+    return {"relay_us_per_chunk": relay, "produce_us_per_chunk": produce,
+            "added_us_per_chunk": produce - relay}
+
+
 def stage_costs(n: int = 20000) -> dict[str, float]:
     """µs per chunk of single stages of the relay path, in-process, no network."""
     from tokenrelay._stream import AsyncStream
@@ -999,6 +1055,9 @@ async def main(args: argparse.Namespace) -> None:
 
         profs: dict[int, dict[str, Any] | str] = {}
         stages: dict[str, Any] = {}
+        if "producing" in parts:
+            results["producing"] = await producing_costs(
+                200 if args.smoke else 2000, 2 if args.smoke else 8)
         if "profile" in parts and not args.no_profile:
             console.print("[bold]Profile[/] (tokenrelay at concurrency 1 and 64)")
             counts = ((1, 50), (64, 192)) if args.quick else ((1, 100), (64, 320))
@@ -1043,9 +1102,9 @@ if __name__ == "__main__":
     parser.add_argument("--no-reqlog", action="store_true",
                         help="run tokenrelay with its request log off (on by default, as shipped)")
     parser.add_argument("--json", metavar="PATH", help="also write all figures as JSON")
-    parser.add_argument("--parts", default="relay,paced,idle,profile",
-                        help="comma-separated parts to run: relay, paced, profile, idle"
-                             " [relay,paced,idle,profile]")
+    parser.add_argument("--parts", default="relay,paced,producing,idle,profile",
+                        help="comma-separated parts to run: relay, paced, producing,"
+                             " profile, idle [relay,paced,producing,idle,profile]")
     parser.add_argument("--redis-store", action="store_true",
                         help="also measure tokenrelay with its stream log on Redis"
                              " ('tr-redis'; starts a redis-server of its own)")

@@ -18,6 +18,7 @@ from tokenrelay.providers.openai_compat import OpenAIProvider
 from tokenrelay.providers.openai_responses import OpenAIResponsesProvider
 from tokenrelay.request import Message, Request
 from tokenrelay.server.config import ModelRoute
+from tokenrelay.server.streamlog import MemoryStreamLog
 from tokenrelay.server.takeover import REQUEST_KEY, chat_partial, restart_meta
 from tokenrelay.testing import MockUpstream
 from tokenrelay.testing.mock_upstream import token_text
@@ -100,11 +101,15 @@ def test_a_route_names_its_continue_style() -> None:
 
 
 def test_the_record_keeps_the_request_only_when_it_fits() -> None:
+    shared = MemoryStreamLog()
+    shared.shared = True  # (as the Redis store: other processes could take it over)
     small = request(model="m", max_tokens=5, temperature=0.5)
-    meta = restart_meta({"model": "m"}, small)
+    meta = restart_meta({"model": "m"}, small, shared)
     assert Request.model_validate_json(meta[REQUEST_KEY]) == small
     big = Request(messages=(Message(role="user", content="é" * 9000),))
-    assert REQUEST_KEY not in restart_meta({"model": "m"}, big)  # 18 KB of UTF-8
+    assert REQUEST_KEY not in restart_meta({"model": "m"}, big, shared)  # 18 KB of UTF-8
+    # One process's streams die with it: nothing kept for a take-over.
+    assert restart_meta({"model": "m"}, small, MemoryStreamLog()) == {"model": "m"}
 
 
 def test_a_partial_chat_answer_is_rebuilt_from_its_frames() -> None:

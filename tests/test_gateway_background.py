@@ -30,12 +30,11 @@ from hypothesis import strategies as st
 
 from tokenrelay.events import TextDelta
 from tokenrelay.server.background import BackgroundResponses
-from tokenrelay.server.config import hash_key
-from tokenrelay.server.metrics import GatewayMetrics
+from tokenrelay.server.config import ServerConfig, hash_key
+from tokenrelay.server.gateway import Gateway
 from tokenrelay.server.response_snapshot import ResponseSnapshot
 from tokenrelay.server.responses import ResponsesEncoder
 from tokenrelay.server.security import GatewayHTTPError
-from tokenrelay.server.streamlog import MemoryStreamLog
 from tokenrelay.testing.mock_upstream import MockUpstream
 
 SPECS = {
@@ -386,13 +385,10 @@ def test_background_responses_on_the_redis_store(redis_server: RedisServer,
 # -- a producer that is gone ----------------------------------------------------------------
 
 
-class _Gateway:
-    """What BackgroundResponses reads of a gateway, for the store alone."""
-
-    def __init__(self) -> None:
-        self.streams = MemoryStreamLog()
-        self.metrics = GatewayMetrics()
-        self.reqlog = None  # (the interrupted row of a loss)
+def _gateway() -> Gateway:
+    """A gateway's state alone (the memory store, no log), for BackgroundResponses."""
+    return Gateway(ServerConfig.model_validate({"serve_local": False,
+                                                "log": {"enabled": False}}))
 
 
 async def _orphan(background: BackgroundResponses, text: list[str]) -> str:
@@ -413,8 +409,8 @@ async def _orphan(background: BackgroundResponses, text: list[str]) -> str:
 
 
 async def test_a_lost_producer_ends_the_response_failed_for_every_reader() -> None:
-    gateway = _Gateway()
-    background = BackgroundResponses(gateway)  # type: ignore[arg-type]
+    gateway = _gateway()
+    background = BackgroundResponses(gateway)
     rid = await _orphan(background, ["Hel", "lo"])
     reader = await background.log.reader(rid, after=3, owner="alice")
     frames = [f async for f in background.deliver(reader)]
@@ -436,10 +432,12 @@ async def test_a_lost_producer_ends_the_response_failed_for_every_reader() -> No
     again = await background.log.reader(rid, after=5, owner="alice")
     assert len([f async for f in background.deliver(again)]) == 1
     assert gateway.metrics.producer_losses._value.get() == 1
+    await gateway.aclose()
 
 
 async def test_retrieve_and_cancel_end_a_response_whose_producer_is_gone() -> None:
-    background = BackgroundResponses(_Gateway())  # type: ignore[arg-type]
+    gateway = _gateway()
+    background = BackgroundResponses(gateway)
     rid = await _orphan(background, ["par", "tial"])
     cancelled = await background.cancel(rid, "alice")
     assert cancelled["status"] == "cancelled"
@@ -457,6 +455,7 @@ async def test_retrieve_and_cancel_end_a_response_whose_producer_is_gone() -> No
     with pytest.raises(GatewayHTTPError) as hidden:
         await background.find(rid, "bob")
     assert hidden.value.status == 404
+    await gateway.aclose()
 
 
 def test_two_gateways_on_one_redis_share_retrieve_replay_and_cancel(
@@ -494,7 +493,10 @@ def test_two_gateways_on_one_redis_share_retrieve_replay_and_cancel(
         assert 0 <= took < ABORT_WITHIN, f"the upstream was aborted {took:.3f} s after the cancel"
         assert on_a.responses.retrieve(slow).status == "cancelled"
 
-        # A stops while it produces one: the response ends failed (server_shutdown), for B.
+        # A stops while it produces one whose route cannot continue a partial answer
+        # (takeover.py): nobody could finish it elsewhere, so A does not hand it off but
+        # ends it at its drain deadline as server_shutdown, with what was made; B reads
+        # that end from the shared store.
         running = on_a.responses.create(model="slow", input="shutdown", background=True).id
         assert poll(lambda: on_b.responses.retrieve(running).status == "in_progress", 5)
         a.__exit__(None, None, None)
@@ -502,6 +504,7 @@ def test_two_gateways_on_one_redis_share_retrieve_replay_and_cancel(
         assert ended.status == "failed" and ended.error is not None
         assert "shutting down" in ended.error.message
         assert ended.output_text  # what was generated before stays
+        assert on_b.responses.retrieve(running).model_dump() == ended.model_dump()
 
 
 # -- the snapshot, on frames it did not expect ------------------------------------------------

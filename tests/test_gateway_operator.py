@@ -395,8 +395,10 @@ def test_a_console_that_stops_reading_does_not_stall_the_gateway(tmp_path: Path)
         proc.stderr.close()
 
 
+# (background: true is served: tests/test_gateway_background.py)
 @pytest.mark.parametrize("params", [{"conversation": "conv_1"}, {"prompt": {"id": "pmpt_1"}},
-                                    {"top_logprobs": 2}])
+                                    {"top_logprobs": 2},
+                                    {"background_options": {"max_runtime": 60}}])
 def test_responses_parameters_it_cannot_deliver_are_refused_by_name(
         client: openai.OpenAI, params: dict[str, Any]) -> None:
     with pytest.raises(openai.BadRequestError) as caught:

@@ -705,3 +705,20 @@ def test_a_page_on_another_origin_may_ask_for_a_grace_and_read_the_stream_id(
         **origin, "Access-Control-Request-Method": "GET",
         "Access-Control-Request-Headers": "last-event-id"})
     assert preflight.status_code == 200
+
+
+def test_the_openapi_document_describes_resume_and_cancel() -> None:
+    from tokenrelay.server.openapi import openapi_document
+
+    paths = openapi_document(auth=True)["paths"]
+    for prefix in ("/v1/chat/completions", "/chat"):
+        resume = paths[f"{prefix}/{{id}}/stream"]["get"]
+        assert {p["name"] for p in resume["parameters"]} == {"id", "starting_after",
+                                                             "Last-Event-ID"}
+        assert {"200", "400", "404"} <= set(resume["responses"])
+        cancel = paths[f"{prefix}/{{id}}/cancel"]["post"]
+        assert cancel["responses"]["200"]["content"]["application/json"]["schema"] == {
+            "$ref": "#/components/schemas/StreamState"}
+        create = paths[prefix]["post"]
+        assert "x-tokenrelay-resume-grace" in {p["name"] for p in create["parameters"]}
+        assert "x-tokenrelay-stream-id" in create["responses"]["200"]["headers"]

@@ -102,6 +102,7 @@ def test_every_block_is_accounted_for() -> None:
     kinds = [_sh_kind(b) for b in sh]
     assert kinds.count("quick start") == 1 and kinds.count("tests") == 1
     assert kinds.count("cli") == 1 and kinds.count("gateway") == 1, kinds
+    assert kinds.count("replicas") == 1, kinds
     assert len(_python_blocks(gateway=True)) == 3
     assert len(_python_blocks(gateway=False)) == 2
 
@@ -123,6 +124,8 @@ def _sh_kind(block: str) -> str:
         return "tests"
     if lines and lines[0].startswith("scripts/setup.sh"):
         return "quick start"
+    if any(line.startswith("docker compose") for line in lines):
+        return "replicas"
     if any(line.startswith("tokenrelay serve") for line in lines):
         return "gateway"
     if all(re.match(r"^(\S+ .*\| )?tokenrelay\b", line) for line in lines):
@@ -212,3 +215,32 @@ def test_gateway_block_and_its_clients(workdir: Path) -> None:
                           timeout=900, stdin=subprocess.DEVNULL, check=False)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "all README gateway examples ran" in done.stdout
+
+
+def test_replicas_block_commands_are_valid() -> None:
+    """The "Running several replicas" block: its ``tokenrelay serve`` lines parse with the
+    CLI's own options (they run for real in test_gateway_workers / test_replicas) and the
+    compose file it names has Redis, three replicas and nginx."""
+    import shlex
+
+    import click
+    import yaml
+
+    from tokenrelay.cli import cli as main
+
+    (block,) = [b for b in blocks("sh") if _sh_kind(b) == "replicas"]
+    lines = commands(block)
+    serves = [line for line in lines if line.startswith("tokenrelay serve")]
+    assert serves
+    for line in serves:
+        args = shlex.split(line)[1:]
+        with click.Context(main) as ctx:
+            command = main.get_command(ctx, args[0])
+            assert command is not None
+            command.make_context(args[0], args[1:])  # raises on an unknown option
+    (compose,) = [line for line in lines if line.startswith("docker compose")]
+    path = README.parent / shlex.split(compose)[shlex.split(compose).index("-f") + 1]
+    services = yaml.safe_load(path.read_text())["services"]
+    assert "redis" in services and "nginx" in services
+    assert sum(1 for name in services if name.startswith("replica")) >= 3 or \
+        any(s.get("deploy", {}).get("replicas") == 3 for s in services.values()), services

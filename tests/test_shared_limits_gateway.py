@@ -137,6 +137,15 @@ def test_closed_redis_down_at_start_then_lost_mid_run(tmp_path: Path) -> None:
             server.restart()
             assert poll(lambda: health(c)["status"] == "ok", 5), health(c)
             assert chat(c).status_code == 200
+            # Redis came back empty: the stream's record was made again from its first
+            # frame held in memory; its end resumes, its start (lost with Redis) is a 404.
+            path = f"/v1/chat/completions/{running.response.headers['x-tokenrelay-stream-id']}"
+            whole = sse_frames(running.body)
+            last = whole.count(b"\n\nid: ")  # (the first frame is id 0)
+            assert poll(lambda: sse_frames(c.get(f"{path}/stream?starting_after={last - 2}",
+                                                 headers=AUTH).content)
+                        == whole[whole.index(b"\n\nid: %d\n" % (last - 1)) + 2:], 5)
+            assert c.get(f"{path}/stream", headers=AUTH).status_code == 404
     finally:
         if server is not None:
             server.stop()
@@ -406,6 +415,10 @@ def test_a_redis_slower_than_timeout_s_counts_as_failing(tmp_path: Path) -> None
 
 @pytest.mark.timeout(60)
 def test_workers_share_their_limits_in_redis(processes: Any, redis_server: RedisServer) -> None:
+    """``--workers 2 --redis URL`` starts (the refusal is for limits without Redis) and
+    its workers count in Redis. Which worker answered each request is the kernel's choice
+    and not checked here: sharing between processes is what the two-gateway and SIGKILL
+    tests show."""
     cfg = {"serve_local": False, "log": {"enabled": False}, "access_log": False,
            "keys": [{"id": "alice", "sha256": hash_key(SECRET), "requests_per_minute": 4}],
            "redis": {"url": redis_server.url, "prefix": redis_prefix()}}

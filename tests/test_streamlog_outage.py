@@ -232,3 +232,74 @@ async def test_a_stream_taken_over_meanwhile_is_left_to_the_other_process(
         with contextlib.suppress(Exception):
             await switch.cut()
         server.stop()
+
+
+async def test_a_reader_here_waits_for_its_holding_producer(tmp_path: Path) -> None:
+    """Between Redis coming back and the held frames being written, a reader in the same
+    process sees no lease; it waits for its producer here instead of declaring it lost
+    (a take-over elsewhere would race it)."""
+    server = RedisServer.start(tmp_path / "redis")
+    store = make_store(server.url)
+    try:
+        p = await store.create(owner="k", endpoint="chat")
+        await p.append([b"0"])
+        reader = await store.reader(p.stream_id, after=0, owner="k")
+        p._start_holding()  # as after an outage, before the recovery's first write
+        lease = store._keys(p.stream_id)[2]
+        await store._redis.delete(lease)  # (it lapsed while Redis was away)
+        assert await p.append([b"1"]) == 1  # held
+        batch = await reader.read(timeout=0.8)  # no ProducerLost
+        assert list(batch.frames) == []
+        store._lost(StreamLogUnavailable("test: Redis was away"))  # the recovery starts
+        assert list((await reader.read(timeout=5)).frames) == [b"1"]
+        await p.finish("completed", [b"2"])
+        assert list((await reader.read(timeout=5)).frames) == [b"2"] and reader.ended
+        await reader.aclose()
+    finally:
+        await store.aclose()
+        server.stop()
+
+
+async def test_a_record_gone_without_an_outage_is_made_again(tmp_path: Path) -> None:
+    """Redis restarted empty between two calls (no call failed: a FLUSHALL here), or it
+    evicted a live stream: the producer is not "lost", it makes the record again."""
+    server = RedisServer.start(tmp_path / "redis")
+    store = make_store(server.url)
+    try:
+        p = await store.create(owner="k", endpoint="chat")
+        await p.append([b"0", b"1"])
+        await store._redis.flushall()
+        assert await p.append([b"2"]) == 2
+        await until(lambda: not store._holding)
+        assert not p.lease_lost
+        assert await p.append([b"3"]) == 3
+        await p.finish("completed", [b"4"])
+        assert await read_all(store, p.stream_id, after=1) == ([b"2", b"3", b"4"],
+                                                                "completed")
+    finally:
+        await store.aclose()
+        server.stop()
+
+
+async def test_a_quiet_stream_keeps_its_lease_through_an_outage(tmp_path: Path) -> None:
+    """No frame at all while Redis is stopped (a model thinking): the lease lapses in
+    Redis meanwhile, yet the stream is not lost: the keeper's failed refresh makes it
+    hold, and its lease is taken again when Redis is back."""
+    server = RedisServer.start(tmp_path / "redis")
+    store = make_store(server.url)
+    try:
+        p = await store.create(owner="k", endpoint="chat")
+        await p.append([b"0"])
+        server.pause()
+        await until(lambda: p._held is not None, timeout=8)  # the keeper noticed
+        await asyncio.sleep(1.6)
+        server.resume()
+        await until(lambda: not store._holding)
+        assert not p.lease_lost and not p.signal.is_set()
+        assert await p.append([b"1"]) == 1
+        await p.finish("completed", [b"2"])
+        assert await read_all(store, p.stream_id) == ([b"0", b"1", b"2"], "completed")
+    finally:
+        server.resume()
+        await store.aclose()
+        server.stop()

@@ -89,7 +89,7 @@ class BackgroundResponses:
             producer = await self.log.create(
                 owner=key_id, endpoint=ENDPOINT, id_prefix="resp_", status="queued",
                 meta=restart_meta({"model": model[:200], "background": "1"},
-                                  stream.request))
+                                  stream.request, self.log))
             encoder = ResponsesEncoder(**encoder_args, response_id=producer.stream_id,
                                        background=True)
             await producer.append(encoder.start("queued"))

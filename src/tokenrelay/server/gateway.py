@@ -6,7 +6,8 @@ from there chat completions, ``/chat`` and ``/v1/responses`` share everything he
 :meth:`Gateway.admit` (key, body, validation), :meth:`Gateway.open` (the ``AsyncStream``),
 :meth:`Gateway.create_stream` + :meth:`Gateway.produce` (a streamed answer, produced into
 the stream log and delivered to its client: ``producing.py``), :meth:`Gateway.relay` (a
-streamed answer without the log) or :meth:`Gateway.complete` (a ``stream: false`` one),
+streamed answer without the log: no endpoint uses it now; ``bench_gateway.py --parts
+producing`` measures the log's cost against it) or :meth:`Gateway.complete` (a ``stream: false`` one),
 and :meth:`Gateway.finish` (limits, metrics, access line, request log), once per request
 whatever ends it. Resume and cancel of a stream by its id are in ``delivery.py``.
 """
@@ -241,7 +242,7 @@ class Gateway:
         try:
             return await self.streams.create(
                 owner=key.id, endpoint=endpoint, id_prefix=id_prefix, status="in_progress",
-                meta=meta if core is None else restart_meta(meta, core))
+                meta=meta if core is None else restart_meta(meta, core, self.streams))
         except StreamLogError as exc:
             lease.release(0)
             log.warning("the stream log refused a new stream: %s", exc)

@@ -288,6 +288,9 @@ class Production:
                         yield frame
                 break
         finally:
+            # From here nothing may cancel this task (a cancel now would cut the
+            # bookkeeping short): _stop sees a reason and lets it be.
+            self.stop_reason = self.stop_reason or "gone"
             host.drain.discard(self.task)
             gauge.dec()
             self._unwatch()

@@ -6,14 +6,17 @@ transaction (WAL, ``synchronous=NORMAL``: no fsync per commit). An ``asyncio.to_
 + insert + commit per request cost the gateway ~900 µs of CPU per request on the
 2026-12-03 bench (9 µs per relayed chunk of a 100-token answer at concurrency 1).
 
-Rows: key id, model, endpoint, status (ok / error / cancelled / refused), HTTP status,
+Rows: key id, model, endpoint, status (ok / error / cancelled / refused / interrupted), HTTP status,
 usage, time to first token, duration, the prompt and answer (``redact = true`` stores
 neither), error. Keys and upstream secrets are never written. A request refused before it
 reached a model (400, 401, 403, 404, 413, 415, 429, 431, …) is a ``refused`` row with its
 path as the endpoint; a stream its client left before the first frame has HTTP status 499.
 A streamed answer is one row whatever happens to its connections, written when it ends,
 with its ``stream_id`` and how many times it was resumed (``resumes``; a resume after the
-row was written adds one to it).
+row was written adds one to it). A stream whose producing process died (Redis store) gets
+its row from the process that ended it: ``interrupted``, with the partial answer and
+``producer_lost`` (``takeover.py``); one that another process finished, from that one, with
+the whole answer.
 
 What a crash can lose: committed rows survive a killed process (WAL; ``synchronous=NORMAL``
 gives up only the last commits to a power loss), so a ``kill -9`` loses the rows recorded

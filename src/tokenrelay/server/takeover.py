@@ -70,10 +70,13 @@ MODEL_KEY = "model"
 TAKE_OVER_GRACE_S = 3.0
 
 
-def restart_meta(meta: Mapping[str, str], core: Request) -> dict[str, str]:
-    """``meta`` + the core request, when the whole still fits the record's cap (else
+def restart_meta(meta: Mapping[str, str], core: Request, log_: StreamLog) -> dict[str, str]:
+    """``meta`` + the core request, when the store is shared by processes (one process's
+    streams die with it: nothing to keep) and the whole still fits the record's cap (else
     ``meta`` alone: that stream cannot be taken over)."""
     out = dict(meta)
+    if not log_.shared:
+        return out
     data = core.model_dump_json(exclude_defaults=True, by_alias=True)
     used = sum(len(k) + len(v) for k, v in out.items()) + len(REQUEST_KEY)
     # (the cap is on characters; the stores count bytes of UTF-8: leave room for both)

@@ -89,7 +89,8 @@ local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 """
 
-#: KEYS m x l c r; ARGV holder lease_ms ttl_ms → {alive 0|1, cancel 0|1, readers}
+#: KEYS m x l c r; ARGV holder lease_ms ttl_ms → {alive 0|1|-1, cancel 0|1, readers}
+#: (alive -1: the record itself is gone — Redis restarted empty, or evicted it)
 REFRESH = _NOW + """
 local alive = 0
 if redis.call('GET', KEYS[3]) == ARGV[1] then
@@ -97,6 +98,8 @@ if redis.call('GET', KEYS[3]) == ARGV[1] then
   redis.call('PEXPIRE', KEYS[3], ARGV[2])
   redis.call('PEXPIRE', KEYS[1], ARGV[3])
   redis.call('PEXPIRE', KEYS[2], ARGV[3])
+elseif redis.call('EXISTS', KEYS[1]) == 0 then
+  alive = -1
 end
 redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', now)
 return {alive, redis.call('EXISTS', KEYS[4]), redis.call('ZCARD', KEYS[5])}

@@ -369,6 +369,9 @@ class StreamLog(ABC):
     max_frame_bytes: int
     #: A stream's frames beyond this are refused (:class:`StreamTooLarge`).
     max_stream_bytes: int
+    #: Other processes read and write these streams too (Redis): a stream whose producer
+    #: died can be taken over by one of them (``server/takeover.py``).
+    shared: bool = False
 
     @abstractmethod
     async def create(self, *, owner: str, endpoint: str, meta: Mapping[str, str] | None = None,
@@ -426,10 +429,6 @@ class StreamLog(ABC):
         """Stop background work and close connections."""
 
     # -- hand-off at shutdown (stores shared by processes) ------------------------------
-
-    #: Other processes read and take over this log's streams (Redis; the memory store
-    #: lives and dies with its one process).
-    shared: bool = False
 
     async def hand_off(self, producer: Producer) -> bool:
         """Give ``producer``'s stream up unfinished, for another process to finish (this

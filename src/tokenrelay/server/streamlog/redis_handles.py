@@ -82,6 +82,11 @@ def reply_code(reply: Any, store: RedisStreamLog) -> int:
     return int(reply[0])
 
 
+class RecordGone(StreamLogUnavailable):
+    """A live stream's record is gone from Redis (restarted empty, or evicted): its
+    producer holds its frames and makes the record again (not a lost lease)."""
+
+
 class PendingAppend(NamedTuple):
     producer: RedisProducer
     nframes: int
@@ -156,6 +161,9 @@ class RedisProducer(Producer):
             if last != self.next_seq + nframes - 1:
                 raise store._bad("append reply")
             self.next_seq = last + 1
+        elif code == -1 and not self.closed:
+            raise RecordGone(f"stream {self.stream_id}'s record is gone from Redis (restarted"
+                             " without persistence, or evicted)")
         elif code != -5:
             self._on_lost()
             self.closed = True
@@ -310,6 +318,11 @@ class RedisProducer(Producer):
             self._readers = readers
             if readers > 0:
                 self._readers_seen_at = time.monotonic()
+            if alive == -1 and not self.closed:
+                self._store._lost(RecordGone(
+                    f"stream {self.stream_id}'s record is gone from Redis (restarted without"
+                    " persistence, or evicted)"))
+                return False
             if alive == 0 and not self.closed:
                 self._on_lost()
                 self.closed = True
@@ -453,6 +466,11 @@ class RedisReader(StreamReader):
                 self.ended = True  # (its final frame was read: it carried the end)
                 self.status = cast(FinalStatus, status)
                 return FrameBatch(self.cursor + 1, _EMPTY)
+            if pttl == -2 and self.stream_id in store._holding:
+                # Its producer is here, holding frames Redis could not take: it takes the
+                # lease again with them (not a loss, nothing to take over).
+                block = store.block_ms
+                continue
             if pttl == -2:
                 # No producer and no final frame. Frames are written atomically, so
                 # everything it wrote is already readable: take it, then report the loss.

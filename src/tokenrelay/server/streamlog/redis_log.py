@@ -53,6 +53,7 @@ from . import _lua
 from .base import (
     FINAL_STATUSES,
     LEASE_REFRESH_S,
+    LEASE_TTL_S,
     LIVE_STATUSES,
     MAX_ENDPOINT_LEN,
     MAX_META_BYTES,
@@ -76,6 +77,7 @@ from .redis_handles import (
     RETRY_CAP_S,
     RETRY_FIRST_S,
     PendingAppend,
+    RecordGone,
     RedisProducer,
     RedisReader,
     pack,
@@ -106,6 +108,8 @@ class RedisStreamLog(StreamLog):
         hold_new_streams: while Redis is unreachable, :meth:`create` makes streams held
             in memory (written to Redis when it is back) instead of failing.
     """
+
+    shared = True
 
     def __init__(self, client: aioredis.Redis, *, read_client: aioredis.Redis | None = None,
                  prefix: str = "tokenrelay:",
@@ -169,6 +173,8 @@ class RedisStreamLog(StreamLog):
         self._outage: str | None = None
         self._outage_since = 0.0
         self._recovery: asyncio.Task[None] | None = None
+        #: When the keeper last renewed every lease (or started).
+        self._refreshed_at = 0.0
 
     @classmethod
     def from_url(cls, url: str, *, max_connections: int = 256, max_readers: int = 4096,
@@ -343,13 +349,18 @@ class RedisStreamLog(StreamLog):
             self._apply_in_outage(batch, replies)
             return
         for p, reply in zip(batch, replies, strict=True):
-            if isinstance(reply, Exception):
-                result: Any = self._unavailable(reply)
-            else:
-                try:
-                    result = p.producer._applied(reply, p.nframes)
-                except StreamLogUnavailable as exc:
-                    result = exc
+            if isinstance(reply, Exception):  # (OOM, READONLY: Redis cannot take it now)
+                self._lost(self._unavailable(reply))
+                self._settle_held(p)
+                continue
+            try:
+                result: Any = p.producer._applied(reply, p.nframes)
+            except RecordGone as exc:
+                self._lost(exc)
+                self._settle_held(p)
+                continue
+            except StreamLogUnavailable as exc:
+                result = exc
             if not p.fut.done():
                 if isinstance(result, BaseException):
                     p.fut.set_exception(result)
@@ -385,6 +396,10 @@ class RedisStreamLog(StreamLog):
                 continue
             try:
                 result: Any = producer._applied(reply, p.nframes)
+            except RecordGone as exc:
+                self._lost(exc)
+                self._settle_held(p)
+                continue
             except StreamLogUnavailable as exc:
                 result = exc
             if not p.fut.done():
@@ -530,6 +545,7 @@ class RedisStreamLog(StreamLog):
 
     def _start_keeper(self) -> None:
         if self._keeper is None or self._keeper.done():
+            self._refreshed_at = time.monotonic()
             self._keeper = asyncio.create_task(self._keep(), name="streamlog-keeper")
 
     async def info(self, stream_id: str, *, owner: str | None) -> StreamInfo | None:
@@ -607,7 +623,6 @@ class RedisStreamLog(StreamLog):
 
     # -- hand-off at shutdown -----------------------------------------------------------
 
-    shared = True
 
     @property
     def _handoff_key(self) -> str:
@@ -710,11 +725,17 @@ class RedisStreamLog(StreamLog):
                 (self._touch, [1, r._keys[4], r.token, LEASE_MS, self._ttl_ms])
                 for r in readers])
         except StreamLogUnavailable as exc:
-            if producers:
-                self._lost(exc)  # (their leases may lapse: they are taken again after)
+            stale = time.monotonic() - self._refreshed_at
+            if producers and (self._outage is not None
+                              or stale >= LEASE_TTL_S - LEASE_REFRESH_S):
+                # The leases lapse before the next pass could renew them: the producers
+                # hold from now on and take their leases again when Redis is back. (A
+                # quick failure alone leaves the next pass its chance.)
+                self._lost(exc)
             elif self._outage is None:
                 log.warning("stream log: lease refresh failed: %s", exc)
             return True
+        self._refreshed_at = time.monotonic()
         for producer, reply in zip(producers, replies, strict=False):
             producer._refreshed(reply)
         return True
