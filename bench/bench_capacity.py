@@ -55,6 +55,9 @@ GOAL_MS = 20.0
 STEPS = (16, 32, 64, 128, 256, 512)
 #: Answers each stream runs back to back (the first answer's length is the ramp-up).
 ANSWERS = 3
+#: A step not held is measured once more (the direct path too) before a gateway stops:
+#: on a shared machine one burst of other work can cost a single run its p99.
+ATTEMPTS = 2
 
 
 async def hold(url: str, model: str, api_key: str | None, streams: int,
@@ -129,6 +132,10 @@ async def main(args: argparse.Namespace) -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < 8192 <= hard or soft < hard < 8192:  # 512 streams: 2,000+ sockets here
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 65536), hard))
+    if args.nice:
+        # Inherited by every process started here (upstream, gateways): all of them
+        # compete with the rest of the machine at the same priority, this one included.
+        os.nice(args.nice)
     steps: tuple[int, ...] = STEPS
     if args.smoke:
         steps = (2, 4)
@@ -142,9 +149,12 @@ async def main(args: argparse.Namespace) -> None:
     results: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M"),
                                "cores": os.cpu_count(), "tokens_per_s": bg.PACED_TPS,
                                "goal_added_itl_p99_ms": GOAL_MS, "steps": list(steps),
-                               "load_average_start": os.getloadavg()[0]}
+                               "load_average_start": os.getloadavg()[0],
+                               "nice": os.nice(0)}
     upstream = bg.upstream_proc()
     procs: list[Proc] = [upstream]
+    runs: dict[str, Any] = {}
+    results["runs"] = runs
     gateways: dict[str, Proc] = {}
     try:
         for workers in (1, 2):
@@ -176,44 +186,53 @@ async def main(args: argparse.Namespace) -> None:
         targets: list[tuple[str, str, str, Proc | None]] = [
             ("direct", upstream.url, bg.PACED, None)]
         targets += [(name, proc.url, "paced", proc) for name, proc in gateways.items()]
+        by_name = {t[0]: t for t in targets}
+
+        async def measured(name: str, c: int, attempt: int,
+                           direct: dict[str, Any] | None = None) -> dict[str, Any]:
+            _, url, model, proc = by_name[name]
+            r = await step(name, url, model, proc, upstream, c, answer_s)
+            r["attempt"] = attempt
+            runs[f"{name}@{c}" + (f"#{attempt}" if attempt > 1 else "")] = r
+            if direct is not None:
+                d99 = direct["itl_p99_ms"]
+                added = (None if r["itl_p99_ms"] is None or d99 is None
+                         else r["itl_p99_ms"] - d99)
+                r["added_itl_p99_ms"] = added
+                r["held"] = r["failed"] == 0 and added is not None and added <= GOAL_MS
+            share = r["cpu_share"]
+            console.print(
+                f"  {name:<14} {r['requests'] - r['failed']}/{r['requests']} ok  "
+                f"ITL p50 {fmt(r['itl_p50_ms'])}  p99 {fmt(r['itl_p99_ms'])}  max "
+                f"{fmt(r['itl_max_ms'], 1)} ms  added p99 {fmt(r.get('added_itl_p99_ms'))}"
+                f" ms (over pacing {fmt(r['itl_p99_ms'] and r['itl_p99_ms'] - pacing_ms)})"
+                f"  CPU gw {share['gateway']:.0%} up {share['upstream']:.0%}"
+                f" loadgen {share['load_generator']:.0%} others"
+                f" {share['other_processes']:.0%} idle {share['idle']:.0%}"
+                + ("  [red]not held[/]" if r.get("held") is False else "")
+                + (f"  errors {r['errors']}" if r["errors"] else ""))
+            return r
+
         holding = {name for name, _, _, _ in targets}
         capacity: dict[str, int] = {name: 0 for name in gateways}
-        results["runs"] = runs = {}
         for c in steps:
             if not holding - {"direct"}:
                 break
             console.print(f"[bold]{c} streams[/]")
-            direct: dict[str, Any] | None = None
-            for name, url, model, proc in targets:
+            direct = await measured("direct", c, 1)
+            for name, *_ in targets[1:]:
                 if name not in holding:
                     continue
-                r = await step(name, url, model, proc, upstream, c, answer_s)
-                runs[f"{name}@{c}"] = r
-                if name == "direct":
-                    direct = r
-                    r["added_itl_p99_ms"] = None
-                else:
-                    d99 = direct and direct["itl_p99_ms"]
-                    added = (None if r["itl_p99_ms"] is None or d99 is None
-                             else r["itl_p99_ms"] - d99)
-                    r["added_itl_p99_ms"] = added
-                    r["held"] = (r["failed"] == 0 and added is not None
-                                 and added <= GOAL_MS)
+                for attempt in range(1, ATTEMPTS + 1):
+                    if attempt > 1:  # the direct path again, next to the retry
+                        direct = await measured("direct", c, attempt)
+                    r = await measured(name, c, attempt, direct)
                     if r["held"]:
-                        capacity[name] = c
-                    else:
-                        holding.discard(name)
-                share = r["cpu_share"]
-                console.print(
-                    f"  {name:<14} {r['requests'] - r['failed']}/{r['requests']} ok  "
-                    f"ITL p50 {fmt(r['itl_p50_ms'])}  p99 {fmt(r['itl_p99_ms'])}  max "
-                    f"{fmt(r['itl_max_ms'], 1)} ms  added p99 {fmt(r['added_itl_p99_ms'])}"
-                    f" ms (over pacing {fmt(r['itl_p99_ms'] and r['itl_p99_ms'] - pacing_ms)})"
-                    f"  CPU gw {share['gateway']:.0%} up {share['upstream']:.0%}"
-                    f" loadgen {share['load_generator']:.0%} others"
-                    f" {share['other_processes']:.0%} idle {share['idle']:.0%}"
-                    + ("  [red]not held[/]" if r.get("held") is False else "")
-                    + (f"  errors {r['errors']}" if r["errors"] else ""))
+                        break
+                if r["held"]:
+                    capacity[name] = c
+                else:
+                    holding.discard(name)
         results["capacity"] = capacity
     finally:
         for proc in reversed(procs):
@@ -236,6 +255,10 @@ if __name__ == "__main__":
                         help="two tiny steps at 500 tokens/s, no LiteLLM: seconds")
     parser.add_argument("--no-litellm", action="store_true", help="skip LiteLLM")
     parser.add_argument("--json", metavar="PATH", help="also write all figures as JSON")
+    parser.add_argument("--nice", type=int, default=0,
+                        help="add this to the scheduling priority of this run and every"
+                             " process it starts (negative, as root: ahead of other work on"
+                             " a shared machine) [0]")
     try:
         import uvloop
 
