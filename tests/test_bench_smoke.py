@@ -23,7 +23,7 @@ SCRIPTS = sorted(p.name for p in BENCH.glob("bench_*.py") if p.name not in ELSEW
 
 def test_every_bench_script_has_a_smoke_run() -> None:
     found = {p.name for p in BENCH.glob("bench_*.py")}
-    assert found == {"bench_client_events.py", "bench_faults.py", "bench_gateway.py",
+    assert found == {"bench_capacity.py", "bench_client_events.py", "bench_faults.py", "bench_gateway.py",
                      "bench_limits.py",
                      "bench_local.py", "bench_local_runaway.py", "bench_partial_json.py",
                      "bench_workers.py",

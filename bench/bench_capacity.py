@@ -1,0 +1,277 @@
+#!/usr/bin/env python
+"""How many concurrent 50 token/s streams each gateway holds with added inter-token
+latency p99 ≤ 20 ms: tokenrelay ``serve --workers 1`` and ``--workers 2`` against the
+LiteLLM proxy with 1 and 2 workers (``litellm --num_workers N``), side by side in one run.
+
+    .venv/bin/python bench/bench_capacity.py            # ≤ ~10 minutes on 2 cores
+    .venv/bin/python bench/bench_capacity.py --smoke    # seconds: that it runs (the tests)
+    .venv/bin/python bench/bench_capacity.py --no-litellm --json out.json
+    .venv/bin/python bench/bench_capacity.py --nice -10   # as root, ahead of other work
+
+At each step (16, 32, 64, 128, 256, 512 streams) every gateway still holding, and the
+direct path to the upstream, carry ``c`` streams at once of 100-token answers paced at
+50 tokens/s by one ``tokenrelay mock-upstream`` (a token every 20 ms, 2 s an answer).
+The ``c`` streams start evenly spread over one answer's length (stream ``i`` at
+``i·2 s/c``) and each runs three answers back to back, so after the first 2 s exactly
+``c`` streams are open and their tokens are spread evenly in time (no synchronised
+waves). Inter-token gaps are kept only for tokens that arrived while all ``c`` were open.
+
+*Added ITL p99* is measured as ``bench/bench_gateway.py`` measures added latency: the
+gateway's client-observed ITL p99 minus the direct path's ITL p99 at the same step in
+the same run (the upstream's own pacing and jitter, and the load generator's, under the
+same number of streams). A gateway holds a step when every stream completed and its
+added ITL p99 ≤ 20 ms. A step not held is measured once more, the direct path with it
+(on a shared machine one burst of other work can cost a single run its p99); a gateway's
+capacity is the largest step it held before the first it did not hold twice (it is not
+tried further, which bounds the run). The ITL p99 minus the nominal 20 ms pacing is
+printed too.
+
+All processes share the machine's cores: for each step the CPU share of the gateway, the
+mock upstream, this load generator and every other process (/proc/stat) is recorded.
+The LiteLLM proxy runs from its own venv (``$LITELLM_BIN``, default
+/tmp/litellm-venv/bin/litellm; missing → skipped with the reason). Nothing is asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import bench_gateway as bg
+from bench_gateway import Proc, console, cpu_seconds, fmt, litellm_proc, tokenrelay_proc
+from bench_workers import busy_seconds
+
+from tokenrelay.bench import RequestOutcome, abench, percentile
+
+GOAL_MS = 20.0
+STEPS = (16, 32, 64, 128, 256, 512)
+#: Answers each stream runs back to back (the first answer's length is the ramp-up).
+ANSWERS = 3
+#: A step not held is measured once more (the direct path too) before a gateway stops:
+#: on a shared machine one burst of other work can cost a single run its p99.
+ATTEMPTS = 2
+
+
+async def hold(url: str, model: str, api_key: str | None, streams: int,
+               answer_s: float) -> dict[str, Any]:
+    """``streams`` streams at once, started evenly over ``answer_s``, each running
+    ``ANSWERS`` answers back to back: the inter-token gaps of tokens that arrived while
+    all of them were open, and how many requests failed."""
+    outcomes: list[RequestOutcome] = []
+
+    async def one(i: int) -> None:
+        await asyncio.sleep(i * answer_s / streams)
+        offset = time.perf_counter() - started
+        report = await abench(base_url=url, model=model, concurrency=1, requests=ANSWERS,
+                              max_tokens=bg.TOKENS, api_key=api_key,
+                              on_result=lambda o: outcomes.append(_shift(o, offset)))
+        del report
+
+    started = time.perf_counter()
+    await asyncio.gather(*(one(i) for i in range(streams)))
+    duration = time.perf_counter() - started
+    # Every stream is open from ``answer_s`` (the last one started) until the first one
+    # ends (ANSWERS answers after t=0), give or take the gateway's added latency.
+    lo, hi = answer_s, ANSWERS * answer_s
+    gaps: list[float] = []
+    for o in outcomes:
+        if not o.ok or o.sent_at is None or o.ttft is None:
+            continue
+        at = o.sent_at + o.ttft
+        for gap in o.itl:
+            at += gap
+            if lo <= at <= hi:
+                gaps.append(gap)
+    failed = sum(not o.ok for o in outcomes)
+    errors = sorted({o.error or "?" for o in outcomes if not o.ok})[:2]
+    gaps.sort()
+    return {"requests": len(outcomes), "failed": failed, "errors": errors,
+            "duration_s": duration, "gaps": len(gaps),
+            "itl_p50_ms": percentile(gaps, 50) * 1e3 if gaps else None,
+            "itl_p99_ms": percentile(gaps, 99) * 1e3 if gaps else None,
+            "itl_max_ms": gaps[-1] * 1e3 if gaps else None}
+
+
+def _shift(o: RequestOutcome, offset: float) -> RequestOutcome:
+    """abench's ``sent_at`` counts from its own start; make it count from the step's."""
+    if o.sent_at is not None:
+        o.sent_at += offset
+    return o
+
+
+async def step(name: str, url: str, model: str, proc: Proc | None, upstream: Proc,
+               streams: int, answer_s: float) -> dict[str, Any]:
+    # A short warm-up (connections, lazy imports) that is not measured.
+    await abench(base_url=url, model=model, concurrency=min(streams, 16),
+                 requests=min(streams, 16), max_tokens=bg.TOKENS,
+                 api_key=proc.api_key if proc else None)
+    b0, u0, c0 = busy_seconds(), cpu_seconds(upstream.pid), time.process_time()
+    g0 = cpu_seconds(proc.pid) if proc else 0.0
+    t0 = time.perf_counter()
+    out = await hold(url, model, proc.api_key if proc else None, streams, answer_s)
+    wall = (time.perf_counter() - t0) * (os.cpu_count() or 1)
+    b1, u1, c1 = busy_seconds(), cpu_seconds(upstream.pid), time.process_time()
+    g1 = cpu_seconds(proc.pid) if proc else 0.0
+    ours = (g1 - g0) + (u1 - u0) + (c1 - c0)
+    out["cpu_share"] = {"gateway": (g1 - g0) / wall, "upstream": (u1 - u0) / wall,
+                        "load_generator": (c1 - c0) / wall,
+                        "other_processes": max(0.0, (b1 - b0) - ours) / wall,
+                        "idle": max(0.0, 1 - (b1 - b0) / wall)}
+    return out
+
+
+async def main(args: argparse.Namespace) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 8192 <= hard or soft < hard < 8192:  # 512 streams: 2,000+ sockets here
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 65536), hard))
+    if args.nice:
+        # Inherited by every process started here (upstream, gateways): all of them
+        # compete with the rest of the machine at the same priority, this one included.
+        os.nice(args.nice)
+    steps: tuple[int, ...] = STEPS
+    if args.smoke:
+        steps = (2, 4)
+    answer_s = bg.TOKENS / bg.PACED_TPS
+    pacing_ms = 1000 / bg.PACED_TPS
+    console.print(f"[bold]bench_capacity[/] {time.strftime('%Y-%m-%d %H:%M')}  "
+                  f"{platform.machine()}, {os.cpu_count()} cores, Python "
+                  f"{platform.python_version()}; load average {os.getloadavg()[0]:.2f}; "
+                  f"{bg.TOKENS}-token answers at {bg.PACED_TPS} tokens/s, steps {steps}")
+    workdir = Path(tempfile.mkdtemp(prefix="bench-capacity-"))
+    results: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M"),
+                               "cores": os.cpu_count(), "tokens_per_s": bg.PACED_TPS,
+                               "goal_added_itl_p99_ms": GOAL_MS, "steps": list(steps),
+                               "load_average_start": os.getloadavg()[0],
+                               "nice": os.nice(0)}
+    upstream = bg.upstream_proc()
+    procs: list[Proc] = [upstream]
+    runs: dict[str, Any] = {}
+    results["runs"] = runs
+    gateways: dict[str, Proc] = {}
+    try:
+        for workers in (1, 2):
+            gateway = tokenrelay_proc(workdir, upstream, name=f"tokenrelay-w{workers}")
+            gateway.argv += ["--workers", str(workers), "--quiet"]
+            gateways[f"tokenrelay-w{workers}"] = gateway
+        if not args.no_litellm:
+            for workers in (1, 2):
+                made = litellm_proc(workdir, upstream)
+                if isinstance(made, str):
+                    console.print(f"[yellow]LiteLLM skipped: {made}[/]")
+                    results["litellm_skipped"] = made
+                    break
+                made.name = f"litellm-w{workers}"
+                made.argv += ["--num_workers", str(workers)]
+                gateways[made.name] = made
+        procs += gateways.values()
+        for proc in procs:
+            proc.launch(workdir)
+        for proc in list(procs):
+            try:
+                proc.wait_ready(180)
+            except RuntimeError as exc:
+                if proc is upstream or not proc.name.startswith("litellm"):
+                    raise
+                console.print(f"[yellow]{proc.name} skipped: {exc}[/]")
+                results[f"{proc.name}_skipped"] = str(exc)
+                del gateways[proc.name]
+        targets: list[tuple[str, str, str, Proc | None]] = [
+            ("direct", upstream.url, bg.PACED, None)]
+        targets += [(name, proc.url, "paced", proc) for name, proc in gateways.items()]
+        by_name = {t[0]: t for t in targets}
+
+        async def measured(name: str, c: int, attempt: int,
+                           direct: dict[str, Any] | None = None) -> dict[str, Any]:
+            _, url, model, proc = by_name[name]
+            r = await step(name, url, model, proc, upstream, c, answer_s)
+            r["attempt"] = attempt
+            runs[f"{name}@{c}" + (f"#{attempt}" if attempt > 1 else "")] = r
+            if direct is not None:
+                d99 = direct["itl_p99_ms"]
+                added = (None if r["itl_p99_ms"] is None or d99 is None
+                         else r["itl_p99_ms"] - d99)
+                r["added_itl_p99_ms"] = added
+                r["held"] = r["failed"] == 0 and added is not None and added <= GOAL_MS
+            share = r["cpu_share"]
+            console.print(
+                f"  {name:<14} {r['requests'] - r['failed']}/{r['requests']} ok  "
+                f"ITL p50 {fmt(r['itl_p50_ms'])}  p99 {fmt(r['itl_p99_ms'])}  max "
+                f"{fmt(r['itl_max_ms'], 1)} ms  added p99 {fmt(r.get('added_itl_p99_ms'))}"
+                f" ms (over pacing {fmt(r['itl_p99_ms'] and r['itl_p99_ms'] - pacing_ms)})"
+                f"  CPU gw {share['gateway']:.0%} up {share['upstream']:.0%}"
+                f" loadgen {share['load_generator']:.0%} others"
+                f" {share['other_processes']:.0%} idle {share['idle']:.0%}"
+                + ("  [red]not held[/]" if r.get("held") is False else "")
+                + (f"  errors {r['errors']}" if r["errors"] else ""))
+            return r
+
+        holding = {name for name, _, _, _ in targets}
+        capacity: dict[str, int] = {name: 0 for name in gateways}
+        for c in steps:
+            if not holding - {"direct"}:
+                break
+            console.print(f"[bold]{c} streams[/]")
+            direct = await measured("direct", c, 1)
+            for name, *_ in targets[1:]:
+                if name not in holding:
+                    continue
+                for attempt in range(1, ATTEMPTS + 1):
+                    if attempt > 1:  # the direct path again, next to the retry
+                        direct = await measured("direct", c, attempt)
+                    r = await measured(name, c, attempt, direct)
+                    if r["held"]:
+                        break
+                if r["held"]:
+                    capacity[name] = c
+                else:
+                    holding.discard(name)
+        results["capacity"] = capacity
+    finally:
+        for proc in reversed(procs):
+            proc.stop()
+    console.print(f"\n  streams held at {bg.PACED_TPS} tokens/s with added ITL p99 ≤"
+                  f" {GOAL_MS:g} ms (steps {', '.join(map(str, steps))}; 0: not even the"
+                  " first)")
+    for name, held in results.get("capacity", {}).items():
+        console.print(f"  {name:<16}{held:>6}")
+    results["load_average_end"] = os.getloadavg()[0]
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2, default=str))
+        console.print(f"results written to {args.json}")
+    console.print(f"logs in {workdir}; load average now {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--smoke", action="store_true",
+                        help="two tiny steps at 500 tokens/s, no LiteLLM: seconds")
+    parser.add_argument("--no-litellm", action="store_true", help="skip LiteLLM")
+    parser.add_argument("--json", metavar="PATH", help="also write all figures as JSON")
+    parser.add_argument("--nice", type=int, default=0,
+                        help="add this to the scheduling priority of this run and every"
+                             " process it starts (negative, as root: ahead of other work on"
+                             " a shared machine) [0]")
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    arguments = parser.parse_args()
+    if arguments.smoke:
+        arguments.no_litellm = True
+        # Answers of 0.2 s, not 2 s: every part runs, in a fraction of the time.
+        bg.PACED_TPS = 500
+        bg.PACED = f"tokens={bg.TOKENS},tps={bg.PACED_TPS}"
+    asyncio.run(main(arguments))
