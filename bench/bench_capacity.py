@@ -8,23 +8,24 @@ LiteLLM proxy with 1 and 2 workers (``litellm --num_workers N``), side by side i
     .venv/bin/python bench/bench_capacity.py --no-litellm --json out.json
     .venv/bin/python bench/bench_capacity.py --nice -10   # as root, ahead of other work
 
-At each step (16, 32, 64, 128, 256, 512 streams) every gateway still holding, and the
-direct path to the upstream, carry ``c`` streams at once of 100-token answers paced at
-50 tokens/s by one ``tokenrelay mock-upstream`` (a token every 20 ms, 2 s an answer).
-The ``c`` streams start evenly spread over one answer's length (stream ``i`` at
-``i·2 s/c``) and each runs three answers back to back, so after the first 2 s exactly
-``c`` streams are open and their tokens are spread evenly in time (no synchronised
-waves). Inter-token gaps are kept only for tokens that arrived while all ``c`` were open.
+At each step (16, 32, 64, 128, 256, 512 streams) every gateway still holding carries
+``c`` streams at once of 100-token answers paced at 50 tokens/s by one
+``tokenrelay mock-upstream`` (a token every 20 ms, 2 s an answer). The ``c`` streams start
+evenly spread over one answer's length (stream ``i`` at ``i·2 s/c``) and each runs three
+answers back to back, so after the first 2 s exactly ``c`` streams are open and their
+tokens are spread evenly in time (no synchronised waves). Inter-token gaps are kept only
+for tokens that arrived while all of them were open.
 
-*Added ITL p99* is measured as ``bench/bench_gateway.py`` measures added latency: the
-gateway's client-observed ITL p99 minus the direct path's ITL p99 at the same step in
-the same run (the upstream's own pacing and jitter, and the load generator's, under the
-same number of streams). A gateway holds a step when every stream completed and its
-added ITL p99 ≤ 20 ms. A step not held is measured once more, the direct path with it
-(on a shared machine one burst of other work can cost a single run its p99); a gateway's
-capacity is the largest step it held before the first it did not hold twice (it is not
-tried further, which bounds the run). The ITL p99 minus the nominal 20 ms pacing is
-printed too.
+*Added ITL p99* is measured as ``bench/bench_gateway.py`` measures added latency, against
+the direct path, but at the same moments: while the gateway carries its ``c`` streams,
+``max(8, c/4)`` more streams, staggered the same way, read the same upstream directly,
+and the added figure is the gateway's client-observed ITL p99 minus theirs (the
+upstream's own pacing and jitter, the load generator's, and the machine's other load at
+that moment). A gateway holds a step when every stream completed and its added ITL p99 ≤
+20 ms. A step not held is measured once more (on a shared machine one burst of other work
+can cost a single run its p99); a gateway's capacity is the largest step it held before
+the first it did not hold twice (it is not tried further, which bounds the run). The ITL
+p99 minus the nominal 20 ms pacing is printed too.
 
 All processes share the machine's cores: for each step the CPU share of the gateway, the
 mock upstream, this load generator and every other process (/proc/stat) is recorded.
