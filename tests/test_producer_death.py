@@ -440,3 +440,33 @@ def test_the_embedded_model_finishes_a_partial_answer(cluster: Cluster) -> None:
     assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
     assert chat_text(frames).startswith(chat_text(seen)) and chat_text(rest)
     assert metric(cluster.reader.url, "tokenrelay_stream_take_overs_total") >= 1
+
+
+def test_simple_chat_is_taken_over_too(cluster: Cluster) -> None:
+    """``/chat``: the same take-over, its own frames (``text`` events, then ``done``)."""
+    producer = cluster.serve("producer")
+    with httpx.Client(timeout=30) as client:
+        request = client.build_request("POST", producer.url + "/chat", json={
+            "model": MODEL, "prompt": "hi"}, headers={"x-tokenrelay-resume-grace": "30"})
+        response = client.send(request, stream=True)
+        sid = response.headers["x-tokenrelay-stream-id"]
+        seen: list[Any] = []
+        buffer = b""
+        for data in response.iter_raw():
+            buffer += data
+            while b"\n\n" in buffer:
+                block, buffer = buffer.split(b"\n\n", 1)
+                seen += events(block + b"\n\n")
+            if len(seen) >= 3:
+                break
+        cluster.kill(producer)
+        response.close()
+        rest = events(client.get(f"{cluster.reader.url}/chat/{sid}/stream",
+                                 headers={"last-event-id": str(seen[-1][0])}).content)
+        whole = events(client.post(cluster.reader.url + "/chat",
+                                   json={"model": MODEL, "prompt": "hi"}).content)
+    frames = seen + rest
+    assert [i for i, _, _ in frames] == list(range(len(frames)))
+    text = "".join(d["text"] for _, kind, d in frames if kind == "text")
+    assert text == "".join(d["text"] for _, kind, d in whole if kind == "text")
+    assert frames[-1][1] == "done" and frames[-1][2]["finish_reason"] == "stop"

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import os
 import re
@@ -47,7 +48,7 @@ HI = [{"role": "user", "content": "hi"}]
 PACED = "mock:tokens=20,tps=5"
 #: Streams in flight through nginx during the rolling restart, and at most in all.
 IN_FLIGHT = 100
-MAX_STREAMS = 500
+MAX_STREAMS = 1000
 REPLICAS = 3
 #: API keys: one without limits (most tests), one limited to 5 streams at once, one to
 #: 60 requests a minute; the limits are shared by the replicas through Redis.
@@ -298,12 +299,15 @@ def library(cluster: Cluster) -> OpenAIProvider:
 
 
 async def library_answer(provider: OpenAIProvider, model: str = PACED,
-                         first: asyncio.Event | None = None) -> tokenrelay.Result:
+                         first: asyncio.Event | None = None,
+                         times: list[float] | None = None) -> tokenrelay.Result:
     async with tokenrelay.astream("hi", model=model, provider=provider,
                                   retry=RESUMING) as s:
         async for _ in s.text_stream():
             if first is not None:
                 first.set()
+            if times is not None:
+                times.append(time.monotonic())
     return s.result
 
 
@@ -339,7 +343,9 @@ async def test_sigterm_mid_stream_hands_the_stream_off_and_the_library_resumes(
     resumed once; the old replica's request-log row says handed_over, the one that
     finished writes the whole answer."""
     first = asyncio.Event()
-    answer = asyncio.ensure_future(library_answer(library(cluster), first=first))
+    times: list[float] = []
+    answer = asyncio.ensure_future(library_answer(library(cluster), first=first,
+                                                  times=times))
     await asyncio.wait_for(first.wait(), 5)
     started = time.monotonic()
     await sigterm_the_one_serving(cluster)
@@ -348,8 +354,10 @@ async def test_sigterm_mid_stream_hands_the_stream_off_and_the_library_resumes(
     assert result.error is None and result.finish_reason == "stop", result.error
     assert result.text == REFERENCE, (result.text, REFERENCE)
     assert result.resumes >= 1, "the stream was never broken: it was not handed off"
+    gap = max(b - a for a, b in itertools.pairwise(times))
     print(f"handed off and finished elsewhere: {result.resumes} resume(s), the answer"
-          f" complete {took:.1f}s after the SIGTERM")
+          f" complete {took:.1f}s after the SIGTERM; the longest pause between two tokens"
+          f" {gap:.2f}s (0.2 s apart when paced)")
 
 
 async def test_a_raw_client_resuming_by_last_event_id_gets_every_frame_once(

@@ -86,8 +86,10 @@ async def test_frames_held_while_redis_is_stopped_are_written_in_order(
         assert store._held_total == 0
     finally:
         server.resume()
-        await store.aclose()
-        server.stop()
+        try:
+            await store.aclose()
+        finally:
+            server.stop()
 
 
 async def test_redis_restarted_empty_the_record_is_made_again(
@@ -127,8 +129,10 @@ async def test_redis_restarted_empty_the_record_is_made_again(
         assert text.count("their frames held in memory until it is back") == 1
         assert "reachable again" in text
     finally:
-        await store.aclose()
-        server.stop()
+        try:
+            await store.aclose()
+        finally:
+            server.stop()
 
 
 async def test_the_hold_is_capped(tmp_path: Path) -> None:
@@ -160,8 +164,10 @@ async def test_the_hold_is_capped(tmp_path: Path) -> None:
                                                                 "failed")
         assert await read_all(store, q.stream_id) == ([b"q" * 800, b"end"], "failed")
     finally:
-        await store.aclose()
-        server.stop()
+        try:
+            await store.aclose()
+        finally:
+            server.stop()
 
 
 class Switch:
@@ -227,11 +233,13 @@ async def test_a_stream_taken_over_meanwhile_is_left_to_the_other_process(
         await other.finish("completed", [b"2"])
         assert await read_all(there, p.stream_id) == ([b"0", b"1-other", b"2"], "completed")
     finally:
-        await here.aclose()
-        await there.aclose()
-        with contextlib.suppress(Exception):
-            await switch.cut()
-        server.stop()
+        try:
+            with contextlib.suppress(Exception):
+                await switch.cut()
+            await here.aclose()
+            await there.aclose()
+        finally:
+            server.stop()
 
 
 async def test_a_reader_here_waits_for_its_holding_producer(tmp_path: Path) -> None:
@@ -256,8 +264,10 @@ async def test_a_reader_here_waits_for_its_holding_producer(tmp_path: Path) -> N
         assert list((await reader.read(timeout=5)).frames) == [b"2"] and reader.ended
         await reader.aclose()
     finally:
-        await store.aclose()
-        server.stop()
+        try:
+            await store.aclose()
+        finally:
+            server.stop()
 
 
 async def test_a_record_gone_without_an_outage_is_made_again(tmp_path: Path) -> None:
@@ -277,8 +287,10 @@ async def test_a_record_gone_without_an_outage_is_made_again(tmp_path: Path) -> 
         assert await read_all(store, p.stream_id, after=1) == ([b"2", b"3", b"4"],
                                                                 "completed")
     finally:
-        await store.aclose()
-        server.stop()
+        try:
+            await store.aclose()
+        finally:
+            server.stop()
 
 
 async def test_a_quiet_stream_keeps_its_lease_through_an_outage(tmp_path: Path) -> None:
@@ -301,5 +313,7 @@ async def test_a_quiet_stream_keeps_its_lease_through_an_outage(tmp_path: Path) 
         assert await read_all(store, p.stream_id) == ([b"0", b"1", b"2"], "completed")
     finally:
         server.resume()
-        await store.aclose()
-        server.stop()
+        try:
+            await store.aclose()
+        finally:
+            server.stop()

@@ -45,7 +45,8 @@ def _one_line(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-_FINISH_STYLE = {"stop": "green", "ok": "green", "length": "yellow", "cancelled": "yellow", "error": "red"}
+_FINISH_STYLE = {"stop": "green", "ok": "green", "length": "yellow", "cancelled": "yellow",
+                 "error": "red", "interrupted": "red"}
 
 
 _SOURCE = {"cli": "cli", "library": "lib", "gateway": "gw"}

@@ -173,6 +173,8 @@ class Production:
         self.ended = False
         #: Given up unfinished at shutdown for another process to finish (``_hand_off``).
         self.handed_off = False
+        #: The frames of the stream's normal end, once known (what its client gets).
+        self._final = b""
         self.final_status: FinalStatus | None = None
         self._watcher: asyncio.Task[None] | None = None
         #: Frames numbered by the encoder but not in the log yet: an error event's (sent
@@ -237,6 +239,11 @@ class Production:
                     task = asyncio.current_task()
                     if task is not None and is_shutdown(exc):
                         task.uncancel()  # the drain's cancellation
+                        if self._final and self.final_status is not None:
+                            # It came while the end was written: the end stands.
+                            if self.gone_at is None and not self.keep:
+                                yield self._final
+                            break
                         if await self._hand_off():
                             # Another process finishes it; the attached client resumes
                             # there (its connection broken, never ended as complete).
@@ -331,6 +338,7 @@ class Production:
             self._unlogged = []
             joined = frame if len(final) == len(frames) else b"".join(final)
             error = self.stream.error
+            self._final = joined  # (a drain interrupting the write sends it: frames())
             await self._end(status, b"", final)
             if self.http_status == 499 and error is not None and not self.stream.text:
                 # Failed before anything was sent: a real HTTP error status.
@@ -482,7 +490,20 @@ class Production:
             return
         for attempt in (0, 1):
             try:
-                await self.producer.finish(status, frames)
+                if not self.host.streams.shared:
+                    await self.producer.finish(status, frames)
+                    return
+                # Shielded: a stop or the drain arriving meanwhile still finds the end
+                # written (the drain then sends the client these frames, not an error).
+                finishing = asyncio.ensure_future(self.producer.finish(status, frames))
+                try:
+                    await asyncio.shield(finishing)
+                except asyncio.CancelledError:
+                    await asyncio.wait([finishing])
+                    if not finishing.cancelled() and finishing.exception() is not None:
+                        log.warning("stream %s: its end could not be written to the"
+                                    " stream log: %s", self.id, finishing.exception())
+                    raise
                 return
             except LeaseLost as exc:
                 if attempt == 0 and await self._retake(ending=True):
