@@ -8,23 +8,24 @@ LiteLLM proxy with 1 and 2 workers (``litellm --num_workers N``), side by side i
     .venv/bin/python bench/bench_capacity.py --no-litellm --json out.json
     .venv/bin/python bench/bench_capacity.py --nice -10   # as root, ahead of other work
 
-At each step (16, 32, 64, 128, 256, 512 streams) every gateway still holding, and the
-direct path to the upstream, carry ``c`` streams at once of 100-token answers paced at
-50 tokens/s by one ``tokenrelay mock-upstream`` (a token every 20 ms, 2 s an answer).
-The ``c`` streams start evenly spread over one answer's length (stream ``i`` at
-``i·2 s/c``) and each runs three answers back to back, so after the first 2 s exactly
-``c`` streams are open and their tokens are spread evenly in time (no synchronised
-waves). Inter-token gaps are kept only for tokens that arrived while all ``c`` were open.
+At each step (16, 32, 64, 128, 256, 512 streams) every gateway still holding carries
+``c`` streams at once of 100-token answers paced at 50 tokens/s by one
+``tokenrelay mock-upstream`` (a token every 20 ms, 2 s an answer). The ``c`` streams start
+evenly spread over one answer's length (stream ``i`` at ``i·2 s/c``) and each runs three
+answers back to back, so after the first 2 s exactly ``c`` streams are open and their
+tokens are spread evenly in time (no synchronised waves). Inter-token gaps are kept only
+for tokens that arrived while all of them were open.
 
-*Added ITL p99* is measured as ``bench/bench_gateway.py`` measures added latency: the
-gateway's client-observed ITL p99 minus the direct path's ITL p99 at the same step in
-the same run (the upstream's own pacing and jitter, and the load generator's, under the
-same number of streams). A gateway holds a step when every stream completed and its
-added ITL p99 ≤ 20 ms. A step not held is measured once more, the direct path with it
-(on a shared machine one burst of other work can cost a single run its p99); a gateway's
-capacity is the largest step it held before the first it did not hold twice (it is not
-tried further, which bounds the run). The ITL p99 minus the nominal 20 ms pacing is
-printed too.
+*Added ITL p99* is measured as ``bench/bench_gateway.py`` measures added latency, against
+the direct path, but at the same moments: while the gateway carries its ``c`` streams,
+``max(8, c/4)`` more streams, staggered the same way, read the same upstream directly,
+and the added figure is the gateway's client-observed ITL p99 minus theirs (the
+upstream's own pacing and jitter, the load generator's, and the machine's other load at
+that moment). A gateway holds a step when every stream completed and its added ITL p99 ≤
+20 ms. A step not held is measured once more (on a shared machine one burst of other work
+can cost a single run its p99); a gateway's capacity is the largest step it held before
+the first it did not hold twice (it is not tried further, which bounds the run). The ITL
+p99 minus the nominal 20 ms pacing is printed too.
 
 All processes share the machine's cores: for each step the CPU share of the gateway, the
 mock upstream, this load generator and every other process (/proc/stat) is recorded.
@@ -63,27 +64,24 @@ ANSWERS = 3
 ATTEMPTS = 2
 
 
-async def hold(url: str, model: str, api_key: str | None, streams: int,
-               answer_s: float) -> dict[str, Any]:
-    """``streams`` streams at once, started evenly over ``answer_s``, each running
-    ``ANSWERS`` answers back to back: the inter-token gaps of tokens that arrived while
-    all of them were open, and how many requests failed."""
-    outcomes: list[RequestOutcome] = []
+def stagger(url: str, model: str, api_key: str | None, streams: int, answer_s: float,
+            outcomes: list[RequestOutcome], started: float) -> list[Any]:
+    """Coroutines for ``streams`` streams started evenly over ``answer_s`` from
+    ``started``, each running ``ANSWERS`` answers back to back into ``outcomes``."""
 
     async def one(i: int) -> None:
-        await asyncio.sleep(i * answer_s / streams)
+        await asyncio.sleep(max(0.0, started + i * answer_s / streams - time.perf_counter()))
         offset = time.perf_counter() - started
-        report = await abench(base_url=url, model=model, concurrency=1, requests=ANSWERS,
-                              max_tokens=bg.TOKENS, api_key=api_key,
-                              on_result=lambda o: outcomes.append(_shift(o, offset)))
-        del report
+        await abench(base_url=url, model=model, concurrency=1, requests=ANSWERS,
+                     max_tokens=bg.TOKENS, api_key=api_key,
+                     on_result=lambda o: outcomes.append(_shift(o, offset)))
 
-    started = time.perf_counter()
-    await asyncio.gather(*(one(i) for i in range(streams)))
-    duration = time.perf_counter() - started
-    # Every stream is open from ``answer_s`` (the last one started) until the first one
-    # ends (ANSWERS answers after t=0), give or take the gateway's added latency.
-    lo, hi = answer_s, ANSWERS * answer_s
+    return [one(i) for i in range(streams)]
+
+
+def gaps_of(outcomes: list[RequestOutcome], lo: float, hi: float) -> dict[str, Any]:
+    """ITL of the tokens that arrived between ``lo`` and ``hi`` (seconds from the step's
+    start), and how many requests failed."""
     gaps: list[float] = []
     for o in outcomes:
         if not o.ok or o.sent_at is None or o.ttft is None:
@@ -93,11 +91,10 @@ async def hold(url: str, model: str, api_key: str | None, streams: int,
             at += gap
             if lo <= at <= hi:
                 gaps.append(gap)
-    failed = sum(not o.ok for o in outcomes)
-    errors = sorted({o.error or "?" for o in outcomes if not o.ok})[:2]
     gaps.sort()
-    return {"requests": len(outcomes), "failed": failed, "errors": errors,
-            "duration_s": duration, "gaps": len(gaps),
+    return {"requests": len(outcomes), "failed": sum(not o.ok for o in outcomes),
+            "errors": sorted({o.error or "?" for o in outcomes if not o.ok})[:2],
+            "gaps": len(gaps),
             "itl_p50_ms": percentile(gaps, 50) * 1e3 if gaps else None,
             "itl_p99_ms": percentile(gaps, 99) * 1e3 if gaps else None,
             "itl_max_ms": gaps[-1] * 1e3 if gaps else None}
@@ -110,19 +107,43 @@ def _shift(o: RequestOutcome, offset: float) -> RequestOutcome:
     return o
 
 
-async def step(name: str, url: str, model: str, proc: Proc | None, upstream: Proc,
-               streams: int, answer_s: float) -> dict[str, Any]:
+def reference_streams(streams: int) -> int:
+    """Direct streams run alongside a gateway's ``streams``: enough for a p99 (8+ streams,
+    1,600+ gaps), few enough not to load the upstream and the load generator much more."""
+    return max(8, streams // 4)
+
+
+async def step(proc: Proc, upstream: Proc, streams: int, answer_s: float) -> dict[str, Any]:
+    """``streams`` streams through ``proc`` and, at the same time, a few directly from the
+    upstream (the reference: the same moments of the machine's other load)."""
     # A short warm-up (connections, lazy imports) that is not measured.
-    await abench(base_url=url, model=model, concurrency=min(streams, 16),
-                 requests=min(streams, 16), max_tokens=bg.TOKENS,
-                 api_key=proc.api_key if proc else None)
+    await abench(base_url=proc.url, model="paced", concurrency=min(streams, 16),
+                 requests=min(streams, 16), max_tokens=bg.TOKENS, api_key=proc.api_key)
     b0, u0, c0 = busy_seconds(), cpu_seconds(upstream.pid), time.process_time()
-    g0 = cpu_seconds(proc.pid) if proc else 0.0
-    t0 = time.perf_counter()
-    out = await hold(url, model, proc.api_key if proc else None, streams, answer_s)
-    wall = (time.perf_counter() - t0) * (os.cpu_count() or 1)
+    g0 = cpu_seconds(proc.pid)
+    through: list[RequestOutcome] = []
+    direct: list[RequestOutcome] = []
+    started = time.perf_counter()
+    await asyncio.gather(
+        *stagger(proc.url, "paced", proc.api_key, streams, answer_s, through, started),
+        *stagger(upstream.url, bg.PACED, None, reference_streams(streams), answer_s,
+                 direct, started))
+    duration = time.perf_counter() - started
+    wall = duration * (os.cpu_count() or 1)
     b1, u1, c1 = busy_seconds(), cpu_seconds(upstream.pid), time.process_time()
-    g1 = cpu_seconds(proc.pid) if proc else 0.0
+    g1 = cpu_seconds(proc.pid)
+    # Every stream is open from ``answer_s`` (the last one started) until the first one
+    # ends (ANSWERS answers after t=0), give or take the gateway's added latency.
+    lo, hi = answer_s, ANSWERS * answer_s
+    out = gaps_of(through, lo, hi)
+    out["duration_s"] = duration
+    out["direct"] = ref = gaps_of(direct, lo, hi)
+    d99 = ref["itl_p99_ms"]
+    out["added_itl_p99_ms"] = (None if out["itl_p99_ms"] is None or d99 is None
+                               else out["itl_p99_ms"] - d99)
+    out["held"] = (out["failed"] == 0 and ref["failed"] == 0
+                   and out["added_itl_p99_ms"] is not None
+                   and out["added_itl_p99_ms"] <= GOAL_MS)
     ours = (g1 - g0) + (u1 - u0) + (c1 - c0)
     out["cpu_share"] = {"gateway": (g1 - g0) / wall, "upstream": (u1 - u0) / wall,
                         "load_generator": (c1 - c0) / wall,
@@ -186,50 +207,38 @@ async def main(args: argparse.Namespace) -> None:
                 console.print(f"[yellow]{proc.name} skipped: {exc}[/]")
                 results[f"{proc.name}_skipped"] = str(exc)
                 del gateways[proc.name]
-        targets: list[tuple[str, str, str, Proc | None]] = [
-            ("direct", upstream.url, bg.PACED, None)]
-        targets += [(name, proc.url, "paced", proc) for name, proc in gateways.items()]
-        by_name = {t[0]: t for t in targets}
 
-        async def measured(name: str, c: int, attempt: int,
-                           direct: dict[str, Any] | None = None) -> dict[str, Any]:
-            _, url, model, proc = by_name[name]
-            r = await step(name, url, model, proc, upstream, c, answer_s)
+        async def measured(name: str, c: int, attempt: int) -> dict[str, Any]:
+            r = await step(gateways[name], upstream, c, answer_s)
             r["attempt"] = attempt
             runs[f"{name}@{c}" + (f"#{attempt}" if attempt > 1 else "")] = r
-            if direct is not None:
-                d99 = direct["itl_p99_ms"]
-                added = (None if r["itl_p99_ms"] is None or d99 is None
-                         else r["itl_p99_ms"] - d99)
-                r["added_itl_p99_ms"] = added
-                r["held"] = r["failed"] == 0 and added is not None and added <= GOAL_MS
-            share = r["cpu_share"]
+            share, ref = r["cpu_share"], r["direct"]
             console.print(
-                f"  {name:<14} {r['requests'] - r['failed']}/{r['requests']} ok  "
-                f"ITL p50 {fmt(r['itl_p50_ms'])}  p99 {fmt(r['itl_p99_ms'])}  max "
-                f"{fmt(r['itl_max_ms'], 1)} ms  added p99 {fmt(r.get('added_itl_p99_ms'))}"
-                f" ms (over pacing {fmt(r['itl_p99_ms'] and r['itl_p99_ms'] - pacing_ms)})"
+                f"  {name:<14} {r['requests'] - r['failed']}/{r['requests']} ok  ITL p50"
+                f" {fmt(r['itl_p50_ms'])} p99 {fmt(r['itl_p99_ms'])} max"
+                f" {fmt(r['itl_max_ms'], 0)} ms; direct ({ref['requests'] // ANSWERS}"
+                f" streams) p99 {fmt(ref['itl_p99_ms'])}; added p99"
+                f" {fmt(r['added_itl_p99_ms'])} ms (over pacing"
+                f" {fmt(r['itl_p99_ms'] and r['itl_p99_ms'] - pacing_ms)})"
                 f"  CPU gw {share['gateway']:.0%} up {share['upstream']:.0%}"
                 f" loadgen {share['load_generator']:.0%} others"
                 f" {share['other_processes']:.0%} idle {share['idle']:.0%}"
-                + ("  [red]not held[/]" if r.get("held") is False else "")
-                + (f"  errors {r['errors']}" if r["errors"] else ""))
+                + ("" if r["held"] else "  [red]not held[/]")
+                + (f"  errors {r['errors'] + ref['errors']}"
+                   if r["errors"] or ref["errors"] else ""))
             return r
 
-        holding = {name for name, _, _, _ in targets}
+        holding = set(gateways)
         capacity: dict[str, int] = {name: 0 for name in gateways}
         for c in steps:
-            if not holding - {"direct"}:
+            if not holding:
                 break
             console.print(f"[bold]{c} streams[/]")
-            direct = await measured("direct", c, 1)
-            for name, *_ in targets[1:]:
+            for name in gateways:
                 if name not in holding:
                     continue
                 for attempt in range(1, ATTEMPTS + 1):
-                    if attempt > 1:  # the direct path again, next to the retry
-                        direct = await measured("direct", c, attempt)
-                    r = await measured(name, c, attempt, direct)
+                    r = await measured(name, c, attempt)
                     if r["held"]:
                         break
                 if r["held"]:
