@@ -28,8 +28,12 @@ the limits protect, measured outside the gateways.
 
 Then the **cost**: CPU per request of one gateway (utime+stime from /proc) answering 400
 short non-streamed requests at concurrency 8 through a key with (non-binding) limits, in
-memory against Redis, and redis-server's own CPU per request. Per chunk the shared
-limits add nothing: a running stream costs one renewal per second, batched for all.
+memory against Redis, and redis-server's own CPU per request; and CPU per relayed chunk
+of streamed 200-token answers (40 at concurrency 8) the same ways. "Redis" keeps the
+stream log in memory (the limits alone); "Redis (+ log)" is what ``--redis`` gives, the
+stream log in Redis too (its cost per chunk: bench_gateway --redis-store). A running stream's
+shared limits cost one lease renewal per second, batched for all its process's streams,
+and nothing per chunk: the per-chunk figures should be equal within noise.
 
 Redis: ``--redis-url URL``, else a private Debian ``redis-server`` on a free port.
 """
@@ -60,10 +64,12 @@ KEYS = {"burst": "bench-burst-0123456789", "paced": "bench-paced-0123456789",
 LONG = "tokens=20,tps=20"    # ~1 s
 SHORT = "tokens=20,tps=100"  # ~0.2 s
 TINY = "tokens=1"            # the cost part: a request, next to no relaying
-MODELS = {"long": LONG, "short": SHORT, "tiny": TINY}
+CHUNKS = 200
+STREAMED = f"tokens={CHUNKS}"  # the cost part, per chunk: a streamed answer, no pacing
+MODELS = {"long": LONG, "short": SHORT, "tiny": TINY, "streamed": STREAMED}
 
 
-def gateway_config(path: Path, upstream: str) -> Path:
+def gateway_config(path: Path, upstream: str, *, streams_memory: bool = False) -> Path:
     keys = "".join(
         f'[[keys]]\nid = "{name}"\nsha256 = "{hash_key(secret)}"\n'
         + ("max_concurrent = 100000\nrequests_per_minute = 1000000\n"
@@ -73,14 +79,17 @@ def gateway_config(path: Path, upstream: str) -> Path:
     models = "".join(f'[[models]]\nname = "{name}"\nbase_url = "{upstream}"\n'
                      f'upstream_model = "{spec}"\n\n'
                      for name, spec in MODELS.items())
+    # streams_memory: the stream log stays in memory even with --redis (what the limits
+    # cost, apart from the Redis stream log's own per-chunk cost: bench_gateway --redis-store).
+    streams = '[streams]\nstore = "memory"\n\n' if streams_memory else ""
     path.write_text("serve_local = false\nserve_mock = false\naccess_log = false\n"
-                    "[log]\nenabled = false\n\n" + keys + models)
+                    "[log]\nenabled = false\n\n" + streams + keys + models)
     return path
 
 
 def start_gateways(workdir: Path, n: int, upstream: str, redis_url: str | None,
-                   tag: str) -> list[Proc]:
-    config = gateway_config(workdir / f"{tag}.toml", upstream)
+                   tag: str, *, streams_memory: bool = False) -> list[Proc]:
+    config = gateway_config(workdir / f"{tag}.toml", upstream, streams_memory=streams_memory)
     procs = []
     for i in range(n):
         port = free_port()
@@ -161,10 +170,30 @@ async def cost(gateway: Proc, redis_pid: int | None, requests: int) -> dict[str,
         statuses = await asyncio.gather(*[one() for _ in range(requests)])
         used = cpu_seconds(gateway.pid) - before
         redis_used = (cpu_seconds(redis_pid) - redis_before) if redis_pid else None
-    assert statuses.count(200) == requests, statuses
+        assert statuses.count(200) == requests, statuses
+
+        streams = max(8, requests // 10)
+        streamed = {**body, "model": "streamed", "stream": True}
+        before = cpu_seconds(gateway.pid)
+
+        async def relayed() -> int:
+            async with sem:
+                chunks = 0
+                async with client.stream("POST", base + "/v1/chat/completions",
+                                         json=streamed, headers=headers) as r:
+                    assert r.status_code == 200, r.status_code
+                    async for line in r.aiter_lines():
+                        if line.startswith("data: {"):
+                            chunks += 1
+                return chunks
+
+        counts = await asyncio.gather(*[relayed() for _ in range(streams)])
+        relay_used = cpu_seconds(gateway.pid) - before
+    assert all(n >= CHUNKS for n in counts), counts
     return {"gateway_cpu_us_per_request": round(used / requests * 1e6, 1),
             "redis_cpu_us_per_request": None if redis_used is None
-            else round(redis_used / requests * 1e6, 1)}
+            else round(redis_used / requests * 1e6, 1),
+            "gateway_cpu_us_per_chunk": round(relay_used / sum(counts) * 1e6, 2)}
 
 
 def redis_pid_of(url: str) -> int | None:
@@ -194,10 +223,18 @@ async def run(args: argparse.Namespace, redis_url: str, workdir: Path) -> dict[s
                 paced = await phase(gateways, upstream, key="paced", model="short",
                                     attempts=args.attempts, spread_s=args.paced_s)
                 if i < 2:  # one gateway with its limits in Redis, one in its memory
-                    where = "Redis" if url else "in memory"
+                    where = "Redis (+ log)" if url else "in memory"
                     results["cost"][where] = await cost(
                         gateways[0], redis_pid_of(redis_url) if url else None,
                         args.cost_requests)
+                if i == 0:  # limits in Redis, the stream log in memory: the limits alone
+                    (alone,) = start_gateways(workdir, 1, upstream.url, url, "cost",
+                                              streams_memory=True)
+                    try:
+                        results["cost"]["Redis"] = await cost(
+                            alone, redis_pid_of(redis_url), args.cost_requests)
+                    finally:
+                        alone.stop()
             finally:
                 for g in gateways:
                     g.stop()
@@ -207,9 +244,10 @@ async def run(args: argparse.Namespace, redis_url: str, workdir: Path) -> dict[s
                   f" {paced['seconds']:.1f}s, most at once {paced['most_at_once']:2}"
                   f"   (goal 5/5 | 60/≤5)")
     for where, figures in results["cost"].items():
-        print(f"cost, limits {where:10}: gateway {figures['gateway_cpu_us_per_request']}"
+        print(f"cost, limits {where:13}: gateway {figures['gateway_cpu_us_per_request']}"
               f" µs CPU/request, redis-server {figures['redis_cpu_us_per_request']}"
-              " µs/request")
+              f" µs/request; gateway {figures['gateway_cpu_us_per_chunk']} µs CPU/chunk"
+              f" (streamed {CHUNKS}-token answers)")
     return results
 
 
