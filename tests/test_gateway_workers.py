@@ -93,6 +93,10 @@ def client() -> aiohttp.ClientSession:
 async def test_two_workers_share_the_port_and_one_metrics_covers_both(server: Proc) -> None:
     pids = workers(server.pid)
     assert len(pids) == 2, pids
+    # The server answers once one worker listens; the other may still be importing.
+    assert await asyncio.to_thread(
+        poll, lambda: all(connections(p, server.port, "0A") for p in pids), 30), \
+        {p: connections(p, server.port, "0A") for p in pids}
     n = 16
     async with client() as session:
         running = [asyncio.ensure_future(stream(session, server.url, "mock:tokens=16,tps=4"))
